@@ -1,0 +1,1 @@
+"""Imports every built-in compression method so that each registers itself."""
