@@ -274,3 +274,9 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     except AttributeError:
         return False
     return any(p is t for n, p in model.named_parameters(remove_duplicate=False) if n != key)
+
+
+def from_pretrained(path: str, auto_cls: Any = None, **kwargs) -> nn.Module:
+    """Load any model distilkit saved (compressed or not, BiLSTM students included): the
+    ``from_pretrained`` of distilkit's outputs. Same as :func:`load_compressed`."""
+    return load_compressed(path, auto_cls=auto_cls, **kwargs)

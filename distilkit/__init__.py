@@ -1,0 +1,35 @@
+"""distilkit: distil and compress Hugging Face NLP models.
+
+Names are imported lazily so that ``import distilkit`` touches neither CUDA, the network nor
+the heavy libraries until something is used.
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "DistilConfig": "distilkit.config",
+    "DistilTrainer": "distilkit.trainer",
+    "compress_": "distilkit.compress.base",
+    "finalize_": "distilkit.compress.base",
+    "save_compressed": "distilkit.compress.base",
+    "load_compressed": "distilkit.compress.base",
+    "from_pretrained": "distilkit.compress.base",
+    "student_from_teacher": "distilkit.students.init",
+    "student_from_config": "distilkit.students.init",
+    "load_teacher": "distilkit.teachers",
+    "builtin_teacher": "distilkit.teachers",
+    "builtin_dataset": "distilkit.data",
+    "Recipe": "distilkit.recipe",
+    "run_recipe": "distilkit.pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'distilkit' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,159 @@
+"""Distillation losses as pure tensor functions.
+
+Conventions shared by every function here:
+
+* ``logits`` have shape ``(..., C)``: ``(B, C)`` for classification, ``(B, T, V)`` for
+  token-level (seq2seq) distillation.
+* ``mask`` (optional) has the leading shape of the positions, ``(B,)`` or ``(B, T)``; ``True``
+  or ``1`` marks a position that counts. Masked positions contribute nothing, and the mean is
+  taken over the positions that count, so padding never dilutes the loss.
+* Every function returns a scalar, the mean over counted positions, unless ``reduction="sum"``
+  is given (the trainer uses sums with ``num_items_in_batch`` so that gradient accumulation is
+  exact).
+
+The soft-target loss carries the ``T^2`` factor of Hinton et al. (2015): the gradient of the
+softened KL with respect to the logits scales as ``1/T^2``, so multiplying by ``T^2`` keeps
+the soft-target term on the same scale as the hard-label term whatever the temperature.
+Several widely used implementations omit it; here it is part of the definition and tested.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _reduce(per_pos: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
+    """Mean (or sum) of per-position values over the positions that count."""
+    if mask is not None:
+        m = mask.to(per_pos.dtype)
+        per_pos = per_pos * m
+        denom = m.sum()
+    else:
+        denom = torch.tensor(per_pos.numel(), dtype=per_pos.dtype, device=per_pos.device)
+    total = per_pos.sum()
+    if reduction == "sum":
+        return total
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return total / denom.clamp_min(1)
+
+
+def soft_targets(teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Teacher distribution softened at ``temperature``: ``softmax(z / T)``."""
+    return F.softmax(teacher_logits.float() / temperature, dim=-1)
+
+
+def ensemble_soft_targets(teacher_logits: Sequence[Tensor], temperature: float,
+                          weights: Optional[Sequence[float]] = None) -> Tensor:
+    """An ensemble's soft targets: the (weighted) average of each teacher's softened
+    distribution (Hinton et al. 2015, section 2), not of their logits."""
+    if len(teacher_logits) == 0:
+        raise ValueError("ensemble_soft_targets needs at least one teacher")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(teacher_logits),
+                     dtype=torch.float32, device=teacher_logits[0].device)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {w.tolist()}")
+    w = w / w.sum()
+    probs = torch.stack([soft_targets(z, temperature) for z in teacher_logits])
+    return torch.einsum("k,k...->...", w, probs)
+
+
+def soft_target_kl(student_logits: Tensor, teacher_logits: Optional[Tensor], temperature: float,
+                   mask: Optional[Tensor] = None, reduction: str = "mean",
+                   teacher_probs: Optional[Tensor] = None) -> Tensor:
+    """``T^2 * KL(p_teacher^T || p_student^T)`` per position, reduced over counted positions.
+
+    Give either ``teacher_logits`` or precomputed ``teacher_probs`` (e.g. an ensemble's
+    averaged distribution from :func:`ensemble_soft_targets`). Zero when the student's logits
+    equal the teacher's.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_probs is None:
+        teacher_probs = soft_targets(teacher_logits, temperature)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    # KL(p_t || p_s) = sum p_t (log p_t - log p_s); xlogy makes p_t = 0 entries exactly 0.
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_p_s).sum(-1)
+    return _reduce(kl, mask, reduction) * (temperature ** 2)
+
+
+def hard_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+            reduction: str = "mean") -> Tensor:
+    """Cross-entropy with the hard labels at T = 1; ``ignore_index`` positions are masked."""
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    per = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="none")
+    return _reduce(per, flat_labels != ignore_index, reduction)
+
+
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor, mask: Optional[Tensor] = None,
+              reduction: str = "mean") -> Tensor:
+    """Mean squared error between raw logits (Tang et al. 2019), averaged over classes and
+    over counted positions."""
+    per = (student_logits.float() - teacher_logits.float()).pow(2).mean(-1)
+    return _reduce(per, mask, reduction)
+
+
+def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor,
+               projection: Optional[torch.nn.Module] = None,
+               mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """MSE between hidden states ``(B, T, H)`` of one mapped layer pair (FitNets/TinyBERT).
+    ``projection`` maps the student's width to the teacher's when they differ (learned)."""
+    s = projection(student_hidden) if projection is not None else student_hidden
+    if s.shape[-1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"hidden widths differ ({s.shape[-1]} vs {teacher_hidden.shape[-1]}): "
+                         "give a projection")
+    per = (s.float() - teacher_hidden.float()).pow(2).mean(-1)
+    return _reduce(per, mask, reduction)
+
+
+def patient_loss(student_cls: Sequence[Tensor], teacher_cls: Sequence[Tensor],
+                 reduction: str = "mean") -> Tensor:
+    """Patient-KD (Sun et al. 2019): for each mapped layer pair, the squared distance between
+    the L2-normalised [CLS] vectors ``(B, H)``, summed over pairs, averaged over the batch."""
+    if len(student_cls) != len(teacher_cls) or not student_cls:
+        raise ValueError(f"patient_loss needs equal, non-empty layer lists "
+                         f"({len(student_cls)} vs {len(teacher_cls)})")
+    per = 0
+    for s, t in zip(student_cls, teacher_cls):
+        if s.shape[-1] != t.shape[-1]:
+            raise ValueError(f"Patient-KD compares states of equal width; got {s.shape[-1]} "
+                             f"and {t.shape[-1]} (use hidden_mse with a projection instead)")
+        d = F.normalize(s.float(), dim=-1) - F.normalize(t.float(), dim=-1)
+        per = per + d.pow(2).sum(-1)
+    return _reduce(per, None, reduction)
+
+
+def attention_loss(student_attn: Tensor, teacher_attn: Tensor,
+                   mask: Optional[Tensor] = None, reduction: str = "mean",
+                   kind: str = "kl") -> Tensor:
+    """Loss between attention distributions ``(B, heads, T, T)`` of one mapped layer pair
+    (TinyBERT uses MSE, MiniLM KL). Heads are matched one to one, so head counts must agree.
+    ``mask`` ``(B, T)`` masks padded query rows and key columns."""
+    if student_attn.shape != teacher_attn.shape:
+        raise ValueError(f"attention maps differ in shape {tuple(student_attn.shape)} vs "
+                         f"{tuple(teacher_attn.shape)}: the mapped layers need the same number "
+                         "of heads and sequence length")
+    s, t = student_attn.float(), teacher_attn.float()
+    if kind == "kl":
+        per_row = (torch.xlogy(t, t) - t * torch.log(s.clamp_min(1e-12))).sum(-1)
+    elif kind == "mse":
+        km = mask[:, None, None, :].to(s.dtype) if mask is not None else 1.0
+        per_row = ((s - t).pow(2) * km).sum(-1)
+    else:
+        raise ValueError(f"attention loss kind must be 'kl' or 'mse', got {kind!r}")
+    row_mask = None if mask is None else mask[:, None, :].expand(per_row.shape)
+    return _reduce(per_row, row_mask, reduction)
+
+
+def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor,
+                mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """DistilBERT's cosine embedding loss: ``1 - cos(h_s, h_t)`` per position."""
+    if student_hidden.shape[-1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"cosine loss needs equal widths ({student_hidden.shape[-1]} vs "
+                         f"{teacher_hidden.shape[-1]})")
+    per = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
+    return _reduce(per, mask, reduction)
