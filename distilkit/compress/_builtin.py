@@ -1,1 +1,2 @@
 """Imports every built-in compression method so that each registers itself."""
+from distilkit.compress import quantize  # noqa: F401
