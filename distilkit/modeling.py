@@ -9,7 +9,7 @@ import os
 import torch
 
 # Modules that register model classes with the transformers Auto classes on import.
-_REGISTERING_MODULES: list[str] = []
+_REGISTERING_MODULES: list[str] = ["distilkit.students.bilstm"]
 
 _done = False
 
