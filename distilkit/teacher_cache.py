@@ -1,0 +1,561 @@
+"""Teacher outputs on disk (offline distillation): computed once, reused by every later run.
+
+Distilling the same teacher into many students repeats the same teacher forward passes; on a
+CPU those dominate a run (MiniLM-L6 over 8.5k sentences: ~2 minutes, more than a small
+student's whole training). :func:`attach_teacher_outputs` adds the teacher's outputs to a
+tokenized dataset as columns the :class:`~distilkit.DistilTrainer` reads instead of running
+the teacher (``teacher_logits``: ``C`` floats per example; ``teacher_cls_hidden``: the [CLS]
+vector of every ``hidden_states`` entry, ``(L+1, H)``, index 0 = embeddings, for Patient-KD).
+
+What a cached value is keyed by
+    * a *namespace* (one directory) per teacher weights + config, tokenizer, ``max_length``,
+      which outputs, and the storage format. Teacher weights are hashed from the bytes of the
+      saved weight files (or the tensors of an in-memory model), never from a path or a
+      modification time, so retraining a teacher in place changes the key;
+    * inside it, a key per *example*: a hash of the token ids the teacher reads (input ids,
+      token types, attention mask). The dataset part of the fingerprint is therefore its
+      contents, independent of file paths and row order: an edited example misses and is
+      recomputed, unchanged ones hit, and augmented or unlabelled transfer examples share the
+      same store (only the new ones are computed).
+
+When every example hits, the teacher is never constructed: it is given as a path plus a loader
+that is called only on a miss.
+
+Storage and integrity
+    Each write adds one *shard* directory holding ``outputs.safetensors`` (example keys and
+    output arrays) and ``manifest.json`` (rows, outputs, each file's size and SHA-256). A shard
+    is assembled in a ``.tmp-*`` directory and renamed into place with ``os.replace``, so a
+    process killed mid-write leaves only a temporary directory, which readers ignore: no cache
+    ever looks valid without being complete. A shard whose file fails its size or checksum
+    (truncated, corrupted) is deleted with a warning and its examples are recomputed.
+
+This is the offline setting of Hinton et al. (2015) and of Tang et al. (2019), whose augmented
+transfer set is labelled by the teacher once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+OUTPUT_KINDS = ("logits", "cls_hidden")
+COLUMN = {"logits": "teacher_logits", "cls_hidden": "teacher_cls_hidden"}
+SHARD_FILE = "outputs.safetensors"
+MANIFEST = "manifest.json"
+NAMESPACE_FILE = "namespace.json"
+_KEY_BYTES = 16
+# Config entries that name where/how a model was loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation",
+                         "_attn_implementation_autoset", "attn_implementation", "torch_dtype",
+                         "dtype", "architectures", "_commit_hash", "use_cache")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece",
+                       "special_tokens_map", "added_tokens")
+
+
+# ---------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------
+
+def _sha256_file(path: str, h: Optional["hashlib._Hash"] = None) -> str:
+    h = h or hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _clean_config(cfg: dict) -> dict:
+    return {k: v for k, v in sorted(cfg.items()) if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def teacher_fingerprint(teacher: Any) -> str:
+    """Hash of what the teacher computes: for a saved directory, the bytes of every weight
+    file plus its config (and ``compression_config.json``); for a model object, its class,
+    config and every tensor of its state dict."""
+    h = hashlib.sha256()
+    if isinstance(teacher, (str, os.PathLike)):
+        path = os.fspath(teacher)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"teacher: {path!r} is not a directory; the teacher cache "
+                                    "fingerprints a teacher saved with save_pretrained")
+        names = sorted(os.listdir(path))
+        weights = [n for n in names if n.endswith(_WEIGHT_SUFFIXES) or n.endswith(".index.json")]
+        if not any(n.endswith(_WEIGHT_SUFFIXES) for n in weights):
+            raise FileNotFoundError(f"teacher: {path!r} holds no weight file (*.safetensors or "
+                                    f"*.bin); files: {names}")
+        for n in weights:
+            h.update(f"file:{n}:".encode())
+            h.update(_sha256_file(os.path.join(path, n)).encode())
+        for n in ("config.json", "compression_config.json"):
+            f = os.path.join(path, n)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    data = json.load(fh)
+                if n == "config.json":
+                    data = _clean_config(data)
+                h.update(f"{n}:{json.dumps(data, sort_keys=True)}".encode())
+        return h.hexdigest()
+    import torch
+
+    h.update(f"class:{type(teacher).__name__}".encode())
+    cfg = getattr(teacher, "config", None)
+    if cfg is not None and hasattr(cfg, "to_dict"):
+        h.update(json.dumps(_clean_config(cfg.to_dict()), sort_keys=True, default=str).encode())
+    records = getattr(teacher, "distilkit_compression", None)
+    if records:
+        h.update(json.dumps(records, sort_keys=True, default=str).encode())
+    for name, t in sorted(teacher.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
+    """Hash of a tokenizer's vocabulary files (a directory), its vocabulary (an object), or the
+    name itself (a hub id). ``None`` when no tokenizer is named: the token ids, which are
+    hashed per example anyway, then stand for the tokenization."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        path = os.fspath(tokenizer)
+        if not os.path.isdir(path):
+            return f"name:{path}"
+        h = hashlib.sha256()
+        for n in sorted(os.listdir(path)):
+            if n.startswith(_TOKENIZER_PREFIXES):
+                h.update(f"{n}:".encode())
+                h.update(_sha256_file(os.path.join(path, n)).encode())
+        return h.hexdigest()
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    blob = json.dumps({"class": type(tokenizer).__name__, "vocab": sorted(vocab.items())})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _input_columns(ds) -> list[str]:
+    cols = ds.column_names
+    prefix = "teacher_" if "teacher_input_ids" in cols else ""
+    if f"{prefix}input_ids" not in cols:
+        raise ValueError(f"the teacher cache needs a tokenized dataset with an 'input_ids' column "
+                         f"(or 'teacher_input_ids'); its columns are {cols}")
+    return [f"{prefix}{c}" for c in ("input_ids", "token_type_ids", "attention_mask")
+            if f"{prefix}{c}" in cols]
+
+
+def _token_arrays(ds, cols: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``column -> (flat int64 values, offsets)`` read straight from Arrow (fast, and
+    independent of how the ids are stored: int32 or int64, any chunking or row selection)."""
+    table = ds.select_columns(list(cols)).with_format("arrow")[:]
+    out = {}
+    for c in cols:
+        arr = table.column(c).combine_chunks()
+        offsets = arr.offsets.to_numpy().astype(np.int64)
+        out[c] = (arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64),
+                  offsets - offsets[0])
+    return out
+
+
+def example_keys(ds, cols: Optional[Sequence[str]] = None) -> list[bytes]:
+    """One 16-byte key per example: a hash of the token ids the teacher reads."""
+    cols = list(cols or _input_columns(ds))
+    arrays = _token_arrays(ds, cols)
+    keys = []
+    for i in range(len(ds)):
+        h = hashlib.blake2b(digest_size=_KEY_BYTES)
+        for c in cols:
+            vals, off = arrays[c]
+            # The name is part of the hash, so ids read as token types can never collide.
+            h.update(c.removeprefix("teacher_").encode())
+            h.update(vals[off[i]:off[i + 1]].tobytes())
+        keys.append(h.digest())
+    return keys
+
+
+# ---------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------
+
+def default_cache_dir() -> str:
+    from distilkit.data import cache_root
+
+    return os.path.join(cache_root(), "teacher_outputs")
+
+
+class TeacherCache:
+    """A directory of cached teacher outputs (layout and guarantees: module docstring).
+
+    Args:
+        root: where the cache lives; defaults to ``$DISTILKIT_CACHE/teacher_outputs``
+            (``~/.cache/distilkit/teacher_outputs``).
+    """
+
+    def __init__(self, root: Optional[str] = None):
+        self.root = os.path.abspath(os.path.expanduser(root or default_cache_dir()))
+
+    def __repr__(self) -> str:
+        return f"TeacherCache({self.root!r})"
+
+    def check_writable(self) -> None:
+        """Fail now, before any teacher or training work, when the cache cannot be written."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            raise PermissionError(
+                f"cache_dir: the teacher cache directory {self.root!r} is not writable "
+                f"({e.strerror or e}); set cache_dir to a writable directory, fix its "
+                "permissions, or turn the cache off with teacher_cache: false") from e
+
+    @staticmethod
+    def namespace_key(fingerprint: dict) -> str:
+        blob = json.dumps({"format": FORMAT_VERSION, **fingerprint}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def namespace_dir(self, fingerprint: dict) -> str:
+        """The directory holding every shard computed under ``fingerprint``."""
+        return os.path.join(self.root, self.namespace_key(fingerprint))
+
+    def _shards(self, ns: str) -> list[str]:
+        if not os.path.isdir(ns):
+            return []
+        return sorted(os.path.join(ns, n) for n in os.listdir(ns) if n.startswith("shard-"))
+
+    def _read_shard(self, shard: str) -> Optional[dict[str, np.ndarray]]:
+        """The shard's arrays, or ``None`` (after deleting it) when it fails a check."""
+        from safetensors.numpy import load_file
+
+        try:
+            with open(os.path.join(shard, MANIFEST)) as f:
+                manifest = json.load(f)
+            for name, meta in manifest["files"].items():
+                path = os.path.join(shard, name)
+                size = os.path.getsize(path)
+                if size != meta["bytes"]:
+                    raise ValueError(f"{name} has {size} bytes, the manifest says {meta['bytes']}")
+                if _sha256_file(path) != meta["sha256"]:
+                    raise ValueError(f"{name} fails its SHA-256 checksum")
+            arrays = load_file(os.path.join(shard, SHARD_FILE))
+            n = manifest["rows"]
+            if any(a.shape[0] != n for a in arrays.values()) or "keys" not in arrays:
+                raise ValueError(f"arrays do not all have the manifest's {n} rows")
+            return arrays
+        except Exception as e:  # unreadable, truncated, wrong shape: all mean "recompute"
+            warnings.warn(f"teacher cache: discarding damaged shard {shard} ({e}); its "
+                          "examples will be recomputed", RuntimeWarning, stacklevel=3)
+            shutil.rmtree(shard, ignore_errors=True)
+            return None
+
+    def lookup(self, fingerprint: dict, keys: Sequence[bytes], outputs: Sequence[str]
+               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Cached outputs for ``keys``: ``(arrays, found)`` where ``arrays[kind]`` has one row
+        per key (rows of keys not found are zeros) and ``found`` is a boolean mask."""
+        where: dict[bytes, tuple[int, int]] = {}
+        shards: list[dict[str, np.ndarray]] = []
+        for shard in self._shards(self.namespace_dir(fingerprint)):
+            arrays = self._read_shard(shard)
+            if arrays is None or any(k not in arrays for k in outputs):
+                continue
+            s = len(shards)
+            shards.append(arrays)
+            for row, k in enumerate(arrays["keys"]):
+                where.setdefault(k.tobytes(), (s, row))
+        found = np.array([k in where for k in keys], dtype=bool)
+        result: dict[str, np.ndarray] = {}
+        if not shards:
+            return result, found
+        for kind in outputs:
+            proto = shards[0][kind]
+            out = np.zeros((len(keys), *proto.shape[1:]), dtype=np.float32)
+            for i, k in enumerate(keys):
+                hit = where.get(k)
+                if hit is not None:
+                    out[i] = shards[hit[0]][kind][hit[1]]
+            result[kind] = out
+        return result, found
+
+    def store(self, fingerprint: dict, keys: Sequence[bytes], arrays: dict[str, np.ndarray]) -> str:
+        """Write one shard atomically; returns its directory."""
+        from safetensors.numpy import save_file
+
+        ns = self.namespace_dir(fingerprint)
+        os.makedirs(ns, exist_ok=True)
+        self._write_namespace_info(ns, fingerprint)
+        tmp = tempfile.mkdtemp(dir=ns, prefix=".tmp-")
+        try:
+            key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
+            tensors = {"keys": key_arr, **{k: np.ascontiguousarray(v, dtype=np.float32)
+                                            for k, v in arrays.items()}}
+            path = os.path.join(tmp, SHARD_FILE)
+            save_file(tensors, path)
+            _fsync(path)
+            manifest = {"format": FORMAT_VERSION, "rows": len(keys), "outputs": sorted(arrays),
+                        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "files": {SHARD_FILE: {"bytes": os.path.getsize(path),
+                                               "sha256": _sha256_file(path)}}}
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            final = os.path.join(ns, f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
+            os.replace(tmp, final)
+            return final
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write_namespace_info(self, ns: str, fingerprint: dict) -> None:
+        info = os.path.join(ns, NAMESPACE_FILE)
+        if os.path.isfile(info):
+            return
+        fd, tmp = tempfile.mkstemp(dir=ns, prefix=".tmp-ns-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": FORMAT_VERSION, **fingerprint}, f, indent=2, default=str)
+        os.replace(tmp, info)
+
+    def remove_partial(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary directories left by killed writers (older than ``older_than_s``,
+        so a concurrent writer's work is left alone); returns how many were removed."""
+        n, now = 0, time.time()
+        if not os.path.isdir(self.root):
+            return 0
+        for ns in os.listdir(self.root):
+            d = os.path.join(self.root, ns)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                p = os.path.join(d, name)
+                if name.startswith(".tmp-") and now - os.path.getmtime(p) > older_than_s:
+                    if os.path.isdir(p):
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        os.remove(p)
+                    n += 1
+        return n
+
+    def size_bytes(self) -> int:
+        """Bytes of every file under the cache root."""
+        total = 0
+        for d, _, files in os.walk(self.root):
+            total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
+        return total
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------
+# Computing and attaching
+# ---------------------------------------------------------------------------------------
+
+def _default_loader(path: str):
+    from distilkit.teachers import load_teacher
+
+    return load_teacher(path)
+
+
+def _resolve_path(spec: str) -> str:
+    """A local directory for a teacher spec (path, built-in name or hub id)."""
+    from distilkit.teachers import BUILTIN_TEACHER, _looks_local, builtin_teacher
+
+    if spec == BUILTIN_TEACHER:
+        return builtin_teacher()
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return path
+    if _looks_local(path):
+        raise FileNotFoundError(f"teacher: {spec!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(spec)
+
+
+def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[str],
+                            batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
+    """Run ``teacher`` over the token columns ``cols`` of ``ds`` and return the requested
+    outputs as float32 arrays with one row per example. Examples are batched by length, so
+    little time goes to padding; padding is masked, so results do not depend on batching."""
+    import torch
+
+    arrays = _token_arrays(ds, cols)
+    base = {c.removeprefix("teacher_"): v for c, v in arrays.items()}
+    ids, offs = base["input_ids"]
+    lengths = np.diff(offs)
+    order = np.argsort(-lengths, kind="stable")
+    pad_id = getattr(getattr(teacher, "config", None), "pad_token_id", None) or 0
+    teacher.eval()
+    res: dict[str, np.ndarray] = {}
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="teacher outputs", unit="batch")
+    with torch.inference_mode():
+        for start in batches:
+            rows = order[start:start + batch_size]
+            width = max(int(lengths[rows].max()), 1)
+            batch = {}
+            for name, (vals, off) in base.items():
+                fill = pad_id if name == "input_ids" else 0
+                t = np.full((len(rows), width), fill, dtype=np.int64)
+                for j, r in enumerate(rows):
+                    t[j, :off[r + 1] - off[r]] = vals[off[r]:off[r + 1]]
+                batch[name] = torch.from_numpy(t)
+            if "attention_mask" not in batch:
+                batch["attention_mask"] = (torch.arange(width)[None, :]
+                                           < torch.from_numpy(lengths[rows])[:, None]).long()
+            out = teacher(**batch, output_hidden_states="cls_hidden" in outputs)
+            logits = out["logits"] if isinstance(out, dict) else out.logits
+            if logits.dim() != 2:
+                raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}; the "
+                                 "teacher cache stores sequence-classification outputs (B, C). "
+                                 "Distil sequence-to-sequence models with the teacher loaded")
+            got = {"logits": logits}
+            if "cls_hidden" in outputs:
+                hs = out["hidden_states"] if isinstance(out, dict) else out.hidden_states
+                if hs is None:
+                    raise ValueError(f"{type(teacher).__name__} returns no hidden_states, so its "
+                                     "[CLS] states cannot be cached; set alpha_patient: 0")
+                got["cls_hidden"] = torch.stack([h[:, 0] for h in hs], dim=1)
+            for kind in outputs:
+                v = got[kind].float().numpy()
+                if kind not in res:
+                    res[kind] = np.zeros((len(order), *v.shape[1:]), dtype=np.float32)
+                res[kind][rows] = v
+    return res
+
+
+def _check_outputs(outputs: Union[str, Iterable[str]]) -> tuple[str, ...]:
+    outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+    bad = [o for o in outs if o not in OUTPUT_KINDS]
+    if not outs or bad:
+        raise ValueError(f"outputs: {outputs!r} must name some of {OUTPUT_KINDS}, e.g. "
+                         "('logits',) or ('logits', 'cls_hidden') for Patient-KD")
+    return tuple(sorted(set(outs), key=OUTPUT_KINDS.index))
+
+
+def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
+                           tokenizer_name_or_path: Any = None, max_length: Optional[int] = None,
+                           outputs: Union[str, Sequence[str]] = ("logits",),
+                           cache_dir: Optional[str] = None, batch_size: int = 64,
+                           progress: bool = True,
+                           teacher_loader: Optional[Callable[[str], Any]] = None,
+                           stats: Optional[dict] = None):
+    """Return ``dataset`` with the teacher's outputs as columns ``teacher_logits`` (and
+    ``teacher_cls_hidden``), taken from the cache where possible and computed (then cached)
+    for the examples that miss.
+
+    Args:
+        dataset: a tokenized ``datasets.Dataset`` (``input_ids``, optionally
+            ``attention_mask`` / ``token_type_ids``) or a ``DatasetDict`` (each split).
+        teacher: a saved teacher directory, ``builtin:minilm-rt`` or a hub id (loaded with
+            ``teacher_loader`` only if some example misses), or a model object.
+        teacher_dataset: the same examples tokenized for the teacher, row for row, when the
+            student reads different tokens (e.g. a word-level BiLSTM student). Default: the
+            teacher reads ``dataset`` (its ``teacher_input_ids`` columns when present).
+        tokenizer_name_or_path: the teacher's tokenizer (directory, hub id or object), part of
+            the namespace key.
+        max_length: the truncation length used for tokenization, part of the namespace key.
+        outputs: ``("logits",)`` or ``("logits", "cls_hidden")``.
+        cache_dir: the cache root (default ``$DISTILKIT_CACHE/teacher_outputs``); it must be
+            writable, checked before anything is loaded.
+        batch_size: teacher batch size on a miss.
+        teacher_loader: ``path -> model``; default :func:`distilkit.teachers.load_teacher`.
+        stats: a dict filled with ``examples``, ``hits``, ``computed``, ``teacher_loaded``,
+            ``namespace`` and ``seconds``.
+    """
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        tds = teacher_dataset or {}
+        return DatasetDict({split: attach_teacher_outputs(
+            d, teacher, teacher_dataset=tds.get(split) if tds else None,
+            tokenizer_name_or_path=tokenizer_name_or_path, max_length=max_length,
+            outputs=outputs, cache_dir=cache_dir, batch_size=batch_size, progress=progress,
+            teacher_loader=teacher_loader, stats=stats) for split, d in dataset.items()})
+    t0 = time.perf_counter()
+    outs = _check_outputs(outputs)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: there are no examples to get teacher outputs for")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} must be >= 1")
+    cache = TeacherCache(cache_dir)
+    cache.check_writable()
+    tds = dataset if teacher_dataset is None else teacher_dataset
+    if len(tds) != len(dataset):
+        raise ValueError(f"teacher_dataset has {len(tds)} rows but dataset has {len(dataset)}: "
+                         "they must hold the same examples, row for row")
+    cols = _input_columns(tds)
+    path = _resolve_path(os.fspath(teacher)) if isinstance(teacher, (str, os.PathLike)) else None
+    fingerprint = {"teacher": teacher_fingerprint(path if path else teacher),
+                   "tokenizer": tokenizer_fingerprint(tokenizer_name_or_path),
+                   "max_length": max_length, "outputs": list(outs)}
+    keys = example_keys(tds, cols)
+    arrays, found = cache.lookup(fingerprint, keys, outs)
+    missing = np.flatnonzero(~found)
+    loaded = False
+    if len(missing):
+        # Each distinct missing example is computed once, however often it repeats.
+        first: dict[bytes, int] = {}
+        for i in missing:
+            first.setdefault(keys[i], int(i))
+        uniq = list(first.values())
+        model = teacher
+        if path is not None:
+            model = (teacher_loader or _default_loader)(path)
+            loaded = True
+        computed = compute_teacher_outputs(model, tds.select(uniq), cols, outs, batch_size,
+                                           progress)
+        cache.store(fingerprint, [keys[i] for i in uniq], computed)
+        pos = {keys[i]: j for j, i in enumerate(uniq)}
+        for kind in outs:
+            if kind not in arrays:
+                arrays[kind] = np.zeros((len(keys), *computed[kind].shape[1:]), np.float32)
+            arrays[kind][missing] = computed[kind][[pos[keys[i]] for i in missing]]
+    result = dataset
+    for kind in outs:
+        result = _set_column(result, COLUMN[kind], arrays[kind])
+    info = {"examples": len(keys), "hits": int(found.sum()), "computed": int(len(missing)),
+            "teacher_loaded": loaded, "namespace": cache.namespace_dir(fingerprint),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if stats is not None:
+        stats.update(info)
+    msg = (f"[distilkit] teacher cache: {info['hits']}/{info['examples']} examples cached, "
+           f"{info['computed']} computed ({info['namespace']})")
+    logger.info(msg)
+    if progress:
+        print(msg)
+    return result
+
+
+def _set_column(ds, name: str, values: np.ndarray):
+    """Add ``values`` (one row per example) as a fixed-shape float32 column, built directly
+    in Arrow (no Python lists), replacing a column of that name."""
+    import pyarrow as pa
+    from datasets import List, Value
+
+    if name in ds.column_names:
+        ds = ds.remove_columns(name)
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+    feature: Any = Value("float32")
+    arr = flat
+    for dim in reversed(values.shape[1:]):
+        arr = pa.FixedSizeListArray.from_arrays(arr, int(dim))
+        feature = List(feature, length=int(dim))
+    return ds.add_column(name, arr, feature=feature)
