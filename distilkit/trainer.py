@@ -174,6 +174,14 @@ class DistilTrainer(Trainer):
             f"{stack}_{s}_{t}": nn.Linear(s_w, t_w)
             for stack, prs in self.layer_pairs.items() for s, t in prs})
 
+    def _set_signature_columns_if_needed(self):
+        # Cached teacher outputs and teacher-tokenized inputs are not arguments of the
+        # student's forward, but compute_loss needs them: keep them when Trainer drops the
+        # columns the model does not take (remove_unused_columns=True, the default).
+        super()._set_signature_columns_if_needed()
+        extra = ("teacher_logits", "teacher_cls_hidden", *TEACHER_INPUT_KEYS)
+        self._signature_columns += [c for c in extra if c not in self._signature_columns]
+
     # ------------------------------------------------------------------ optimizer / saving
     def create_optimizer(self, model=None):
         opt = super().create_optimizer(model)
