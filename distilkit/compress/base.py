@@ -21,6 +21,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
 
@@ -257,6 +258,10 @@ def load_compressed(path: str, auto_cls: Any = None, **kwargs) -> nn.Module:
     # tensors disagree.
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not _is_tied(model, k)]
+    # Tensors the model class never saves (e.g. Marian's sinusoidal positions, rebuilt by
+    # from_config) are declared by transformers as regexes in _keys_to_ignore_on_load_missing.
+    ignore = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    missing = [k for k in missing if not any(re.search(p, k) for p in ignore)]
     if missing or unexpected:
         raise ValueError(
             f"{path}: {COMPRESSION_FILE} does not match the saved tensors "
