@@ -340,8 +340,10 @@ def _count_items(batch) -> int:
     """Items a batch contributes to the loss: label positions that count, or examples when the
     data has no labels (a transfer set)."""
     labels = batch.get("labels") if hasattr(batch, "get") else None
-    if labels is not None:
+    if labels is not None and labels.dim() > 1:  # token-level: the label tokens that count
         return int((labels != -100).sum())
+    if labels is not None:  # one item per example, labelled or not (augmented rows use -100)
+        return int(labels.shape[0])
     for k in ("input_ids", "teacher_logits", "inputs_embeds"):
         if k in batch:
             return int(batch[k].shape[0])

@@ -74,3 +74,53 @@ def bert():
 @pytest.fixture
 def batch():
     return tiny_batch()
+
+
+WORDS = ("the a film movie is was great good bad awful boring fun and but not very plot acting "
+         "story funny dull brilliant mess charming slow").split()
+
+
+def tiny_tokenizer(path):
+    """A BERT word-piece tokenizer over a small vocabulary, written to ``path``."""
+    from transformers import BertTokenizerFast
+
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(path)
+    return tok
+
+
+def tiny_sentences(n=96, seed=0):
+    """Sentences whose label is learnable: positive words vs negative words."""
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = ["great", "good", "fun", "brilliant", "charming", "funny"], ["bad", "awful", "boring", "dull", "mess", "slow"]
+    filler = ["the", "film", "movie", "is", "was", "plot", "acting", "story", "very", "and"]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(filler, 4) + rng.sample(pos if label else neg, 2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture
+def tiny_task(tmp_path):
+    """A tiny teacher directory (model + tokenizer) and csv splits, all offline."""
+    import csv
+
+    tok = tiny_tokenizer(str(tmp_path / "teacher"))
+    teacher = tiny_bert(vocab=tok.vocab_size, layers=4)
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    files = {}
+    for split, n, seed in (("train", 96, 0), ("validation", 32, 1), ("test", 32, 2)):
+        p = tmp_path / f"{split}.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows(tiny_sentences(n, seed))
+        files[split] = str(p)
+    return {"teacher": str(tmp_path / "teacher"), "data_files": files, "tmp": tmp_path}

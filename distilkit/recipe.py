@@ -1,0 +1,166 @@
+"""Recipes: data-only YAML files that describe one distillation run.
+
+Flat keys are either recipe keys (below), data keys (:class:`distilkit.data.DataSpec`) or
+training keys (:class:`distilkit.DistilConfig`, i.e. every ``TrainingArguments`` field plus
+the distillation settings). ``compression:`` is an ordered list of ``{method: NAME, ...}``
+entries. Unknown keys are errors that suggest the closest valid key. YAML is read with
+``safe_load``: a recipe can never import or call code.
+
+Example::
+
+    name: quickstart
+    teacher: builtin:minilm-rt
+    student: {type: from_teacher, num_layers: 3}
+    dataset: builtin:rotten_tomatoes
+    max_length: 64
+    temperature: 2.0
+    alpha_kd: 0.5
+    alpha_ce: 0.5
+    max_steps: 600
+    compression:
+      - {method: quantize, bits: 4, bucket_size: 256}
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from distilkit.data import DataSpec
+
+STUDENT_TYPES = ("from_teacher", "config", "pretrained", "bilstm")
+
+
+@dataclass
+class RecipeKeys:
+    """Keys of a recipe that are neither data nor training arguments."""
+
+    name: str = "distil"
+    task: str = "classification"
+    teacher: Any = "builtin:minilm-rt"
+    teacher_adapter: Optional[str] = None
+    student: dict = field(default_factory=lambda: {"type": "from_teacher", "num_layers": 3})
+    max_length: int = 64
+    teacher_cache: bool = False
+    cache_dir: Optional[str] = None
+    augment: Optional[dict] = None
+    compression: list = field(default_factory=list)
+    push_to_hub: bool = False
+    hub_repo_id: Optional[str] = None
+    save_merged_adapter: bool = True
+
+
+def _training_fields() -> set:
+    from distilkit.config import DistilConfig
+
+    return {f.name for f in dataclasses.fields(DistilConfig) if f.init}
+
+
+def _data_fields() -> set:
+    return {f.name for f in dataclasses.fields(DataSpec)}
+
+
+def _recipe_fields() -> set:
+    return {f.name for f in dataclasses.fields(RecipeKeys)}
+
+
+# TrainingArguments' own names for the fields a recipe knows as data/recipe keys.
+_RENAMED = {"teacher_model_name_or_path": "teacher"}
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe. ``keys``/``data``/``training`` hold the three kinds of
+    fields; :meth:`distil_config` builds the ``DistilConfig`` (validating it)."""
+
+    keys: RecipeKeys
+    data: DataSpec
+    training: dict
+    source: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: Optional[str] = None) -> "Recipe":
+        if not isinstance(raw, dict):
+            raise ValueError(f"{source or 'recipe'}: a recipe is a mapping of keys to values, "
+                             f"got {type(raw).__name__}")
+        rk, dk, tk = _recipe_fields(), _data_fields(), _training_fields()
+        keys, data, training = {}, {}, {}
+        for k, v in raw.items():
+            if k in rk:
+                keys[k] = v
+            elif k in dk:
+                data[k] = v
+            elif k in tk and k not in _RENAMED:
+                training[k] = v
+            else:
+                close = difflib.get_close_matches(k, sorted(rk | dk | (tk - set(_RENAMED))), n=3)
+                hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"{source or 'recipe'}: unknown key {k!r}{hint} (recipe keys: "
+                                 f"{', '.join(sorted(rk))}; data keys: {', '.join(sorted(dk))}; "
+                                 "or any DistilConfig / TrainingArguments field)")
+        recipe = cls(RecipeKeys(**keys), DataSpec(**data), training, source)
+        recipe.validate()
+        return recipe
+
+    @classmethod
+    def load(cls, path: str, overrides: Optional[dict] = None) -> "Recipe":
+        """Read a YAML recipe and apply ``overrides`` (dotted keys reach into ``student``)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"recipe {path!r} does not exist")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        for k, v in (overrides or {}).items():
+            apply_override(raw, k, v)
+        return cls.from_dict(raw, source=path)
+
+    def validate(self) -> None:
+        """Every check that needs no model or data, so bad input fails before any work."""
+        k = self.keys
+        if k.task not in ("classification", "seq2seq"):
+            raise ValueError(f"task: {k.task!r} must be 'classification' or 'seq2seq'")
+        if not isinstance(k.student, dict) or k.student.get("type", "from_teacher") not in STUDENT_TYPES:
+            raise ValueError(f"student: {k.student!r} needs a 'type' among {STUDENT_TYPES}")
+        if not isinstance(k.max_length, int) or k.max_length < 2:
+            raise ValueError(f"max_length: {k.max_length!r} must be an integer >= 2")
+        if not isinstance(k.compression, list):
+            raise ValueError(f"compression: must be a list of {{method: NAME, ...}} entries, got {k.compression!r}")
+        if k.compression:
+            from distilkit.compress.base import config_from_dict
+            for entry in k.compression:
+                config_from_dict(entry)  # raises naming the method or field
+        if k.push_to_hub and not k.hub_repo_id:
+            raise ValueError("push_to_hub: true needs hub_repo_id: ORG/NAME")
+        self.distil_config()
+
+    def distil_config(self, **extra):
+        from distilkit.config import DistilConfig
+
+        t = {"output_dir": f"runs/{self.keys.name}", "report_to": [], "save_strategy": "no",
+             "logging_steps": 50, **self.training, **extra}
+        return DistilConfig(**t)
+
+    def to_dict(self) -> dict:
+        """The resolved recipe (all three kinds of keys), as written beside each run."""
+        out = dataclasses.asdict(self.keys)
+        out.update(dataclasses.asdict(self.data))
+        out.update(self.training)
+        return out
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as a YAML scalar/list (``1e-3``, ``true``, ``[0, 2]``)."""
+    return yaml.safe_load(text)
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    d = raw
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
