@@ -1,0 +1,430 @@
+"""Evaluation of a (distilled, compressed) classifier: what it scores and what it costs.
+
+:func:`evaluate_model` returns one flat dict of figures, the same for the teacher and every
+student, so that :mod:`distilkit.report` and :mod:`distilkit.card` can compare them:
+
+* ``accuracy``, ``macro_f1``, ``examples``: task metrics on the given split (offline, no
+  ``evaluate.load``).
+* ``parameters``: weights the model computes with (tied tensors once; a packed low-bit weight
+  counts as its logical shape), ``nonzero_parameters`` and ``sparsity``.
+* ``size_on_disk_bytes``: the bytes of the real saved model files (weights, ``config.json``,
+  ``compression_config.json``, ``generation_config.json``; the tokenizer is not counted, and
+  ``size_files`` lists what was), and ``bits_per_weight`` = 8 x that / ``parameters``. Without
+  ``model_dir`` the model is saved with :func:`~distilkit.compress.base.save_compressed` to a
+  temporary directory and that is measured.
+* ``latency_ms_batch1`` / ``latency_ms_batch32``: CPU wall time of one forward pass at sequence
+  length ``max_length`` (real token ids repeated to that length, no padding), the median of
+  several runs after warm-up, with the torch thread count in ``threads``.
+* ``peak_memory_mb``: what inference at batch 32 needs: the model's tensors in memory
+  (``model_memory_mb``) plus the peak growth of the process's resident memory during one
+  forward pass (``activation_peak_mb``). On Linux the peak is read from ``VmHWM`` after
+  resetting it (``/proc/self/clear_refs``) and returning freed heap pages (``malloc_trim``),
+  which makes it the real high-water mark of that forward pass; elsewhere ``ru_maxrss`` is
+  used, which can only grow and so may under-count. ``memory_method`` says which.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import inspect
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilkit.metrics import accuracy_f1
+
+MODEL_CONFIG_FILES = ("config.json", "compression_config.json", "generation_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Written by DistilTrainer in checkpoints: training state, not part of the model.
+NOT_MODEL_FILES = ("distil_projections.safetensors", "optimizer.pt", "scheduler.pt",
+                   "training_args.bin", "rng_state.pth")
+PAIR_KEYS = ("input_ids", "token_type_ids", "attention_mask", "input_ids_b", "attention_mask_b")
+
+
+# ---------------------------------------------------------------------------------------
+# Sizes and counts
+# ---------------------------------------------------------------------------------------
+
+def model_files(model_dir: str) -> dict[str, int]:
+    """``file -> bytes`` of the files that make up a saved model in ``model_dir``. Raises
+    ``FileNotFoundError`` naming what is missing when there is no saved model there."""
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir!r} is not a directory; give the directory a model "
+                                "was saved to (save_pretrained / distilkit distill's student/)")
+    names = sorted(os.listdir(model_dir))
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and n not in NOT_MODEL_FILES]
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not weights:
+        missing.append("model weights (model.safetensors, model-*.safetensors or "
+                       "pytorch_model.bin)")
+    if missing:
+        hint = ""
+        if os.path.isfile(os.path.join(model_dir, "student", "config.json")):
+            hint = f"; it holds a run: the model is in {os.path.join(model_dir, 'student')!r}"
+        raise FileNotFoundError(f"{model_dir!r} holds no saved model: missing "
+                                f"{' and '.join(missing)} (files there: {names or 'none'}){hint}")
+    keep = weights + [n for n in names if n in MODEL_CONFIG_FILES or n.endswith(".index.json")]
+    return {n: os.path.getsize(os.path.join(model_dir, n)) for n in sorted(keep)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(parameters, non-zero parameters)``; tied parameters are counted once."""
+    total = nonzero = 0
+    for p in model.parameters():  # deduplicated by identity
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p.detach()))
+    return total, nonzero
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers in memory, shared storage once."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.device.type)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+
+def _encode(ds, tokenizer, text_column, text_pair_column, label_column, max_length):
+    """``(features list, labels array)`` from a raw (text) or tokenized dataset."""
+    cols = ds.column_names
+    if "input_ids" in cols:
+        label_col = "labels" if "labels" in cols else label_column
+        if label_col not in cols:
+            raise ValueError(f"label_column: the tokenized dataset has no 'labels' or "
+                             f"{label_column!r} column; its columns are {cols}")
+        feats = {k: list(ds[k]) for k in PAIR_KEYS if k in cols}
+        labels = list(ds[label_col])
+    else:
+        for name, col in (("text_column", text_column), ("text_pair_column", text_pair_column),
+                          ("label_column", label_column)):
+            if col is not None and col not in cols:
+                raise ValueError(f"{name}: column {col!r} is not in the evaluation data; its "
+                                 f"columns are {cols}")
+        if label_column is None:
+            raise ValueError("label_column: evaluation needs labels; name the label column")
+        args = (list(ds[text_column]),) + ((list(ds[text_pair_column]),) if text_pair_column else ())
+        enc = tokenizer(*args, truncation=True, max_length=max_length)
+        feats = {k: enc[k] for k in PAIR_KEYS if k in enc}
+        labels = list(ds[label_column])
+    n = len(labels)
+    rows = [{k: v[i] for k, v in feats.items()} for i in range(n)]
+    return rows, np.asarray(labels)
+
+
+def _accepted(model: nn.Module, batch: dict) -> dict:
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return batch
+    return {k: v for k, v in batch.items() if k in params}
+
+
+def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in rows[0]:
+        fill = pad_id if k.startswith("input_ids") else 0
+        width = max(1, max(len(r[k]) for r in rows))
+        t = torch.full((len(rows), width), fill, dtype=torch.long)
+        for i, r in enumerate(rows):
+            t[i, :len(r[k])] = torch.as_tensor(r[k], dtype=torch.long)
+        out[k] = t
+    return out
+
+
+def _logits(model, batch):
+    out = model(**_accepted(model, batch))
+    return out["logits"] if isinstance(out, dict) else out.logits
+
+
+def predict(model: nn.Module, rows: list[dict], pad_id: int = 0, batch_size: int = 64) -> np.ndarray:
+    """Argmax predictions, batched by length (padding is masked, so order does not matter)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    preds = np.zeros(len(rows), dtype=np.int64)
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            preds[idx] = _logits(model, _pad([rows[i] for i in idx], pad_id)).argmax(-1).numpy()
+    return preds
+
+
+def fixed_length_batch(rows: list[dict], batch: int, length: int) -> dict[str, torch.Tensor]:
+    """``batch`` real examples (cycled), each token field repeated to exactly ``length``."""
+    out = {}
+    for k in rows[0]:
+        out[k] = torch.as_tensor(np.stack([
+            np.resize(np.asarray(rows[i % len(rows)][k] or [0], dtype=np.int64), length)
+            for i in range(batch)]))
+    if "attention_mask" in out:
+        out["attention_mask"] = torch.ones_like(out["attention_mask"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------
+
+def latency_ms(model: nn.Module, batch: dict, warmup: int = 2, runs: int = 10) -> float:
+    """Median wall time in ms of ``model(**batch)`` after ``warmup`` untimed runs."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            t0 = time.perf_counter()
+            _logits(model, batch)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+    return float(statistics.median(times))
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Return freed heap to the OS and reset VmHWM to the current RSS; False if unsupported."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM:") is not None
+    except OSError:
+        return False
+
+
+def inference_peak_bytes(model: nn.Module, batch: dict) -> tuple[int, str]:
+    """Peak growth of resident memory during one forward pass, and how it was measured."""
+    import gc
+
+    gc.collect()
+    with torch.inference_mode():
+        if _reset_peak():
+            base = _status_kb("VmRSS:")
+            _logits(model, batch)
+            peak = _status_kb("VmHWM:")
+            return max(0, (peak - base) * 1024), "linux VmHWM reset via /proc/self/clear_refs"
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _logits(model, batch)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        scale = 1 if os.uname().sysname == "Darwin" else 1024
+        return max(0, (after - before) * scale), "ru_maxrss delta (a lower bound)"
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------
+
+def evaluate_model(model: nn.Module, tokenizer: Any, eval_dataset, *, text_column: str = "text",
+                   text_pair_column: Optional[str] = None, label_column: Optional[str] = "label",
+                   max_length: int = 128, model_dir: Optional[str] = None, batch_size: int = 64,
+                   latency: bool = True, latency_runs: tuple[int, int] = (20, 5),
+                   warmup: int = 2) -> dict:
+    """Task metrics, size and CPU cost of ``model`` (figures: module docstring).
+
+    Args:
+        model: a sequence-classification model (a transformers model or a distilkit student).
+        tokenizer: the model's tokenizer (used when ``eval_dataset`` holds raw text).
+        eval_dataset: a ``datasets.Dataset`` with the text and label columns, or already
+            tokenized (``input_ids`` and ``labels``).
+        max_length: truncation length, and the sequence length latency is measured at.
+        model_dir: the directory the model was saved to; its files are what is measured.
+        latency_runs: timed runs at batch 1 and at batch 32 (after ``warmup`` runs each).
+        latency: set False to skip timing and memory (their keys are then ``None``).
+    """
+    if len(eval_dataset) == 0:
+        raise ValueError("the evaluation split is empty")
+    model.eval()
+    rows, labels = _encode(eval_dataset, tokenizer, text_column, text_pair_column, label_column,
+                           max_length)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    preds = predict(model, rows, pad_id, batch_size)
+    res: dict[str, Any] = {**accuracy_f1(preds, labels), "examples": int(len(labels))}
+    params, nonzero = count_parameters(model)
+    res.update(parameters=params, nonzero_parameters=nonzero,
+               sparsity=round(1 - nonzero / params, 6) if params else 0.0)
+    if model_dir is None:
+        from distilkit.compress.base import save_compressed
+
+        with tempfile.TemporaryDirectory(prefix="distilkit-size-") as tmp:
+            save_compressed(model, tmp)
+            files = model_files(tmp)
+        res["size_source"] = "saved to a temporary directory with save_compressed"
+    else:
+        files = model_files(model_dir)
+        res["size_source"] = os.path.abspath(model_dir)
+    res["size_on_disk_bytes"] = sum(files.values())
+    res["size_files"] = files
+    res["bits_per_weight"] = round(8 * res["size_on_disk_bytes"] / params, 4) if params else None
+    res["max_length"] = max_length
+    res["threads"] = torch.get_num_threads()
+    if latency:
+        b1, b32 = fixed_length_batch(rows, 1, max_length), fixed_length_batch(rows, 32, max_length)
+        res["latency_ms_batch1"] = round(latency_ms(model, b1, warmup, latency_runs[0]), 3)
+        res["latency_ms_batch32"] = round(latency_ms(model, b32, warmup, latency_runs[1]), 3)
+        act, method = inference_peak_bytes(model, b32)
+        mem = tensor_bytes(model)
+        res.update(model_memory_mb=round(mem / 2**20, 3), activation_peak_mb=round(act / 2**20, 3),
+                   peak_memory_mb=round((mem + act) / 2**20, 3), memory_method=method)
+    else:
+        res.update(latency_ms_batch1=None, latency_ms_batch32=None, peak_memory_mb=None)
+    return res
+
+
+def find_model_dir(path: str) -> str:
+    """``path`` itself when it holds a model, or its ``student/`` when it is a run directory."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isfile(os.path.join(path, "student", "config.json")):
+        return os.path.join(path, "student")
+    model_files(path)  # raises, naming what is missing
+    return path
+
+
+def _recipe_near(model_dir: str) -> Optional[str]:
+    for d in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
+        f = os.path.join(d, "recipe.yaml")
+        if os.path.isfile(f):
+            return f
+    return None
+
+
+def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
+                 split: Optional[str] = None, max_length: Optional[int] = None,
+                 out_file: Optional[str] = None, **kwargs) -> dict:
+    """Load the model saved in ``model_dir`` (any distilkit output, compressed or not, or a
+    plain ``save_pretrained`` directory) with its tokenizer and evaluate it.
+
+    The data is ``data`` (a :class:`~distilkit.data.DataSpec`), else the recipe given, else the
+    ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the built-in
+    dataset. The split defaults to the spec's test split (else its eval split). The figures
+    are written to ``out_file`` (default ``MODEL_DIR/evaluation.json``) and returned.
+    """
+    from transformers import AutoTokenizer
+
+    from distilkit.compress.base import load_compressed
+    from distilkit.data import DataSpec, load_raw
+
+    model_dir = find_model_dir(model_dir)
+    recipe = recipe or (None if data is not None else _recipe_near(model_dir))
+    if recipe:
+        from distilkit.recipe import Recipe
+
+        r = Recipe.load(recipe)
+        data = data or r.data
+        max_length = max_length or r.keys.max_length
+    spec = data or DataSpec()
+    max_length = max_length or 128
+    raw = load_raw(spec)
+    split = split or spec.test_split or spec.eval_split
+    if split not in raw:
+        raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
+    model = load_compressed(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    res = evaluate_model(model, tokenizer, raw[split], text_column=spec.text_column,
+                         text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+                         max_length=max_length, model_dir=model_dir, **kwargs)
+    res["split"] = split
+    out_file = out_file or os.path.join(model_dir, "evaluation.json")
+    tmp = f"{out_file}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, out_file)
+    return res
+
+
+def format_metrics(res: dict) -> str:
+    """The figures as aligned ``name: value`` lines, for the terminal."""
+    keys = ["accuracy", "macro_f1", "examples", "parameters", "nonzero_parameters",
+            "size_on_disk_bytes", "bits_per_weight", "latency_ms_batch1", "latency_ms_batch32",
+            "peak_memory_mb", "model_memory_mb", "activation_peak_mb", "threads", "max_length"]
+    width = max(len(k) for k in keys)
+    return "\n".join(f"{k:<{width}}  {res[k]:.4f}" if isinstance(res.get(k), float)
+                     else f"{k:<{width}}  {res.get(k)}" for k in keys if k in res)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: ``distilkit evaluate MODEL_DIR``
+# ---------------------------------------------------------------------------------------
+
+def add_evaluate_arguments(p) -> None:
+    """Arguments of ``distilkit evaluate`` (wired by :mod:`distilkit.cli`)."""
+    p.add_argument("model_dir", help="a saved model directory, or a run directory with student/")
+    p.add_argument("--recipe", help="take the dataset and max_length from this recipe")
+    p.add_argument("--dataset", help="hub dataset name or builtin:rotten_tomatoes")
+    p.add_argument("--dataset-config", help="hub dataset configuration name")
+    p.add_argument("--data-files", nargs="+", metavar="SPLIT=FILE",
+                   help="local csv/json/jsonl/parquet/tsv files, e.g. test=test.csv")
+    p.add_argument("--split", help="split to evaluate (default: test, else validation)")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncation and latency sequence length (default: recipe's, else 128)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N examples")
+    p.add_argument("--output", help="where to write the JSON (default MODEL_DIR/evaluation.json)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency and memory")
+
+
+def _spec_from_args(args):
+    from distilkit.data import DataSpec
+
+    if not (args.dataset or args.data_files or args.text_column or args.label_column
+            or args.text_pair_column or args.max_samples):
+        return None
+    spec = DataSpec()
+    if args.recipe:
+        from distilkit.recipe import Recipe
+
+        spec = Recipe.load(args.recipe).data
+    if args.data_files:
+        files = {}
+        for item in args.data_files:
+            if "=" not in item:
+                raise ValueError(f"--data-files: {item!r} must be SPLIT=FILE, e.g. test=test.csv")
+            split, f = item.split("=", 1)
+            files[split] = f
+        spec.dataset, spec.data_files = None, files
+        spec.train_split = spec.train_split if spec.train_split in files else next(iter(files))
+        spec.eval_split = spec.eval_split if spec.eval_split in files else args.split or next(iter(files))
+        spec.test_split = spec.test_split if spec.test_split in files else None
+    elif args.dataset:
+        spec.dataset, spec.dataset_config = args.dataset, args.dataset_config
+    for name in ("text_column", "text_pair_column", "label_column"):
+        if getattr(args, name):
+            setattr(spec, name, getattr(args, name))
+    if args.max_samples:
+        spec.max_eval_samples = args.max_samples
+    return spec
+
+
+def run_evaluate(args, rest=None) -> int:
+    """``distilkit evaluate``: evaluate, print the figures, write them as JSON."""
+    res = evaluate_dir(args.model_dir, _spec_from_args(args), recipe=args.recipe, split=args.split,
+                       max_length=args.max_length, out_file=args.output,
+                       latency=not args.no_latency)
+    print(format_metrics(res))
+    print(f"(written to {args.output or os.path.join(find_model_dir(args.model_dir), 'evaluation.json')})")
+    return 0

@@ -1,0 +1,155 @@
+"""evaluate_model / evaluate_dir: metrics, counts, size on disk of the real files, latency and
+memory figures, and clear errors for directories without a model."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert
+from tiny_text import tiny_dataset, tiny_tokenizer, tokenized
+
+from distilkit.evaluate import (evaluate_dir, evaluate_model, inference_peak_bytes, model_files,
+                                run_evaluate)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("model")
+    tiny_bert(seed=0).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def manual_predictions(model, tok, ds):
+    preds = []
+    with torch.no_grad():
+        for text in ds["text"]:
+            enc = tok(text, return_tensors="pt")
+            preds.append(int(model(**enc).logits.argmax(-1)))
+    return np.array(preds)
+
+
+def test_figures_on_a_tiny_model(saved, tok):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(saved).eval()
+    ds = tiny_dataset(30)
+    res = evaluate_model(model, tok, ds, max_length=16, model_dir=saved, latency_runs=(3, 2))
+    preds, labels = manual_predictions(model, tok, ds), np.array(ds["label"])
+    assert res["accuracy"] == pytest.approx(float((preds == labels).mean()))
+    assert 0 <= res["macro_f1"] <= 1 and res["examples"] == 30
+    assert res["parameters"] == sum(p.numel() for p in model.parameters())
+    assert res["nonzero_parameters"] <= res["parameters"]
+    # Size on disk is the bytes of the model files actually there (not the tokenizer's).
+    expected = {n: os.path.getsize(os.path.join(saved, n)) for n in os.listdir(saved)
+                if n.endswith(".safetensors") or n in ("config.json", "generation_config.json")}
+    assert res["size_files"] == expected
+    assert res["size_on_disk_bytes"] == sum(expected.values())
+    assert res["bits_per_weight"] == pytest.approx(8 * res["size_on_disk_bytes"] / res["parameters"],
+                                                   rel=1e-4)
+    assert 32 <= res["bits_per_weight"] < 40  # fp32 weights plus a small header and config
+    assert res["latency_ms_batch1"] > 0 and res["latency_ms_batch32"] > 0
+    assert res["model_memory_mb"] * 2**20 >= 4 * res["parameters"]
+    assert res["peak_memory_mb"] >= res["model_memory_mb"]
+    assert res["max_length"] == 16 and res["threads"] >= 1
+
+
+def test_tokenized_input_and_no_model_dir_agree(saved, tok):
+    from transformers import BertForSequenceClassification
+
+    model = BertForSequenceClassification.from_pretrained(saved).eval()
+    raw = tiny_dataset(30)
+    a = evaluate_model(model, tok, raw, max_length=16, model_dir=saved, latency=False)
+    b = evaluate_model(model, tok, tokenized(raw, tok, 16), max_length=16, latency=False)
+    assert (a["accuracy"], a["macro_f1"]) == (b["accuracy"], b["macro_f1"])
+    # Without a directory the model is saved to a temporary one: same files, same bytes.
+    assert b["size_on_disk_bytes"] == a["size_on_disk_bytes"]
+    assert b["latency_ms_batch32"] is None
+
+
+def test_nonzero_count_and_compressed_size():
+    from distilkit.compress.base import compress_, config_from_dict, finalize_
+
+    tok = tiny_tokenizer()
+    model = tiny_bert(seed=0, hidden=64, inter=128, layers=2)
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight[:10].zero_()
+    dense = evaluate_model(model, tok, tiny_dataset(8), max_length=8, latency=False)
+    assert dense["parameters"] - dense["nonzero_parameters"] >= 10 * 64
+    compress_(model, config_from_dict({"method": "ptq", "bits": 4, "bucket_size": 64}))
+    finalize_(model)
+    quant = evaluate_model(model, tok, tiny_dataset(8), max_length=8, latency=False)
+    # Packed weights count as their logical shape; the files shrink.
+    assert quant["parameters"] == dense["parameters"]
+    assert quant["size_on_disk_bytes"] < 0.6 * dense["size_on_disk_bytes"]
+    assert quant["bits_per_weight"] < 0.6 * dense["bits_per_weight"]
+
+
+def test_peak_memory_sees_activations():
+    big = torch.nn.Sequential(torch.nn.Linear(64, 4096), torch.nn.ReLU())
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = big
+
+        def forward(self, input_ids):
+            return {"logits": self.net(input_ids.float().unsqueeze(-1).expand(-1, -1, 64))}
+
+    # One forward at (32, 64) makes two 32 MiB tensors (linear output, relu output).
+    peak, method = inference_peak_bytes(Wrap(), {"input_ids": torch.ones(32, 64, dtype=torch.long)})
+    assert peak >= 48 * 2**20, (peak, method)
+
+
+def test_directory_without_a_model_names_what_is_missing(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="config.json and model weights"):
+        model_files(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"missing model weights .*config.json"):
+        evaluate_dir(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        evaluate_dir(str(tmp_path / "nope"))
+
+
+def test_evaluate_dir_on_a_run_with_local_data(tmp_path, saved):
+    import shutil
+
+    from distilkit.data import DataSpec
+
+    run = tmp_path / "run"
+    shutil.copytree(saved, run / "student")
+    ds = tiny_dataset(20)
+    csv = tmp_path / "test.csv"
+    ds.to_csv(str(csv))
+    spec = DataSpec(dataset=None, data_files={"train": str(csv), "test": str(csv)},
+                    eval_split="test", test_split="test")
+    res = evaluate_dir(str(run), spec, max_length=16, latency=False)
+    assert res["examples"] == 20 and res["split"] == "test"
+    written = json.load(open(run / "student" / "evaluation.json"))
+    assert written["accuracy"] == res["accuracy"]
+    # evaluation.json is not a model file: the size does not change after writing it.
+    assert model_files(str(run / "student")) == res["size_files"]
+
+
+def test_cli_entry(tmp_path, saved, capsys):
+    import argparse
+
+    from distilkit.evaluate import add_evaluate_arguments
+
+    csv = tmp_path / "d.csv"
+    tiny_dataset(12).to_csv(str(csv))
+    p = argparse.ArgumentParser()
+    add_evaluate_arguments(p)
+    out = tmp_path / "eval.json"
+    args = p.parse_args([saved, "--data-files", f"test={csv}", "--split", "test",
+                         "--max-length", "16", "--output", str(out), "--no-latency"])
+    assert run_evaluate(args) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "size_on_disk_bytes" in printed
+    assert json.load(open(out))["examples"] == 12
