@@ -1,0 +1,253 @@
+"""Reports over several distillation runs: a markdown table and a trade-off plot.
+
+Each run directory (written by ``distilkit distill``) holds ``results.json``::
+
+    {"name": str, "teacher": {...}, "student": {...}, "recipe": {...}}
+
+where ``teacher`` and ``student`` are :func:`distilkit.evaluate.evaluate_model` figures.
+:func:`write_report` turns a list of runs into
+
+* ``report.md``: one row for the teacher and one per student, with the task metric, its
+  retention (student / teacher, %), parameters, size on disk, bits per weight, compression
+  (teacher bytes on disk / student bytes on disk), latency and speed-up (teacher latency /
+  student latency, at batch 1 and 32), peak memory; then how each student was made;
+* ``report.png``: accuracy against size on disk and against batch-32 latency, one point per
+  run, the teacher marked with a star (log-scale x axes: the runs span orders of magnitude);
+* ``report.json``: the rows as data.
+
+Retention, compression and speed-up are relative to each run's own teacher; when the runs do
+not share one teacher the report says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+RESULTS_FILE = "results.json"
+MB = 1e6
+
+
+def load_results(run_dir: str) -> dict:
+    """The ``results.json`` of a run directory (or the file itself), checked for the keys a
+    report needs. A directory without one is an error naming what is missing."""
+    path = run_dir
+    if os.path.isdir(run_dir):
+        path = os.path.join(run_dir, RESULTS_FILE)
+        if not os.path.isfile(path):
+            parent = os.path.join(os.path.dirname(os.path.abspath(run_dir)), RESULTS_FILE)
+            if os.path.isfile(parent):
+                path = parent  # a run's student/ directory
+            else:
+                files = sorted(os.listdir(run_dir))
+                what = ("it holds a saved model but no results: run `distilkit evaluate` on it, "
+                        "or give the run directory that `distilkit distill` wrote"
+                        if "config.json" in files else
+                        "it holds neither a run's results nor a model")
+                raise FileNotFoundError(f"{run_dir!r}: missing {RESULTS_FILE}; {what} "
+                                        f"(files there: {files or 'none'})")
+    elif not os.path.isfile(run_dir):
+        raise FileNotFoundError(f"{run_dir!r} does not exist; give a run directory written by "
+                                "`distilkit distill` (it holds results.json)")
+    with open(path) as f:
+        try:
+            res = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for part in ("teacher", "student"):
+        if not isinstance(res.get(part), dict):
+            raise ValueError(f"{path}: no {part!r} figures; expected the results.json schema "
+                             "{name, teacher, student, recipe}")
+        for k in ("accuracy", "parameters", "size_on_disk_bytes"):
+            if k not in res[part]:
+                raise ValueError(f"{path}: {part} figures lack {k!r}")
+    res.setdefault("name", os.path.basename(os.path.dirname(os.path.abspath(path))))
+    res["_path"] = path
+    return res
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def build_rows(results: Sequence[dict], metric: str = "accuracy") -> list[dict]:
+    """Teacher row first, then one row per student, with derived ratios."""
+    if not results:
+        raise ValueError("no runs to report on")
+    t = results[0]["teacher"]
+    spec = (results[0].get("recipe") or {}).get("teacher")
+    name = os.path.basename(str(spec).rstrip("/")) if isinstance(spec, str) and spec else "teacher"
+    rows = [_row(name, t, t, metric, is_teacher=True)]
+    rows += [_row(r["name"], r["student"], r["teacher"], metric) for r in results]
+    return rows
+
+
+def _row(name: str, m: dict, t: dict, metric: str, is_teacher: bool = False) -> dict:
+    if metric not in m:
+        raise ValueError(f"metric: {metric!r} is not among the figures "
+                         f"({', '.join(sorted(k for k, v in m.items() if isinstance(v, float)))})")
+    return {
+        "name": name, "is_teacher": is_teacher, metric: m[metric],
+        "macro_f1": m.get("macro_f1"),
+        "retention_pct": 100 * _ratio(m[metric], t[metric]) if t[metric] else None,
+        "parameters": m["parameters"], "nonzero_parameters": m.get("nonzero_parameters"),
+        "size_mb": m["size_on_disk_bytes"] / MB, "bits_per_weight": m.get("bits_per_weight"),
+        "compression_x": _ratio(t["size_on_disk_bytes"], m["size_on_disk_bytes"]),
+        "latency_ms_batch1": m.get("latency_ms_batch1"),
+        "latency_ms_batch32": m.get("latency_ms_batch32"),
+        "speedup_batch1": _ratio(t.get("latency_ms_batch1"), m.get("latency_ms_batch1")),
+        "speedup_batch32": _ratio(t.get("latency_ms_batch32"), m.get("latency_ms_batch32")),
+        "peak_memory_mb": m.get("peak_memory_mb"),
+    }
+
+
+def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, int) and spec == ",":
+        return f"{v:,}"
+    return f"{v:{spec}}{suffix}"
+
+
+def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
+    """The figures table (GitHub markdown)."""
+    head = ["Model", metric.replace("_", " ").capitalize(), "Macro-F1", "Retention",
+            "Parameters", "Size (MB)", "Bits/weight", "Compression", "Latency b1 (ms)",
+            "Latency b32 (ms)", "Speed-up b1", "Speed-up b32", "Peak mem (MB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        name = f"**{r['name']}** (teacher)" if r["is_teacher"] else r["name"]
+        cells = [name, _fmt(r[metric], ".4f"), _fmt(r["macro_f1"], ".4f"),
+                 _fmt(r["retention_pct"], ".1f", " %"), _fmt(r["parameters"], ","),
+                 _fmt(r["size_mb"], ".2f"), _fmt(r["bits_per_weight"], ".2f"),
+                 _fmt(r["compression_x"], ".2f", "x"), _fmt(r["latency_ms_batch1"], ".2f"),
+                 _fmt(r["latency_ms_batch32"], ".1f"), _fmt(r["speedup_batch1"], ".2f", "x"),
+                 _fmt(r["speedup_batch32"], ".2f", "x"), _fmt(r["peak_memory_mb"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _recipe_line(res: dict) -> str:
+    r = res.get("recipe") or {}
+    parts = []
+    if r.get("student"):
+        parts.append(f"student `{json.dumps(r['student'], sort_keys=True)}`")
+    weights = {k: r[k] for k in ("alpha_kd", "alpha_ce", "alpha_mse", "alpha_hidden",
+                                  "alpha_patient", "alpha_attention", "alpha_cosine")
+               if r.get(k)}
+    if weights:
+        parts.append("loss " + ", ".join(f"{k[6:]}={v}" for k, v in weights.items()))
+    if r.get("temperature") is not None and r.get("alpha_kd"):
+        parts.append(f"T={r['temperature']}")
+    comp = r.get("compression") or []
+    if comp:
+        parts.append("compression " + "; ".join(
+            e.get("method", "?") + "(" + ", ".join(f"{k}={v}" for k, v in e.items()
+                                                  if k != "method") + ")" for e in comp))
+    if r.get("augment"):
+        parts.append(f"augment `{json.dumps(r['augment'], sort_keys=True)}`")
+    for k in ("max_steps", "num_train_epochs", "learning_rate", "max_length"):
+        if r.get(k) is not None:
+            parts.append(f"{k}={r[k]}")
+    return f"- **{res['name']}**: " + ("; ".join(parts) if parts else "(no recipe recorded)")
+
+
+def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
+                   title: Optional[str] = None) -> str:
+    """Write the two-panel PNG (metric vs size, metric vs batch-32 latency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("size_mb", "size on disk (MB, log)"),
+              ("latency_ms_batch32", "CPU latency, batch 32 (ms, log)")]
+    for ax, (key, label) in zip(axes, panels):
+        pts = [r for r in rows if r.get(key)]
+        for r in pts:
+            if r["is_teacher"]:
+                ax.scatter(r[key], r[metric], marker="*", s=260, color="tab:red", zorder=3,
+                           label="teacher")
+            else:
+                ax.scatter(r[key], r[metric], s=55, color="tab:blue", zorder=2)
+            ax.annotate(r["name"], (r[key], r[metric]), textcoords="offset points",
+                        xytext=(6, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.12)  # room for the labels at the edges
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(True, which="both", alpha=0.3)
+        if any(r["is_teacher"] for r in pts):
+            ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or f"{metric.replace('_', ' ')} trade-offs", fontsize=11)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: str = "accuracy",
+                 title: Optional[str] = None) -> dict:
+    """Write ``report.md``, ``report.png`` and ``report.json`` for ``run_dirs`` into
+    ``out_dir``; returns ``{"markdown": path, "plot": path, "json": path, "rows": rows}``."""
+    if not run_dirs:
+        raise ValueError("give at least one run directory")
+    results = [load_results(d) for d in run_dirs]
+    rows = build_rows(results, metric)
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot_tradeoffs(rows, os.path.join(out_dir, "report.png"), metric, title)
+    teachers = {(r["teacher"]["parameters"], round(r["teacher"][metric], 6)) for r in results}
+    lines = [f"# {title or 'Distillation report'}", "",
+             markdown_table(rows, metric), ""]
+    if len(teachers) > 1:
+        lines += ["Note: the runs do not share one teacher (different sizes or scores); the "
+                  "teacher row is the first run's, and each student's retention, compression "
+                  "and speed-up are relative to its own teacher.", ""]
+    lines += ["Retention = student / teacher " + metric.replace("_", " ") + ". Compression = "
+              "teacher bytes on disk / student bytes on disk (the saved model files, tokenizer "
+              "excluded). Speed-up = teacher latency / student latency (CPU, median after "
+              "warm-up, sequence length = max_length). Peak memory = model tensors + peak "
+              "resident growth during one batch-32 forward pass.", "",
+              f"![{metric} vs size and latency]({os.path.basename(png)})", "",
+              "## Runs", ""]
+    lines += [_recipe_line(r) for r in results]
+    md = os.path.join(out_dir, "report.md")
+    _atomic_text(md, "\n".join(lines) + "\n")
+    js = os.path.join(out_dir, "report.json")
+    _atomic_text(js, json.dumps({"metric": metric, "rows": rows,
+                                 "runs": [r["_path"] for r in results]}, indent=2))
+    return {"markdown": md, "plot": png, "json": js, "rows": rows}
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: ``distilkit report RUN_DIR...``
+# ---------------------------------------------------------------------------------------
+
+def add_report_arguments(p) -> None:
+    """Arguments of ``distilkit report`` (wired by :mod:`distilkit.cli`)."""
+    p.add_argument("run_dirs", nargs="+", help="run directories written by distilkit distill")
+    p.add_argument("--out", default="report", help="output directory (default: ./report)")
+    p.add_argument("--metric", default="accuracy", help="the task metric to compare")
+    p.add_argument("--title", default=None)
+
+
+def run_report(args, rest=None) -> int:
+    """``distilkit report``: write the table and plot, print the table."""
+    out = write_report(args.run_dirs, args.out, metric=args.metric, title=args.title)
+    print(markdown_table(out["rows"], args.metric))
+    print(f"(written: {out['markdown']}, {out['plot']})")
+    return 0
