@@ -1,0 +1,264 @@
+"""Model cards for distilled students: a ``README.md`` the Hugging Face Hub understands.
+
+:func:`model_card` writes YAML front-matter through ``huggingface_hub.ModelCardData`` (so
+the keys and the ``model-index`` block are the Hub's own format): ``library_name``,
+``pipeline_tag``, ``tags`` (distillation, distilkit, one or more per compression method),
+``datasets`` and ``base_model`` when they are Hub ids, ``metrics``, and the evaluation results.
+The body names the teacher, the data, the student and how it was initialised, each loss term
+with its weight and paper, each compression method with its settings and citation (taken
+from the method's ``citation`` attribute, so a new method documents itself), the figures table
+from :mod:`distilkit.evaluate` and how to load the model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional, Sequence
+
+BUILTIN_TEACHER = "builtin:minilm-rt"
+BUILTIN_DATA = "builtin:rotten_tomatoes"
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+REFS = {
+    "hinton": "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NIPS Deep "
+              "Learning Workshop 2015. arXiv:1503.02531",
+    "tang": "Tang, Lu, Liu, Mou, Vechtomova, Lin. Distilling Task-Specific Knowledge from BERT "
+            "into Simple Neural Networks. 2019. arXiv:1903.12136",
+    "pkd": "Sun, Cheng, Gan, Liu. Patient Knowledge Distillation for BERT Model Compression. "
+           "EMNLP 2019. arXiv:1908.09355",
+    "fitnets": "Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep "
+               "Nets. ICLR 2015. arXiv:1412.6550",
+    "tinybert": "Jiao, Yin, Shang, Jiang, Chen, Li, Wang, Liu. TinyBERT: Distilling BERT for "
+                "Natural Language Understanding. Findings of EMNLP 2020. arXiv:1909.10351",
+    "minilm": "Wang, Wei, Dong, Bao, Yang, Zhou. MiniLM: Deep Self-Attention Distillation for "
+              "Task-Agnostic Compression of Pre-Trained Transformers. NeurIPS 2020. "
+              "arXiv:2002.10957",
+    "distilbert": "Sanh, Debut, Chaumond, Wolf. DistilBERT, a distilled version of BERT: "
+                  "smaller, faster, cheaper and lighter. 2019. arXiv:1910.01108",
+    "sft": "Shleifer, Rush. Pre-trained Summarization Distillation. 2020. arXiv:2010.13002",
+    "vader": "Hutto, Gilbert. VADER: A Parsimonious Rule-based Model for Sentiment Analysis of "
+             "Social Media Text. ICWSM 2014 (the Rotten Tomatoes sentence ratings)",
+}
+
+# (weight field, term, what it matches, reference keys)
+LOSS_TERMS = [
+    ("alpha_kd", "soft-target KL (x T^2)", "teacher's softened class distribution", ["hinton"]),
+    ("alpha_ce", "hard-label cross-entropy", "the gold labels", []),
+    ("alpha_mse", "logit MSE", "teacher's logits", ["tang"]),
+    ("alpha_hidden", "hidden-state MSE (+ projection)", "mapped layers' hidden states",
+     ["fitnets", "tinybert"]),
+    ("alpha_patient", "Patient-KD", "normalised [CLS] states of mapped layers", ["pkd"]),
+    ("alpha_attention", "attention-map loss", "mapped layers' attention distributions",
+     ["minilm"]),
+    ("alpha_cosine", "cosine embedding loss", "mapped layers' hidden-state directions",
+     ["distilbert"]),
+]
+
+METHOD_TAGS = {
+    "quantize": ["quantization", "quantized-distillation"], "ptq": ["quantization"],
+    "prune_heads": ["pruning", "head-pruning"], "prune_ffn": ["pruning", "structured-pruning"],
+    "prune_layers": ["pruning", "layer-pruning"], "magnitude": ["pruning", "sparsity"],
+    "low_rank": ["low-rank", "factorization"], "lstm_projection": ["low-rank"],
+}
+
+
+def _is_hub_id(s: Any) -> bool:
+    return isinstance(s, str) and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", s)) and not s.startswith(".")
+
+
+def _method_entries(recipe: dict, methods: Optional[Sequence]) -> list[dict]:
+    """``[{"method": name, settings...}]`` from ``methods`` (names, config objects, records
+    or dicts) or else from the recipe's ``compression`` list."""
+    out = []
+    for m in (methods if methods is not None else recipe.get("compression") or []):
+        if isinstance(m, str):
+            out.append({"method": m})
+        elif isinstance(m, dict) and "config" in m:  # a compression record
+            out.append({"method": m["method"], **m["config"]})
+        elif isinstance(m, dict):
+            out.append(dict(m))
+        else:
+            from distilkit.compress.base import config_to_dict
+
+            out.append(config_to_dict(m))
+    return out
+
+
+def _citation(name: str) -> str:
+    try:
+        from distilkit.compress.base import get_method
+
+        return get_method(name).citation or "(no citation recorded)"
+    except (ValueError, TypeError, ImportError):
+        return "(method not registered in this installation)"
+
+
+def _describe_teacher(recipe: dict) -> tuple[str, Optional[str]]:
+    """(prose, base_model hub id or None)."""
+    spec = recipe.get("teacher")
+    if isinstance(spec, list):
+        names = ", ".join(f"`{s}`" for s in spec)
+        return f"an ensemble of {len(spec)} teachers ({names}), soft targets averaged", None
+    if spec == BUILTIN_TEACHER:
+        return (f"distilkit's built-in teacher: [{MINILM_HUB_ID}](https://huggingface.co/"
+                f"{MINILM_HUB_ID}) (6 layers, hidden 384) fine-tuned on the built-in sentiment "
+                "data", MINILM_HUB_ID)
+    if _is_hub_id(spec):
+        return f"[{spec}](https://huggingface.co/{spec})", spec
+    return (f"a local model (`{spec}`)" if spec else "(not recorded)"), None
+
+
+def _describe_data(recipe: dict) -> tuple[str, list[str]]:
+    ds, files = recipe.get("dataset"), recipe.get("data_files")
+    if files:
+        return "local files " + ", ".join(f"`{k}: {v}`" for k, v in files.items()), []
+    if ds == BUILTIN_DATA:
+        return ("distilkit's built-in data: the 10,605 Rotten Tomatoes sentences rated by humans "
+                "(Hutto & Gilbert 2014, shipped in the vaderSentiment 3.3.2 sources), labelled by "
+                "the sign of the mean rating, fixed train/validation/test split"), []
+    if ds:
+        cfg = recipe.get("dataset_config")
+        return (f"[{ds}](https://huggingface.co/datasets/{ds})" + (f" (`{cfg}`)" if cfg else ""),
+                [ds] if _is_hub_id(ds) or "/" not in ds else [])
+    return "(not recorded)", []
+
+
+def _describe_student(recipe: dict) -> tuple[str, list[str]]:
+    s = dict(recipe.get("student") or {})
+    kind = s.pop("type", "from_teacher")
+    settings = json.dumps(s, sort_keys=True) if s else "defaults"
+    if kind == "from_teacher":
+        return (f"the teacher's architecture with fewer layers, initialised by copying teacher "
+                f"layers (DistilBERT-style / shrink-and-fine-tune; settings: `{settings}`)",
+                ["distilbert", "sft"])
+    if kind == "bilstm":
+        return (f"a BiLSTM classifier (word embeddings, one BiLSTM layer, max-pooling, MLP; "
+                f"settings: `{settings}`)", ["tang"])
+    if kind == "config":
+        return f"a smaller configuration of the teacher's architecture (`{settings}`)", []
+    return f"a pretrained model (`{settings}`)", []
+
+
+def _front_matter(name: str, results: dict, base_model: Optional[str], datasets: list,
+                  tags: list, split: Optional[str]) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    s = results.get("student") or {}
+    evals = []
+    if datasets and s.get("accuracy") is not None:
+        for metric, key, label in (("accuracy", "accuracy", "Accuracy"),
+                                   ("f1", "macro_f1", "Macro F1")):
+            if s.get(key) is not None:
+                evals.append(EvalResult(task_type="text-classification", dataset_type=datasets[0],
+                                        dataset_name=datasets[0], dataset_split=split,
+                                        metric_type=metric, metric_value=round(s[key], 4),
+                                        metric_name=label))
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-classification",
+                         tags=tags, datasets=datasets or None, metrics=["accuracy", "f1"],
+                         base_model=base_model, model_name=name if evals else None,
+                         eval_results=evals or None)
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
+               repo_id: Optional[str] = None) -> str:
+    """The README.md of a distilled student.
+
+    Args:
+        results: a run's ``results.json`` content (``teacher`` / ``student`` figures from
+            :func:`~distilkit.evaluate.evaluate_model`, ``name``, ``split``); may be partial.
+        recipe: the resolved recipe (``Recipe.to_dict()``).
+        methods: the compression methods applied (names, config objects, records or
+            ``{method: ..., settings}`` dicts); default: the recipe's ``compression`` list.
+        repo_id: used in the loading snippet (default: a placeholder).
+    """
+    recipe = recipe or {}
+    name = results.get("name") or recipe.get("name") or "distilled-student"
+    entries = _method_entries(recipe, methods)
+    teacher_txt, base_model = _describe_teacher(recipe)
+    data_txt, datasets = _describe_data(recipe)
+    student_txt, student_refs = _describe_student(recipe)
+    tags = ["distillation", "knowledge-distillation", "distilkit", "text-classification"]
+    for e in entries:
+        for t in METHOD_TAGS.get(e["method"], [e["method"].replace("_", "-")]):
+            if t not in tags:
+                tags.append(t)
+    split = results.get("split")
+    refs: list[str] = []
+
+    def cite(keys):
+        for k in keys:
+            if REFS[k] not in refs:
+                refs.append(REFS[k])
+        return ", ".join(f"[{refs.index(REFS[k]) + 1}]" for k in keys)
+
+    lines = [_front_matter(name, results, base_model, datasets, tags, split), f"# {name}", "",
+             f"A text classifier distilled with distilkit from {teacher_txt}.", "", "## Teacher, student and data", "",
+             f"- **Teacher**: {teacher_txt}."]
+    t, s = results.get("teacher") or {}, results.get("student") or {}
+    if t.get("parameters"):
+        lines[-1] += f" {t['parameters']:,} parameters."
+    lines.append(f"- **Student**: {student_txt}" + (f" {cite(student_refs)}." if student_refs else "."))
+    lines.append(f"- **Data**: {data_txt}" + (f" {cite(['vader'])}." if recipe.get("dataset") == BUILTIN_DATA else "."))
+    if recipe.get("augment"):
+        lines.append(f"- **Transfer-set augmentation** (`{json.dumps(recipe['augment'], sort_keys=True)}`): "
+                     f"masking / POS-guided replacement / n-gram sampling, labelled by the teacher {cite(['tang'])}.")
+    if recipe.get("max_length"):
+        lines.append(f"- **Max sequence length**: {recipe['max_length']} tokens.")
+
+    lines += ["", "## Distillation loss", "", "| Term | Weight | Matches | Reference |",
+              "|---|---:|---|---|"]
+    for field, term, what, keys in LOSS_TERMS:
+        w = recipe.get(field)
+        if w:
+            if field == "alpha_attention" and recipe.get("attention_loss_kind") == "mse":
+                keys = ["tinybert"]
+            lines.append(f"| {term} | {w} | {what} | {cite(keys) if keys else '-'} |")
+    extra = []
+    if recipe.get("alpha_kd") and recipe.get("temperature") is not None:
+        extra.append(f"temperature T = {recipe['temperature']}")
+    if any(recipe.get(f) for f in ("alpha_hidden", "alpha_patient", "alpha_attention", "alpha_cosine")):
+        extra.append(f"layer map `{recipe.get('layer_map')}`")
+    for k in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"):
+        if recipe.get(k) is not None and not (k == "max_steps" and recipe[k] in (-1, None)):
+            extra.append(f"{k} = {recipe[k]}")
+    if extra:
+        lines += ["", "Training: " + ", ".join(extra) + "."]
+
+    lines += ["", "## Compression", ""]
+    if entries:
+        for i, e in enumerate(entries, 1):
+            settings = ", ".join(f"{k}={v}" for k, v in e.items() if k != "method" and v is not None)
+            refs.append(_citation(e["method"]))
+            lines.append(f"{i}. **{e['method']}** ({settings or 'defaults'}) [{len(refs)}]")
+    else:
+        lines.append("None: the student is stored in full precision.")
+
+    if s:
+        from distilkit.report import build_rows, markdown_table
+
+        rows = build_rows([{"name": name, "teacher": t or s, "student": s, "recipe": recipe}])
+        lines += ["", "## Results", ""]
+        if split:
+            lines.append(f"On the `{split}` split ({s.get('examples', '?')} examples); CPU latency "
+                         f"with {s.get('threads', '?')} threads at sequence length "
+                         f"{s.get('max_length', '?')}, median after warm-up.")
+            lines.append("")
+        lines.append(markdown_table(rows if t else rows[1:]))
+    lines += ["", "## How to load", "", "```python", "import distilkit",
+              "from transformers import AutoTokenizer", "",
+              f"model = distilkit.from_pretrained(\"{repo_id or 'PATH_OR_REPO_ID'}\")",
+              f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id or 'PATH_OR_REPO_ID'}\")",
+              "```", ""]
+    plain = not entries and (recipe.get("student") or {}).get("type") != "bilstm"
+    if plain:
+        lines += ["The student is a plain transformers model, so this works too:", "",
+                  "```python", "from transformers import AutoModelForSequenceClassification", "",
+                  "model = AutoModelForSequenceClassification.from_pretrained("
+                  f"\"{repo_id or 'PATH_OR_REPO_ID'}\")", "```", ""]
+    else:
+        lines += ["`distilkit.from_pretrained` rebuilds the compressed layers described in "
+                  "`compression_config.json` (or registers the BiLSTM architecture) before "
+                  "loading the weights; plain `AutoModelForSequenceClassification` cannot.", ""]
+    lines += ["## References", ""] + [f"{i}. {r}" for i, r in enumerate(refs, 1)]
+    return "\n".join(lines) + "\n"
