@@ -49,8 +49,21 @@ def _distill_run(args, rest) -> int:
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable:
+    """``module.name``, imported when called (each command's own module stays unloaded)."""
+    def call(*args, **kwargs):
+        import importlib
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return call
+
+
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "distill": (_distill_args, _distill_run),
+    "evaluate": (_lazy("distilkit.evaluate", "add_evaluate_arguments"),
+                 _lazy("distilkit.evaluate", "run_evaluate")),
+    "report": (_lazy("distilkit.report", "add_report_arguments"),
+               _lazy("distilkit.report", "run_report")),
+    "push": (_lazy("distilkit.hub", "add_push_arguments"), _lazy("distilkit.hub", "run_push")),
 }
 
 

@@ -32,13 +32,15 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
-import torch
-from torch import nn
 
 from distilkit.metrics import accuracy_f1
+
+if TYPE_CHECKING:  # torch is imported where used, so `distilkit --help` stays fast
+    import torch
+    from torch import nn
 
 MODEL_CONFIG_FILES = ("config.json", "compression_config.json", "generation_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -78,6 +80,7 @@ def model_files(model_dir: str) -> dict[str, int]:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(parameters, non-zero parameters)``; tied parameters are counted once."""
+    import torch
     total = nonzero = 0
     for p in model.parameters():  # deduplicated by identity
         total += p.numel()
@@ -136,6 +139,7 @@ def _accepted(model: nn.Module, batch: dict) -> dict:
 
 
 def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch
     out = {}
     for k in rows[0]:
         fill = pad_id if k.startswith("input_ids") else 0
@@ -154,6 +158,7 @@ def _logits(model, batch):
 
 def predict(model: nn.Module, rows: list[dict], pad_id: int = 0, batch_size: int = 64) -> np.ndarray:
     """Argmax predictions, batched by length (padding is masked, so order does not matter)."""
+    import torch
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     preds = np.zeros(len(rows), dtype=np.int64)
     with torch.inference_mode():
@@ -165,6 +170,7 @@ def predict(model: nn.Module, rows: list[dict], pad_id: int = 0, batch_size: int
 
 def fixed_length_batch(rows: list[dict], batch: int, length: int) -> dict[str, torch.Tensor]:
     """``batch`` real examples (cycled), each token field repeated to exactly ``length``."""
+    import torch
     out = {}
     for k in rows[0]:
         out[k] = torch.as_tensor(np.stack([
@@ -181,6 +187,7 @@ def fixed_length_batch(rows: list[dict], batch: int, length: int) -> dict[str, t
 
 def latency_ms(model: nn.Module, batch: dict, warmup: int = 2, runs: int = 10) -> float:
     """Median wall time in ms of ``model(**batch)`` after ``warmup`` untimed runs."""
+    import torch
     times = []
     with torch.inference_mode():
         for i in range(warmup + runs):
@@ -216,6 +223,7 @@ def _reset_peak() -> bool:
 
 def inference_peak_bytes(model: nn.Module, batch: dict) -> tuple[int, str]:
     """Peak growth of resident memory during one forward pass, and how it was measured."""
+    import torch
     import gc
 
     gc.collect()
@@ -255,6 +263,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, eval_dataset, *, text_colum
         latency_runs: timed runs at batch 1 and at batch 32 (after ``warmup`` runs each).
         latency: set False to skip timing and memory (their keys are then ``None``).
     """
+    import torch
     if len(eval_dataset) == 0:
         raise ValueError("the evaluation split is empty")
     model.eval()

@@ -135,8 +135,8 @@ def push_to_hub(run_dir_or_model_dir: str, repo_id: Optional[str], token: Option
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
+    resolve_dirs(run_dir_or_model_dir)  # a directory without a model fails first, locally
     token = resolve_token(token)
-    model_dir, _ = resolve_dirs(run_dir_or_model_dir)  # fail on a bad directory before the network
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="distilkit-push-") as staging:
         files = prepare_upload(run_dir_or_model_dir, staging, repo_id=repo_id)
