@@ -228,7 +228,12 @@ class DistilTrainer(Trainer):
         if want_att:
             kw["output_attentions"] = True
         s_out = model(**inputs, **kw)
-        t_outs, t_logits = self._teacher_outputs(inputs, cached, kw)
+        # With only the label loss (e.g. sequence-level distillation on the teacher's
+        # generations) no term reads the teacher, so it is not run.
+        if a.alpha_kd or a.alpha_mse or want_h or want_att:
+            t_outs, t_logits = self._teacher_outputs(inputs, cached, kw)
+        else:
+            t_outs, t_logits = [], []
         labels = inputs.get("labels")
         s_logits = s_out["logits"] if isinstance(s_out, dict) else s_out.logits
         pos_mask = (labels != -100) if (labels is not None and s_logits.dim() == 3) else None
