@@ -298,6 +298,8 @@ class TeacherCache:
         self._write_namespace_info(ns, fingerprint)
         tmp = tempfile.mkdtemp(dir=ns, prefix=".tmp-")
         try:
+            # mkdtemp makes 0700; a cache shared by a team follows the umask instead.
+            os.chmod(tmp, 0o777 & ~_umask())
             key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
             tensors = {"keys": key_arr, **{k: np.ascontiguousarray(v, dtype=np.float32)
                                             for k, v in arrays.items()}}
@@ -313,6 +315,7 @@ class TeacherCache:
                 json.dump(manifest, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(path, 0o666 & ~_umask())
             final = os.path.join(ns, f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
             os.replace(tmp, final)
             return final
@@ -326,6 +329,7 @@ class TeacherCache:
         fd, tmp = tempfile.mkstemp(dir=ns, prefix=".tmp-ns-")
         with os.fdopen(fd, "w") as f:
             json.dump({"format": FORMAT_VERSION, **fingerprint}, f, indent=2, default=str)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, info)
 
     def remove_partial(self, older_than_s: float = 3600.0) -> int:
@@ -354,6 +358,12 @@ class TeacherCache:
         for d, _, files in os.walk(self.root):
             total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
         return total
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str) -> None:
@@ -537,7 +547,7 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
     if stats is not None:
         stats.update(info)
     msg = (f"[distilkit] teacher cache: {info['hits']}/{info['examples']} examples cached, "
-           f"{info['computed']} computed ({info['namespace']})")
+           f"{info['computed']} computed, {info['seconds']:.1f}s ({info['namespace']})")
     logger.info(msg)
     if progress:
         print(msg)
