@@ -1,0 +1,189 @@
+"""A seq2seq teacher trained here from a config, on the truecasing task, and cached.
+
+No T5, BART or Marian weights can be installed offline (ENVIRONMENT.md), so the seq2seq
+teacher is trained from scratch on :mod:`distilkit.seq2seq.data`'s task: a small T5 or BART
+(by default T5, d_model 256, 3+3 layers, ~6M parameters with a 3k vocabulary) that learns in a
+few minutes on 2 CPU cores. It is then distilled like any other teacher.
+
+The trained teacher is cached under ``$DISTILKIT_CACHE/teachers/truecase-<arch>-<hash>``, the
+hash covering everything that determines it (settings, tokenizer, data split), so a second run
+reuses it and any change retrains it. It is written to a temporary directory and renamed into
+place, so an interrupted run never leaves a directory that looks like a finished teacher.
+``teacher_info.json`` beside the weights records the settings and its validation scores.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ARCHS = ("t5", "bart")
+
+
+@dataclass
+class Seq2SeqTeacherSettings:
+    """Architecture and training of the truecasing teacher."""
+
+    arch: str = field(default="t5", metadata={"help": "'t5' or 'bart'."})
+    d_model: int = field(default=256, metadata={"help": "Hidden width."})
+    num_layers: int = field(default=3, metadata={"help": "Encoder layers."})
+    num_decoder_layers: int = field(default=3, metadata={"help": "Decoder layers."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads (must divide d_model)."})
+    d_ff: int = field(default=1024, metadata={"help": "Feed-forward width."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout rate while training."})
+    max_steps: int = field(default=1200, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Sentences per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (linear decay)."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
+    max_words: Optional[int] = field(default=None, metadata={"help": "Keep only sentences of at most this many words (the task split depends on it)."})
+    max_length: int = field(default=96, metadata={"help": "Longest source / target, in tokens."})
+    vocab_size: int = field(default=3000, metadata={"help": "Tokenizer vocabulary size."})
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation and data order."})
+    version: int = field(default=1, metadata={"help": "Bump to invalidate cached teachers after a code change."})
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: {self.arch!r} is not supported; use one of {ARCHS}")
+        for name in ("d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff",
+                     "max_steps", "batch_size", "max_length", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: {v!r} must be a positive integer")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} does not divide d_model "
+                             f"{self.d_model}; pick a divisor, e.g. 4")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: {self.dropout!r} must be in [0, 1)")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: {self.learning_rate!r} must be > 0 (try 1e-3)")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: {self.warmup_steps!r} must be an integer >= 0")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def seq2seq_config(settings: Seq2SeqTeacherSettings, tokenizer):
+    """A transformers config for ``settings`` whose special ids match ``tokenizer``."""
+    s = settings
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    if s.arch == "t5":
+        from transformers import T5Config
+
+        return T5Config(d_model=s.d_model, d_kv=s.d_model // s.num_heads, d_ff=s.d_ff,
+                        num_layers=s.num_layers, num_decoder_layers=s.num_decoder_layers,
+                        num_heads=s.num_heads, dropout_rate=s.dropout,
+                        feed_forward_proj="relu", tie_word_embeddings=True,
+                        decoder_start_token_id=tokenizer.pad_token_id, **ids)
+    from transformers import BartConfig
+
+    return BartConfig(d_model=s.d_model, encoder_layers=s.num_layers,
+                      decoder_layers=s.num_decoder_layers, encoder_attention_heads=s.num_heads,
+                      decoder_attention_heads=s.num_heads, encoder_ffn_dim=s.d_ff,
+                      decoder_ffn_dim=s.d_ff, dropout=s.dropout, attention_dropout=0.0,
+                      max_position_embeddings=max(128, s.max_length + 2),
+                      decoder_start_token_id=tokenizer.eos_token_id,
+                      forced_eos_token_id=tokenizer.eos_token_id, scale_embedding=True, **ids)
+
+
+def build_seq2seq_model(settings: Seq2SeqTeacherSettings, tokenizer):
+    """A freshly initialised model for ``settings`` (seeded)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    torch.manual_seed(settings.seed)
+    return AutoModelForSeq2SeqLM.from_config(seq2seq_config(settings, tokenizer))
+
+
+def train_supervised(model, tokenizer, train_dataset, output_dir: str, max_steps: int,
+                     batch_size: int = 32, learning_rate: float = 1e-3, warmup_steps: int = 100,
+                     seed: int = 42, progress: bool = True, callbacks=None):
+    """Train a seq2seq model on tokenized ``(input_ids, labels)`` with cross-entropy (plain
+    ``transformers.Trainer``, batches grouped by length so CPU time is not spent on padding).
+    Returns the trainer."""
+    from transformers import Trainer, TrainingArguments
+
+    from distilkit.seq2seq.data import seq2seq_collator
+
+    args = TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate, max_steps=max_steps, warmup_steps=warmup_steps,
+        weight_decay=0.01, lr_scheduler_type="linear", seed=seed, logging_steps=100,
+        save_strategy="no", report_to=[], disable_tqdm=not progress, train_sampling_strategy="group_by_length",
+        dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
+                      data_collator=seq2seq_collator(tokenizer), processing_class=tokenizer,
+                      callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+def truecase_teacher(settings: Optional[Seq2SeqTeacherSettings] = None, force: bool = False,
+                     progress: bool = True, eval_samples: int = 300) -> str:
+    """Path of the truecasing teacher for ``settings``: trained and cached the first time
+    (a few minutes on 2 CPU cores with the defaults), reused afterwards."""
+    from distilkit.data import cache_root
+    from distilkit.seq2seq.data import truecase_dataset, truecase_tokenizer
+    from distilkit.seq2seq.tokenizer import TokenizerSettings
+
+    s = settings or Seq2SeqTeacherSettings()
+    ds = truecase_dataset(max_words=s.max_words)
+    tok, tok_path = truecase_tokenizer(ds, TokenizerSettings(vocab_size=s.vocab_size))
+    key = hashlib.sha256(json.dumps({"s": s.fingerprint(), "tok": os.path.basename(tok_path),
+                                     "data": "truecase-1234-v1"}).encode()).hexdigest()[:12]
+    out = os.path.join(cache_root(), "teachers", f"truecase-{s.arch}-{key}")
+    if os.path.isfile(os.path.join(out, "teacher_info.json")) and not force:
+        return out
+    _train_and_save(s, ds, tok, out, progress, eval_samples)
+    return out
+
+
+def _train_and_save(s: Seq2SeqTeacherSettings, ds, tok, out: str, progress: bool,
+                    eval_samples: int) -> None:
+    import time
+
+    from distilkit.seq2seq.data import tokenize_seq2seq
+    from distilkit.seq2seq.generate_eval import evaluate_generation
+
+    data = tokenize_seq2seq(ds, tok, max_source_length=s.max_length, max_target_length=s.max_length)
+    model = build_seq2seq_model(s, tok)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-s2s-teacher-")
+    try:
+        print(f"[distilkit] training the truecasing teacher ({s.arch}, d_model {s.d_model}, "
+              f"{s.num_layers}+{s.num_decoder_layers} layers, {s.max_steps} steps); cached at "
+              f"{out} for later runs")
+        t0 = time.perf_counter()
+        train_supervised(model, tok, data["train"], os.path.join(tmp, "work"), s.max_steps,
+                         s.batch_size, s.learning_rate, s.warmup_steps, s.seed, progress)
+        train_s = time.perf_counter() - t0
+        model.eval()
+        scores = evaluate_generation(model, tok, ds["validation"], max_samples=eval_samples)
+        final = os.path.join(tmp, "model")
+        model.save_pretrained(final)
+        tok.save_pretrained(final)
+        with open(os.path.join(final, "teacher_info.json"), "w") as f:
+            json.dump({"task": "truecase (builtin:rotten_tomatoes)", "settings": asdict(s),
+                       "train_seconds": round(train_s, 1),
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "validation": scores}, f, indent=2)
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(final, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_seq2seq_teacher(path: str):
+    """``(model, tokenizer)`` from a directory written by :func:`truecase_teacher` (or any
+    ``save_pretrained`` seq2seq directory with its tokenizer)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"seq2seq teacher: {path!r} is not a directory")
+    return AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,363 @@
+"""Seq2seq distillation and compression on tiny T5, BART and Marian configs (offline)."""
+import copy
+import math
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_bart, tiny_marian, tiny_t5
+from distilkit import losses as L
+from distilkit.config import DistilConfig
+from distilkit.seq2seq.data import (Seq2SeqCollator, strip_case_and_punct, tokenize_seq2seq)
+from distilkit.seq2seq.generate_eval import (GenerationSettings, compute_metrics_for_generate,
+                                             evaluate_generation, generate_texts, score_texts)
+from distilkit.seq2seq.sequence_kd import (SequenceKDSettings, sequence_kd_dataset,
+                                           sequence_kd_settings, teacher_generations)
+from distilkit.seq2seq.tokenizer import TokenizerSettings, build_tokenizer
+from distilkit.students.init import student_from_teacher
+from distilkit.trainer import DistilTrainer
+
+FAMILIES = {"t5": tiny_t5, "bart": tiny_bart, "marian": tiny_marian}
+SENTENCES = [
+    "Effective but too tepid biopic.",
+    "If you sometimes like to go to the movies to have fun, Wasabi is a good place to start.",
+    "Offers that rare combination of entertainment and education.",
+    "Emerges as something rare, an issue movie that's so honest and keenly observed.",
+    "Perhaps no picture ever made has more literally showed that the road to hell is paved.",
+    "Steers turns in a snappy screenplay that curls at the edges.",
+    "The Rock is destined to be the 21st Century's new Conan.",
+    "A thoughtful, provocative, insistently humanizing film.",
+]
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Training mode (the trainer's distillation path) without randomness."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("dropout", "activation_dropout", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model.train()
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no",
+                per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                logging_steps=1, disable_tqdm=True, use_cpu=True)
+    base.update(kw)
+    return DistilConfig(**base)
+
+
+def _s2s_batch(vocab=120, batch=3, src=9, tgt=7, seed=0, pad_id=0):
+    """Random ids with a padded source row and labels padded with -100 in two rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, src), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, src - 3:], mask[0, src - 3:] = pad_id, 0
+    labels = torch.randint(5, vocab, (batch, tgt), generator=g)
+    labels[1, tgt - 3:] = -100
+    labels[2, tgt - 1:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(SENTENCES + [strip_case_and_punct(s) for s in SENTENCES],
+                           TokenizerSettings(vocab_size=300, min_frequency=1))
+
+
+# ------------------------------------------------------------------ students from teachers
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_student_keeps_copied_weights(family):
+    teacher = FAMILIES[family]()
+    student = student_from_teacher(teacher, num_layers=1, keep_decoder_layers=[1])
+    assert student.config.distilkit_init == {"encoder": [1], "decoder": [1]}
+    t_sd, s_sd = teacher.state_dict(), student.state_dict()
+    stacks = {"encoder": ("encoder.block." if family == "t5" else "model.encoder.layers."),
+              "decoder": ("decoder.block." if family == "t5" else "model.decoder.layers.")}
+    n_layer_tensors = 0
+    for key, value in s_sd.items():
+        src = key
+        for prefix in stacks.values():
+            if key.startswith(prefix + "0."):
+                src = prefix + "1." + key[len(prefix) + 2:]
+                if src not in t_sd:  # T5's relative bias lives only in layer 0
+                    src = key
+                n_layer_tensors += 1
+        assert torch.equal(value, t_sd[src]), key
+    assert n_layer_tensors > 0
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    ids = torch.randint(5, 120, (2, 6))
+    assert student.generate(ids, max_new_tokens=4).shape[0] == 2
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_student_with_all_layers_predicts_like_the_teacher(family):
+    teacher = FAMILIES[family]()
+    student = student_from_teacher(teacher, num_layers=2, num_decoder_layers=2).eval()
+    b = _s2s_batch()
+    with torch.no_grad():
+        assert torch.allclose(student(**b).logits, teacher(**b).logits, atol=1e-6)
+
+
+# ------------------------------------------------------------------ token-level KD
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_token_kd_is_zero_at_identity(family, tmp_path):
+    student = _no_dropout(FAMILIES[family]())
+    teacher = copy.deepcopy(student).eval()
+    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                       args=_args(tmp_path, alpha_kd=1.0, alpha_ce=0.0, temperature=3.0,
+                                  alpha_hidden=1.0, layer_map=[[1, 1], [2, 2]],
+                                  decoder_layer_map=[[1, 1], [2, 2]]))
+    loss = tr.compute_loss(student, _s2s_batch())
+    assert abs(float(loss)) < 1e-5
+    assert set(tr._term_totals) == {"kd", "hidden"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_token_kd_ignores_padding(family, tmp_path):
+    """The KD term of a padded batch equals the token-weighted mean of each example's KD
+    computed alone, without padding: padded label positions and padded inputs never count."""
+    student = _no_dropout(FAMILIES[family](seed=1))
+    teacher = FAMILIES[family](seed=2).eval()
+    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                       args=_args(tmp_path, alpha_kd=1.0, alpha_ce=0.0, temperature=2.0))
+    b = _s2s_batch(pad_id=student.config.pad_token_id)
+    batch_kd = float(tr.compute_loss(student, b))
+    total, count = 0.0, 0
+    for i in range(3):
+        n_src = int(b["attention_mask"][i].sum())
+        n_tgt = int((b["labels"][i] != -100).sum())
+        one = {"input_ids": b["input_ids"][i:i + 1, :n_src],
+               "attention_mask": b["attention_mask"][i:i + 1, :n_src],
+               "labels": b["labels"][i:i + 1, :n_tgt]}
+        total += float(tr.compute_loss(student, one)) * n_tgt
+        count += n_tgt
+    assert batch_kd == pytest.approx(total / count, rel=1e-4)
+
+
+def test_soft_target_kl_mask_ignores_padded_positions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    ref = L.soft_target_kl(s, t, 2.0, mask)
+    s2 = s.clone()
+    s2[0, 3:] = torch.randn(2, 11) * 50  # garbage where the mask is 0
+    assert torch.allclose(L.soft_target_kl(s2, t, 2.0, mask), ref)
+    assert torch.allclose(L.soft_target_kl(t, t, 2.0, mask), torch.tensor(0.0), atol=1e-6)
+    per = [L.soft_target_kl(s[i, mask[i]], t[i, mask[i]], 2.0) * mask[i].sum() for i in range(2)]
+    assert torch.allclose(ref, sum(per) / mask.sum(), atol=1e-6)
+
+
+# ------------------------------------------------------------------ sequence-level KD
+def test_sequence_kd_through_the_cache(tok, tmp_path):
+    teacher = tiny_t5(seed=3, vocab=len(tok))
+    sources = [strip_case_and_punct(s) for s in SENTENCES]
+    from datasets import Dataset
+    raw = Dataset.from_dict({"source": sources, "target": SENTENCES})
+    settings = SequenceKDSettings(max_new_tokens=6, batch_size=3)
+    stats = {}
+    gens = teacher_generations(teacher, tok, sources, settings, cache_dir=str(tmp_path), stats=stats)
+    assert stats["computed"] == len(set(sources)) and stats["hits"] == 0
+    direct = generate_texts(teacher, tok, sources, settings.generation())
+    assert [g["ids"] for g in gens] == direct.ids
+    assert all(0 < len(g["ids"]) <= 6 for g in gens)
+
+    stats2 = {}
+    again = teacher_generations(teacher, tok, sources, settings, cache_dir=str(tmp_path), stats=stats2)
+    assert again == gens and stats2["computed"] == 0 and stats2["hits"] == len(sources)
+    # Another decoding setting or other teacher weights is another namespace: recomputed.
+    stats3 = {}
+    teacher_generations(teacher, tok, sources[:2], SequenceKDSettings(max_new_tokens=5),
+                        cache_dir=str(tmp_path), stats=stats3)
+    assert stats3["computed"] == 2
+    # A damaged shard is discarded with a warning and its outputs decoded again.
+    shard = next(os.path.join(r, f) for r, _, fs in os.walk(stats["namespace"])
+                 for f in fs if f == "outputs.jsonl")
+    with open(shard, "a") as f:
+        f.write("garbage\n")
+    with pytest.warns(RuntimeWarning, match="damaged shard"):
+        stats4 = {}
+        healed = teacher_generations(teacher, tok, sources, settings, cache_dir=str(tmp_path), stats=stats4)
+    assert healed == gens and stats4["computed"] == len(sources)
+
+    ds = sequence_kd_dataset(teacher, tok, raw, settings, cache_dir=str(tmp_path))
+    assert ds["labels"] == [g["ids"] for g in gens]
+    both = sequence_kd_dataset(teacher, tok, raw, sequence_kd_settings(
+        {"max_new_tokens": 6, "batch_size": 3, "include_references": True}), cache_dir=str(tmp_path))
+    assert len(both) == 2 * len(raw)
+
+
+class _Forbidden(nn.Module):
+    """A 'teacher' that fails if it is ever run."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, **kw):
+        raise AssertionError("the teacher was run although no loss term needs it")
+
+
+def test_student_trains_on_teacher_generations(tok, tmp_path):
+    teacher = tiny_t5(seed=3, vocab=len(tok))
+    from datasets import Dataset
+    raw = Dataset.from_dict({"source": [strip_case_and_punct(s) for s in SENTENCES]})
+    ds = sequence_kd_dataset(teacher, tok, raw, SequenceKDSettings(max_new_tokens=6),
+                             target_column=None, cache_dir=str(tmp_path))
+    student = student_from_teacher(teacher, num_decoder_layers=1)
+    collate = Seq2SeqCollator(pad_token_id=tok.pad_token_id)
+    # Sequence-level KD alone: cross-entropy on the generations, the teacher is never run.
+    tr = DistilTrainer(model=student, teacher_model=_Forbidden(teacher.config), train_dataset=ds,
+                       data_collator=collate, args=_args(tmp_path, alpha_kd=0.0, alpha_ce=1.0))
+    tr.train()
+    assert any("loss_ce" in h for h in tr.state.log_history)
+    # Seq-KD + word-KD: the teacher is forced on its own outputs for soft targets.
+    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=ds, data_collator=collate,
+                       args=_args(tmp_path, alpha_kd=0.5, alpha_ce=0.5))
+    tr.train()
+    logged = [h for h in tr.state.log_history if "loss_kd" in h]
+    assert logged and all(math.isfinite(h["loss_kd"]) for h in logged)
+
+
+# ------------------------------------------------------------------ generation metrics
+def test_generation_metrics_on_known_strings():
+    refs = ["the cat sat on the warm red mat", "Hello, World."]
+    m = score_texts(refs, refs)
+    assert m == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0), "exact_match": 1.0, "n": 2}
+    # One substituted word in eight: n-gram precisions 7/8, 6/7, 5/6, 4/5, no brevity penalty.
+    one = score_texts(["the cat sat on the warm red rug"], ["the cat sat on the warm red mat"])
+    assert one["bleu"] == pytest.approx(100 * 0.5 ** 0.25, abs=1e-6)
+    assert one["exact_match"] == 0.0 and 0 < one["chrf"] < 100
+    # Exact match normalises whitespace only: casing and punctuation count.
+    em = score_texts(["Hello,  World.", "hello, world."], ["Hello, World.", "Hello, World."])
+    assert em["exact_match"] == 0.5
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        score_texts(["a", "b"], ["a"])
+
+
+def test_compute_metrics_for_generate_decodes_ids_and_ignores_label_padding(tok):
+    from transformers import EvalPrediction
+    texts = SENTENCES[:2]
+    enc = tok(texts, padding=True)["input_ids"]
+    labels = [[i if i != tok.pad_token_id else -100 for i in row] for row in enc]
+    m = compute_metrics_for_generate(tok)(EvalPrediction(predictions=enc, label_ids=labels))
+    assert m["exact_match"] == 1.0 and m["bleu"] == pytest.approx(100.0)
+
+
+def test_evaluate_generation_scores_what_generate_texts_outputs(tok):
+    from datasets import Dataset
+    model = tiny_t5(seed=4, vocab=len(tok))
+    settings = GenerationSettings(max_new_tokens=5, batch_size=3)
+    ds = Dataset.from_dict({"source": SENTENCES[:5], "target": SENTENCES[:5]})
+    out = evaluate_generation(model, tok, ds, settings=settings, latency_samples=2,
+                              return_predictions=True)
+    assert out["predictions"] == generate_texts(model, tok, SENTENCES[:5], settings).texts
+    assert out["n"] == 5 and out["latency_ms"] > 0 and out["gen_ms_per_sentence"] > 0
+    assert out["bleu"] == pytest.approx(score_texts(out["predictions"], SENTENCES[:5])["bleu"])
+
+
+def test_task_text_and_tokenizer(tok):
+    assert strip_case_and_punct("The Rock is destined to be the 21st Century's new ''Conan''.") == \
+        "the rock is destined to be the 21st centurys new conan"
+    assert strip_case_and_punct("co writer/director -- J.R.R. Tolkien") == "co writer director j r r tolkien"
+    for s in SENTENCES:
+        ids = tok(s)["input_ids"]
+        assert ids[-1] == tok.eos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == s
+    again = build_tokenizer(SENTENCES + [strip_case_and_punct(s) for s in SENTENCES],
+                            TokenizerSettings(vocab_size=300, min_frequency=1))
+    assert again.get_vocab() == tok.get_vocab()
+    with pytest.raises(ValueError, match="vocab_size"):
+        TokenizerSettings(vocab_size=10)
+
+
+def test_collator_pads_labels_with_ignore_index(tok):
+    from datasets import Dataset
+    ds = tokenize_seq2seq(Dataset.from_dict({"source": ["a b", "a b c d e"], "target": ["A b.", "A"]}), tok)
+    b = Seq2SeqCollator(pad_token_id=tok.pad_token_id)([ds[0], ds[1]])
+    assert b["input_ids"].shape == b["attention_mask"].shape
+    assert (b["attention_mask"][0] == (b["input_ids"][0] != tok.pad_token_id)).all()
+    n1 = len(ds[1]["labels"])
+    assert (b["labels"][1, n1:] == -100).all() and (b["labels"][1, :n1] >= 0).all()
+
+
+# ------------------------------------------------------------------ bad input
+def test_different_vocabularies_need_sequence_level_kd(tmp_path):
+    student, teacher = tiny_t5(vocab=120), tiny_t5(vocab=130)
+    with pytest.raises(ValueError, match="sequence-level distillation"):
+        DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                      args=_args(tmp_path, alpha_kd=0.5, alpha_ce=0.5))
+    # Label loss only (sequence-level KD) is allowed across vocabularies.
+    DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                  args=_args(tmp_path, alpha_kd=0.0, alpha_ce=1.0))
+
+
+def test_decoder_layer_map_out_of_range(tmp_path):
+    teacher = tiny_bart()
+    student = student_from_teacher(teacher, num_decoder_layers=1)
+    with pytest.raises(ValueError, match=r"decoder_layer_map: student layer 2 .* depth 0\.\.1"):
+        DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                      args=_args(tmp_path, alpha_hidden=1.0, decoder_layer_map=[[2, 2]]))
+    with pytest.raises(ValueError, match=r"decoder_layer_map: teacher layer 5"):
+        DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                      args=_args(tmp_path, alpha_hidden=1.0, decoder_layer_map=[[1, 5]]))
+    with pytest.raises(ValueError, match=r"keep_decoder_layers: \[3\] .* 0\.\.1"):
+        student_from_teacher(teacher, keep_decoder_layers=[3])
+
+
+def test_dataset_without_target_column(tok):
+    from datasets import Dataset
+    ds = Dataset.from_dict({"source": ["a b c"], "text": ["A b c."]})
+    with pytest.raises(ValueError, match=r"target_column: column 'target' is not in split .*'source', 'text'"):
+        tokenize_seq2seq(ds, tok)
+    with pytest.raises(ValueError, match="target_column"):
+        evaluate_generation(tiny_t5(vocab=len(tok)), tok, ds)
+    with pytest.raises(ValueError, match="source_column: column 'src'"):
+        tokenize_seq2seq(ds, tok, source_column="src")
+    with pytest.raises(ValueError, match="num_beams"):
+        GenerationSettings(num_beams=0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['beams'\]"):
+        sequence_kd_settings({"beams": 4})
+
+
+# ------------------------------------------------------------------ compression round trips
+COMPRESSION = {
+    "quantize": {"method": "quantize", "bits": 4, "bucket_size": 256},
+    "prune_heads": {"method": "prune_heads", "count": 2},
+    "low_rank": {"method": "low_rank", "rank_fraction": 0.5},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", sorted(COMPRESSION))
+def test_compressed_seq2seq_round_trips_through_save_load(method, family, tmp_path):
+    """Each method on each family: the reloaded model's logits and greedy generations equal
+    the compressed model's."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from distilkit.compress.base import (CompressionContext, compress_, config_from_dict,
+                                         finalize_, load_compressed, save_compressed)
+
+    model = FAMILIES[family]()
+    b = _s2s_batch()
+    batch = {**b, "labels": b["labels"].clamp_min(5)}
+    ctx = CompressionContext(dataloader=[batch], loss_fn=lambda m, x: m(**x).loss)
+    compress_(model, config_from_dict(COMPRESSION[method]), ctx)
+    finalize_(model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        gen = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             max_new_tokens=5, do_sample=False)
+    save_compressed(model, str(tmp_path / "m"))
+    loaded = load_compressed(str(tmp_path / "m"), auto_cls=AutoModelForSeq2SeqLM).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, logits, rtol=0, atol=1e-5)
+        assert torch.equal(loaded.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           max_new_tokens=5, do_sample=False), gen)
