@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 BUILTIN_TEACHER = "builtin:minilm-rt"
 BUILTIN_DATA = "builtin:rotten_tomatoes"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+PLACEHOLDER = "PATH_OR_REPO_ID"  # loading snippets before the repo is known (hub.py fills it)
 
 REFS = {
     "hinton": "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NIPS Deep "
@@ -245,17 +246,18 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
                          f"{s.get('max_length', '?')}, median after warm-up.")
             lines.append("")
         lines.append(markdown_table(rows if t else rows[1:]))
+    where = repo_id or PLACEHOLDER
     lines += ["", "## How to load", "", "```python", "import distilkit",
               "from transformers import AutoTokenizer", "",
-              f"model = distilkit.from_pretrained(\"{repo_id or 'PATH_OR_REPO_ID'}\")",
-              f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id or 'PATH_OR_REPO_ID'}\")",
+              f"model = distilkit.from_pretrained(\"{where}\")",
+              f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")",
               "```", ""]
     plain = not entries and (recipe.get("student") or {}).get("type") != "bilstm"
     if plain:
         lines += ["The student is a plain transformers model, so this works too:", "",
                   "```python", "from transformers import AutoModelForSequenceClassification", "",
                   "model = AutoModelForSequenceClassification.from_pretrained("
-                  f"\"{repo_id or 'PATH_OR_REPO_ID'}\")", "```", ""]
+                  f"\"{where}\")", "```", ""]
     else:
         lines += ["`distilkit.from_pretrained` rebuilds the compressed layers described in "
                   "`compression_config.json` (or registers the BiLSTM architecture) before "

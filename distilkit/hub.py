@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from typing import Optional
 
+from distilkit.card import PLACEHOLDER
 from distilkit.evaluate import NOT_MODEL_FILES, model_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -77,6 +78,15 @@ def prepare_upload(path: str, staging_dir: str, repo_id: Optional[str] = None) -
             if os.path.isfile(f):
                 _link_or_copy(f, os.path.join(staging_dir, n))
     readme = os.path.join(staging_dir, "README.md")
+    if os.path.isfile(readme) and repo_id:
+        # The card written at the end of training does not know the repo yet: fill it in on
+        # the uploaded copy (a new file, so the hard-linked original is untouched).
+        with open(readme) as f:
+            text = f.read()
+        if PLACEHOLDER in text:
+            os.remove(readme)
+            with open(readme, "w") as f:
+                f.write(text.replace(PLACEHOLDER, repo_id))
     if not os.path.isfile(readme):
         from distilkit.card import model_card
         from distilkit.compress.base import read_records

@@ -110,6 +110,11 @@ def test_upload_folder_contents_file_by_file(run, tmp_path):
             assert (staging / n).read_bytes() == src.read_bytes(), n
     card = (staging / "README.md").read_text()
     assert 'distilkit.from_pretrained("org/kd-q4")' in card and "**ptq** (bits=4, bucket_size=64" in card
+    # The card written after training gets the repo id in its loading snippet on the copy.
+    (student / "README.md").write_text(model_card(RESULTS, RECIPE))
+    prepare_upload(str(run), str(tmp_path / "s1"), repo_id="org/named")
+    assert 'from_pretrained("org/named")' in (tmp_path / "s1" / "README.md").read_text()
+    assert "PATH_OR_REPO_ID" in (student / "README.md").read_text()
     # A card already beside the model is uploaded as it is.
     (student / "README.md").write_text("---\nlibrary_name: transformers\n---\n# mine\n")
     files2 = prepare_upload(str(student), str(tmp_path / "s2"))
