@@ -320,16 +320,25 @@ def _recipe_near(model_dir: str) -> Optional[str]:
     return None
 
 
+def _load_recipe(path: Optional[str]):
+    if not path:
+        return None
+    from distilkit.recipe import Recipe
+
+    return Recipe.load(path)
+
+
 def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
                  split: Optional[str] = None, max_length: Optional[int] = None,
                  out_file: Optional[str] = None, **kwargs) -> dict:
     """Load the model saved in ``model_dir`` (any distilkit output, compressed or not, or a
     plain ``save_pretrained`` directory) with its tokenizer and evaluate it.
 
-    The data is ``data`` (a :class:`~distilkit.data.DataSpec`), else the recipe given, else the
-    ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the built-in
-    dataset. The split defaults to the spec's test split (else its eval split). The figures
-    are written to ``out_file`` (default ``MODEL_DIR/evaluation.json``) and returned.
+    The data is ``data`` (a :class:`~distilkit.data.DataSpec`), else that of ``recipe``, else
+    that of the ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the
+    built-in dataset; ``max_length`` likewise comes from the argument, else the recipe, else
+    128. The split defaults to the spec's test split (else its eval split). The figures are
+    written to ``out_file`` (default ``MODEL_DIR/evaluation.json``) and returned.
     """
     from transformers import AutoTokenizer
 
@@ -337,15 +346,9 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
     from distilkit.data import DataSpec, load_raw
 
     model_dir = find_model_dir(model_dir)
-    recipe = recipe or (None if data is not None else _recipe_near(model_dir))
-    if recipe:
-        from distilkit.recipe import Recipe
-
-        r = Recipe.load(recipe)
-        data = data or r.data
-        max_length = max_length or r.keys.max_length
-    spec = data or DataSpec()
-    max_length = max_length or 128
+    r = _load_recipe(recipe or _recipe_near(model_dir))
+    spec = data or (r.data if r else DataSpec())
+    max_length = max_length or (r.keys.max_length if r else None) or 128
     raw = load_raw(spec)
     split = split or spec.test_split or spec.eval_split
     if split not in raw:
@@ -397,17 +400,9 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip latency and memory")
 
 
-def _spec_from_args(args):
-    from distilkit.data import DataSpec
-
-    if not (args.dataset or args.data_files or args.text_column or args.label_column
-            or args.text_pair_column or args.max_samples):
-        return None
-    spec = DataSpec()
-    if args.recipe:
-        from distilkit.recipe import Recipe
-
-        spec = Recipe.load(args.recipe).data
+def _spec_from_args(args, base):
+    """``base`` (a DataSpec) with the data flags applied."""
+    spec = base
     if args.data_files:
         files = {}
         for item in args.data_files:
@@ -420,7 +415,7 @@ def _spec_from_args(args):
         spec.eval_split = spec.eval_split if spec.eval_split in files else args.split or next(iter(files))
         spec.test_split = spec.test_split if spec.test_split in files else None
     elif args.dataset:
-        spec.dataset, spec.dataset_config = args.dataset, args.dataset_config
+        spec.dataset, spec.dataset_config, spec.data_files = args.dataset, args.dataset_config, None
     for name in ("text_column", "text_pair_column", "label_column"):
         if getattr(args, name):
             setattr(spec, name, getattr(args, name))
@@ -431,7 +426,12 @@ def _spec_from_args(args):
 
 def run_evaluate(args, rest=None) -> int:
     """``distilkit evaluate``: evaluate, print the figures, write them as JSON."""
-    res = evaluate_dir(args.model_dir, _spec_from_args(args), recipe=args.recipe, split=args.split,
+    from distilkit.data import DataSpec
+
+    recipe = args.recipe or _recipe_near(find_model_dir(args.model_dir))
+    r = _load_recipe(recipe)
+    spec = _spec_from_args(args, r.data if r else DataSpec())
+    res = evaluate_dir(args.model_dir, spec, recipe=recipe, split=args.split,
                        max_length=args.max_length, out_file=args.output,
                        latency=not args.no_latency)
     print(format_metrics(res))

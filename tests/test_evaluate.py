@@ -135,6 +135,14 @@ def test_evaluate_dir_on_a_run_with_local_data(tmp_path, saved):
     assert written["accuracy"] == res["accuracy"]
     # evaluation.json is not a model file: the size does not change after writing it.
     assert model_files(str(run / "student")) == res["size_files"]
+    # With no data given, the recipe distilkit distill wrote beside the model is used.
+    import yaml
+
+    (run / "recipe.yaml").write_text(yaml.safe_dump({
+        "name": "t", "dataset": None, "data_files": {"train": str(csv), "test": str(csv)},
+        "eval_split": "test", "test_split": "test", "max_length": 12, "max_eval_samples": 7}))
+    res = evaluate_dir(str(run / "student"), latency=False)
+    assert (res["examples"], res["max_length"], res["split"]) == (7, 12, "test")
 
 
 def test_cli_entry(tmp_path, saved, capsys):
