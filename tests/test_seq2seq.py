@@ -361,3 +361,42 @@ def test_compressed_seq2seq_round_trips_through_save_load(method, family, tmp_pa
         torch.testing.assert_close(loaded(**batch).logits, logits, rtol=0, atol=1e-5)
         assert torch.equal(loaded.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                            max_new_tokens=5, do_sample=False), gen)
+
+
+# ------------------------------------------------------------------ a task: seq2seq recipe
+def test_seq2seq_recipe_end_to_end(tok, tmp_path):
+    """A recipe with sequence-level + token-level KD and 4-bit quantized distillation runs
+    end to end and reports generation scores for teacher and student."""
+    import json as _json
+
+    from distilkit.pipeline import run_recipe
+    from distilkit.recipe import Recipe
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_t5(seed=5, vocab=len(tok)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    files = {}
+    for split, rows in {"train": SENTENCES, "validation": SENTENCES[:3], "test": SENTENCES[3:6]}.items():
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            for s in rows:
+                f.write(_json.dumps({"src": strip_case_and_punct(s), "tgt": s}) + "\n")
+    raw = {"name": "s2s", "task": "seq2seq", "teacher": str(teacher_dir),
+           "student": {"type": "from_teacher", "num_decoder_layers": 1}, "dataset": None,
+           "data_files": files, "text_column": "src", "label_column": "tgt", "max_length": 24,
+           "sequence_kd": {"max_new_tokens": 5}, "generation": {"max_new_tokens": 5},
+           "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run"),
+           "alpha_kd": 0.5, "alpha_ce": 0.5, "max_steps": 2, "per_device_train_batch_size": 4,
+           "use_cpu": True, "compression": [{"method": "quantize", "bits": 4, "bucket_size": 256}]}
+    res = run_recipe(Recipe.from_dict(raw), progress=False)
+    assert res["task"] == "seq2seq" and res["split"] == "test"
+    for who in ("teacher", "student"):
+        assert res[who]["n"] == 3 and 0 <= res[who]["bleu"] <= 100 and res[who]["latency_ms"] > 0
+    assert res["student"]["size_on_disk_bytes"] < res["teacher"]["size_on_disk_bytes"]
+    assert res["sequence_kd"]["computed"] == len(SENTENCES)
+    assert os.path.isfile(tmp_path / "run" / "results.json")
+    assert os.path.isfile(tmp_path / "run" / "student" / "compression_config.json")
+    # Bad input is caught before training: no target column in an evaluation split.
+    bad = {**raw, "label_column": "missing"}
+    with pytest.raises(ValueError, match="label_column: column 'missing'"):
+        run_recipe(Recipe.from_dict(bad), progress=False)
