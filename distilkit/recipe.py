@@ -52,6 +52,11 @@ class RecipeKeys:
     push_to_hub: bool = False
     hub_repo_id: Optional[str] = None
     save_merged_adapter: bool = True
+    # task: seq2seq only (distilkit.seq2seq.pipeline): sequence-level distillation
+    # settings (SequenceKDSettings fields; null = train on the references) and decoding
+    # settings for evaluation by generation (GenerationSettings fields).
+    sequence_kd: Optional[dict] = None
+    generation: Optional[dict] = None
 
 
 def _training_fields() -> set:
