@@ -138,6 +138,9 @@ def load_raw(spec: DataSpec):
         if len(exts) != 1 or next(iter(exts)) not in _LOCAL_TYPES:
             raise ValueError(f"data_files: use one of {sorted(_LOCAL_TYPES)} for all splits, got {sorted(exts)}")
         ext = next(iter(exts))
+        for split, f in files.items():
+            if all(_file_has_no_rows(one, ext) for one in (f if isinstance(f, list) else [f])):
+                raise ValueError(f"split {split!r} is empty ({f}): it needs at least one example")
         kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
         ds = load_dataset(_LOCAL_TYPES[ext], data_files=files, **kwargs)
     elif spec.dataset == BUILTIN_NAME:
@@ -162,6 +165,17 @@ def load_raw(spec: DataSpec):
             if split:
                 ds[split] = ds[split].select(range(min(spec.max_eval_samples, len(ds[split]))))
     return ds
+
+
+def _file_has_no_rows(path: str, ext: str) -> bool:
+    """True for a local csv/tsv with only a header, or an empty json/jsonl file."""
+    if ext == ".parquet":
+        return False
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    if ext in (".csv", ".tsv"):
+        return len(lines) < 2
+    return not lines or "".join(lines).strip() in ("[]", "{}")
 
 
 def check_columns(ds, spec: DataSpec) -> None:

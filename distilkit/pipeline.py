@@ -222,6 +222,8 @@ def _evaluate_and_report(recipe, raw, spec, teacher, tokenizer, teacher_path, ou
         "compression_x": t_metrics["parameters"] / max(s_metrics["parameters"], 1),
         "speedup_batch32": t_metrics["latency_ms_batch32"] / max(s_metrics["latency_ms_batch32"], 1e-9),
         "train_seconds": round(elapsed, 1),
+        "processes": args.world_size,
+        "global_steps": trainer.state.global_step,
         "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
         "recipe": recipe.to_dict(),
     }

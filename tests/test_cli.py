@@ -1,0 +1,93 @@
+"""The recipe pipeline and CLI on a tiny offline task: outputs, overrides, bad input,
+and a real two-process ``accelerate launch``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from distilkit.cli import main
+
+
+def _recipe(tiny_task, **kw):
+    r = {
+        "name": "tiny", "teacher": tiny_task["teacher"],
+        "student": {"type": "from_teacher", "num_layers": 2},
+        "dataset": None, "data_files": tiny_task["data_files"], "max_length": 16,
+        "alpha_kd": 0.5, "alpha_ce": 0.5, "temperature": 2.0, "max_steps": 4,
+        "per_device_train_batch_size": 8, "learning_rate": 1e-3,
+        "output_dir": str(tiny_task["tmp"] / "run"), "use_cpu": True,
+    }
+    r.update(kw)
+    path = tiny_task["tmp"] / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return str(path), r["output_dir"]
+
+
+def test_distill_writes_student_results_recipe_and_card(tiny_task, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    import distilkit
+
+    path, out = _recipe(tiny_task, alpha_patient=10.0, compression=[])
+    assert main(["distill", path, "--no-progress", "--max_steps", "3", "--student.num_layers", "1"]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    for who in ("teacher", "student"):
+        for k in ("accuracy", "macro_f1", "parameters", "size_on_disk_bytes", "latency_ms_batch32"):
+            assert k in res[who], (who, k)
+    assert res["student"]["parameters"] < res["teacher"]["parameters"]
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    assert resolved["max_steps"] == 3 and resolved["student"]["num_layers"] == 1
+    student_dir = os.path.join(out, "student")
+    assert os.path.isfile(os.path.join(student_dir, "README.md"))
+    m = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert m.config.num_hidden_layers == 1
+    assert distilkit.from_pretrained(student_dir).config.num_hidden_layers == 1
+    assert "retention" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alpha_kd_weight": 1.0}, "unknown key 'alpha_kd_weight'"),
+    ({"temperature": -1}, "temperature"),
+    ({"alpha_kd": 0, "alpha_ce": 0}, "all loss weights are zero"),
+    ({"text_column": "sentence"}, "columns are"),
+    ({"label_column": "y"}, "label_column"),
+    ({"teacher": "/nonexistent/teacher"}, "does not exist"),
+    ({"compression": [{"method": "quantize", "bits": 12}]}, "bits"),
+    ({"compression": [{"method": "shrink"}]}, "unknown"),
+])
+def test_bad_input_fails_before_training_and_leaves_no_model(tiny_task, capsys, change, message):
+    path, out = _recipe(tiny_task, **change)
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "student"))
+
+
+def test_empty_split_and_layer_map(tiny_task, capsys):
+    empty = tiny_task["tmp"] / "empty.csv"
+    empty.write_text("text,label\n")
+    files = dict(tiny_task["data_files"], validation=str(empty))
+    path, out = _recipe(tiny_task, data_files=files)
+    assert main(["distill", path, "--no-progress"]) == 2
+    assert "empty" in capsys.readouterr().err
+    path, out = _recipe(tiny_task, alpha_patient=1.0, layer_map=[[1, 7]])
+    assert main(["distill", path, "--no-progress"]) == 2
+    assert "teacher layer 7" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "student"))
+
+
+def test_two_process_accelerate_launch(tiny_task):
+    path, out = _recipe(tiny_task, max_steps=3)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "distilkit", "distill", path, "--no-progress", "--logging_steps", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["student"]["parameters"] > 0
+    # two real gloo processes trained together (accelerate --cpu alone would start one)
+    assert res["processes"] == 2 and res["global_steps"] == 3
