@@ -21,6 +21,18 @@ _EXPORTS = {
     "builtin_teacher": "distilkit.teachers",
     "builtin_dataset": "distilkit.data",
     "Recipe": "distilkit.recipe",
+    "QuantizeConfig": "distilkit.compress.quantize",
+    "PTQConfig": "distilkit.compress.quantize",
+    "CompressionContext": "distilkit.compress.base",
+    "LowRankConfig": "distilkit.compress.low_rank",
+    "MagnitudeConfig": "distilkit.compress.magnitude",
+    "PruneHeadsConfig": "distilkit.compress.prune",
+    "PruneLayersConfig": "distilkit.compress.prune",
+    "PruneFFNConfig": "distilkit.compress.prune",
+    "LSTMProjectionConfig": "distilkit.compress.lstm_projection",
+    "build_bilstm_student": "distilkit.students.bilstm",
+    "BiLSTMForSequenceClassification": "distilkit.students.bilstm",
+    "AugmentConfig": "distilkit.augment",
     "run_recipe": "distilkit.pipeline",
 }
 

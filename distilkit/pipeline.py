@@ -56,8 +56,13 @@ def build_student(recipe: Recipe, teacher, tokenizer, train_texts=None):
                                       **({k: v for k, v in spec.items() if k != "config"}))
     elif kind == "pretrained":
         _check_keys("student", spec, {"path"})
+        from transformers import AutoTokenizer
+
         from distilkit.compress.base import load_compressed
-        student = load_compressed(os.path.expanduser(spec["path"]), auto_cls=_auto_cls(recipe))
+        path = os.path.expanduser(spec["path"])
+        student = load_compressed(path, auto_cls=_auto_cls(recipe))
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path)  # e.g. a BiLSTM's word vocabulary
     else:  # bilstm
         from distilkit.students.bilstm import build_bilstm_student
         student, tokenizer = build_bilstm_student(teacher, tokenizer, train_texts, **spec)
@@ -131,7 +136,13 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         raise ValueError(f"the teacher predicts {teachers[0].config.num_labels} labels but "
                          f"label_column {spec.label_column!r} has {n_labels} classes: fine-tune "
                          "a teacher on this task first")
-    student, s_tok = build_student(recipe, teachers[0], tokenizer, raw[spec.train_split][spec.text_column])
+    texts = raw[spec.train_split][spec.text_column]
+    if spec.text_pair_column:
+        texts = texts + raw[spec.train_split][spec.text_pair_column]
+    student, s_tok = build_student(recipe, teachers[0], tokenizer, texts)
+    if getattr(student.config, "model_type", "") == "distilkit-bilstm":
+        from distilkit.students.bilstm import check_pair_data
+        check_pair_data(student.config, spec.text_pair_column)
     train_raw = raw[spec.train_split]
     if k.augment:
         from distilkit.augment import augment_dataset

