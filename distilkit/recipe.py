@@ -146,6 +146,11 @@ class Recipe:
 
         t = {"output_dir": f"runs/{self.keys.name}", "report_to": [], "save_strategy": "no",
              "logging_steps": 50, **self.training, **extra}
+        if "use_cpu" not in t and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
+            # Launched as several processes on a machine without GPUs: they must join one
+            # CPU (gloo) process group rather than each train alone.
+            t["use_cpu"] = not torch.cuda.is_available()
         return DistilConfig(**t)
 
     def to_dict(self) -> dict:

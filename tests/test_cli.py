@@ -81,9 +81,9 @@ def test_empty_split_and_layer_map(tiny_task, capsys):
 
 def test_two_process_accelerate_launch(tiny_task):
     path, out = _recipe(tiny_task, max_steps=3)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    config = os.path.join(os.path.dirname(__file__), "..", "recipes", "accelerate", "cpu_2proc.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "-m", "distilkit", "distill", path, "--no-progress", "--logging_steps", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
