@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     t_dir = truecase_teacher(t_set, progress=False)
     teacher, tok = load_seq2seq_teacher(t_dir)
     timings["teacher"] = time.time() - t0
-    ds = truecase_dataset(max_words=t_set.max_words)
+    ds = truecase_dataset(max_words=t_set.max_words, train_windows=t_set.train_windows)
     n = t_set.max_length
     train_ref = tokenize_seq2seq(ds["train"], tok, max_source_length=n, max_target_length=n)
     test = ds["test"].select(range(min(n_eval, len(ds["test"]))))

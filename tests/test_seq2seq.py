@@ -114,7 +114,7 @@ def test_token_kd_is_zero_at_identity(family, tmp_path):
                                   alpha_hidden=1.0, layer_map=[[1, 1], [2, 2]],
                                   decoder_layer_map=[[1, 1], [2, 2]]))
     loss = tr.compute_loss(student, _s2s_batch())
-    assert abs(float(loss)) < 1e-5
+    assert abs(float(loss.detach())) < 1e-5
     assert set(tr._term_totals) == {"kd", "hidden"}
 
 
@@ -275,6 +275,14 @@ def test_task_text_and_tokenizer(tok):
     assert again.get_vocab() == tok.get_vocab()
     with pytest.raises(ValueError, match="vocab_size"):
         TokenizerSettings(vocab_size=10)
+
+
+def test_word_windows_cover_the_text_with_overlap():
+    from distilkit.seq2seq.data import word_windows
+    words = [f"w{i}" for i in range(11)]
+    wins = word_windows(" ".join(words), 4)
+    assert wins == ["w0 w1 w2 w3", "w2 w3 w4 w5", "w4 w5 w6 w7", "w6 w7 w8 w9", "w7 w8 w9 w10"]
+    assert word_windows("Short one.", 4) == ["Short one."]
 
 
 def test_collator_pads_labels_with_ignore_index(tok):

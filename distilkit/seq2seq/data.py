@@ -67,10 +67,30 @@ def truecase_pairs(max_words: Optional[int] = None) -> list[tuple[str, str]]:
     return pairs
 
 
+def word_windows(target: str, max_words: int) -> list[str]:
+    """``target`` cut into windows of at most ``max_words`` words, overlapping by half a
+    window (the whole text when it is short enough). Deterministic."""
+    words = target.split()
+    if len(words) <= max_words:
+        return [" ".join(words)]
+    stride = max(1, max_words // 2)
+    starts = list(range(0, len(words) - max_words + 1, stride))
+    if starts[-1] != len(words) - max_words:
+        starts.append(len(words) - max_words)
+    return [" ".join(words[i:i + max_words]) for i in starts]
+
+
 def truecase_dataset(seed: int = 1234, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                     max_words: Optional[int] = None):
+                     max_words: Optional[int] = None, train_windows: bool = False):
     """The truecasing-and-punctuation task as a ``DatasetDict`` (train/validation/test) with
-    columns ``source`` and ``target``. The split depends only on ``seed`` and ``max_words``."""
+    columns ``source`` and ``target``.
+
+    Sentences are split into train/validation/test by ``seed`` alone. ``max_words`` keeps the
+    validation and test sentences of at most that many words; the training split then holds
+    the short training sentences, or with ``train_windows`` every training sentence cut into
+    overlapping windows of ``max_words`` words (:func:`word_windows`), which gives a small
+    model several times more real text to learn copying from, at the cost of short inputs.
+    """
     from datasets import Dataset, DatasetDict
 
     for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -78,16 +98,25 @@ def truecase_dataset(seed: int = 1234, val_fraction: float = 0.1, test_fraction:
             raise ValueError(f"{name}: {v!r} must be in (0, 0.5), e.g. 0.1")
     if max_words is not None and (not isinstance(max_words, int) or max_words < 1):
         raise ValueError(f"max_words: {max_words!r} must be a positive integer or None")
-    pairs = truecase_pairs(max_words)
+    if train_windows and max_words is None:
+        raise ValueError("train_windows: needs max_words (the window length in words)")
+    pairs = truecase_pairs()
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_val, n_test = int(len(pairs) * val_fraction), int(len(pairs) * test_fraction)
     parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
              "train": order[n_test + n_val:]}
-    return DatasetDict({
-        k: Dataset.from_dict({SOURCE_COLUMN: [pairs[i][0] for i in idx],
-                              TARGET_COLUMN: [pairs[i][1] for i in idx]})
-        for k, idx in parts.items()})
+    out = {}
+    for split, idx in parts.items():
+        rows = [pairs[i] for i in idx]
+        if split == "train" and train_windows:
+            rows = [(strip_case_and_punct(w), w) for _, t in rows for w in word_windows(t, max_words)]
+            rows = [r for r in rows if r[0]]
+        elif max_words is not None:
+            rows = [r for r in rows if len(r[1].split()) <= max_words]
+        out[split] = Dataset.from_dict({SOURCE_COLUMN: [r[0] for r in rows],
+                                        TARGET_COLUMN: [r[1] for r in rows]})
+    return DatasetDict(out)
 
 
 def truecase_tokenizer(ds=None, settings=None):

@@ -25,7 +25,7 @@ BUILTIN_TRUECASE = "builtin:truecase"
 BUILTIN_S2S_TEACHER = "builtin:truecase-t5"
 
 
-def load_seq2seq_raw(spec, max_words: Optional[int] = None):
+def load_seq2seq_raw(spec, max_words: Optional[int] = None, train_windows: bool = False):
     """The recipe's splits, with the source and target columns checked before any model is
     loaded (the target only where it is needed: evaluation splits, and training unless
     ``label_column`` is null)."""
@@ -36,7 +36,7 @@ def load_seq2seq_raw(spec, max_words: Optional[int] = None):
         if spec.dataset_config is not None:
             raise ValueError(f"dataset_config: {spec.dataset_config!r}; {BUILTIN_TRUECASE} has "
                              "no configurations (set it to null)")
-        ds = truecase_dataset(max_words=max_words)
+        ds = truecase_dataset(max_words=max_words, train_windows=train_windows)
         for split in (spec.train_split, spec.eval_split, spec.test_split):
             if split and split not in ds:
                 raise ValueError(f"split {split!r} is not in {BUILTIN_TRUECASE}; it has {sorted(ds)}")
@@ -125,8 +125,10 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
     if not spec.label_column and skd is None:
         raise ValueError("label_column: null (no targets) needs sequence_kd: {...}, so the "
                          "student trains on the teacher's generations")
-    max_words = builtin_truecase_settings().max_words if k.teacher == BUILTIN_S2S_TEACHER else None
-    raw = load_seq2seq_raw(spec, max_words)
+    # The built-in teacher's data: its sentence length limit and training windows.
+    builtin = builtin_truecase_settings() if k.teacher == BUILTIN_S2S_TEACHER else None
+    raw = load_seq2seq_raw(spec, builtin.max_words if builtin else None,
+                           builtin.train_windows if builtin else False)
     teacher, tok, teacher_dir = resolve_seq2seq_teacher(k.teacher, progress)
     student, _ = build_student(recipe, teacher, tok)
     if not getattr(student.config, "is_encoder_decoder", False):
