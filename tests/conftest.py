@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GPU kernels are checked on CPU tensors by Triton's interpreter, which must be chosen before
+# anything (peft, bitsandbytes, torch) first imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
