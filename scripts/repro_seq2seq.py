@@ -4,7 +4,7 @@
     python scripts/repro_seq2seq.py --quick    # tiny settings, checks the pipeline (~2 min)
 
 Task: restore the casing and punctuation of real Rotten Tomatoes sentences (input lower-cased
-without punctuation; target the original), built by :mod:`distilkit.seq2seq.data`. A T5
+without punctuation; target the original), built by :mod:`distilkit.seq2seq.data`. A BART
 teacher is trained here from a config (cached), then one student shape (the teacher's
 encoder, every other decoder layer: "shrink and fine-tune") is trained five ways with the same
 initialisation, steps and seed:
@@ -53,9 +53,10 @@ def settings(quick: bool):
         teacher = Seq2SeqTeacherSettings(d_model=64, num_layers=2, num_decoder_layers=2,
                                          num_heads=4, d_ff=128, max_steps=30, warmup_steps=5,
                                          max_words=8, vocab_size=500, max_length=32)
-        return teacher, {"steps": 15, "eval": 24, "latency": 3, "max_new_tokens": 24}
+        return teacher, {"steps": 15, "eval": 24, "latency": 3, "max_new_tokens": 24,
+                         "train": 1000}
     return builtin_truecase_settings(), {"steps": 500, "eval": 400, "latency": 24,
-                                         "max_new_tokens": 64}
+                                         "max_new_tokens": 64, "train": None}
 
 
 def train_student(student, teacher, tok, train_ds, out_dir, steps, seed, alpha_kd, alpha_ce,
@@ -65,7 +66,7 @@ def train_student(student, teacher, tok, train_ds, out_dir, steps, seed, alpha_k
     from distilkit.trainer import DistilTrainer
 
     args = DistilConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=32,
-                        learning_rate=1e-3, warmup_steps=min(50, steps // 10), weight_decay=0.01,
+                        learning_rate=5e-4, warmup_steps=min(50, steps // 10), weight_decay=0.01,
                         temperature=2.0, alpha_kd=alpha_kd, alpha_ce=alpha_ce, seed=seed,
                         logging_steps=max(steps // 5, 1), save_strategy="no", report_to=[],
                         disable_tqdm=True, train_sampling_strategy="group_by_length",
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
     teacher, tok = load_seq2seq_teacher(t_dir)
     timings["teacher"] = time.time() - t0
     ds = truecase_dataset(max_words=t_set.max_words, train_windows=t_set.train_windows)
+    if run["train"]:  # --quick: students see (and the teacher decodes) a subset only
+        ds["train"] = ds["train"].select(range(min(run["train"], len(ds["train"]))))
     n = t_set.max_length
     train_ref = tokenize_seq2seq(ds["train"], tok, max_source_length=n, max_target_length=n)
     test = ds["test"].select(range(min(n_eval, len(ds["test"]))))
@@ -119,13 +122,13 @@ def main(argv=None) -> int:
         print(f"[repro_seq2seq] {name}: BLEU {m['bleu']:.2f}  exact {m['exact_match']:.3f}  "
               f"({time.time() - t_start:.0f}s)", flush=True)
 
-    evaluate("teacher", teacher, t_dir, f"T5 {t_set.num_layers}+{t_set.num_decoder_layers} "
+    evaluate("teacher", teacher, t_dir, f"{t_set.arch.upper()} {t_set.num_layers}+{t_set.num_decoder_layers} "
              f"layers, d_model {t_set.d_model}, {t_set.max_steps} steps on references",
              timings["teacher"])
 
     torch.manual_seed(a.seed)
     init = student_from_teacher(teacher, num_decoder_layers=max(1, t_set.num_decoder_layers // 2))
-    shape = (f"{t_set.num_layers}+{init.config.num_decoder_layers} layers "
+    shape = (f"{t_set.num_layers}+{len(init.config.distilkit_init['decoder'])} layers "
              f"(decoder layers {init.config.distilkit_init['decoder']} of the teacher)")
 
     def fresh():

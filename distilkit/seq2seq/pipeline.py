@@ -22,7 +22,7 @@ import time
 from typing import Optional
 
 BUILTIN_TRUECASE = "builtin:truecase"
-BUILTIN_S2S_TEACHER = "builtin:truecase-t5"
+BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
 
 
 def load_seq2seq_raw(spec, max_words: Optional[int] = None, train_windows: bool = False):

@@ -1,9 +1,9 @@
 """A seq2seq teacher trained here from a config, on the truecasing task, and cached.
 
 No T5, BART or Marian weights can be installed offline (ENVIRONMENT.md), so the seq2seq
-teacher is trained from scratch on :mod:`distilkit.seq2seq.data`'s task: a small T5 or BART
-(by default T5, d_model 256, 3+3 layers, ~6M parameters with a 3k vocabulary) that learns in a
-few minutes on 2 CPU cores. It is then distilled like any other teacher.
+teacher is trained from scratch on :mod:`distilkit.seq2seq.data`'s task: a small BART or T5
+(by default BART, d_model 128, 2+2 layers, ~0.9M parameters with a 2k vocabulary) that learns
+in a few minutes on 2 CPU cores. It is then distilled like any other teacher.
 
 The trained teacher is cached under ``$DISTILKIT_CACHE/teachers/truecase-<arch>-<hash>``, the
 hash covering everything that determines it (settings, tokenizer, data split), so a second run
@@ -28,7 +28,7 @@ ARCHS = ("t5", "bart")
 class Seq2SeqTeacherSettings:
     """Architecture and training of the truecasing teacher."""
 
-    arch: str = field(default="t5", metadata={"help": "'t5' or 'bart'."})
+    arch: str = field(default="bart", metadata={"help": "'bart' (learned absolute positions: learns the monotone copy of this task several times faster than T5 here) or 't5'."})
     d_model: int = field(default=128, metadata={"help": "Hidden width."})
     num_layers: int = field(default=2, metadata={"help": "Encoder layers."})
     num_decoder_layers: int = field(default=2, metadata={"help": "Decoder layers."})
@@ -37,7 +37,7 @@ class Seq2SeqTeacherSettings:
     dropout: float = field(default=0.0, metadata={"help": "Dropout rate while training (the windowed data is large enough to need none)."})
     max_steps: int = field(default=2000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=32, metadata={"help": "Sentences per step."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate (linear decay)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate (linear decay)."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps."})
     max_words: Optional[int] = field(default=12, metadata={"help": "Evaluate on sentences of at most this many words; train on windows of this many words (see train_windows)."})
     train_windows: bool = field(default=True, metadata={"help": "Train on every training sentence cut into overlapping max_words windows (several times more data than the short sentences alone)."})
@@ -192,6 +192,11 @@ def load_seq2seq_teacher(path: str):
 
 def builtin_truecase_settings() -> Seq2SeqTeacherSettings:
     """Settings of the built-in truecasing teacher (``teacher: builtin:truecase-t5``): the
-    defaults of :class:`Seq2SeqTeacherSettings`, sized to train in a few minutes on 2 cores (a T5 with d_model 128, 2+2 layers, ~0.9M
-    parameters, 2000 steps of 32 windows of at most 12 words)."""
+    defaults of :class:`Seq2SeqTeacherSettings`, sized to train in a few minutes on 2 cores (a BART with d_model 128, 2+2 layers, ~0.9M
+    parameters, 2000 steps of 32 windows of at most 12 words).
+
+    Measured on this task (validation, 276 sentences, greedy): BART reached BLEU 54.3 / exact
+    match 6.9% after 2000 steps while a T5 of the same size (lr 2e-3) was at BLEU 5.0: T5's
+    cross-attention has no position information, so it must first learn a content-based copy
+    circuit, which takes many more steps than BART's position-based alignment."""
     return Seq2SeqTeacherSettings()
