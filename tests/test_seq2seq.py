@@ -104,6 +104,20 @@ def test_student_with_all_layers_predicts_like_the_teacher(family):
         assert torch.allclose(student(**b).logits, teacher(**b).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fresh_smaller_student_from_config(family):
+    from distilkit.students.init import student_from_config
+    teacher = FAMILIES[family]()
+    depth = {"t5": {"num_decoder_layers": 1}, "bart": {"decoder_layers": 1},
+             "marian": {"decoder_layers": 1}}[family]
+    student = student_from_config(teacher, d_model=16, **depth)
+    assert type(student) is type(teacher) and student.config.d_model == 16
+    assert len(student.get_decoder().block if family == "t5" else student.get_decoder().layers) == 1
+    assert student(**_s2s_batch()).logits.shape == (3, 7, 120)
+    with pytest.raises(ValueError, match="unknown field"):
+        student_from_config(teacher, decoder_depth=1)
+
+
 # ------------------------------------------------------------------ token-level KD
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_token_kd_is_zero_at_identity(family, tmp_path):
