@@ -136,9 +136,9 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         raise ValueError(f"the teacher predicts {teachers[0].config.num_labels} labels but "
                          f"label_column {spec.label_column!r} has {n_labels} classes: fine-tune "
                          "a teacher on this task first")
-    texts = raw[spec.train_split][spec.text_column]
+    texts = list(raw[spec.train_split][spec.text_column])
     if spec.text_pair_column:
-        texts = texts + raw[spec.train_split][spec.text_pair_column]
+        texts += list(raw[spec.train_split][spec.text_pair_column])
     student, s_tok = build_student(recipe, teachers[0], tokenizer, texts)
     if getattr(student.config, "model_type", "") == "distilkit-bilstm":
         from distilkit.students.bilstm import check_pair_data

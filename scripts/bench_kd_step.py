@@ -57,8 +57,8 @@ def _batch(tok, batch_size: int, seq: int):
                 "labels": torch.randint(0, 2, (batch_size,))}
     from distilkit.data import builtin_dataset
     d = builtin_dataset()["train"].select(range(batch_size))
-    enc = tok(d["text"], padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    enc["labels"] = torch.tensor(d["label"])
+    enc = tok(list(d["text"]), padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    enc["labels"] = torch.tensor(list(d["label"]))
     return dict(enc)
 
 
