@@ -114,7 +114,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
 
     from distilkit.collate import DistilCollator
     from distilkit.compress.base import (CompressionContext, compress_, config_from_dict,
-                                         finalize_, get_method, save_compressed)
+                                         get_method)
     from distilkit.data import load_raw, num_labels_of, tokenize
     from distilkit.teachers import load_teacher
     from distilkit.trainer import DistilTrainer
@@ -172,21 +172,30 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results: dict = {}
     if trainer.is_world_process_zero():
-        model = trainer.model
-        if hasattr(model, "merge_and_unload") and k.save_merged_adapter:
-            model = model.merge_and_unload()
-        if comp_cfgs:
-            finalize_(model)
-        out_dir = os.path.join(args.output_dir, STUDENT_DIR)
-
-        def save(tmp):
-            save_compressed(model, tmp)
-            s_tok.save_pretrained(tmp)
-        _atomic_save_dir(out_dir, save)
+        out_dir = save_student(trainer.model, s_tok, args.output_dir, k.save_merged_adapter)
         results = _evaluate_and_report(recipe, raw, spec, teachers[0], tokenizer, first, out_dir,
                                        args, time.time() - t0, trainer)
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True) -> str:
+    """Finalize every applied compression method (e.g. convert to packed low-bit weights),
+    merge a LoRA adapter when asked, and write the student with its tokenizer to
+    ``run_dir/student`` atomically. Returns that directory."""
+    from distilkit.compress.base import compression_records, finalize_, save_compressed
+
+    if hasattr(model, "merge_and_unload") and merge_adapter:
+        model = model.merge_and_unload()
+    if compression_records(model):
+        finalize_(model)
+    out_dir = os.path.join(run_dir, STUDENT_DIR)
+
+    def save(tmp):
+        save_compressed(model, tmp)
+        tokenizer.save_pretrained(tmp)
+    _atomic_save_dir(out_dir, save)
+    return out_dir
 
 
 def _loader(ds, collator, batch_size):

@@ -107,8 +107,8 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
     import torch
 
     from distilkit.compress.base import (CompressionContext, compress_, config_from_dict,
-                                         finalize_, get_method, load_compressed, save_compressed)
-    from distilkit.pipeline import RESULTS_FILE, STUDENT_DIR, _atomic_save_dir, _atomic_write, build_student
+                                         get_method, load_compressed)
+    from distilkit.pipeline import RESULTS_FILE, _atomic_write, build_student, save_student
     from distilkit.seq2seq.data import seq2seq_collator, tokenize_seq2seq
     from distilkit.seq2seq.generate_eval import GenerationEvalCallback, GenerationSettings
     from distilkit.seq2seq.sequence_kd import sequence_kd_dataset, sequence_kd_settings
@@ -162,15 +162,7 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results: dict = {}
     if trainer.is_world_process_zero():
-        model = trainer.model
-        if comp_cfgs:
-            finalize_(model)
-        out_dir = os.path.join(args.output_dir, STUDENT_DIR)
-
-        def save(tmp):
-            save_compressed(model, tmp)
-            tok.save_pretrained(tmp)
-        _atomic_save_dir(out_dir, save)
+        out_dir = save_student(trainer.model, tok, args.output_dir, k.save_merged_adapter)
         split = spec.test_split or spec.eval_split
         common = dict(source_column=src, target_column=tgt, generation=k.generation,
                       max_samples=spec.max_eval_samples)
