@@ -15,7 +15,7 @@ def test_quickstart_recipe_on_real_teacher_and_data(tmp_path):
 
     out = tmp_path / "run"
     rc = main(["distill", os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml"),
-               "--no-progress", "--max_steps", "40", "--max_eval_samples", "256",
+               "--no-progress", "--max_steps", "40", "--max_train_samples", "1280", "--max_eval_samples", "256",
                "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")])
     assert rc == 0
     res = json.load(open(out / "results.json"))
