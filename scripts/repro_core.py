@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-eval", type=int, default=None, help="cap on evaluation examples")
     p.add_argument("--out", default="runs/repro_core")
+    p.add_argument("--report-only", action="store_true", help="tabulate the runs already on disk")
     a = p.parse_args()
 
     from distilkit.pipeline import run_recipe
@@ -40,18 +41,29 @@ def main() -> None:
 
     results: dict[str, list] = {name: [] for name in ROWS}
     teacher = None
-    for name, over in ROWS.items():
-        for seed in a.seeds:
+    # Seed-major order, and runs already on disk are reused: an interrupted reproduction
+    # resumes, and --report-only tabulates the complete seeds it has.
+    for seed in a.seeds:
+        for name, over in ROWS.items():
             tag = name.split(" (")[0].replace(" ", "_").replace("+", "plus").lower()
-            o = dict(over, seed=seed, output_dir=os.path.join(a.out, f"{tag}-s{seed}"),
-                     name=f"{tag}-s{seed}")
-            if a.max_steps:
-                o["max_steps"] = a.max_steps
-            if a.max_eval:
-                o["max_eval_samples"] = a.max_eval
-            res = run_recipe(Recipe.load(a.recipe, o), progress=False)
+            run_dir = os.path.join(a.out, f"{tag}-s{seed}")
+            done = os.path.join(run_dir, "results.json")
+            if os.path.isfile(done):
+                with open(done) as f:
+                    res = json.load(f)
+            elif a.report_only:
+                continue
+            else:
+                o = dict(over, seed=seed, output_dir=run_dir, name=f"{tag}-s{seed}")
+                if a.max_steps:
+                    o["max_steps"] = a.max_steps
+                if a.max_eval:
+                    o["max_eval_samples"] = a.max_eval
+                res = run_recipe(Recipe.load(a.recipe, o), progress=False)
             results[name].append(res)
             teacher = res["teacher"]
+    if teacher is None:
+        raise SystemExit(f"no finished runs under {a.out}")
 
     def ms(vals):
         return (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
