@@ -17,6 +17,7 @@ Lifecycle of a method inside a distillation run:
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import fnmatch
 import json
@@ -47,7 +48,7 @@ class CompressionContext:
     max_batches: Optional[int] = None
 
 
-class Method:
+class Method(abc.ABC):
     """Base class of a compression method handler. Subclass, set ``name`` and
     ``config_cls``, implement ``apply`` and ``restore``, and decorate with :func:`register`."""
 
@@ -55,11 +56,13 @@ class Method:
     config_cls: ClassVar[type] = object
     citation: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def apply(self, model: nn.Module, config: Any, ctx: CompressionContext) -> dict:
-        raise NotImplementedError(f"{type(self).__name__}.apply")
+        """Compress ``model`` in place; return the record that ``restore`` needs."""
 
+    @abc.abstractmethod
     def restore(self, model: nn.Module, record: dict) -> None:
-        raise NotImplementedError(f"{type(self).__name__}.restore")
+        """Rebuild the shapes described by ``record`` on a freshly built model."""
 
     def callbacks(self, model: nn.Module, config: Any, ctx: CompressionContext) -> list:
         return []
