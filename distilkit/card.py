@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 BUILTIN_TEACHER = "builtin:minilm-rt"
 BUILTIN_DATA = "builtin:rotten_tomatoes"
+BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
+BUILTIN_S2S_DATA = "builtin:truecase"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PLACEHOLDER = "PATH_OR_REPO_ID"  # loading snippets before the repo is known (hub.py fills it)
 
@@ -37,6 +39,7 @@ REFS = {
     "distilbert": "Sanh, Debut, Chaumond, Wolf. DistilBERT, a distilled version of BERT: "
                   "smaller, faster, cheaper and lighter. 2019. arXiv:1910.01108",
     "sft": "Shleifer, Rush. Pre-trained Summarization Distillation. 2020. arXiv:2010.13002",
+    "seqkd": "Kim, Rush. Sequence-Level Knowledge Distillation. EMNLP 2016. arXiv:1606.07947",
     "vader": "Hutto, Gilbert. VADER: A Parsimonious Rule-based Model for Sentiment Analysis of "
              "Social Media Text. ICWSM 2014 (the Rotten Tomatoes sentence ratings)",
 }
@@ -48,7 +51,8 @@ LOSS_TERMS = [
     ("alpha_mse", "logit MSE", "teacher's logits", ["tang"]),
     ("alpha_hidden", "hidden-state MSE (+ projection)", "mapped layers' hidden states",
      ["fitnets", "tinybert"]),
-    ("alpha_patient", "Patient-KD", "normalised [CLS] states of mapped layers", ["pkd"]),
+    ("alpha_patient", "Patient-KD", "normalised [CLS] states (seq2seq: token states) of "
+     "mapped layers", ["pkd"]),
     ("alpha_attention", "attention-map loss", "mapped layers' attention distributions",
      ["minilm"]),
     ("alpha_cosine", "cosine embedding loss", "mapped layers' hidden-state directions",
@@ -100,6 +104,10 @@ def _describe_teacher(recipe: dict) -> tuple[str, Optional[str]]:
     if isinstance(spec, list):
         names = ", ".join(f"`{s}`" for s in spec)
         return f"an ensemble of {len(spec)} teachers ({names}), soft targets averaged", None
+    if spec == BUILTIN_S2S_TEACHER:
+        return ("distilkit's built-in truecasing teacher: a small BART trained from its config "
+                "on the built-in sentences (input lower-cased without punctuation, target the "
+                "original sentence)", None)
     if spec == BUILTIN_TEACHER:
         return (f"distilkit's built-in teacher: [{MINILM_HUB_ID}](https://huggingface.co/"
                 f"{MINILM_HUB_ID}) (6 layers, hidden 384) fine-tuned on the built-in sentiment "
@@ -113,6 +121,10 @@ def _describe_data(recipe: dict) -> tuple[str, list[str]]:
     ds, files = recipe.get("dataset"), recipe.get("data_files")
     if files:
         return "local files " + ", ".join(f"`{k}: {v}`" for k, v in files.items()), []
+    if ds == BUILTIN_S2S_DATA:
+        return ("distilkit's built-in truecasing task: the Rotten Tomatoes sentences (Hutto & "
+                "Gilbert 2014, from the vaderSentiment 3.3.2 sources) lower-cased with "
+                "punctuation removed as the source, the original sentence as the target"), []
     if ds == BUILTIN_DATA:
         return ("distilkit's built-in data: the 10,605 Rotten Tomatoes sentences rated by humans "
                 "(Hutto & Gilbert 2014, shipped in the vaderSentiment 3.3.2 sources), labelled by "
@@ -145,17 +157,21 @@ def _front_matter(name: str, results: dict, base_model: Optional[str], datasets:
     from huggingface_hub import EvalResult, ModelCardData
 
     s = results.get("student") or {}
+    seq2seq = results.get("task") == "seq2seq"
+    task = "text2text-generation" if seq2seq else "text-classification"
+    metrics = ((("bleu", "bleu", "BLEU"), ("chrf", "chrf", "chrF"),
+                ("exact_match", "exact_match", "Exact match")) if seq2seq else
+               (("accuracy", "accuracy", "Accuracy"), ("f1", "macro_f1", "Macro F1")))
     evals = []
-    if datasets and s.get("accuracy") is not None:
-        for metric, key, label in (("accuracy", "accuracy", "Accuracy"),
-                                   ("f1", "macro_f1", "Macro F1")):
+    if datasets:
+        for metric, key, label in metrics:
             if s.get(key) is not None:
-                evals.append(EvalResult(task_type="text-classification", dataset_type=datasets[0],
+                evals.append(EvalResult(task_type=task, dataset_type=datasets[0],
                                         dataset_name=datasets[0], dataset_split=split,
                                         metric_type=metric, metric_value=round(s[key], 4),
                                         metric_name=label))
-    data = ModelCardData(library_name="transformers", pipeline_tag="text-classification",
-                         tags=tags, datasets=datasets or None, metrics=["accuracy", "f1"],
+    data = ModelCardData(library_name="transformers", pipeline_tag=task,
+                         tags=tags, datasets=datasets or None, metrics=[m[0] for m in metrics],
                          base_model=base_model, model_name=name if evals else None,
                          eval_results=evals or None)
     return f"---\n{data.to_yaml()}\n---\n"
@@ -179,7 +195,11 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
     teacher_txt, base_model = _describe_teacher(recipe)
     data_txt, datasets = _describe_data(recipe)
     student_txt, student_refs = _describe_student(recipe)
-    tags = ["distillation", "knowledge-distillation", "distilkit", "text-classification"]
+    seq2seq = results.get("task") == "seq2seq"
+    tags = ["distillation", "knowledge-distillation", "distilkit",
+            "text2text-generation" if seq2seq else "text-classification"]
+    if seq2seq and recipe.get("sequence_kd"):
+        tags.append("sequence-level-distillation")
     for e in entries:
         for t in METHOD_TAGS.get(e["method"], [e["method"].replace("_", "-")]):
             if t not in tags:
@@ -194,7 +214,8 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
         return ", ".join(f"[{refs.index(REFS[k]) + 1}]" for k in keys)
 
     lines = [_front_matter(name, results, base_model, datasets, tags, split), f"# {name}", "",
-             f"A text classifier distilled with distilkit from {teacher_txt}.", "", "## Teacher, student and data", "",
+             f"A {'sequence-to-sequence model' if seq2seq else 'text classifier'} distilled "
+             f"with distilkit from {teacher_txt}.", "", "## Teacher, student and data", "",
              f"- **Teacher**: {teacher_txt}."]
     t, s = results.get("teacher") or {}, results.get("student") or {}
     if t.get("parameters"):
@@ -204,6 +225,10 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
     if recipe.get("augment"):
         lines.append(f"- **Transfer-set augmentation** (`{json.dumps(recipe['augment'], sort_keys=True)}`): "
                      f"masking / POS-guided replacement / n-gram sampling, labelled by the teacher {cite(['tang'])}.")
+    if recipe.get("sequence_kd"):
+        lines.append(f"- **Sequence-level distillation** (`{json.dumps(recipe['sequence_kd'], sort_keys=True)}`): "
+                     f"the student trains on the teacher's generations for the training inputs "
+                     f"{cite(['seqkd'])}.")
     if recipe.get("max_length"):
         lines.append(f"- **Max sequence length**: {recipe['max_length']} tokens.")
 
@@ -220,6 +245,8 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
         extra.append(f"temperature T = {recipe['temperature']}")
     if any(recipe.get(f) for f in ("alpha_hidden", "alpha_patient", "alpha_attention", "alpha_cosine")):
         extra.append(f"layer map `{recipe.get('layer_map')}`")
+        if recipe.get("decoder_layer_map") is not None:
+            extra.append(f"decoder layer map `{recipe['decoder_layer_map']}`")
     for k in ("max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "seed"):
         if recipe.get(k) is not None and not (k == "max_steps" and recipe[k] in (-1, None)):
             extra.append(f"{k} = {recipe[k]}")
@@ -235,7 +262,14 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
     else:
         lines.append("None: the student is stored in full precision.")
 
-    if s:
+    if s and seq2seq:
+        lines += ["", "## Results", ""]
+        if split:
+            lines += [f"On the `{split}` split ({s.get('n', '?')} sentences), generated with "
+                      f"`{json.dumps(recipe.get('generation') or {}, sort_keys=True)}`; latency "
+                      "is the median CPU time to generate one sentence (batch 1).", ""]
+        lines.append(_seq2seq_table(name, t, s))
+    elif s:
         from distilkit.report import build_rows, markdown_table
 
         rows = build_rows([{"name": name, "teacher": t or s, "student": s, "recipe": recipe}])
@@ -253,14 +287,34 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
               f"tokenizer = AutoTokenizer.from_pretrained(\"{where}\")",
               "```", ""]
     plain = not entries and (recipe.get("student") or {}).get("type") != "bilstm"
+    auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForSequenceClassification"
     if plain:
         lines += ["The student is a plain transformers model, so this works too:", "",
-                  "```python", "from transformers import AutoModelForSequenceClassification", "",
-                  "model = AutoModelForSequenceClassification.from_pretrained("
-                  f"\"{where}\")", "```", ""]
+                  "```python", f"from transformers import {auto}", "",
+                  f"model = {auto}.from_pretrained(\"{where}\")", "```", ""]
     else:
         lines += ["`distilkit.from_pretrained` rebuilds the compressed layers described in "
                   "`compression_config.json` (or registers the BiLSTM architecture) before "
-                  "loading the weights; plain `AutoModelForSequenceClassification` cannot.", ""]
+                  f"loading the weights; plain `{auto}` cannot.", ""]
     lines += ["## References", ""] + [f"{i}. {r}" for i, r in enumerate(refs, 1)]
     return "\n".join(lines) + "\n"
+
+
+def _seq2seq_table(name: str, t: dict, s: dict) -> str:
+    """Teacher and student generation figures (BLEU, chrF, exact match, size, latency)."""
+    head = ["Model", "BLEU", "chrF", "Exact match", "BLEU retention", "Parameters",
+            "Size (MB)", "Compression", "Latency b1 (ms)", "Speed-up b1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    rows = ([("**teacher**", t)] if t else []) + [(name, s)]
+    for label, m in rows:
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if a and b else "n/a"
+        ret = f"{100 * m['bleu'] / t['bleu']:.1f}%" if t.get("bleu") else "n/a"
+        size = m.get("size_on_disk_bytes")
+        lines.append("| " + " | ".join([
+            label, f"{m['bleu']:.2f}", f"{m.get('chrf', float('nan')):.2f}",
+            f"{m.get('exact_match', float('nan')):.3f}", ret, f"{m.get('parameters', 0):,}",
+            f"{size / 1e6:.2f}" if size else "n/a",
+            ratio(t.get("size_on_disk_bytes"), size), f"{m['latency_ms']:.1f}" if m.get("latency_ms") else "n/a",
+            ratio(t.get("latency_ms"), m.get("latency_ms"))]) + " |")
+    return "\n".join(lines)

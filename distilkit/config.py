@@ -40,7 +40,7 @@ class DistilConfig(TrainingArguments):
     alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy (ignored on data without labels)."})
     alpha_mse: float = field(default=0.0, metadata={"help": "Weight of the logit MSE loss (Tang et al. 2019)."})
     alpha_hidden: float = field(default=0.0, metadata={"help": "Weight of the hidden-state MSE over mapped layers, with a learned projection when widths differ."})
-    alpha_patient: float = field(default=0.0, metadata={"help": "Weight (beta) of the Patient-KD loss on normalised [CLS] states (Sun et al. 2019)."})
+    alpha_patient: float = field(default=0.0, metadata={"help": "Weight (beta) of the Patient-KD loss on normalised [CLS] states (Sun et al. 2019); for encoder-decoder models, on every counted token of the mapped encoder and decoder layers."})
     alpha_attention: float = field(default=0.0, metadata={"help": "Weight of the attention-map loss over mapped layers (needs eager attention; switched on automatically)."})
     alpha_cosine: float = field(default=0.0, metadata={"help": "Weight of the cosine embedding loss on hidden states (DistilBERT)."})
     attention_loss_kind: str = field(default="kl", metadata={"help": "'kl' (MiniLM) or 'mse' (TinyBERT)."})

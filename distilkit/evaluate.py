@@ -312,6 +312,26 @@ def find_model_dir(path: str) -> str:
     return path
 
 
+def is_seq2seq_dir(model_dir: str) -> bool:
+    """Whether the model saved in ``model_dir`` is an encoder-decoder (evaluated by generation)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return bool(json.load(f).get("is_encoder_decoder", False))
+
+
+def default_spec(model_dir: str, recipe=None):
+    """The data to evaluate on when no flag names any: the recipe's, else the built-in task
+    that matches the model (truecasing for seq2seq, sentiment otherwise)."""
+    if recipe is not None:
+        return recipe.data
+    if is_seq2seq_dir(model_dir):
+        from distilkit.seq2seq.pipeline import default_seq2seq_spec
+
+        return default_seq2seq_spec()
+    from distilkit.data import DataSpec
+
+    return DataSpec()
+
+
 def _recipe_near(model_dir: str) -> Optional[str]:
     for d in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
         f = os.path.join(d, "recipe.yaml")
@@ -337,28 +357,36 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
     The data is ``data`` (a :class:`~distilkit.data.DataSpec`), else that of ``recipe``, else
     that of the ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the
     built-in dataset; ``max_length`` likewise comes from the argument, else the recipe, else
-    128. The split defaults to the spec's test split (else its eval split). The figures are
-    written to ``out_file`` (default ``MODEL_DIR/evaluation.json``) and returned.
+    128. The split defaults to the spec's test split (else its eval split). An encoder-decoder
+    model is evaluated by generation instead (BLEU, chrF, exact match; see
+    :func:`distilkit.seq2seq.pipeline.evaluate_seq2seq_dir`), on the built-in truecasing task
+    when nothing names the data. The figures are written to ``out_file`` (default
+    ``MODEL_DIR/evaluation.json``) and returned.
     """
     from transformers import AutoTokenizer
 
     from distilkit.compress.base import load_compressed
-    from distilkit.data import DataSpec, load_raw
+    from distilkit.data import load_raw
 
     model_dir = find_model_dir(model_dir)
     r = _load_recipe(recipe or _recipe_near(model_dir))
-    spec = data or (r.data if r else DataSpec())
-    max_length = max_length or (r.keys.max_length if r else None) or 128
-    raw = load_raw(spec)
-    split = split or spec.test_split or spec.eval_split
-    if split not in raw:
-        raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
-    model = load_compressed(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    res = evaluate_model(model, tokenizer, raw[split], text_column=spec.text_column,
-                         text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-                         max_length=max_length, model_dir=model_dir, **kwargs)
-    res["split"] = split
+    if is_seq2seq_dir(model_dir):
+        from distilkit.seq2seq.pipeline import evaluate_seq2seq_dir
+
+        res = evaluate_seq2seq_dir(model_dir, r, data, split, latency=kwargs.get("latency", True))
+    else:
+        spec = data or default_spec(model_dir, r)
+        max_length = max_length or (r.keys.max_length if r else None) or 128
+        raw = load_raw(spec)
+        split = split or spec.test_split or spec.eval_split
+        if split not in raw:
+            raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
+        model = load_compressed(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        res = evaluate_model(model, tokenizer, raw[split], text_column=spec.text_column,
+                             text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+                             max_length=max_length, model_dir=model_dir, **kwargs)
+        res["split"] = split
     out_file = out_file or os.path.join(model_dir, "evaluation.json")
     tmp = f"{out_file}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
@@ -369,8 +397,9 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
 
 def format_metrics(res: dict) -> str:
     """The figures as aligned ``name: value`` lines, for the terminal."""
-    keys = ["accuracy", "macro_f1", "examples", "parameters", "nonzero_parameters",
-            "size_on_disk_bytes", "bits_per_weight", "latency_ms_batch1", "latency_ms_batch32",
+    keys = ["accuracy", "macro_f1", "examples", "bleu", "chrf", "exact_match", "n",
+            "parameters", "nonzero_parameters", "size_on_disk_bytes", "bits_per_weight",
+            "latency_ms", "gen_ms_per_sentence", "latency_ms_batch1", "latency_ms_batch32",
             "peak_memory_mb", "model_memory_mb", "activation_peak_mb", "threads", "max_length"]
     width = max(len(k) for k in keys)
     return "\n".join(f"{k:<{width}}  {res[k]:.4f}" if isinstance(res.get(k), float)
@@ -426,11 +455,9 @@ def _spec_from_args(args, base):
 
 def run_evaluate(args, rest=None) -> int:
     """``distilkit evaluate``: evaluate, print the figures, write them as JSON."""
-    from distilkit.data import DataSpec
-
     recipe = args.recipe or _recipe_near(find_model_dir(args.model_dir))
     r = _load_recipe(recipe)
-    spec = _spec_from_args(args, r.data if r else DataSpec())
+    spec = _spec_from_args(args, default_spec(find_model_dir(args.model_dir), r))
     res = evaluate_dir(args.model_dir, spec, recipe=recipe, split=args.split,
                        max_length=args.max_length, out_file=args.output,
                        latency=not args.no_latency)

@@ -247,16 +247,24 @@ def _evaluate_and_report(recipe, raw, spec, teacher, tokenizer, teacher_path, ou
         "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
         "recipe": recipe.to_dict(),
     }
-    run_dir = args.output_dir
-    _atomic_write(os.path.join(run_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str))
-    _atomic_write(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    from distilkit.card import model_card
-    _atomic_write(os.path.join(out_dir, "README.md"), model_card(results, recipe.to_dict()))
-    if k.push_to_hub:
-        from distilkit.hub import push_to_hub
-        push_to_hub(out_dir, k.hub_repo_id)
+    write_run_outputs(recipe, results, args.output_dir, out_dir)
     print(summary(results))
     return results
+
+
+def write_run_outputs(recipe: Recipe, results: dict, run_dir: str, model_dir: str) -> None:
+    """What every finished run leaves (each file written atomically): ``results.json`` and the
+    resolved ``recipe.yaml`` in the run directory, the model card as the student's
+    ``README.md``; then the push to the Hub when the recipe asks for it."""
+    from distilkit.card import model_card
+
+    os.makedirs(run_dir, exist_ok=True)
+    _atomic_write(os.path.join(run_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str))
+    _atomic_write(os.path.join(run_dir, "recipe.yaml"), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    _atomic_write(os.path.join(model_dir, "README.md"), model_card(results, recipe.to_dict()))
+    if recipe.keys.push_to_hub:
+        from distilkit.hub import push_to_hub
+        push_to_hub(model_dir, recipe.keys.hub_repo_id)
 
 
 def summary(results: dict) -> str:

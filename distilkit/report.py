@@ -58,12 +58,17 @@ def load_results(run_dir: str) -> dict:
         if not isinstance(res.get(part), dict):
             raise ValueError(f"{path}: no {part!r} figures; expected the results.json schema "
                              "{name, teacher, student, recipe}")
-        for k in ("accuracy", "parameters", "size_on_disk_bytes"):
+        for k in ("parameters", "size_on_disk_bytes"):
             if k not in res[part]:
                 raise ValueError(f"{path}: {part} figures lack {k!r}")
     res.setdefault("name", os.path.basename(os.path.dirname(os.path.abspath(path))))
     res["_path"] = path
     return res
+
+
+def default_metric(results: Sequence[dict]) -> str:
+    """BLEU when every run is a seq2seq run (scored by generation), accuracy otherwise."""
+    return "bleu" if results and all(r.get("task") == "seq2seq" for r in results) else "accuracy"
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -83,6 +88,9 @@ def build_rows(results: Sequence[dict], metric: str = "accuracy") -> list[dict]:
 
 
 def _row(name: str, m: dict, t: dict, metric: str, is_teacher: bool = False) -> dict:
+    # Seq2seq runs time one generated sentence (batch 1) as ``latency_ms``.
+    m = {"latency_ms_batch1": m.get("latency_ms"), **m}
+    t = {"latency_ms_batch1": t.get("latency_ms"), **t}
     if metric not in m:
         raise ValueError(f"metric: {metric!r} is not among the figures "
                          f"({', '.join(sorted(k for k, v in m.items() if isinstance(v, float)))})")
@@ -162,8 +170,9 @@ def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
     from matplotlib.ticker import FuncFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    lat = 32 if any(r.get("latency_ms_batch32") for r in rows) else 1
     panels = [("size_mb", "size on disk (MB, log)"),
-              ("latency_ms_batch32", "CPU latency, batch 32 (ms, log)")]
+              (f"latency_ms_batch{lat}", f"CPU latency, batch {lat} (ms, log)")]
     for ax, (key, label) in zip(axes, panels):
         pts = [r for r in rows if r.get(key)]
         for r in pts:
@@ -193,13 +202,15 @@ def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
     return path
 
 
-def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: str = "accuracy",
+def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str] = None,
                  title: Optional[str] = None) -> dict:
     """Write ``report.md``, ``report.png`` and ``report.json`` for ``run_dirs`` into
-    ``out_dir``; returns ``{"markdown": path, "plot": path, "json": path, "rows": rows}``."""
+    ``out_dir``; returns ``{"markdown": path, "plot": path, "json": path, "rows": rows,
+    "metric": metric}``. ``metric`` defaults to :func:`default_metric` of the runs."""
     if not run_dirs:
         raise ValueError("give at least one run directory")
     results = [load_results(d) for d in run_dirs]
+    metric = metric or default_metric(results)
     rows = build_rows(results, metric)
     os.makedirs(out_dir, exist_ok=True)
     png = plot_tradeoffs(rows, os.path.join(out_dir, "report.png"), metric, title)
@@ -223,7 +234,7 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: str = "accura
     js = os.path.join(out_dir, "report.json")
     _atomic_text(js, json.dumps({"metric": metric, "rows": rows,
                                  "runs": [r["_path"] for r in results]}, indent=2))
-    return {"markdown": md, "plot": png, "json": js, "rows": rows}
+    return {"markdown": md, "plot": png, "json": js, "rows": rows, "metric": metric}
 
 
 def _atomic_text(path: str, text: str) -> None:
@@ -241,13 +252,14 @@ def add_report_arguments(p) -> None:
     """Arguments of ``distilkit report`` (wired by :mod:`distilkit.cli`)."""
     p.add_argument("run_dirs", nargs="+", help="run directories written by distilkit distill")
     p.add_argument("--out", default="report", help="output directory (default: ./report)")
-    p.add_argument("--metric", default="accuracy", help="the task metric to compare")
+    p.add_argument("--metric", default=None,
+                   help="the task metric to compare (default: bleu for seq2seq runs, else accuracy)")
     p.add_argument("--title", default=None)
 
 
 def run_report(args, rest=None) -> int:
     """``distilkit report``: write the table and plot, print the table."""
     out = write_report(args.run_dirs, args.out, metric=args.metric, title=args.title)
-    print(markdown_table(out["rows"], args.metric))
+    print(markdown_table(out["rows"], out["metric"]))
     print(f"(written: {out['markdown']}, {out['plot']})")
     return 0

@@ -306,7 +306,8 @@ class DistilTrainer(Trainer):
         t_att = _streams(t_outs[0], self.is_seq2seq, True) if a.needs_attentions else {}
         masks = {"encoder": inputs.get("attention_mask"),
                  "decoder": (inputs["labels"] != -100) if "labels" in inputs and self.is_seq2seq else None}
-        hid, cos, pat, att = [], [], [], []
+        hid, cos, att = [], [], []
+        pat: dict[str, list] = {}
         for stack, pairs in self.layer_pairs.items():
             for s, t in pairs:
                 m = masks[stack]
@@ -315,8 +316,9 @@ class DistilTrainer(Trainer):
                     hid.append(L.hidden_mse(s_h[stack][s], t_h[stack][t], proj, m))
                 if a.alpha_cosine:
                     cos.append(L.cosine_loss(s_h[stack][s], t_h[stack][t], m))
-                if a.alpha_patient and stack == "encoder":
-                    pat.append((s_h[stack][s][:, 0], t_h[stack][t][:, 0]))
+                if a.alpha_patient:
+                    pat.setdefault(stack, []).append(
+                        (_pooled(s_h[stack][s], m, self.is_seq2seq), _pooled(t_h[stack][t], m, self.is_seq2seq)))
                 if a.alpha_attention:
                     if s_att[stack] is None or s_att[stack][s - 1] is None:
                         raise ValueError("the model returned no attention maps; attention losses "
@@ -328,7 +330,10 @@ class DistilTrainer(Trainer):
         if cos:
             terms["cosine"] = sum(cos) / len(cos)
         if pat:
-            terms["patient"] = L.patient_loss([p[0] for p in pat], [p[1] for p in pat])
+            # One Patient-KD term per stack (their token counts differ), summed like the
+            # per-layer distances inside each.
+            terms["patient"] = sum(L.patient_loss([p[0] for p in ps], [p[1] for p in ps])
+                                   for ps in pat.values())
         if att:
             terms["attention"] = sum(att) / len(att)
         return terms
@@ -339,6 +344,17 @@ class DistilTrainer(Trainer):
                 logs[f"loss_{k}"] = round(float(v) / self._term_counts, 6)
             self._term_totals, self._term_counts = {}, 0
         super().log(logs, start_time)
+
+
+def _pooled(hidden: torch.Tensor, mask: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
+    """The vectors Patient-KD compares: the [CLS] state ``(B, H)`` of an encoder classifier,
+    or, for encoder-decoder stacks (no [CLS]; the decoder is read at every target position),
+    every counted token's state ``(N, H)``."""
+    if not per_token:
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.reshape(-1, hidden.shape[-1])
+    return hidden[mask.bool()]
 
 
 def _count_items(batch) -> int:

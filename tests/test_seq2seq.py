@@ -154,6 +154,42 @@ def test_token_kd_ignores_padding(family, tmp_path):
     assert batch_kd == pytest.approx(total / count, rel=1e-4)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_seq2seq_patient_kd_is_zero_at_identity_on_both_stacks(family, tmp_path):
+    student = _no_dropout(FAMILIES[family]())
+    teacher = copy.deepcopy(student).eval()
+    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                       args=_args(tmp_path, alpha_kd=0.0, alpha_ce=0.0, alpha_patient=1.0,
+                                  layer_map=[[1, 1]], decoder_layer_map=[[1, 1], [2, 2]]))
+    loss = tr.compute_loss(student, _s2s_batch(pad_id=student.config.pad_token_id))
+    assert abs(float(loss.detach())) < 1e-6
+    assert set(tr._term_totals) == {"patient"}
+
+
+def _decoder_grad_norms(family, tmp_path, **maps):
+    """Gradient norms reaching each decoder layer from the Patient-KD term alone."""
+    student = _no_dropout(FAMILIES[family](seed=1))
+    teacher = FAMILIES[family](seed=2).eval()
+    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
+                       args=_args(tmp_path, alpha_kd=0.0, alpha_ce=0.0, alpha_patient=1.0, **maps))
+    loss = tr.compute_loss(student, _s2s_batch(pad_id=student.config.pad_token_id))
+    assert float(loss) > 0
+    loss.backward()
+    layers = student.get_decoder().block if family == "t5" else student.get_decoder().layers
+    return [sum(float(p.grad.norm()) for p in layer.parameters() if p.grad is not None)
+            for layer in layers]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_patient_kd_trains_the_decoder_up_to_the_mapped_layer(family, tmp_path):
+    # Decoder pair (1, 1): layer 1's output depends on decoder layer 0 (index 0) only.
+    grads = _decoder_grad_norms(family, tmp_path, layer_map=None, decoder_layer_map=[[1, 1]])
+    assert grads[0] > 0 and grads[1] == 0
+    # Encoder pairs only: the decoder gets no gradient.
+    grads = _decoder_grad_norms(family, tmp_path, layer_map=[[1, 1]])
+    assert grads == [0, 0]
+
+
 def test_soft_target_kl_mask_ignores_padded_positions():
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
@@ -408,7 +444,8 @@ def test_seq2seq_recipe_end_to_end(tok, tmp_path):
            "data_files": files, "text_column": "src", "label_column": "tgt", "max_length": 24,
            "sequence_kd": {"max_new_tokens": 5}, "generation": {"max_new_tokens": 5},
            "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run"),
-           "alpha_kd": 0.5, "alpha_ce": 0.5, "max_steps": 2, "per_device_train_batch_size": 4,
+           "alpha_kd": 0.5, "alpha_ce": 0.5, "alpha_patient": 1.0, "decoder_layer_map": [[1, 2]],
+           "logging_steps": 1, "max_steps": 2, "per_device_train_batch_size": 4,
            "use_cpu": True, "compression": [{"method": "quantize", "bits": 4, "bucket_size": 256}]}
     res = run_recipe(Recipe.from_dict(raw), progress=False)
     assert res["task"] == "seq2seq" and res["split"] == "test"
@@ -418,6 +455,27 @@ def test_seq2seq_recipe_end_to_end(tok, tmp_path):
     assert res["sequence_kd"]["computed"] == len(SENTENCES)
     assert os.path.isfile(tmp_path / "run" / "results.json")
     assert os.path.isfile(tmp_path / "run" / "student" / "compression_config.json")
+    assert {"loss_kd", "loss_ce", "loss_patient"} <= set(res["train_log"][-1])
+    # The model card speaks of generation, not classification, and carries the figures.
+    card = (tmp_path / "run" / "student" / "README.md").read_text()
+    assert "pipeline_tag: text2text-generation" in card and "- bleu" in card
+    assert "Sequence-level distillation" in card and "AutoModelForSeq2SeqLM" in card
+    assert f"{res['student']['bleu']:.2f}" in card and "decoder layer map `[[1, 2]]`" in card
+    assert "accuracy" not in card.lower()
+    # `distilkit evaluate` on the run directory generates again with the recipe beside it.
+    from distilkit.cli import main
+    assert main(["evaluate", str(tmp_path / "run"), "--no-latency"]) == 0
+    ev = _json.loads((tmp_path / "run" / "student" / "evaluation.json").read_text())
+    assert ev["task"] == "seq2seq" and ev["split"] == "test" and ev["n"] == 3
+    assert ev["bleu"] == pytest.approx(res["student"]["bleu"])
+    assert ev["size_on_disk_bytes"] == res["student"]["size_on_disk_bytes"]
+    # `distilkit report` compares seq2seq runs by BLEU, with generation latency.
+    from distilkit.report import write_report
+    rep = write_report([str(tmp_path / "run")], str(tmp_path / "report"))
+    assert rep["metric"] == "bleu" and rep["rows"][1]["bleu"] == res["student"]["bleu"]
+    assert rep["rows"][1]["speedup_batch1"] == pytest.approx(
+        res["teacher"]["latency_ms"] / res["student"]["latency_ms"])
+    assert os.path.getsize(rep["plot"]) > 0
     # Bad input is caught before training: no target column in an evaluation split.
     bad = {**raw, "label_column": "missing"}
     with pytest.raises(ValueError, match="label_column: column 'missing'"):

@@ -236,22 +236,23 @@ def read_records(path: str) -> list:
 
 
 def load_compressed(path: str, auto_cls: Any = None, **kwargs) -> nn.Module:
-    """Load a model saved by :func:`save_compressed` (or a plain ``save_pretrained`` one).
+    """Load a model saved by :func:`save_compressed` (or a plain ``save_pretrained`` one);
+    ``auto_cls`` defaults to :func:`default_auto_class` of the saved config.
 
     The architecture is built from the saved config, each record's ``restore`` rebuilds the
     shapes the method changed, then the saved tensors are loaded strictly: a mismatch between
     the metadata and the tensors is an error, never a silent partial load.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from distilkit.modeling import ensure_registered, load_state_dict_from_dir
 
     ensure_registered()
-    auto_cls = auto_cls or AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(path)
+    auto_cls = auto_cls or default_auto_class(config)
     records = read_records(path)
     if not records:
         return auto_cls.from_pretrained(path, **kwargs)
-    config = AutoConfig.from_pretrained(path)
     model = auto_cls.from_config(config)
     for rec in records:
         get_method(rec["method"]).restore(model, rec)
@@ -273,6 +274,16 @@ def load_compressed(path: str, auto_cls: Any = None, **kwargs) -> nn.Module:
     object.__setattr__(model, RECORDS_ATTR, records)
     model.eval()
     return model
+
+
+def default_auto_class(config):
+    """The Auto class distilkit's outputs load with: seq2seq LM for encoder-decoder configs,
+    sequence classification otherwise (BiLSTM students included, once registered)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForSeq2SeqLM
+    return AutoModelForSequenceClassification
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

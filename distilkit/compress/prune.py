@@ -173,6 +173,16 @@ class PruneHeadsConfig:
         _check_choice("prune_heads", "importance", self.importance, ("auto", "gradient", "weight"))
 
 
+def lowest_in_scope(scores: dict[str, torch.Tensor], scope: str, fraction: Optional[float],
+                    count: Optional[int], unit: str) -> dict[str, list]:
+    """The units to remove: the lowest-scoring over the whole model (``scope="global"``,
+    ``fraction`` / ``count`` of all units) or within each group (``"per_layer"``)."""
+    if scope == "global":
+        total = sum(len(s) for s in scores.values())
+        return lowest_global(scores, how_many(total, fraction, count))
+    return lowest_per_group(scores, fraction, count, unit)
+
+
 def _importance_kind(requested: str, ctx: CompressionContext, data_free: str) -> str:
     if requested != "auto":
         return requested
@@ -207,11 +217,7 @@ class PruneHeads(Method):
                 scores = head_weight_norms(adapter)
             scores = {n: scores[n] for n in names}
             record.update(importance=kind, scores=_scores_payload(scores))
-            if cfg.scope == "global":
-                total = sum(len(s) for s in scores.values())
-                remove = lowest_global(scores, how_many(total, cfg.fraction, cfg.count))
-            else:
-                remove = lowest_per_group(scores, cfg.fraction, cfg.count, "heads")
+            remove = lowest_in_scope(scores, cfg.scope, cfg.fraction, cfg.count, "heads")
         keep = {}
         total_heads = sum(adapter.num_heads(blocks[h]) for h in names)
         for holder in names:
@@ -355,11 +361,7 @@ class PruneFFN(Method):
         kind = _importance_kind(cfg.importance, ctx, "l1")
         scores = ffn_importance(adapter, ctx, kind)
         scores = {n: scores[n] for n in names}
-        if cfg.scope == "global":
-            total = sum(len(s) for s in scores.values())
-            remove = lowest_global(scores, how_many(total, cfg.fraction, cfg.count))
-        else:
-            remove = lowest_per_group(scores, cfg.fraction, cfg.count, "neurons")
+        remove = lowest_in_scope(scores, cfg.scope, cfg.fraction, cfg.count, "neurons")
         kept = {}
         for n in names:
             gone = set(remove[n])

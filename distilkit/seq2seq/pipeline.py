@@ -16,7 +16,6 @@ is ``dataset: builtin:truecase`` (``text_column: source``, ``label_column: targe
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
@@ -102,13 +101,46 @@ def evaluate_seq2seq_model(model, tokenizer, dataset, model_dir: Optional[str] =
     return out
 
 
+def default_seq2seq_spec():
+    """The data a seq2seq model is evaluated on when nothing names any: the built-in task."""
+    from distilkit.data import DataSpec
+
+    return DataSpec(dataset=BUILTIN_TRUECASE, text_column="source", label_column="target")
+
+
+def evaluate_seq2seq_dir(model_dir: str, recipe=None, spec=None, split: Optional[str] = None,
+                         latency: bool = True) -> dict:
+    """``distilkit evaluate`` for an encoder-decoder model directory: generate over ``split``
+    of ``spec`` (default: the recipe's data, else the built-in truecasing task) with the
+    recipe's generation settings and score it (BLEU, chrF, exact match, size, latency)."""
+    from transformers import AutoTokenizer
+
+    from distilkit.compress.base import load_compressed
+    from distilkit.seq2seq.teacher import builtin_truecase_settings
+
+    spec = spec or (recipe.data if recipe else default_seq2seq_spec())
+    builtin = (builtin_truecase_settings()
+               if recipe is None or recipe.keys.teacher == BUILTIN_S2S_TEACHER else None)
+    split = split or spec.test_split or spec.eval_split
+    raw = load_seq2seq_raw(spec, builtin.max_words if builtin else None)
+    if split not in raw:
+        raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
+    model = load_compressed(model_dir)
+    res = evaluate_seq2seq_model(model, AutoTokenizer.from_pretrained(model_dir), raw[split],
+                                 model_dir, spec.text_column, spec.label_column,
+                                 recipe.keys.generation if recipe else None,
+                                 latency_samples=16 if latency else 0)
+    res.update(split=split, task="seq2seq")
+    return res
+
+
 def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
     """Run a ``task: seq2seq`` recipe and return its results (also in ``results.json``)."""
     import torch
 
     from distilkit.compress.base import (CompressionContext, compress_, config_from_dict,
                                          get_method, load_compressed)
-    from distilkit.pipeline import RESULTS_FILE, _atomic_write, build_student, save_student
+    from distilkit.pipeline import build_student, save_student, write_run_outputs
     from distilkit.seq2seq.data import seq2seq_collator, tokenize_seq2seq
     from distilkit.seq2seq.generate_eval import GenerationEvalCallback, GenerationSettings
     from distilkit.seq2seq.sequence_kd import sequence_kd_dataset, sequence_kd_settings
@@ -178,9 +210,7 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
             "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
             "recipe": recipe.to_dict(),
         }
-        os.makedirs(args.output_dir, exist_ok=True)
-        _atomic_write(os.path.join(args.output_dir, RESULTS_FILE),
-                      json.dumps(results, indent=2, default=str))
+        write_run_outputs(recipe, results, args.output_dir, out_dir)
         if progress:
             print(summary(results))
     trainer.accelerator.wait_for_everyone()
