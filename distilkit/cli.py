@@ -7,11 +7,16 @@ each command's logic lives in its own module and the CLI only wires it. Works th
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# peft imports bitsandbytes whenever it is installed (the [gpu] extra), and on AVX512 CPUs
+# bitsandbytes then warns that an optional hub-downloaded kernel is missing. distilkit's CPU
+# path never uses it, so the warning would only mislead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _parse_overrides(rest: list[str]) -> dict:
