@@ -91,3 +91,19 @@ def test_two_process_accelerate_launch(tiny_task):
     assert res["student"]["parameters"] > 0
     # two real gloo processes trained together (accelerate --cpu alone would start one)
     assert res["processes"] == 2 and res["global_steps"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(
+    os.path.dirname(__file__), "..", "recipes")) if f.endswith(".yaml")))
+def test_shipped_recipes_are_valid(name):
+    """Every recipe in recipes/ parses, passes validation, builds its DistilConfig and its
+    compression configs: a typo in a shipped recipe fails here, not in a user's run."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.recipe import Recipe
+
+    r = Recipe.load(os.path.join(os.path.dirname(__file__), "..", "recipes", name))
+    args = r.distil_config()
+    assert (args.max_steps > 0 or args.num_train_epochs > 0) and \
+        (args.alpha_kd or args.alpha_ce or args.alpha_mse)
+    for entry in r.keys.compression:
+        config_from_dict(entry)
