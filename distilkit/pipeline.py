@@ -154,9 +154,16 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         from distilkit.teacher_cache import attach_teacher_outputs
         outputs = ("logits", "cls_hidden") if args.alpha_patient else ("logits",)
         t_train = tokenize({"t": train_raw}, tokenizer, spec, max_length=k.max_length)["t"]
-        train_ds = attach_teacher_outputs(train_ds, teacher_spec if isinstance(teacher_spec, str) else teachers[0],
-                                          teacher_dataset=t_train, max_length=k.max_length,
-                                          outputs=outputs, cache_dir=k.cache_dir, progress=progress)
+        cache_kw = dict(teacher_dataset=t_train, max_length=k.max_length, cache_dir=k.cache_dir,
+                        progress=progress)
+        # With an adapter the teacher is the merged model, not the files at its path: key
+        # the cache by (and compute with) the loaded weights.
+        members = teachers if k.teacher_adapter else (
+            teacher_spec if isinstance(teacher_spec, list) else [teacher_spec])
+        train_ds = attach_teacher_outputs(train_ds, members[0], outputs=outputs, **cache_kw)
+        if len(members) > 1:  # every member's logits, averaged per step like a live ensemble
+            from distilkit.teacher_cache import attach_ensemble_logits
+            train_ds = attach_ensemble_logits(train_ds, members, **cache_kw)
     collator = DistilCollator(s_tok)
     ctx = CompressionContext(
         dataloader=_loader(ds[spec.train_split], collator, args.per_device_train_batch_size),

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 OUTPUT_KINDS = ("logits", "cls_hidden")
 COLUMN = {"logits": "teacher_logits", "cls_hidden": "teacher_cls_hidden"}
+ENSEMBLE_COLUMN = "teacher_ensemble_logits"
 SHARD_FILE = "outputs.safetensors"
 MANIFEST = "manifest.json"
 NAMESPACE_FILE = "namespace.json"
@@ -552,6 +553,23 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
     if progress:
         print(msg)
     return result
+
+
+def attach_ensemble_logits(dataset, teachers: Sequence[Any], **kwargs):
+    """Return ``dataset`` with column ``teacher_ensemble_logits``: per example a ``(K, C)``
+    array, row ``k`` the logits of ``teachers[k]``, each teacher cached in its own namespace
+    (so a teacher shared between ensembles is computed once). ``kwargs`` are those of
+    :func:`attach_teacher_outputs`; the ensemble is averaged at training time, at the
+    run's temperature and ``ensemble_weights``, not here."""
+    if len(teachers) < 2:
+        raise ValueError(f"an ensemble needs at least 2 teachers, got {len(teachers)}")
+    kwargs = {**kwargs, "outputs": ("logits",)}
+    per = [np.asarray(attach_teacher_outputs(dataset, t, **kwargs)[COLUMN["logits"]],
+                      dtype=np.float32) for t in teachers]
+    if len({p.shape for p in per}) != 1:
+        raise ValueError(f"the ensemble's teachers predict different numbers of classes "
+                         f"({[p.shape[-1] for p in per]}); every teacher needs the same labels")
+    return _set_column(dataset, ENSEMBLE_COLUMN, np.stack(per, axis=1))
 
 
 def _set_column(ds, name: str, values: np.ndarray):

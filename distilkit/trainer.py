@@ -5,8 +5,9 @@ The trainer only orchestrates; the math is in :mod:`distilkit.losses`. Per step 
 student once and each teacher once (in eval mode, without gradients, prepared by accelerate in
 evaluation mode), asking the teacher for hidden states or attentions only when a term with a
 positive weight needs them. When the batch already carries the teacher's outputs (columns
-``teacher_logits`` / ``teacher_cls_hidden`` from :mod:`distilkit.teacher_cache`) the teacher
-is not run at all and need not even be loaded.
+``teacher_logits`` / ``teacher_cls_hidden``, or ``teacher_ensemble_logits`` for an ensemble,
+from :mod:`distilkit.teacher_cache`) the teacher is not run at all and need not even be
+loaded.
 
 Gradient accumulation is exact: every term is a mean over the micro-batch's items, weighted by
 the micro-batch's share of the items in the whole accumulated (and, with several processes,
@@ -98,7 +99,7 @@ class DistilTrainer(Trainer):
         s_cfg = _base_config(model)
         teachers = [t if isinstance(t, nn.Module) else
                     load_teacher(t, adapter=args.teacher_adapter, like=s_cfg) for t in specs]
-        if args.ensemble_weights is not None and len(args.ensemble_weights) != len(teachers):
+        if teachers and args.ensemble_weights is not None and len(args.ensemble_weights) != len(teachers):
             raise ValueError(f"ensemble_weights: {len(args.ensemble_weights)} weights for "
                              f"{len(teachers)} teachers; give one weight per teacher")
         if args.needs_attentions:
@@ -179,7 +180,7 @@ class DistilTrainer(Trainer):
         # student's forward, but compute_loss needs them: keep them when Trainer drops the
         # columns the model does not take (remove_unused_columns=True, the default).
         super()._set_signature_columns_if_needed()
-        extra = ("teacher_logits", "teacher_cls_hidden", *TEACHER_INPUT_KEYS)
+        extra = ("teacher_logits", "teacher_ensemble_logits", "teacher_cls_hidden", *TEACHER_INPUT_KEYS)
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     # ------------------------------------------------------------------ optimizer / saving
@@ -271,6 +272,14 @@ class DistilTrainer(Trainer):
 
     def _teacher_outputs(self, inputs, cached, kw):
         """Teacher outputs and logits, from the cache columns when the batch carries them."""
+        if "teacher_ensemble_logits" in cached:  # (B, K, C): one row per teacher
+            members = list(cached["teacher_ensemble_logits"].unbind(1))
+            w = self.args.ensemble_weights
+            if w is not None and len(w) != len(members):
+                raise ValueError(f"ensemble_weights: {len(w)} weights for the {len(members)} "
+                                 "teachers in the cached teacher_ensemble_logits; give one "
+                                 "weight per teacher")
+            return [], members
         if "teacher_logits" in cached:
             return [], [cached["teacher_logits"]]
         if not self.teachers:

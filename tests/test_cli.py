@@ -107,3 +107,48 @@ def test_shipped_recipes_are_valid(name):
         (args.alpha_kd or args.alpha_ce or args.alpha_mse)
     for entry in r.keys.compression:
         config_from_dict(entry)
+
+
+def _student_params(run_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(os.path.join(run_dir, "student"))
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_ensemble_and_adapter_teachers_train_the_same_from_the_cache(tiny_task):
+    """A recipe trains the same student with the teacher-output cache as without it, for an
+    ensemble (every member's logits cached, not only the first's) and for a teacher with a
+    peft adapter (the merged teacher's logits, not the base model's)."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_bert
+
+    tmp, t1 = tiny_task["tmp"], tiny_task["teacher"]
+    t2 = str(tmp / "teacher2")
+    shutil.copytree(t1, t2)
+    vocab = AutoModelForSequenceClassification.from_pretrained(t1).config.vocab_size
+    tiny_bert(vocab=vocab, layers=4, seed=9).save_pretrained(t2)
+    lora = get_peft_model(AutoModelForSequenceClassification.from_pretrained(t1),
+                          LoraConfig(r=2, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.2)
+    lora.save_pretrained(str(tmp / "adapter"))
+    for name, change in (("ens", {"teacher": [t1, t2], "ensemble_weights": [1, 2]}),
+                         ("lora", {"teacher_adapter": str(tmp / "adapter")})):
+        params = []
+        for cached in (False, True):
+            out = str(tmp / f"{name}-{cached}")
+            path, _ = _recipe(tiny_task, output_dir=out, teacher_cache=cached,
+                              cache_dir=str(tmp / f"cache-{name}"), max_steps=3, **change)
+            assert main(["distill", path, "--no-progress"]) == 0
+            params.append(_student_params(out))
+        assert torch.allclose(params[0], params[1], atol=1e-5), name
+    assert len(os.listdir(tmp / "cache-ens")) == 2  # one namespace per ensemble member

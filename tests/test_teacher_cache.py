@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_bert
 from tiny_text import tiny_dataset, tiny_tokenizer, tokenized
 
-from distilkit.teacher_cache import (MANIFEST, SHARD_FILE, TeacherCache, attach_teacher_outputs,
-                                     example_keys, teacher_fingerprint)
+from distilkit.teacher_cache import (MANIFEST, SHARD_FILE, TeacherCache, attach_ensemble_logits,
+                                     attach_teacher_outputs, example_keys, teacher_fingerprint)
 
 
 @pytest.fixture
@@ -247,3 +247,20 @@ def test_training_from_a_full_cache_never_constructs_the_teacher(tmp_path, data,
     logged = [h for h in trainer.state.log_history if "loss_kd" in h]
     assert logged and all(k in logged[0] for k in ("loss_kd", "loss_ce", "loss_patient"))
     assert not torch.equal(before, student.classifier.weight)
+
+
+def test_ensemble_logits_stack_each_teacher_and_hit_the_cache(tmp_path, data, teacher_dir):
+    other = tmp_path / "teacher2"
+    tiny_bert(seed=7).save_pretrained(other)
+    cache, loader = tmp_path / "cache", CountingLoader()
+    kw = dict(max_length=32, cache_dir=str(cache), teacher_loader=loader, progress=False)
+    out = attach_ensemble_logits(data, [teacher_dir, str(other)], **kw)
+    got = np.asarray(out["teacher_ensemble_logits"])
+    assert got.shape == (len(data), 2, 2) and loader.calls == 2
+    for k, d in enumerate((teacher_dir, str(other))):
+        np.testing.assert_allclose(got[:, k], reference(d, data)[0], atol=1e-5)
+    again = attach_ensemble_logits(data, [teacher_dir, str(other)], **kw)
+    assert loader.calls == 2  # both members read from the cache
+    np.testing.assert_array_equal(np.asarray(again["teacher_ensemble_logits"]), got)
+    with pytest.raises(ValueError, match="at least 2 teachers"):
+        attach_ensemble_logits(data, [teacher_dir], **kw)

@@ -129,6 +129,22 @@ def test_cached_teacher_logits_replace_the_teacher(tmp_path):
     assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
 
 
+def test_cached_ensemble_logits_replace_the_teachers(tmp_path):
+    teachers = [tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=2)]
+    ds = _ds(16)
+    ids, mask = torch.tensor(ds["input_ids"]), torch.tensor(ds["attention_mask"])
+    with torch.no_grad():
+        stacked = torch.stack([t(input_ids=ids, attention_mask=mask).logits for t in teachers], 1)
+    ds_cached = ds.add_column("teacher_ensemble_logits", stacked.tolist())
+    s1, s2 = tiny_bert(layers=1, seed=4), tiny_bert(layers=1, seed=4)
+    args = dict(max_steps=2, ensemble_weights=[1, 3], alpha_mse=0.5)
+    for s, kw, d in ((s1, {"teacher_model": teachers}, ds),
+                     (s2, {"teacher_config": teachers[0].config}, ds_cached)):
+        DistilTrainer(model=s, args=_args(tmp_path, **args), train_dataset=d,
+                      data_collator=DistilCollator(pad_token_id=0), **kw).train()
+    assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
+
+
 def test_resume_from_checkpoint(tmp_path):
     t = tiny_bert(layers=2)
     args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, alpha_hidden=1.0)
