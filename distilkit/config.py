@@ -76,6 +76,12 @@ class DistilConfig(TrainingArguments):
     def needs_attentions(self) -> bool:
         return self.alpha_attention > 0
 
+    @property
+    def needs_token_states(self) -> bool:
+        """Whether a term reads the teacher's per-token states or attention maps, which the
+        teacher-output cache does not hold (it keeps logits and [CLS] states)."""
+        return any(getattr(self, n) > 0 for n in ("alpha_hidden", "alpha_attention", "alpha_cosine"))
+
 
 def resolve_layer_map(spec: Optional[Union[str, list]], n_student: int, n_teacher: int,
                       field_name: str = "layer_map") -> list[tuple[int, int]]:

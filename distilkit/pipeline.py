@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, Optional
 
@@ -150,7 +151,11 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     ds = tokenize(raw, s_tok, spec, max_length=k.max_length)
     train_ds = (tokenize({"train": train_raw}, s_tok, spec, max_length=k.max_length)["train"]
                 if k.augment else ds[spec.train_split])
-    if s_tok is not tokenizer or k.teacher_cache:
+    if k.teacher_cache and args.needs_token_states:
+        print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
+              "alpha_cosine read the teacher's per-token states, which are not cached; the "
+              "teacher runs every step", file=sys.stderr)
+    if s_tok is not tokenizer or (k.teacher_cache and not args.needs_token_states):
         from distilkit.teacher_cache import attach_teacher_outputs
         outputs = ("logits", "cls_hidden") if args.alpha_patient else ("logits",)
         t_train = tokenize({"t": train_raw}, tokenizer, spec, max_length=k.max_length)["t"]

@@ -271,7 +271,16 @@ class DistilTrainer(Trainer):
         return (loss, s_out) if return_outputs else loss
 
     def _teacher_outputs(self, inputs, cached, kw):
-        """Teacher outputs and logits, from the cache columns when the batch carries them."""
+        """Teacher outputs and logits, from the cache columns when the batch carries them and
+        no term needs more than they hold; else from the teacher, run now."""
+        a = self.args
+        live = a.needs_token_states or (a.alpha_patient and "teacher_cls_hidden" not in cached)
+        if live and not self.teachers:
+            raise ValueError("the hidden-state, attention and cosine losses (and Patient-KD "
+                             "without cached [CLS] states) read the teacher's layers, which the "
+                             "teacher-output cache does not hold: pass teacher_model=...")
+        if live:
+            cached = {k: v for k, v in cached.items() if k in TEACHER_INPUT_KEYS}
         if "teacher_ensemble_logits" in cached:  # (B, K, C): one row per teacher
             members = list(cached["teacher_ensemble_logits"].unbind(1))
             w = self.args.ensemble_weights

@@ -145,6 +145,26 @@ def test_cached_ensemble_logits_replace_the_teachers(tmp_path):
     assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
 
 
+def test_layer_losses_run_the_teacher_even_when_logits_are_cached(tmp_path):
+    """Cached logits hold no per-token states: with alpha_hidden the teacher runs, and the
+    run equals one without the cache; with no teacher to run it is a clear error."""
+    t = tiny_bert(layers=2)
+    ds = _ds(16)
+    with torch.no_grad():
+        logits = t(input_ids=torch.tensor(ds["input_ids"]), attention_mask=torch.tensor(ds["attention_mask"])).logits
+    ds_cached = ds.add_column("teacher_logits", logits.tolist())
+    s1, s2 = tiny_bert(layers=1, seed=4), tiny_bert(layers=1, seed=4)
+    kw = dict(max_steps=2, alpha_hidden=1.0, layer_map=[[1, 2]])
+    for s, d in ((s1, ds), (s2, ds_cached)):
+        DistilTrainer(model=s, teacher_model=t, args=_args(tmp_path, **kw), train_dataset=d,
+                      data_collator=DistilCollator(pad_token_id=0)).train()
+    assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
+    tr = DistilTrainer(model=tiny_bert(layers=1), teacher_config=t.config, train_dataset=ds_cached,
+                       args=_args(tmp_path, **kw), data_collator=DistilCollator(pad_token_id=0))
+    with pytest.raises(ValueError, match="teacher-output cache does not hold"):
+        tr.train()
+
+
 def test_resume_from_checkpoint(tmp_path):
     t = tiny_bert(layers=2)
     args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, alpha_hidden=1.0)
