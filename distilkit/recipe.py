@@ -129,6 +129,20 @@ class Recipe:
             raise ValueError(f"task: {k.task!r} must be 'classification' or 'seq2seq'")
         if not isinstance(k.student, dict) or k.student.get("type", "from_teacher") not in STUDENT_TYPES:
             raise ValueError(f"student: {k.student!r} needs a 'type' among {STUDENT_TYPES}")
+        # Keys of the other task would be silently ignored: say so instead.
+        if k.task == "seq2seq":
+            if k.teacher_cache:
+                raise ValueError("teacher_cache: true applies to task: classification (cached "
+                                 "logits); a seq2seq recipe caches the teacher's generations "
+                                 "with sequence_kd: {...} instead. Remove teacher_cache")
+            if k.augment:
+                raise ValueError("augment: applies to task: classification (a BiLSTM transfer "
+                                 "set); remove it from this seq2seq recipe")
+        else:
+            for name in ("sequence_kd", "generation"):
+                if getattr(k, name):
+                    raise ValueError(f"{name}: applies to task: seq2seq only; add task: seq2seq "
+                                     f"or remove {name}")
         if not isinstance(k.max_length, int) or k.max_length < 2:
             raise ValueError(f"max_length: {k.max_length!r} must be an integer >= 2")
         if not isinstance(k.compression, list):

@@ -60,6 +60,8 @@ def test_distill_writes_student_results_recipe_and_card(tiny_task, capsys):
     ({"teacher": "/nonexistent/teacher"}, "does not exist"),
     ({"compression": [{"method": "quantize", "bits": 12}]}, "bits"),
     ({"compression": [{"method": "shrink"}]}, "unknown"),
+    ({"sequence_kd": {"num_beams": 2}}, "sequence_kd: applies to task: seq2seq only"),
+    ({"task": "seq2seq", "teacher_cache": True}, "teacher_cache: true applies to task: classification"),
 ])
 def test_bad_input_fails_before_training_and_leaves_no_model(tiny_task, capsys, change, message):
     path, out = _recipe(tiny_task, **change)
