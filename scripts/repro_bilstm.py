@@ -125,8 +125,9 @@ def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     ds = builtin_dataset()
-    train_x, train_y = ds["train"]["text"], ds["train"]["label"]
-    test_x, test_y = ds["test"]["text"], ds["test"]["label"]
+    # Plain lists: datasets 5 returns lazy Column objects, which do not support * or +.
+    train_x, train_y = list(ds["train"]["text"]), list(ds["train"]["label"])
+    test_x, test_y = list(ds["test"]["text"]), list(ds["test"]["label"])
     if a.quick:
         train_x, train_y, test_x, test_y = train_x[:600], train_y[:600], test_x[:200], test_y[:200]
     t_path = builtin_teacher() if a.teacher == BUILTIN_TEACHER else a.teacher
