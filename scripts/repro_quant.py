@@ -10,7 +10,7 @@ Rows, each evaluated on the test split *after* ``save_compressed`` + ``load_comp
 2. 4-bit and 2-bit PM (post-training) quantization of that student, with buckets
    (k = ``--bucket-size``) and without (one min/max per tensor);
 3. 4-bit and 2-bit quantized distillation (same student init and steps as row 1, trained
-   with fake-quantized weights, then converted);
+   with fake-quantized weights, then converted), with buckets and without;
 4. 2-bit differentiable quantization: starting from row 1, only the quantization points
    (non-uniform, one set per layer) are learned against the distillation loss.
 
@@ -180,33 +180,72 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         return student_from_teacher(teacher, num_layers=args.student_layers).train()
 
-    fp32 = distil(new_student(), teacher, train_ds, tok, args.steps, args.lr, args,
-                  os.path.join(work, "run_fp32"))
-    rows.append(measure("fp32 distilled", copy.deepcopy(fp32), test_ds, tok, work, auto))
+    # Finished rows are kept in WORK/rows.json (with the settings that made them), so a rerun
+    # with the same --work-dir and settings computes only the rows still missing.
+    settings = {k2: v for k2, v in vars(args).items() if k2 != "work_dir"}
+    done_file = os.path.join(work, "rows.json")
+    done = {}
+    if os.path.isfile(done_file):
+        with open(done_file) as f:
+            saved = json.load(f)
+        done = saved["rows"] if saved.get("settings") == settings else {}
+
+    def row(label, make):
+        if label not in done:
+            done[label] = measure(label, make(), test_ds, tok, work, auto)
+            tmp = f"{done_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"settings": settings, "rows": done}, f, indent=1)
+            os.replace(tmp, done_file)
+        rows.append(done[label])
+        print(label, done[label], flush=True)
+
+    fp32_cache = []
+
+    def fp32():
+        """The fp32 distilled student: trained once, or reloaded from its exported row."""
+        if not fp32_cache:
+            saved = os.path.join(work, "fp32_distilled")
+            if "fp32 distilled" in done and os.path.isdir(saved):
+                fp32_cache.append(auto.from_pretrained(saved))
+            else:
+                fp32_cache.append(distil(new_student(), teacher, train_ds, tok, args.steps,
+                                         args.lr, args, os.path.join(work, "run_fp32")))
+        return copy.deepcopy(fp32_cache[0])
+
+    def pm(bits, bucket):
+        m = fp32()
+        compress_(m, PTQConfig(bits=bits, bucket_size=bucket))
+        return m
+
+    def qd(bits, bucket):
+        m = new_student()
+        compress_(m, QuantizeConfig(bits=bits, bucket_size=bucket))
+        return distil(m, teacher, train_ds, tok, args.steps, args.lr, args,
+                      os.path.join(work, f"run_qd{bits}_{bucket}"))
+
+    def differentiable():
+        m = fp32()
+        compress_(m, QuantizeConfig(bits=2, bucket_size=k, scheme="nonuniform",
+                                    points_init=args.points_init, differentiable=True))
+        # Algorithm 2 of the paper: the points learn, everything else stays as distilled.
+        for n, prm in m.named_parameters():
+            prm.requires_grad_(n.endswith(".points"))
+        return distil(m, teacher, train_ds, tok, args.diff_steps, args.diff_lr, args,
+                      os.path.join(work, "run_diff2"))
+
+    def buckets(bucket):
+        return f"buckets k={k}" if bucket else "no buckets"
+
+    row("fp32 distilled", fp32)
     for bits in (4, 2):
         for bucket in (k, None):
-            m = copy.deepcopy(fp32)
-            compress_(m, PTQConfig(bits=bits, bucket_size=bucket))
-            label = f"{bits}-bit PM quantization, " + (f"buckets k={k}" if bucket else
-                                                       "no buckets")
-            rows.append(measure(label, m, test_ds, tok, work, auto))
+            row(f"{bits}-bit PM quantization, {buckets(bucket)}", lambda: pm(bits, bucket))
     for bits in (4, 2):
-        m = new_student()
-        compress_(m, QuantizeConfig(bits=bits, bucket_size=k))
-        m = distil(m, teacher, train_ds, tok, args.steps, args.lr, args,
-                   os.path.join(work, f"run_qd{bits}"))
-        rows.append(measure(f"{bits}-bit quantized distillation, k={k}", m, test_ds, tok,
-                            work, auto))
-    m = copy.deepcopy(fp32)
-    compress_(m, QuantizeConfig(bits=2, bucket_size=k, scheme="nonuniform",
-                                points_init=args.points_init, differentiable=True))
-    # Algorithm 2 of the paper: the points learn, everything else stays as distilled.
-    for n, prm in m.named_parameters():
-        prm.requires_grad_(n.endswith(".points"))
-    m = distil(m, teacher, train_ds, tok, args.diff_steps, args.diff_lr, args,
-               os.path.join(work, "run_diff2"))
-    rows.append(measure(f"2-bit differentiable quantization, k={k}", m, test_ds, tok,
-                        work, auto))
+        row(f"{bits}-bit quantized distillation, k={k}", lambda: qd(bits, k))
+    for bits in (4, 2):
+        row(f"{bits}-bit quantized distillation, no buckets", lambda: qd(bits, None))
+    row(f"2-bit differentiable quantization, k={k}", differentiable)
 
     teacher_acc = accuracy(teacher, test_ds, tok)
     print(f"\nTeacher: {teacher_name}, test accuracy {teacher_acc:.4f}\n")
