@@ -198,6 +198,21 @@ def latency_ms(model: nn.Module, batch: dict, warmup: int = 2, runs: int = 10) -
     return float(statistics.median(times))
 
 
+def interleaved_latency_ms(fns: dict, runs: int = 7, warmup: int = 2) -> dict:
+    """Median wall time in ms of each callable of ``fns``, the callables taking turns run by
+    run, so that machine noise hits all alike: the way to compare models side by side."""
+    import torch
+    times: dict = {k: [] for k in fns}
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    times[k].append((time.perf_counter() - t0) * 1000)
+    return {k: float(statistics.median(v)) for k, v in times.items()}
+
+
 def _status_kb(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:

