@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--recover-steps", type=int, default=600,
                    help="distillation steps after factorizing / while quantizing")
     p.add_argument("--rank", type=float, default=0.5, help="lstm_projection rank (fraction)")
+    p.add_argument("--embedding-init", choices=["teacher", "random"], default="teacher",
+                   help="word embeddings from the teacher's (averaged word pieces) or random; "
+                        "Tang et al. used pretrained word2vec")
     p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "repro_bilstm"))
     a = p.parse_args(argv)
     if a.quick:
@@ -157,7 +160,7 @@ def main(argv=None):
         print(name, rows[name][-1], flush=True)
 
     size = dict(embedding_dim=a.embedding_dim, hidden_size=a.hidden_size, mlp_hidden_size=200,
-                dropout=0.1)
+                dropout=0.1, embedding_init=a.embedding_init)
     aug_cache: dict = {}
     for seed in a.seeds:
         out = os.path.join(a.out, f"seed{seed}")
