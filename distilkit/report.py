@@ -187,7 +187,9 @@ def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
         ax.margins(x=0.2, y=0.12)  # room for the labels at the edges
         plain = FuncFormatter(lambda v, _: f"{v:g}")
         ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        # Within one decade the log axis has no major tick to read: label the minor ones.
+        narrow = pts and max(r[key] for r in pts) < 10 * min(r[key] for r in pts)
+        ax.xaxis.set_minor_formatter(plain if narrow else FuncFormatter(lambda v, _: ""))
         ax.set_xlabel(label)
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(True, which="both", alpha=0.3)
