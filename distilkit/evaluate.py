@@ -79,12 +79,22 @@ def model_files(model_dir: str) -> dict[str, int]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(parameters, non-zero parameters)``; tied parameters are counted once."""
+    """``(parameters, non-zero parameters)``; tied parameters are counted once. A module that
+    stores its weights compactly (e.g. the magnitude method's ``SparseLinear``: only the
+    nonzero values) reports its logical counts through a ``parameter_counts()`` method, so a
+    pruned layer counts as its dense shape with its zeros, not as its stored values."""
     import torch
     total = nonzero = 0
+    own: set = set()
+    for m in model.modules():
+        if callable(getattr(m, "parameter_counts", None)):
+            t, n = m.parameter_counts()
+            total, nonzero = total + t, nonzero + n
+            own.update(id(p) for p in m.parameters())
     for p in model.parameters():  # deduplicated by identity
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()))
+        if id(p) not in own:
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p.detach()))
     return total, nonzero
 
 
@@ -413,7 +423,7 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
 def format_metrics(res: dict) -> str:
     """The figures as aligned ``name: value`` lines, for the terminal."""
     keys = ["accuracy", "macro_f1", "examples", "bleu", "chrf", "exact_match", "n",
-            "parameters", "nonzero_parameters", "size_on_disk_bytes", "bits_per_weight",
+            "parameters", "nonzero_parameters", "sparsity", "size_on_disk_bytes", "bits_per_weight",
             "latency_ms", "gen_ms_per_sentence", "latency_ms_batch1", "latency_ms_batch32",
             "peak_memory_mb", "model_memory_mb", "activation_peak_mb", "threads", "max_length"]
     width = max(len(k) for k in keys)

@@ -95,6 +95,16 @@ def test_finalize_exports_compactly_and_reports_honestly(tmp_path):
     assert isinstance(loaded.bert.encoder.layer[3].output.dense, SparseLinear)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=1e-6)
+    # evaluate counts the pruned layers at their dense shape, their zeros as zeros.
+    from distilkit.evaluate import count_parameters
+    total, nonzero = count_parameters(loaded)
+    assert total == dense
+    sparse = [m for m in loaded.modules() if isinstance(m, SparseLinear)]
+    for m in sparse:  # the counts of the rebuilt dense weight and the bias
+        assert m.parameter_counts() == (m.weight.numel() + m.bias.numel(),
+                                        int((m.weight != 0).sum() + (m.bias != 0).sum()))
+    pruned = sum(m.weight.numel() - m.values.numel() for m in sparse)
+    assert total - nonzero >= pruned and pruned / total == pytest.approx(rec["model_sparsity"], abs=1e-3)
 
 
 def test_global_scope_prunes_layers_unevenly():

@@ -148,6 +148,15 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(logical parameters: the dense weight and the bias, nonzero ones), for
+        :func:`distilkit.evaluate.count_parameters`."""
+        bias = 0 if self.bias is None else self.bias.numel()
+        nonzero = int(torch.count_nonzero(self.values))
+        if self.bias is not None:
+            nonzero += int(torch.count_nonzero(self.bias))
+        return self.in_features * self.out_features + bias, nonzero
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"nnz={self.values.numel()}")
