@@ -119,17 +119,29 @@ def test_fresh_smaller_student_from_config(family):
 
 
 # ------------------------------------------------------------------ token-level KD
+IDENTITY_CASES = {  # weights -> the terms computed (each must be zero), tolerance
+    "token_kd_and_hidden": (dict(alpha_kd=1.0, alpha_ce=0.0, temperature=3.0, alpha_hidden=1.0,
+                                 layer_map=[[1, 1], [2, 2]], decoder_layer_map=[[1, 1], [2, 2]]),
+                            {"kd", "hidden"}, 1e-5),
+    "patient_both_stacks": (dict(alpha_kd=0.0, alpha_ce=0.0, alpha_patient=1.0,
+                                 layer_map=[[1, 1]], decoder_layer_map=[[1, 1], [2, 2]]),
+                            {"patient"}, 1e-6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IDENTITY_CASES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_token_kd_is_zero_at_identity(family, tmp_path):
+def test_seq2seq_losses_are_zero_at_identity(family, case, tmp_path):
+    """Token-level KD, hidden-state and Patient-KD losses on encoder and decoder layers are
+    zero when the student is the teacher."""
+    weights, terms, tol = IDENTITY_CASES[case]
     student = _no_dropout(FAMILIES[family]())
     teacher = copy.deepcopy(student).eval()
     tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
-                       args=_args(tmp_path, alpha_kd=1.0, alpha_ce=0.0, temperature=3.0,
-                                  alpha_hidden=1.0, layer_map=[[1, 1], [2, 2]],
-                                  decoder_layer_map=[[1, 1], [2, 2]]))
-    loss = tr.compute_loss(student, _s2s_batch())
-    assert abs(float(loss.detach())) < 1e-5
-    assert set(tr._term_totals) == {"kd", "hidden"}
+                       args=_args(tmp_path, **weights))
+    loss = tr.compute_loss(student, _s2s_batch(pad_id=student.config.pad_token_id))
+    assert abs(float(loss.detach())) < tol
+    assert set(tr._term_totals) == terms
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -152,18 +164,6 @@ def test_token_kd_ignores_padding(family, tmp_path):
         total += float(tr.compute_loss(student, one)) * n_tgt
         count += n_tgt
     assert batch_kd == pytest.approx(total / count, rel=1e-4)
-
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_seq2seq_patient_kd_is_zero_at_identity_on_both_stacks(family, tmp_path):
-    student = _no_dropout(FAMILIES[family]())
-    teacher = copy.deepcopy(student).eval()
-    tr = DistilTrainer(model=student, teacher_model=teacher, train_dataset=[],
-                       args=_args(tmp_path, alpha_kd=0.0, alpha_ce=0.0, alpha_patient=1.0,
-                                  layer_map=[[1, 1]], decoder_layer_map=[[1, 1], [2, 2]]))
-    loss = tr.compute_loss(student, _s2s_batch(pad_id=student.config.pad_token_id))
-    assert abs(float(loss.detach())) < 1e-6
-    assert set(tr._term_totals) == {"patient"}
 
 
 def _decoder_grad_norms(family, tmp_path, **maps):

@@ -116,51 +116,53 @@ def test_ensemble_of_teachers(tmp_path):
     assert len(tr.teachers) == 2
 
 
-def test_cached_teacher_logits_replace_the_teacher(tmp_path):
-    t = tiny_bert(layers=2)
-    ds = _ds(16)
+def _with_cached(ds, teachers, column="teacher_logits"):
+    """``ds`` plus the teachers' logits as a cache column: ``(C)`` for one teacher, ``(K, C)``
+    for ``teacher_ensemble_logits``."""
+    ids, mask = torch.tensor(ds["input_ids"]), torch.tensor(ds["attention_mask"])
     with torch.no_grad():
-        logits = t(input_ids=torch.tensor(ds["input_ids"]), attention_mask=torch.tensor(ds["attention_mask"])).logits
-    ds_cached = ds.add_column("teacher_logits", logits.tolist())
-    s1, s2 = tiny_bert(layers=1, seed=4), tiny_bert(layers=1, seed=4)
-    for s, kw, d in ((s1, {"teacher_model": t}, ds), (s2, {"teacher_config": t.config}, ds_cached)):
-        DistilTrainer(model=s, args=_args(tmp_path, max_steps=2), train_dataset=d,
+        logits = [t(input_ids=ids, attention_mask=mask).logits for t in teachers]
+    value = torch.stack(logits, 1) if column == "teacher_ensemble_logits" else logits[0]
+    return ds.add_column(column, value.tolist())
+
+
+def _trained_alike(tmp_path, runs, **args):
+    """The final weights of identical students, one trained per ``(trainer kwargs, data)``."""
+    out = []
+    for kw, d in runs:
+        s = tiny_bert(layers=1, seed=4)
+        DistilTrainer(model=s, args=_args(tmp_path, max_steps=2, **args), train_dataset=d,
                       data_collator=DistilCollator(pad_token_id=0), **kw).train()
-    assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
+        out.append(_trained_params(s))
+    return out
+
+
+def test_cached_teacher_logits_replace_the_teacher(tmp_path):
+    t, ds = tiny_bert(layers=2), _ds(16)
+    live, cached = _trained_alike(tmp_path, [({"teacher_model": t}, ds),
+                                             ({"teacher_config": t.config}, _with_cached(ds, [t]))])
+    assert torch.allclose(live, cached, atol=1e-5)
 
 
 def test_cached_ensemble_logits_replace_the_teachers(tmp_path):
-    teachers = [tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=2)]
-    ds = _ds(16)
-    ids, mask = torch.tensor(ds["input_ids"]), torch.tensor(ds["attention_mask"])
-    with torch.no_grad():
-        stacked = torch.stack([t(input_ids=ids, attention_mask=mask).logits for t in teachers], 1)
-    ds_cached = ds.add_column("teacher_ensemble_logits", stacked.tolist())
-    s1, s2 = tiny_bert(layers=1, seed=4), tiny_bert(layers=1, seed=4)
-    args = dict(max_steps=2, ensemble_weights=[1, 3], alpha_mse=0.5)
-    for s, kw, d in ((s1, {"teacher_model": teachers}, ds),
-                     (s2, {"teacher_config": teachers[0].config}, ds_cached)):
-        DistilTrainer(model=s, args=_args(tmp_path, **args), train_dataset=d,
-                      data_collator=DistilCollator(pad_token_id=0), **kw).train()
-    assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
+    teachers, ds = [tiny_bert(layers=2, seed=1), tiny_bert(layers=2, seed=2)], _ds(16)
+    ds_cached = _with_cached(ds, teachers, "teacher_ensemble_logits")
+    live, cached = _trained_alike(
+        tmp_path, [({"teacher_model": teachers}, ds), ({"teacher_config": teachers[0].config}, ds_cached)],
+        ensemble_weights=[1, 3], alpha_mse=0.5)
+    assert torch.allclose(live, cached, atol=1e-5)
 
 
 def test_layer_losses_run_the_teacher_even_when_logits_are_cached(tmp_path):
     """Cached logits hold no per-token states: with alpha_hidden the teacher runs, and the
     run equals one without the cache; with no teacher to run it is a clear error."""
-    t = tiny_bert(layers=2)
-    ds = _ds(16)
-    with torch.no_grad():
-        logits = t(input_ids=torch.tensor(ds["input_ids"]), attention_mask=torch.tensor(ds["attention_mask"])).logits
-    ds_cached = ds.add_column("teacher_logits", logits.tolist())
-    s1, s2 = tiny_bert(layers=1, seed=4), tiny_bert(layers=1, seed=4)
-    kw = dict(max_steps=2, alpha_hidden=1.0, layer_map=[[1, 2]])
-    for s, d in ((s1, ds), (s2, ds_cached)):
-        DistilTrainer(model=s, teacher_model=t, args=_args(tmp_path, **kw), train_dataset=d,
-                      data_collator=DistilCollator(pad_token_id=0)).train()
-    assert torch.allclose(_trained_params(s1), _trained_params(s2), atol=1e-5)
+    t, ds = tiny_bert(layers=2), _ds(16)
+    ds_cached = _with_cached(ds, [t])
+    kw = dict(alpha_hidden=1.0, layer_map=[[1, 2]])
+    live, cached = _trained_alike(tmp_path, [({"teacher_model": t}, ds), ({"teacher_model": t}, ds_cached)], **kw)
+    assert torch.allclose(live, cached, atol=1e-5)
     tr = DistilTrainer(model=tiny_bert(layers=1), teacher_config=t.config, train_dataset=ds_cached,
-                       args=_args(tmp_path, **kw), data_collator=DistilCollator(pad_token_id=0))
+                       args=_args(tmp_path, max_steps=2, **kw), data_collator=DistilCollator(pad_token_id=0))
     with pytest.raises(ValueError, match="teacher-output cache does not hold"):
         tr.train()
 
