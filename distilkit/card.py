@@ -305,10 +305,11 @@ def _seq2seq_table(name: str, t: dict, s: dict) -> str:
     head = ["Model", "BLEU", "chrF", "Exact match", "BLEU retention", "Parameters",
             "Size (MB)", "Compression", "Latency b1 (ms)", "Speed-up b1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
     rows = ([("**teacher**", t)] if t else []) + [(name, s)]
     for label, m in rows:
-        def ratio(a, b):
-            return f"{a / b:.2f}x" if a and b else "n/a"
         ret = f"{100 * m['bleu'] / t['bleu']:.1f}%" if t.get("bleu") else "n/a"
         size = m.get("size_on_disk_bytes")
         lines.append("| " + " | ".join([

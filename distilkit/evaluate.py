@@ -395,12 +395,12 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
 
     model_dir = find_model_dir(model_dir)
     r = _load_recipe(recipe or _recipe_near(model_dir))
+    spec = data or default_spec(model_dir, r)
     if is_seq2seq_dir(model_dir):
         from distilkit.seq2seq.pipeline import evaluate_seq2seq_dir
 
-        res = evaluate_seq2seq_dir(model_dir, r, data, split, latency=kwargs.get("latency", True))
+        res = evaluate_seq2seq_dir(model_dir, r, spec, split, latency=kwargs.get("latency", True))
     else:
-        spec = data or default_spec(model_dir, r)
         max_length = max_length or (r.keys.max_length if r else None) or 128
         raw = load_raw(spec)
         split = split or spec.test_split or spec.eval_split

@@ -111,9 +111,11 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor,
 
 
 def patient_loss(student_cls: Sequence[Tensor], teacher_cls: Sequence[Tensor],
-                 reduction: str = "mean") -> Tensor:
+                 mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Patient-KD (Sun et al. 2019): for each mapped layer pair, the squared distance between
-    the L2-normalised [CLS] vectors ``(B, H)``, summed over pairs, averaged over the batch."""
+    the L2-normalised [CLS] vectors ``(B, H)``, summed over pairs, averaged over the batch.
+    Given per-token states ``(B, T, H)`` and ``mask`` ``(B, T)`` (encoder-decoder stacks,
+    which have no [CLS]), every counted token's vector is compared and averaged instead."""
     if len(student_cls) != len(teacher_cls) or not student_cls:
         raise ValueError(f"patient_loss needs equal, non-empty layer lists "
                          f"({len(student_cls)} vs {len(teacher_cls)})")
@@ -124,7 +126,7 @@ def patient_loss(student_cls: Sequence[Tensor], teacher_cls: Sequence[Tensor],
                              f"and {t.shape[-1]} (use hidden_mse with a projection instead)")
         d = F.normalize(s.float(), dim=-1) - F.normalize(t.float(), dim=-1)
         per = per + d.pow(2).sum(-1)
-    return _reduce(per, None, reduction)
+    return _reduce(per, mask, reduction)
 
 
 def attention_loss(student_attn: Tensor, teacher_attn: Tensor,

@@ -61,7 +61,7 @@ def build_student(recipe: Recipe, teacher, tokenizer, train_texts=None):
 
         from distilkit.compress.base import load_compressed
         path = os.path.expanduser(spec["path"])
-        student = load_compressed(path, auto_cls=_auto_cls(recipe))
+        student = load_compressed(path)
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(path)  # e.g. a BiLSTM's word vocabulary
     else:  # bilstm
@@ -77,11 +77,6 @@ def _check_keys(field: str, spec: dict, allowed: set) -> None:
     bad = sorted(set(spec) - allowed)
     if bad:
         raise ValueError(f"{field}: unknown key(s) {bad}; allowed here: {sorted(allowed)}")
-
-
-def _auto_cls(recipe: Recipe):
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
-    return AutoModelForSeq2SeqLM if recipe.keys.task == "seq2seq" else AutoModelForSequenceClassification
 
 
 def _atomic_save_dir(out_dir: str, save_fn) -> None:
@@ -245,7 +240,7 @@ def _evaluate_and_report(recipe, raw, spec, teacher, tokenizer, teacher_path, ou
     t_dir = teacher_path if isinstance(teacher_path, str) and os.path.isdir(teacher_path) else None
     t_metrics = evaluate_model(teacher, tokenizer, raw[split], model_dir=t_dir, **common)
     from transformers import AutoTokenizer
-    student = load_compressed(out_dir, auto_cls=_auto_cls(recipe))
+    student = load_compressed(out_dir)
     s_metrics = evaluate_model(student, AutoTokenizer.from_pretrained(out_dir), raw[split],
                                model_dir=out_dir, **common)
     results = {

@@ -283,7 +283,7 @@ class DistilTrainer(Trainer):
             cached = {k: v for k, v in cached.items() if k in TEACHER_INPUT_KEYS}
         if "teacher_ensemble_logits" in cached:  # (B, K, C): one row per teacher
             members = list(cached["teacher_ensemble_logits"].unbind(1))
-            w = self.args.ensemble_weights
+            w = a.ensemble_weights
             if w is not None and len(w) != len(members):
                 raise ValueError(f"ensemble_weights: {len(w)} weights for the {len(members)} "
                                  "teachers in the cached teacher_ensemble_logits; give one "
@@ -326,6 +326,9 @@ class DistilTrainer(Trainer):
                  "decoder": (inputs["labels"] != -100) if "labels" in inputs and self.is_seq2seq else None}
         hid, cos, att = [], [], []
         pat: dict[str, list] = {}
+        # Patient-KD compares [CLS] states; encoder-decoder stacks have no [CLS], so every
+        # counted token's state is compared (masked in patient_loss).
+        pick = (lambda h: h) if self.is_seq2seq else (lambda h: h[:, 0])
         for stack, pairs in self.layer_pairs.items():
             for s, t in pairs:
                 m = masks[stack]
@@ -335,8 +338,7 @@ class DistilTrainer(Trainer):
                 if a.alpha_cosine:
                     cos.append(L.cosine_loss(s_h[stack][s], t_h[stack][t], m))
                 if a.alpha_patient:
-                    pat.setdefault(stack, []).append(
-                        (_pooled(s_h[stack][s], m, self.is_seq2seq), _pooled(t_h[stack][t], m, self.is_seq2seq)))
+                    pat.setdefault(stack, []).append((pick(s_h[stack][s]), pick(t_h[stack][t])))
                 if a.alpha_attention:
                     if s_att[stack] is None or s_att[stack][s - 1] is None:
                         raise ValueError("the model returned no attention maps; attention losses "
@@ -350,8 +352,10 @@ class DistilTrainer(Trainer):
         if pat:
             # One Patient-KD term per stack (their token counts differ), summed like the
             # per-layer distances inside each.
-            terms["patient"] = sum(L.patient_loss([p[0] for p in ps], [p[1] for p in ps])
-                                   for ps in pat.values())
+            terms["patient"] = sum(
+                L.patient_loss([p[0] for p in ps], [p[1] for p in ps],
+                               masks[stack] if self.is_seq2seq else None)
+                for stack, ps in pat.items())
         if att:
             terms["attention"] = sum(att) / len(att)
         return terms
@@ -362,17 +366,6 @@ class DistilTrainer(Trainer):
                 logs[f"loss_{k}"] = round(float(v) / self._term_counts, 6)
             self._term_totals, self._term_counts = {}, 0
         super().log(logs, start_time)
-
-
-def _pooled(hidden: torch.Tensor, mask: Optional[torch.Tensor], per_token: bool) -> torch.Tensor:
-    """The vectors Patient-KD compares: the [CLS] state ``(B, H)`` of an encoder classifier,
-    or, for encoder-decoder stacks (no [CLS]; the decoder is read at every target position),
-    every counted token's state ``(N, H)``."""
-    if not per_token:
-        return hidden[:, 0]
-    if mask is None:
-        return hidden.reshape(-1, hidden.shape[-1])
-    return hidden[mask.bool()]
 
 
 def _count_items(batch) -> int:

@@ -122,3 +122,15 @@ def test_cosine_loss():
     h = torch.randn(2, 4, 8)
     assert L.cosine_loss(h, 3 * h).abs() < 1e-6
     assert torch.allclose(L.cosine_loss(h, -h), torch.tensor(2.0))
+
+
+def test_patient_loss_on_token_states_ignores_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    base = L.patient_loss([s], [t], mask)
+    s2 = s.clone()
+    s2[0, 3:] = 100.0  # padded positions change, the loss does not
+    assert torch.allclose(L.patient_loss([s2], [t], mask), base)
+    kept = torch.cat([s[0, :3], s[1]]), torch.cat([t[0, :3], t[1]])
+    assert torch.allclose(base, L.patient_loss([kept[0]], [kept[1]]))  # mean over counted tokens

@@ -146,7 +146,6 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
     from distilkit.seq2seq.sequence_kd import sequence_kd_dataset, sequence_kd_settings
     from distilkit.seq2seq.teacher import builtin_truecase_settings
     from distilkit.trainer import DistilTrainer
-    from transformers import AutoModelForSeq2SeqLM
 
     t0 = time.time()
     k, spec = recipe.keys, recipe.data
@@ -199,7 +198,7 @@ def run_seq2seq_recipe(recipe, progress: bool = True) -> dict:
         common = dict(source_column=src, target_column=tgt, generation=k.generation,
                       max_samples=spec.max_eval_samples)
         t_m = evaluate_seq2seq_model(teacher, tok, raw[split], teacher_dir, **common)
-        loaded = load_compressed(out_dir, auto_cls=AutoModelForSeq2SeqLM)
+        loaded = load_compressed(out_dir)
         s_m = evaluate_seq2seq_model(loaded, tok, raw[split], out_dir, **common)
         results = {
             "name": k.name, "task": "seq2seq", "split": split, "teacher": t_m, "student": s_m,
