@@ -12,7 +12,13 @@ Rows, each evaluated on the test split *after* ``save_compressed`` + ``load_comp
 3. 4-bit and 2-bit quantized distillation (same student init and steps as row 1, trained
    with fake-quantized weights, then converted), with buckets and without;
 4. 2-bit differentiable quantization: starting from row 1, only the quantization points
-   (non-uniform, one set per layer) are learned against the distillation loss.
+   (non-uniform, one set per layer) are learned against the distillation loss;
+5. quantized distillation continued from the fp32 distilled student (row 1) for
+   ``--continue-steps`` more steps, 4 and 2 bits, with and without buckets: at step 0 this
+   student *is* the PM-quantized one, so the rows show what distillation adds to PM.
+
+``--only`` computes just the rows whose label contains one of the given strings (the fp32
+student is always made), e.g. ``--only "4-bit" --seed 43`` for a second seed of the 4-bit rows.
 
 Columns: test accuracy, bits per quantized weight (codes + 64 bits a bucket), average bits
 per parameter over the whole file, size on disk of ``model.safetensors``, and the size with
@@ -128,6 +134,10 @@ def main(argv=None) -> dict:
     p.add_argument("--student-layers", type=int, default=3)
     p.add_argument("--steps", type=int, default=400, help="distillation steps (rows 1 and 3)")
     p.add_argument("--diff-steps", type=int, default=200, help="steps learning the points")
+    p.add_argument("--continue-steps", type=int, default=200,
+                   help="quantized-distillation steps after the fp32 student (rows 5)")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="compute only the rows whose label contains one of these strings")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--diff-lr", type=float, default=1e-3, help="learning rate of the points")
     p.add_argument("--bucket-size", type=int, default=256)
@@ -139,6 +149,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.diff_steps = min(args.steps, 8), min(args.diff_steps, 4)
+        args.continue_steps = min(args.continue_steps, 4)
         args.student_layers = min(args.student_layers, 2)
         args.max_length = 32
 
@@ -182,7 +193,7 @@ def main(argv=None) -> dict:
 
     # Finished rows are kept in WORK/rows.json (with the settings that made them), so a rerun
     # with the same --work-dir and settings computes only the rows still missing.
-    settings = {k2: v for k2, v in vars(args).items() if k2 != "work_dir"}
+    settings = {k2: v for k2, v in vars(args).items() if k2 not in ("work_dir", "only")}
     done_file = os.path.join(work, "rows.json")
     done = {}
     if os.path.isfile(done_file):
@@ -191,6 +202,8 @@ def main(argv=None) -> dict:
         done = saved["rows"] if saved.get("settings") == settings else {}
 
     def row(label, make):
+        if args.only and label != "fp32 distilled" and not any(o in label for o in args.only):
+            return
         if label not in done:
             done[label] = measure(label, make(), test_ds, tok, work, auto)
             tmp = f"{done_file}.tmp"
@@ -224,6 +237,12 @@ def main(argv=None) -> dict:
         return distil(m, teacher, train_ds, tok, args.steps, args.lr, args,
                       os.path.join(work, f"run_qd{bits}_{bucket}"))
 
+    def qd_continued(bits, bucket):
+        m = fp32()
+        compress_(m, QuantizeConfig(bits=bits, bucket_size=bucket))
+        return distil(m, teacher, train_ds, tok, args.continue_steps, args.lr, args,
+                      os.path.join(work, f"run_qd{bits}_{bucket}_continued"))
+
     def differentiable():
         m = fp32()
         compress_(m, QuantizeConfig(bits=2, bucket_size=k, scheme="nonuniform",
@@ -246,6 +265,10 @@ def main(argv=None) -> dict:
     for bits in (4, 2):
         row(f"{bits}-bit quantized distillation, no buckets", lambda: qd(bits, None))
     row(f"2-bit differentiable quantization, k={k}", differentiable)
+    for bits in (4, 2):
+        for bucket in (k, None):
+            row(f"{bits}-bit quantized distillation from the fp32 student, {buckets(bucket)}",
+                lambda: qd_continued(bits, bucket))
 
     teacher_acc = accuracy(teacher, test_ds, tok)
     print(f"\nTeacher: {teacher_name}, test accuracy {teacher_acc:.4f}\n")
