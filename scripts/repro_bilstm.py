@@ -9,6 +9,9 @@ replacement, n-gram sampling; the teacher labels the new sentences); that model 
 ``lstm_projection`` and distilled again to recover; and that model quantized to 4 bits by
 quantized distillation (``quantize`` with ``quantize_lstm``). Columns: test accuracy, parameters,
 CPU latency at batch 1 and 32 (fp32, median) and speed-up over the teacher at batch 32.
+As in Tang et al., each of the first three models is selected on the validation split: it is
+scored there after every epoch's worth of steps (one pass over the labelled sentences) and
+the best weights are kept (``--no-select`` keeps the last weights instead).
 Prints a markdown table and one JSON line (prefix ``RESULT_JSON``).
 Targets: augmentation >= 2 points above labels-only; >= 15x faster than the teacher at 32.
 """
@@ -34,8 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=150)
     p.add_argument("--embedding-dim", type=int, default=300)
     p.add_argument("--n-iter", type=int, default=4, help="augmented copies per sentence")
-    p.add_argument("--epochs", type=float, default=6.0, help="epochs over the labelled set")
-    p.add_argument("--aug-epochs", type=float, default=3.0, help="epochs over the augmented set")
+    p.add_argument("--epochs", type=float, default=10.0, help="epochs over the labelled set")
+    p.add_argument("--aug-epochs", type=float, default=4.0, help="epochs over the augmented set")
+    p.add_argument("--no-select", dest="select", action="store_false",
+                   help="keep the last weights instead of the best on the validation split")
     p.add_argument("--recover-steps", type=int, default=600,
                    help="distillation steps after factorizing / while quantizing")
     p.add_argument("--rank", type=float, default=0.5, help="lstm_projection rank (fraction)")
@@ -62,8 +67,34 @@ def tokenized(texts, labels, s_tok, t_tok, max_length):
     return Dataset.from_dict(cols), Dataset.from_dict(t_cols)
 
 
+def best_on_validation(score, every: int):
+    """A callback that scores the model every ``every`` steps (and at the last step) and keeps
+    the weights that scored best; ``restore(model)`` loads them back after training."""
+    from transformers import TrainerCallback
+
+    class BestOnValidation(TrainerCallback):
+        best, step, weights = -1.0, 0, None
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every and state.global_step != state.max_steps:
+                return
+            acc = score(model)
+            model.train()
+            if acc > self.best:
+                self.best, self.step = acc, state.global_step
+                self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        def restore(self, model):
+            model.load_state_dict(self.weights)
+            print(f"  selected step {self.step} (validation accuracy {self.best:.4f})", flush=True)
+
+    return BestOnValidation()
+
+
 def train(student, s_tok, t_tok, teacher, ds, args, seed, steps, lr, alpha_mse, alpha_ce, out,
-          callbacks=()):
+          callbacks=(), select=None):
+    """Distil (or train on labels) for ``steps`` steps; ``select`` is a best_on_validation
+    callback whose best weights are restored at the end."""
     from distilkit.collate import DistilCollator
     from distilkit.config import DistilConfig
     from distilkit.trainer import DistilTrainer
@@ -75,7 +106,9 @@ def train(student, s_tok, t_tok, teacher, ds, args, seed, steps, lr, alpha_mse, 
                        use_cpu=True, seed=seed, disable_tqdm=True)
     DistilTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds,
                   data_collator=DistilCollator(s_tok, teacher_pad_token_id=t_tok.pad_token_id),
-                  callbacks=list(callbacks)).train()
+                  callbacks=list(callbacks) + ([select] if select else [])).train()
+    if select:
+        select.restore(student)
     return student.eval()
 
 
@@ -131,8 +164,10 @@ def main(argv=None):
     # Plain lists: datasets 5 returns lazy Column objects, which do not support * or +.
     train_x, train_y = list(ds["train"]["text"]), list(ds["train"]["label"])
     test_x, test_y = list(ds["test"]["text"]), list(ds["test"]["label"])
+    val_x, val_y = list(ds["validation"]["text"]), list(ds["validation"]["label"])
     if a.quick:
         train_x, train_y, test_x, test_y = train_x[:600], train_y[:600], test_x[:200], test_y[:200]
+        val_x, val_y = val_x[:200], val_y[:200]
     t_path = builtin_teacher() if a.teacher == BUILTIN_TEACHER else a.teacher
     teacher, t_tok = load_teacher(t_path), AutoTokenizer.from_pretrained(t_path)
     reps1, reps32 = (20, 4) if a.quick else (100, 20)
@@ -162,6 +197,14 @@ def main(argv=None):
     size = dict(embedding_dim=a.embedding_dim, hidden_size=a.hidden_size, mlp_hidden_size=200,
                 dropout=0.1, embedding_init=a.embedding_init)
     aug_cache: dict = {}
+    epoch_steps = max(1, len(train_x) // 32)
+
+    def select(s_tok):
+        if not a.select:
+            return None
+        return best_on_validation(
+            lambda m: accuracy(m.eval(), s_tok, val_x, val_y, a.max_length), epoch_steps)
+
     for seed in a.seeds:
         out = os.path.join(a.out, f"seed{seed}")
         steps = a.epochs * len(train_x) / 32
@@ -171,12 +214,14 @@ def main(argv=None):
 
         student, s_tok = fresh()
         labelled = with_teacher(train_x, train_y, s_tok)
-        train(student, s_tok, t_tok, teacher, labelled, a, seed, steps, 1e-3, 0.0, 1.0, out)
+        train(student, s_tok, t_tok, teacher, labelled, a, seed, steps, 1e-3, 0.0, 1.0, out,
+              select=select(s_tok))
         record("BiLSTM, labels only", student, s_tok)
 
         student, s_tok = fresh()
         base = with_teacher(train_x, None, s_tok)
-        train(student, s_tok, t_tok, teacher, base, a, seed, steps, 1e-3, 1.0, 0.0, out)
+        train(student, s_tok, t_tok, teacher, base, a, seed, steps, 1e-3, 1.0, 0.0, out,
+              select=select(s_tok))
         record("BiLSTM, distilled", student, s_tok)
 
         if seed not in aug_cache:
@@ -185,7 +230,7 @@ def main(argv=None):
         aug = with_teacher(list(train_x) + new, None, s_tok)
         student, s_tok = fresh()
         train(student, s_tok, t_tok, teacher, aug, a, seed, a.aug_epochs * len(aug) / 32, 1e-3,
-              1.0, 0.0, out)
+              1.0, 0.0, out, select=select(s_tok))
         record("BiLSTM, distilled + augmentation", student, s_tok)
         state = {k: v.clone() for k, v in student.state_dict().items()}
 
