@@ -15,7 +15,9 @@ Rows, each evaluated on the test split *after* ``save_compressed`` + ``load_comp
    (non-uniform, one set per layer) are learned against the distillation loss;
 5. quantized distillation continued from the fp32 distilled student (row 1) for
    ``--continue-steps`` more steps, 4 and 2 bits, with and without buckets: at step 0 this
-   student *is* the PM-quantized one, so the rows show what distillation adds to PM.
+   student *is* the PM-quantized one, so the rows show what distillation adds to PM; their
+   fp32 reference is row 1 distilled for the same ``--continue-steps`` more steps
+   (``fp32 distilled + N steps``).
 
 ``--only`` computes just the rows whose label contains one of the given strings (the fp32
 student is always made), e.g. ``--only "4-bit" --seed 43`` for a second seed of the 4-bit rows.
@@ -265,6 +267,9 @@ def main(argv=None) -> dict:
     for bits in (4, 2):
         row(f"{bits}-bit quantized distillation, no buckets", lambda: qd(bits, None))
     row(f"2-bit differentiable quantization, k={k}", differentiable)
+    row(f"fp32 distilled + {args.continue_steps} steps",
+        lambda: distil(fp32(), teacher, train_ds, tok, args.continue_steps, args.lr, args,
+                       os.path.join(work, "run_fp32_continued")))
     for bits in (4, 2):
         for bucket in (k, None):
             row(f"{bits}-bit quantized distillation from the fp32 student, {buckets(bucket)}",
