@@ -15,9 +15,9 @@ Rows, each evaluated on the test split *after* ``save_compressed`` + ``load_comp
    (non-uniform, one set per layer) are learned against the distillation loss;
 5. quantized distillation continued from the fp32 distilled student (row 1) for
    ``--continue-steps`` more steps, 4 and 2 bits, with and without buckets: at step 0 this
-   student *is* the PM-quantized one, so the rows show what distillation adds to PM; their
-   fp32 reference is row 1 distilled for the same ``--continue-steps`` more steps
-   (``fp32 distilled + N steps``).
+   student *is* the PM-quantized one, so the rows show what distillation adds to PM. Their
+   references have had as many steps: row 1 distilled ``--continue-steps`` more steps in
+   fp32 (``fp32 distilled + N steps``) and the PM quantization of that model.
 
 ``--only`` computes just the rows whose label contains one of the given strings (the fp32
 student is always made), e.g. ``--only "4-bit" --seed 43`` for a second seed of the 4-bit rows.
@@ -107,6 +107,11 @@ def distil(student, teacher, train_ds, tok, steps: int, lr: float, args, out_dir
     return trainer.model
 
 
+def row_dir(work: str, name: str) -> str:
+    """Where a row's model is exported."""
+    return os.path.join(work, name.replace(" ", "_").replace("/", "-"))
+
+
 def measure(name: str, model, test_ds, tok, work: str, auto_cls) -> dict:
     """Finalize, export, reload and evaluate: the row of the table."""
     from distilkit.compress import finalize_, load_compressed, save_compressed
@@ -115,7 +120,7 @@ def measure(name: str, model, test_ds, tok, work: str, auto_cls) -> dict:
 
     if compression_records(model):
         finalize_(model)
-    out = os.path.join(work, name.replace(" ", "_").replace("/", "-"))
+    out = row_dir(work, name)
     save_compressed(model, out)
     loaded = load_compressed(out, auto_cls=auto_cls)
     rep = size_report(loaded, huffman=True)
@@ -204,7 +209,7 @@ def main(argv=None) -> dict:
         done = saved["rows"] if saved.get("settings") == settings else {}
 
     def row(label, make):
-        if args.only and label != "fp32 distilled" and not any(o in label for o in args.only):
+        if args.only and label != fp32_label and not any(o in label for o in args.only):
             return
         if label not in done:
             done[label] = measure(label, make(), test_ds, tok, work, auto)
@@ -215,21 +220,30 @@ def main(argv=None) -> dict:
         rows.append(done[label])
         print(label, done[label], flush=True)
 
-    fp32_cache = []
+    trained_models = {}
+
+    def trained(label, train_fn):
+        """A copy of the fp32 model of row ``label``: trained once, or reloaded from its export."""
+        if label not in trained_models:
+            saved = row_dir(work, label)
+            trained_models[label] = (auto.from_pretrained(saved)
+                                     if label in done and os.path.isdir(saved) else train_fn())
+        return copy.deepcopy(trained_models[label])
+
+    fp32_label, more_label = "fp32 distilled", f"fp32 distilled + {args.continue_steps} steps"
 
     def fp32():
-        """The fp32 distilled student: trained once, or reloaded from its exported row."""
-        if not fp32_cache:
-            saved = os.path.join(work, "fp32_distilled")
-            if "fp32 distilled" in done and os.path.isdir(saved):
-                fp32_cache.append(auto.from_pretrained(saved))
-            else:
-                fp32_cache.append(distil(new_student(), teacher, train_ds, tok, args.steps,
-                                         args.lr, args, os.path.join(work, "run_fp32")))
-        return copy.deepcopy(fp32_cache[0])
+        return trained(fp32_label, lambda: distil(new_student(), teacher, train_ds, tok,
+                                                  args.steps, args.lr, args,
+                                                  os.path.join(work, "run_fp32")))
 
-    def pm(bits, bucket):
-        m = fp32()
+    def fp32_more():
+        return trained(more_label, lambda: distil(fp32(), teacher, train_ds, tok,
+                                                  args.continue_steps, args.lr, args,
+                                                  os.path.join(work, "run_fp32_continued")))
+
+    def pm(bits, bucket, base=fp32):
+        m = base()
         compress_(m, PTQConfig(bits=bits, bucket_size=bucket))
         return m
 
@@ -258,7 +272,7 @@ def main(argv=None) -> dict:
     def buckets(bucket):
         return f"buckets k={k}" if bucket else "no buckets"
 
-    row("fp32 distilled", fp32)
+    row(fp32_label, fp32)
     for bits in (4, 2):
         for bucket in (k, None):
             row(f"{bits}-bit PM quantization, {buckets(bucket)}", lambda: pm(bits, bucket))
@@ -267,11 +281,12 @@ def main(argv=None) -> dict:
     for bits in (4, 2):
         row(f"{bits}-bit quantized distillation, no buckets", lambda: qd(bits, None))
     row(f"2-bit differentiable quantization, k={k}", differentiable)
-    row(f"fp32 distilled + {args.continue_steps} steps",
-        lambda: distil(fp32(), teacher, train_ds, tok, args.continue_steps, args.lr, args,
-                       os.path.join(work, "run_fp32_continued")))
+    # Rows 5, against the fp32 student and its PM quantization after as many steps.
+    row(more_label, fp32_more)
     for bits in (4, 2):
         for bucket in (k, None):
+            row(f"{bits}-bit PM quantization of the {more_label}, {buckets(bucket)}",
+                lambda: pm(bits, bucket, base=fp32_more))
             row(f"{bits}-bit quantized distillation from the fp32 student, {buckets(bucket)}",
                 lambda: qd_continued(bits, bucket))
 
