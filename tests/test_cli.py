@@ -157,3 +157,33 @@ def test_ensemble_and_adapter_teachers_train_the_same_from_the_cache(tiny_task):
             params.append(_student_params(out))
         assert torch.allclose(params[0], params[1], atol=1e-5), name
     assert len(os.listdir(tmp / "cache-ens")) == 2  # one namespace per ensemble member
+
+
+def test_quantized_distillation_continues_a_pretrained_student(tiny_task):
+    """``student: {type: pretrained}`` + ``quantize`` continues a trained fp32 student (the
+    continued rows of scripts/repro_quant.py); before any update that student is exactly the
+    post-training quantization of the fp32 one."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from distilkit.compress import compress_, finalize_, load_compressed
+    from distilkit.compress.quantize import PTQConfig
+
+    path, out = _recipe(tiny_task, compression=[])
+    assert main(["distill", path, "--no-progress"]) == 0
+    fp32_dir = os.path.join(out, "student")
+    path, out = _recipe(tiny_task, student={"type": "pretrained", "path": fp32_dir},
+                        compression=[{"method": "quantize", "bits": 2, "bucket_size": 16}],
+                        learning_rate=0.0, max_steps=1,
+                        output_dir=str(tiny_task["tmp"] / "run_qd"))
+    assert main(["distill", path, "--no-progress"]) == 0
+    qd = load_compressed(os.path.join(out, "student")).eval()
+    pm = load_compressed(fp32_dir).eval()
+    compress_(pm, PTQConfig(bits=2, bucket_size=16))
+    finalize_(pm)
+    tok = AutoTokenizer.from_pretrained(fp32_dir)
+    batch = tok(["a fine film", "dull and long", "not bad at all"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(qd(**batch).logits, pm(**batch).logits)
+        assert not torch.allclose(qd(**batch).logits, load_compressed(fp32_dir)(**batch).logits)
