@@ -1,0 +1,42 @@
+"""Device handling, in one place: where a model lives and how a batch gets there.
+
+Every path that runs a model outside the ``Trainer`` (teacher-output caching, evaluation and
+latency, generation, importance scores) feeds it through :func:`to_device`, so a model that
+accelerate (or the user) put on a GPU is never fed CPU tensors. Results go back to the host
+only once per batch, with :func:`to_host`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model computes on: its ``device`` attribute when it has one (transformers
+    models, peft and accelerate wrappers), else that of its first parameter or buffer, else
+    the CPU."""
+    dev = getattr(model, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or a dict / list / tuple of them) on ``device``; other values are
+    returned as they are. Copies are non-blocking where the source is pinned."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy of ``t`` (one device-to-host transfer)."""
+    return t.detach().to("cpu")
