@@ -52,7 +52,7 @@ class RecipeKeys:
     push_to_hub: bool = False
     hub_repo_id: Optional[str] = None
     save_merged_adapter: bool = True
-    # task: seq2seq only (distilkit.seq2seq.pipeline): sequence-level distillation
+    # task: seq2seq only (distilkit.tasks.seq2seq): sequence-level distillation
     # settings (SequenceKDSettings fields; null = train on the references) and decoding
     # settings for evaluation by generation (GenerationSettings fields).
     sequence_kd: Optional[dict] = None
@@ -75,6 +75,25 @@ def _recipe_fields() -> set:
 
 # TrainingArguments' own names for the fields a recipe knows as data/recipe keys.
 _RENAMED = {"teacher_model_name_or_path": "teacher"}
+# DistilConfig fields a recipe sets as recipe keys (``teacher``, ``teacher_adapter``).
+_AS_RECIPE_KEYS = ("teacher_model_name_or_path", "teacher_adapter")
+
+
+def _distillation_defaults() -> dict:
+    """The default of every field DistilConfig adds to TrainingArguments (the distillation
+    settings), except those a recipe sets as recipe keys."""
+    from transformers import TrainingArguments
+
+    from distilkit.config import DistilConfig
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    out = {}
+    for f in dataclasses.fields(DistilConfig):
+        if f.name in base or f.name in _AS_RECIPE_KEYS or not f.init:
+            continue
+        out[f.name] = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                       else f.default)
+    return out
 
 
 @dataclass
@@ -168,9 +187,13 @@ class Recipe:
         return DistilConfig(**t)
 
     def to_dict(self) -> dict:
-        """The resolved recipe (all three kinds of keys), as written beside each run."""
+        """The resolved recipe (all three kinds of keys), as written beside each run. Every
+        distillation setting is there with the value the run used, including those left at
+        their defaults (the loss weights, the temperature), so the card and ``results.json``
+        say what was trained; other ``TrainingArguments`` appear only when the recipe set them."""
         out = dataclasses.asdict(self.keys)
         out.update(dataclasses.asdict(self.data))
+        out.update(_distillation_defaults())
         out.update(self.training)
         return out
 
