@@ -6,10 +6,17 @@ works on any model whose layers sit in ``ModuleList``s (BERT family, T5, BART, M
 model of the teacher's class is built from a copy of its config with fewer layers, and every
 tensor is copied from the teacher with the layer indices renumbered. Layer-0-only tensors (T5's
 relative position bias) come from the teacher's first layer whichever layers are kept.
+
+Given a teacher *directory* instead of a model, the student is built from the saved config and
+filled tensor by tensor from the safetensors files (``safe_open``), so the teacher is never
+held in memory: a run whose teacher outputs are all cached need not load it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import os
 import re
 from typing import Optional, Sequence, Union
 
@@ -71,23 +78,22 @@ def _set_depth(config, kind: str, n: int, n_teacher: int) -> None:
         raise ValueError(f"cannot find the {kind} depth in {type(config).__name__}")
 
 
-def student_from_teacher(teacher: nn.Module,
-                         keep_layers: Optional[Sequence[int]] = None,
-                         num_layers: Optional[int] = None,
-                         keep_decoder_layers: Optional[Sequence[int]] = None,
-                         num_decoder_layers: Optional[int] = None,
-                         strategy: str = "alternate") -> nn.Module:
-    """A smaller copy of ``teacher`` with only some of its layers.
+def _config_depths(config) -> dict[str, int]:
+    """Depth of each stack as the config states it (used when there is no model to count)."""
+    fields = config.to_dict()
+    depths = {}
+    for kind, attrs in _DEPTH_ATTRS.items():
+        for attr in attrs:
+            if isinstance(fields.get(attr), int):
+                depths[kind] = fields[attr]
+                break
+    return depths
 
-    Give ``keep_layers`` (0-based teacher layer indices, e.g. ``[0, 2, 4]``) or ``num_layers``
-    with a ``strategy``; for encoder-decoder teachers the same for the decoder. Stacks not
-    mentioned keep all their layers. Everything else (embeddings, pooler, head) is copied.
-    """
-    stacks = layer_stacks(teacher)
+
+def _choose_layers(depths: dict[str, int], asks: dict, strategy: str) -> dict[str, list[int]]:
+    """The teacher layers each stack keeps, from ``keep_*`` indices or a ``num_*`` count."""
     keep: dict[str, list[int]] = {}
-    asks = {"encoder": (keep_layers, num_layers), "decoder": (keep_decoder_layers, num_decoder_layers)}
-    for kind, name in stacks.items():
-        n_t = len(teacher.get_submodule(name))
+    for kind, n_t in depths.items():
         explicit, n = asks[kind]
         field = "keep_layers" if kind == "encoder" else "keep_decoder_layers"
         if explicit is not None:
@@ -100,34 +106,141 @@ def student_from_teacher(teacher: nn.Module,
         else:
             ks = list(range(n_t))
         keep[kind] = ks
-    cfg = copy.deepcopy(teacher.config)
-    for kind, name in stacks.items():
-        n_t = len(teacher.get_submodule(name))
+    return keep
+
+
+def _student_config(teacher_config, depths: dict[str, int], keep: dict[str, list[int]]):
+    cfg = copy.deepcopy(teacher_config)
+    for kind, n_t in depths.items():
         if len(keep[kind]) != n_t:
             _set_depth(cfg, kind, len(keep[kind]), n_t)
-    student = type(teacher)(cfg)
-    _copy_weights(teacher, student, stacks, keep)
+    return cfg
+
+
+def student_from_teacher(teacher: Union[nn.Module, str, os.PathLike],
+                         keep_layers: Optional[Sequence[int]] = None,
+                         num_layers: Optional[int] = None,
+                         keep_decoder_layers: Optional[Sequence[int]] = None,
+                         num_decoder_layers: Optional[int] = None,
+                         strategy: str = "alternate") -> nn.Module:
+    """A smaller copy of ``teacher`` with only some of its layers.
+
+    Give ``keep_layers`` (0-based teacher layer indices, e.g. ``[0, 2, 4]``) or ``num_layers``
+    with a ``strategy``; for encoder-decoder teachers the same for the decoder. Stacks not
+    mentioned keep all their layers. Everything else (embeddings, pooler, head) is copied.
+
+    ``teacher`` is a model, or a directory saved with ``save_pretrained`` (safetensors,
+    single or sharded): then the teacher is never built, only the tensors the student keeps
+    are read from disk, and the student is the one the loaded teacher would give (in eval
+    mode, as a loaded teacher is), so a run whose teacher outputs are all cached need not
+    load the teacher at all.
+    """
+    asks = {"encoder": (keep_layers, num_layers), "decoder": (keep_decoder_layers, num_decoder_layers)}
+    if isinstance(teacher, (str, os.PathLike)):
+        from distilkit.compress.base import load_compressed, read_records
+
+        path = os.path.expanduser(os.fspath(teacher))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"teacher: {path!r} is not a directory; give a model or a "
+                                    "directory saved with save_pretrained")
+        if not read_records(path):
+            return _student_from_dir(path, asks, strategy)
+        # A compressed teacher's tensors are the shapes and modules its methods left (packed,
+        # factorised, pruned), which only the methods' restore() rebuilds: load it whole.
+        teacher = load_compressed(path)
+    stacks = layer_stacks(teacher)
+    depths = {kind: len(teacher.get_submodule(name)) for kind, name in stacks.items()}
+    keep = _choose_layers(depths, asks, strategy)
+    student = type(teacher)(_student_config(teacher.config, depths, keep))
+    t_state = teacher.state_dict()
+    _copy_weights(student, keep, t_state.keys(), t_state.__getitem__)
     student.config.distilkit_init = {k: v for k, v in keep.items()}
     return student.train(teacher.training)
 
 
-def _copy_weights(teacher, student, stacks, keep) -> None:
-    t_state = teacher.state_dict()
-    new_state = {}
+def _student_from_dir(path: str, asks: dict, strategy: str) -> nn.Module:
+    """The student of the teacher saved in ``path``, its tensors read one by one from disk."""
+    from transformers import AutoConfig
+
+    from distilkit.compress.base import default_auto_class
+    from distilkit.modeling import ensure_registered
+
+    ensure_registered()
+    config = AutoConfig.from_pretrained(path)
+    auto_cls = default_auto_class(config)  # the head a run loads the teacher with
+    try:
+        cls = auto_cls._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"teacher: {path!r} holds a {type(config).__name__}, which "
+                         f"{auto_cls.__name__} cannot load") from None
+    depths = _config_depths(config)
+    keep = _choose_layers(depths, asks, strategy)
+    # Built like the eager path's type(teacher)(config): same class, default dtype.
+    student = cls(_student_config(config, depths, keep))
+    if set(layer_stacks(student)) != set(depths):
+        raise ValueError(f"teacher: {path!r}: the config's layer counts {depths} do not match "
+                         f"the layer lists of {cls.__name__}")
+    with _saved_tensors(path) as (names, read):
+        _copy_weights(student, keep, names, read)
+    student.config.distilkit_init = {k: v for k, v in keep.items()}
+    return student.eval()
+
+
+@contextlib.contextmanager
+def _saved_tensors(path: str):
+    """``(names, read)``: the tensor names saved in ``path`` (``model.safetensors`` or the
+    shards of its index) and a function reading one tensor; files are opened on first use
+    and only the tensors asked for are loaded."""
+    import safetensors  # looked up at call time, so tests can watch what is read
+
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    with contextlib.ExitStack() as stack:
+        handles: dict[str, object] = {}
+
+        def handle(file: str):
+            if file not in handles:
+                handles[file] = stack.enter_context(safetensors.safe_open(file, framework="pt"))
+            return handles[file]
+
+        if os.path.isfile(single):
+            where = dict.fromkeys(handle(single).keys(), single)
+        elif os.path.isfile(index):
+            with open(index) as f:
+                where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            raise FileNotFoundError(f"teacher: {path!r} has no model.safetensors (or index); "
+                                    "save it with save_pretrained or pass the loaded model")
+        yield where.keys(), lambda name: handle(where[name]).get_tensor(name)
+
+
+def _copy_weights(student: nn.Module, keep: dict[str, list[int]], names, read) -> None:
+    """Fill every student tensor from the teacher tensor it comes from: ``names`` are the
+    teacher's tensor names, ``read(name)`` returns one."""
+    stacks = layer_stacks(student)  # the same names as the teacher's: same class
     patterns = {kind: re.compile(rf"^{re.escape(name)}\.(\d+)\.(.*)$") for kind, name in stacks.items()}
-    for key in student.state_dict():
+    own = student.state_dict(keep_vars=True)
+    new_state, unread = {}, {}
+    for key in own:
         src = key
         for kind, pat in patterns.items():
             m = pat.match(key)
             if m:
                 src = f"{stacks[kind]}.{keep[kind][int(m.group(1))]}.{m.group(2)}"
-                if src not in t_state:  # layer-0-only tensors, e.g. T5 relative bias
+                if src not in names:  # layer-0-only tensors, e.g. T5 relative bias
                     src = f"{stacks[kind]}.0.{m.group(2)}"
                 break
-        if src not in t_state:
-            raise ValueError(f"cannot find the teacher tensor for student tensor {key!r}")
-        new_state[key] = t_state[src].clone()
-    student.load_state_dict(new_state, strict=True)
+        if src in names:
+            new_state[key] = read(src)
+        else:
+            unread[key] = src
+    # save_pretrained stores tied tensors (shared embeddings, LM head) once: a tensor missing
+    # from the files is fine when the student ties it to one that was read.
+    for key, src in unread.items():
+        if not any(own[other] is own[key] for other in new_state):
+            raise ValueError(f"cannot find the teacher tensor {src!r} for student tensor {key!r}")
+    missing, unexpected = student.load_state_dict(new_state, strict=False)
+    assert set(missing) == set(unread) and not unexpected, (missing, unexpected)
 
 
 def student_from_config(teacher_or_config, num_labels: Optional[int] = None, **overrides):
