@@ -480,3 +480,44 @@ def test_seq2seq_recipe_end_to_end(tok, tmp_path):
     bad = {**raw, "label_column": "missing"}
     with pytest.raises(ValueError, match="label_column: column 'missing'"):
         run_recipe(Recipe.from_dict(bad), progress=False)
+
+
+# ------------------------------------------------------------------ device placement (bug 1)
+def test_generation_feeds_the_model_on_its_own_device(tok):
+    """Generation, scoring, latency and the evaluation callback send every batch to the
+    model's device (a wrapper that says it is on ``meta`` refuses anything else), in batches."""
+    from datasets import Dataset
+    from fake_device import FakeDeviceModel
+    from transformers import TrainerControl, TrainerState
+
+    from distilkit.seq2seq.generate_eval import GenerationEvalCallback, latency_ms
+
+    model = FakeDeviceModel(tiny_t5(seed=4, vocab=len(tok)))
+    settings = GenerationSettings(max_new_tokens=4, batch_size=3)
+    res = generate_texts(model, tok, SENTENCES[:5], settings)
+    assert len(res.texts) == 5 and all(isinstance(t, str) for t in res.texts)
+    assert model.calls == 2  # 5 sentences in batches of 3
+    ds = Dataset.from_dict({"source": SENTENCES[:5], "target": SENTENCES[:5]})
+    out = evaluate_generation(model, tok, ds, settings=settings, latency_samples=2)
+    assert out["n"] == 5 and out["latency_ms"] > 0
+    assert latency_ms(model, tok, SENTENCES[:2], settings) > 0
+    metrics = {}
+    GenerationEvalCallback(tok, ds, settings=settings).on_evaluate(
+        None, TrainerState(), TrainerControl(), model=model, metrics=metrics)
+    assert {"eval_bleu", "eval_chrf", "eval_exact_match"} <= set(metrics)
+
+
+def test_generation_timing_synchronises_cuda_only(tok, monkeypatch):
+    """The generation clock waits for queued CUDA work before it is read, and the CPU path
+    never touches CUDA."""
+    from distilkit.seq2seq import generate_eval as G
+
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    G.generate_texts(tiny_t5(seed=4, vocab=len(tok)), tok, SENTENCES[:2],
+                     GenerationSettings(max_new_tokens=3))
+    assert synced == []
+    cuda = torch.device("cuda", 0)
+    assert G.device_clock(cuda) > 0 and synced == [cuda]
+    assert G.device_clock(torch.device("cpu")) > 0 and synced == [cuda]
+

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from distilkit.device import model_device, to_device, to_host
+
 
 @dataclass
 class GenerationSettings:
@@ -69,11 +71,13 @@ class GenerationResult:
     seconds: float
 
 
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has finished: CUDA runs
+    asynchronously, so without the wait a timer reads how long it took to *queue* the
+    kernels. Only a CUDA device is synchronised (the CPU path never touches CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _strip(ids: Sequence[int], start_id: Optional[int], pad_id: Optional[int],
@@ -112,20 +116,22 @@ def generate_texts(model, tokenizer, sources: Sequence[str],
     order = sorted(range(len(sources)), key=lambda i: -lengths[i])
     texts: list = [None] * len(sources)
     ids: list = [None] * len(sources)
-    dev = _device(model)
+    dev = model_device(model)
     seconds = 0.0
     try:
         for b in range(0, len(order), s.batch_size):
             idx = order[b:b + s.batch_size]
             enc = tokenizer([sources[i] for i in idx], truncation=True,
                             max_length=max_source_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            t0 = time.perf_counter()
+            enc = to_device({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")},
+                            dev)
+            t0 = device_clock(dev)
             out = model.generate(**enc, **s.generate_kwargs(), pad_token_id=pad_id,
                                  eos_token_id=eos_id)
-            seconds += time.perf_counter() - t0
+            seconds += device_clock(dev) - t0
+            rows = to_host(out).tolist()  # one transfer per batch, not one per sentence
             for j, i in enumerate(idx):
-                ids[i] = _strip(out[j].tolist(), start_id, pad_id, eos_id)
+                ids[i] = _strip(rows[j], start_id, pad_id, eos_id)
                 texts[i] = tokenizer.decode(ids[i], skip_special_tokens=True)
     finally:
         model.train(was_training)
