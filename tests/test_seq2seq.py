@@ -521,3 +521,35 @@ def test_generation_timing_synchronises_cuda_only(tok, monkeypatch):
     assert G.device_clock(cuda) > 0 and synced == [cuda]
     assert G.device_clock(torch.device("cpu")) > 0 and synced == [cuda]
 
+
+# ------------------------------------------------------------------ teacher adapter (bug 6)
+def test_seq2seq_teacher_adapter_is_applied_and_merged(tok, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from distilkit.seq2seq.teacher import load_seq2seq_teacher
+
+    base_dir, adapter_dir = tmp_path / "teacher", tmp_path / "adapter"
+    tiny_bart(seed=6).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    torch.manual_seed(7)  # init_lora_weights=False: a random, non-identity adapter
+    peft_model = get_peft_model(tiny_bart(seed=6), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    merged = peft_model.merge_and_unload().eval()
+    base, _ = load_seq2seq_teacher(str(base_dir))
+    teacher, teacher_tok = load_seq2seq_teacher(str(base_dir), adapter=str(adapter_dir))
+    assert type(teacher).__name__ == "BartForConditionalGeneration" and not teacher.training
+    assert len(teacher_tok) == len(tok)
+    b = _s2s_batch(pad_id=1)
+    with torch.no_grad():
+        got, want, plain = teacher(**b).logits, merged(**b).logits, base(**b).logits
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="teacher_adapter"):
+        load_seq2seq_teacher(str(base_dir), adapter=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_seq2seq_teacher(str(tmp_path / "nowhere"))
+    from conftest import tiny_bert
+    tiny_bert().save_pretrained(tmp_path / "classifier")
+    with pytest.raises(ValueError, match="BertConfig, not an encoder-decoder model"):
+        load_seq2seq_teacher(str(tmp_path / "classifier"))

@@ -180,14 +180,28 @@ def _train_and_save(s: Seq2SeqTeacherSettings, ds, tok, out: str, progress: bool
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_seq2seq_teacher(path: str):
+def load_seq2seq_teacher(path: str, adapter: Optional[str] = None):
     """``(model, tokenizer)`` from a directory written by :func:`truecase_teacher` (or any
-    ``save_pretrained`` seq2seq directory with its tokenizer)."""
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    ``save_pretrained`` seq2seq directory with its tokenizer, compressed by distilkit or not).
+
+    ``adapter`` (a recipe's ``teacher_adapter``) is a peft adapter applied on top and merged,
+    as for classification teachers: :func:`distilkit.teachers.load_teacher` does the loading.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distilkit.modeling import ensure_registered
+    from distilkit.teachers import load_teacher
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"seq2seq teacher: {path!r} is not a directory")
-    return AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    ensure_registered()
+    config = AutoConfig.from_pretrained(path)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"teacher: {path!r} holds a {type(config).__name__}, not an "
+                         "encoder-decoder model; use task: classification for it")
+    # ``like`` an encoder-decoder config: load_teacher picks AutoModelForSeq2SeqLM.
+    model = load_teacher(path, adapter=adapter, like=config)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def builtin_truecase_settings() -> Seq2SeqTeacherSettings:
