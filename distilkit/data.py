@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Optional
 
+from distilkit.files import atomic_write_bytes
+
 BUILTIN_NAME = "builtin:rotten_tomatoes"
 _VADER = "vaderSentiment==3.3.2"
 _MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
@@ -24,14 +26,6 @@ _MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 def cache_root() -> str:
     """Where distilkit keeps downloaded data, fine-tuned teachers and teacher outputs."""
     return os.environ.get("DISTILKIT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "distilkit"))
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _vader_sdist() -> str:
@@ -67,7 +61,7 @@ def builtin_sentences() -> list[tuple[str, float]]:
             inner_bytes = outer.extractfile(inner_name).read()
         with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
             data = inner.extractfile(_MEMBER).read()
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -2,21 +2,21 @@
 built-in default teacher, all-MiniLM-L6-v2 fine-tuned on the built-in sentiment data.
 
 The built-in teacher is trained once and cached under ``$DISTILKIT_CACHE/teachers/`` in a
-directory named by a hash of everything that determines it (base weights, data split,
-hyper-parameters), so a second run reuses it and a change retrains it. It is written to a
-temporary directory and renamed into place, so an interrupted fine-tune never leaves a
-directory that looks like a finished teacher.
+directory named by a hash of everything that determines it (every byte of the base weights,
+data split, hyper-parameters), so a second run reuses it and a change retrains it. It is
+written to a temporary directory and renamed into place, so an interrupted fine-tune never
+leaves a directory that looks like a finished teacher.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from typing import Any, Optional
 
 from distilkit.data import cache_root
+from distilkit.files import atomic_dir, atomic_write_json, sha256_file
 
 BUILTIN_TEACHER = "builtin:minilm-rt"
 # Fine-tuning settings of the built-in teacher (ENVIRONMENT.md: ~83% after 150 steps at L=64).
@@ -78,8 +78,7 @@ def builtin_teacher(force: bool = False, progress: bool = True) -> str:
     Trains it (a few minutes on 2 CPU cores) the first time, then reuses the cache."""
     base = minilm_path()
     s = BUILTIN_TEACHER_SETTINGS
-    with open(os.path.join(base, "model.safetensors"), "rb") as f:
-        weights_hash = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]
+    weights_hash = sha256_file(os.path.join(base, "model.safetensors"))[:12]
     key = hashlib.sha256(json.dumps({"w": weights_hash, "s": s, "data": "rt-1234-v1"},
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = os.path.join(cache_root(), "teachers", f"minilm-rt-{key}")
@@ -106,10 +105,10 @@ def _finetune_builtin(base: str, out: str, s: dict, progress: bool) -> None:
         base, num_labels=2, id2label={0: "negative", 1: "positive"},
         label2id={"negative": 0, "positive": 1})
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-teacher-")
-    try:
+    # The Trainer's scratch directory sits beside the cache entry, never inside it.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=".tmp-teacher-work-") as work:
         args = TrainingArguments(
-            output_dir=os.path.join(tmp, "work"), per_device_train_batch_size=s["batch_size"],
+            output_dir=work, per_device_train_batch_size=s["batch_size"],
             learning_rate=s["learning_rate"], max_steps=s["max_steps"],
             warmup_steps=int(s["warmup_ratio"] * s["max_steps"]), seed=s["seed"],
             logging_steps=50, save_strategy="no", report_to=[], disable_tqdm=not progress,
@@ -121,15 +120,18 @@ def _finetune_builtin(base: str, out: str, s: dict, progress: bool) -> None:
               f"cached at {out} for later runs")
         trainer.train()
         metrics = trainer.evaluate()
-        final = os.path.join(tmp, "model")
-        model.save_pretrained(final)
-        tok.save_pretrained(final)
-        with open(os.path.join(final, "teacher_info.json"), "w") as f:
-            json.dump({"base": "sentence-transformers/all-MiniLM-L6-v2", "settings": s,
-                       "validation": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}},
-                      f, indent=2)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(final, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_teacher_dir(out, model, tok, {
+        "base": "sentence-transformers/all-MiniLM-L6-v2", "settings": s,
+        "validation": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+
+
+def save_teacher_dir(out: str, model, tokenizer, info: dict) -> None:
+    """Put a trained teacher in place at ``out`` in one rename: weights, tokenizer and
+    ``teacher_info.json`` (``info``), whose presence marks a finished teacher. An older
+    directory at ``out`` is replaced; a failure leaves it as it was."""
+    def fill(d: str) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        atomic_write_json(os.path.join(d, "teacher_info.json"), info)
+
+    atomic_dir(out, fill)

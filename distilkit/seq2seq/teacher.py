@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -150,34 +149,26 @@ def _train_and_save(s: Seq2SeqTeacherSettings, ds, tok, out: str, progress: bool
 
     from distilkit.seq2seq.data import tokenize_seq2seq
     from distilkit.seq2seq.generate_eval import evaluate_generation
+    from distilkit.teachers import save_teacher_dir
 
     data = tokenize_seq2seq(ds, tok, max_source_length=s.max_length, max_target_length=s.max_length)
     model = build_seq2seq_model(s, tok)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".tmp-s2s-teacher-")
-    try:
-        print(f"[distilkit] training the truecasing teacher ({s.arch}, d_model {s.d_model}, "
-              f"{s.num_layers}+{s.num_decoder_layers} layers, {s.max_steps} steps); cached at "
-              f"{out} for later runs")
-        t0 = time.perf_counter()
-        train_supervised(model, tok, data["train"], os.path.join(tmp, "work"), s.max_steps,
-                         s.batch_size, s.learning_rate, s.warmup_steps, s.seed, progress)
-        train_s = time.perf_counter() - t0
-        model.eval()
-        scores = evaluate_generation(model, tok, ds["validation"], max_samples=eval_samples)
-        final = os.path.join(tmp, "model")
-        model.save_pretrained(final)
-        tok.save_pretrained(final)
-        with open(os.path.join(final, "teacher_info.json"), "w") as f:
-            json.dump({"task": "truecase (builtin:rotten_tomatoes)", "settings": asdict(s),
-                       "train_seconds": round(train_s, 1),
-                       "parameters": sum(p.numel() for p in model.parameters()),
-                       "validation": scores}, f, indent=2)
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(final, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[distilkit] training the truecasing teacher ({s.arch}, d_model {s.d_model}, "
+          f"{s.num_layers}+{s.num_decoder_layers} layers, {s.max_steps} steps); cached at "
+          f"{out} for later runs")
+    t0 = time.perf_counter()
+    # The Trainer's scratch directory sits beside the cache entry, never inside it.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out), prefix=".tmp-s2s-teacher-") as work:
+        train_supervised(model, tok, data["train"], work, s.max_steps, s.batch_size,
+                         s.learning_rate, s.warmup_steps, s.seed, progress)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    scores = evaluate_generation(model, tok, ds["validation"], max_samples=eval_samples)
+    save_teacher_dir(out, model, tok, {
+        "task": "truecase (builtin:rotten_tomatoes)", "settings": asdict(s),
+        "train_seconds": round(train_s, 1),
+        "parameters": sum(p.numel() for p in model.parameters()), "validation": scores})
 
 
 def load_seq2seq_teacher(path: str, adapter: Optional[str] = None):

@@ -21,11 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import string
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
+
+from distilkit.files import atomic_dir, atomic_write_json
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
 SPECIAL_TOKENS = (PAD, EOS, UNK, BOS)  # ids 0, 1, 2, 3 in this order
@@ -105,19 +105,15 @@ def cached_tokenizer(texts: Sequence[str], settings: Optional[TokenizerSettings]
     marker = os.path.join(out, "distilkit_tokenizer.json")
     if not os.path.isfile(marker):
         tok = build_tokenizer(texts, s)
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-tok-")
-        try:
-            tok.save_pretrained(tmp)
-            with open(os.path.join(tmp, "distilkit_tokenizer.json"), "w") as f:
-                json.dump({"settings": asdict(s), "texts": texts_fingerprint(texts),
-                           "num_texts": len(texts)}, f, indent=2)
-            if os.path.isdir(out):  # a concurrent run finished first: keep theirs
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def fill(d: str) -> None:
+            tok.save_pretrained(d)
+            atomic_write_json(os.path.join(d, "distilkit_tokenizer.json"),
+                              {"settings": asdict(s), "texts": texts_fingerprint(texts),
+                               "num_texts": len(texts)})
+
+        if not os.path.isfile(marker):  # a concurrent run that finished first is kept
+            atomic_dir(out, fill)
     return PreTrainedTokenizerFast.from_pretrained(out), out
 
 
