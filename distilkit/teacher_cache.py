@@ -22,12 +22,15 @@ When every example hits, the teacher is never constructed: it is given as a path
 that is called only on a miss.
 
 Storage and integrity
-    Each write adds one *shard* directory holding ``outputs.safetensors`` (example keys and
-    output arrays) and ``manifest.json`` (rows, outputs, each file's size and SHA-256). A shard
-    is assembled in a ``.tmp-*`` directory and renamed into place with ``os.replace``, so a
-    process killed mid-write leaves only a temporary directory, which readers ignore: no cache
-    ever looks valid without being complete. A shard whose file fails its size or checksum
-    (truncated, corrupted) is deleted with a warning and its examples are recomputed.
+    The cache is a :class:`~distilkit.shard_store.ShardStore` of float32 arrays: each write
+    adds one *shard* directory holding ``outputs.safetensors`` (example keys and output arrays)
+    and ``manifest.json`` (rows, arrays, each file's size and SHA-256), assembled in a
+    ``.tmp-*`` directory and renamed into place, so no cache ever looks valid without being
+    complete. A shard that fails its size or checksum (truncated, corrupted) is deleted with a
+    warning and its examples are recomputed.
+
+Logits computed elsewhere (another framework, an API, an earlier experiment) are attached with
+:func:`attach_logits`, which checks them and adds the same columns.
 
 This is the offline setting of Hinton et al. (2015) and of Tang et al. (2019), whose augmented
 transfer set is labelled by the teacher once.
@@ -38,14 +41,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-import uuid
-import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
+
+from distilkit.files import sha256_file
+from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore  # noqa: F401 - the layout
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +55,6 @@ FORMAT_VERSION = 1
 OUTPUT_KINDS = ("logits", "cls_hidden")
 COLUMN = {"logits": "teacher_logits", "cls_hidden": "teacher_cls_hidden"}
 ENSEMBLE_COLUMN = "teacher_ensemble_logits"
-SHARD_FILE = "outputs.safetensors"
-MANIFEST = "manifest.json"
-NAMESPACE_FILE = "namespace.json"
 _KEY_BYTES = 16
 # Config entries that name where/how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation",
@@ -69,14 +68,6 @@ _TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece"
 # ---------------------------------------------------------------------------------------
 # Fingerprints
 # ---------------------------------------------------------------------------------------
-
-def _sha256_file(path: str, h: Optional["hashlib._Hash"] = None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _clean_config(cfg: dict) -> dict:
     return {k: v for k, v in sorted(cfg.items()) if k not in _VOLATILE_CONFIG_KEYS}
@@ -99,7 +90,7 @@ def teacher_fingerprint(teacher: Any) -> str:
                                     f"*.bin); files: {names}")
         for n in weights:
             h.update(f"file:{n}:".encode())
-            h.update(_sha256_file(os.path.join(path, n)).encode())
+            h.update(sha256_file(os.path.join(path, n)).encode())
         for n in ("config.json", "compression_config.json"):
             f = os.path.join(path, n)
             if os.path.isfile(f):
@@ -140,7 +131,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> Optional[str]:
         for n in sorted(os.listdir(path)):
             if n.startswith(_TOKENIZER_PREFIXES):
                 h.update(f"{n}:".encode())
-                h.update(_sha256_file(os.path.join(path, n)).encode())
+                h.update(sha256_file(os.path.join(path, n)).encode())
         return h.hexdigest()
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     blob = json.dumps({"class": type(tokenizer).__name__, "vocab": sorted(vocab.items())})
@@ -196,8 +187,9 @@ def default_cache_dir() -> str:
     return os.path.join(cache_root(), "teacher_outputs")
 
 
-class TeacherCache:
-    """A directory of cached teacher outputs (layout and guarantees: module docstring).
+class TeacherCache(ShardStore):
+    """A directory of cached teacher outputs: a :class:`~distilkit.shard_store.ShardStore` of
+    float32 arrays (layout and guarantees: module docstring).
 
     Args:
         root: where the cache lives; defaults to ``$DISTILKIT_CACHE/teacher_outputs``
@@ -205,171 +197,18 @@ class TeacherCache:
     """
 
     def __init__(self, root: Optional[str] = None):
-        self.root = os.path.abspath(os.path.expanduser(root or default_cache_dir()))
-
-    def __repr__(self) -> str:
-        return f"TeacherCache({self.root!r})"
+        super().__init__(root or default_cache_dir(), FORMAT_VERSION, "teacher cache")
 
     def check_writable(self) -> None:
         """Fail now, before any teacher or training work, when the cache cannot be written."""
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".write-test-")
-            os.close(fd)
-            os.remove(probe)
-        except OSError as e:
-            raise PermissionError(
-                f"cache_dir: the teacher cache directory {self.root!r} is not writable "
-                f"({e.strerror or e}); set cache_dir to a writable directory, fix its "
-                "permissions, or turn the cache off with teacher_cache: false") from e
-
-    @staticmethod
-    def namespace_key(fingerprint: dict) -> str:
-        blob = json.dumps({"format": FORMAT_VERSION, **fingerprint}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-    def namespace_dir(self, fingerprint: dict) -> str:
-        """The directory holding every shard computed under ``fingerprint``."""
-        return os.path.join(self.root, self.namespace_key(fingerprint))
-
-    def _shards(self, ns: str) -> list[str]:
-        if not os.path.isdir(ns):
-            return []
-        return sorted(os.path.join(ns, n) for n in os.listdir(ns) if n.startswith("shard-"))
-
-    def _read_shard(self, shard: str) -> Optional[dict[str, np.ndarray]]:
-        """The shard's arrays, or ``None`` (after deleting it) when it fails a check."""
-        from safetensors.numpy import load_file
-
-        try:
-            with open(os.path.join(shard, MANIFEST)) as f:
-                manifest = json.load(f)
-            for name, meta in manifest["files"].items():
-                path = os.path.join(shard, name)
-                size = os.path.getsize(path)
-                if size != meta["bytes"]:
-                    raise ValueError(f"{name} has {size} bytes, the manifest says {meta['bytes']}")
-                if _sha256_file(path) != meta["sha256"]:
-                    raise ValueError(f"{name} fails its SHA-256 checksum")
-            arrays = load_file(os.path.join(shard, SHARD_FILE))
-            n = manifest["rows"]
-            if any(a.shape[0] != n for a in arrays.values()) or "keys" not in arrays:
-                raise ValueError(f"arrays do not all have the manifest's {n} rows")
-            return arrays
-        except Exception as e:  # unreadable, truncated, wrong shape: all mean "recompute"
-            warnings.warn(f"teacher cache: discarding damaged shard {shard} ({e}); its "
-                          "examples will be recomputed", RuntimeWarning, stacklevel=3)
-            shutil.rmtree(shard, ignore_errors=True)
-            return None
-
-    def lookup(self, fingerprint: dict, keys: Sequence[bytes], outputs: Sequence[str]
-               ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """Cached outputs for ``keys``: ``(arrays, found)`` where ``arrays[kind]`` has one row
-        per key (rows of keys not found are zeros) and ``found`` is a boolean mask."""
-        where: dict[bytes, tuple[int, int]] = {}
-        shards: list[dict[str, np.ndarray]] = []
-        for shard in self._shards(self.namespace_dir(fingerprint)):
-            arrays = self._read_shard(shard)
-            if arrays is None or any(k not in arrays for k in outputs):
-                continue
-            s = len(shards)
-            shards.append(arrays)
-            for row, k in enumerate(arrays["keys"]):
-                where.setdefault(k.tobytes(), (s, row))
-        found = np.array([k in where for k in keys], dtype=bool)
-        result: dict[str, np.ndarray] = {}
-        if not shards:
-            return result, found
-        for kind in outputs:
-            proto = shards[0][kind]
-            out = np.zeros((len(keys), *proto.shape[1:]), dtype=np.float32)
-            for i, k in enumerate(keys):
-                hit = where.get(k)
-                if hit is not None:
-                    out[i] = shards[hit[0]][kind][hit[1]]
-            result[kind] = out
-        return result, found
+        super().check_writable("cache_dir", "set cache_dir to a writable directory, fix its "
+                                            "permissions, or turn the cache off with "
+                                            "teacher_cache: false")
 
     def store(self, fingerprint: dict, keys: Sequence[bytes], arrays: dict[str, np.ndarray]) -> str:
-        """Write one shard atomically; returns its directory."""
-        from safetensors.numpy import save_file
-
-        ns = self.namespace_dir(fingerprint)
-        os.makedirs(ns, exist_ok=True)
-        self._write_namespace_info(ns, fingerprint)
-        tmp = tempfile.mkdtemp(dir=ns, prefix=".tmp-")
-        try:
-            # mkdtemp makes 0700; a cache shared by a team follows the umask instead.
-            os.chmod(tmp, 0o777 & ~_umask())
-            key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), _KEY_BYTES)
-            tensors = {"keys": key_arr, **{k: np.ascontiguousarray(v, dtype=np.float32)
-                                            for k, v in arrays.items()}}
-            path = os.path.join(tmp, SHARD_FILE)
-            save_file(tensors, path)
-            _fsync(path)
-            manifest = {"format": FORMAT_VERSION, "rows": len(keys), "outputs": sorted(arrays),
-                        "shapes": {k: list(v.shape) for k, v in tensors.items()},
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "files": {SHARD_FILE: {"bytes": os.path.getsize(path),
-                                               "sha256": _sha256_file(path)}}}
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(path, 0o666 & ~_umask())
-            final = os.path.join(ns, f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}")
-            os.replace(tmp, final)
-            return final
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _write_namespace_info(self, ns: str, fingerprint: dict) -> None:
-        info = os.path.join(ns, NAMESPACE_FILE)
-        if os.path.isfile(info):
-            return
-        fd, tmp = tempfile.mkstemp(dir=ns, prefix=".tmp-ns-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT_VERSION, **fingerprint}, f, indent=2, default=str)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, info)
-
-    def remove_partial(self, older_than_s: float = 3600.0) -> int:
-        """Delete temporary directories left by killed writers (older than ``older_than_s``,
-        so a concurrent writer's work is left alone); returns how many were removed."""
-        n, now = 0, time.time()
-        if not os.path.isdir(self.root):
-            return 0
-        for ns in os.listdir(self.root):
-            d = os.path.join(self.root, ns)
-            if not os.path.isdir(d):
-                continue
-            for name in os.listdir(d):
-                p = os.path.join(d, name)
-                if name.startswith(".tmp-") and now - os.path.getmtime(p) > older_than_s:
-                    if os.path.isdir(p):
-                        shutil.rmtree(p, ignore_errors=True)
-                    else:
-                        os.remove(p)
-                    n += 1
-        return n
-
-    def size_bytes(self) -> int:
-        """Bytes of every file under the cache root."""
-        total = 0
-        for d, _, files in os.walk(self.root):
-            total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
-        return total
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+        """Write one shard of float32 outputs atomically; returns its directory."""
+        return super().store(fingerprint, keys, {k: np.asarray(v, dtype=np.float32)
+                                                 for k, v in arrays.items()})
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,9 +241,14 @@ def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[
                             batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
     """Run ``teacher`` over the token columns ``cols`` of ``ds`` and return the requested
     outputs as float32 arrays with one row per example. Examples are batched by length, so
-    little time goes to padding; padding is masked, so results do not depend on batching."""
+    little time goes to padding; padding is masked, so results do not depend on batching.
+    Each batch is fed on the teacher's own device and its outputs come back to the host in
+    one copy."""
     import torch
 
+    from distilkit.device import model_device, to_device, to_host
+
+    device = model_device(teacher)
     arrays = _token_arrays(ds, cols)
     base = {c.removeprefix("teacher_"): v for c, v in arrays.items()}
     ids, offs = base["input_ids"]
@@ -431,7 +275,8 @@ def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[
             if "attention_mask" not in batch:
                 batch["attention_mask"] = (torch.arange(width)[None, :]
                                            < torch.from_numpy(lengths[rows])[:, None]).long()
-            out = teacher(**batch, output_hidden_states="cls_hidden" in outputs)
+            out = teacher(**to_device(batch, device),
+                          output_hidden_states="cls_hidden" in outputs)
             logits = out["logits"] if isinstance(out, dict) else out.logits
             if logits.dim() != 2:
                 raise ValueError(f"the teacher returned logits of shape {tuple(logits.shape)}; the "
@@ -444,11 +289,15 @@ def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[
                     raise ValueError(f"{type(teacher).__name__} returns no hidden_states, so its "
                                      "[CLS] states cannot be cached; set alpha_patient: 0")
                 got["cls_hidden"] = torch.stack([h[:, 0] for h in hs], dim=1)
-            for kind in outputs:
-                v = got[kind].float().numpy()
+            # One device-to-host copy per batch: every output flattened, side by side.
+            flat = [got[kind].float().reshape(len(rows), -1) for kind in outputs]
+            host = to_host(torch.cat(flat, dim=1)).numpy()
+            cuts = np.cumsum([f.shape[1] for f in flat])[:-1]
+            for kind, v in zip(outputs, np.split(host, cuts, axis=1)):
+                shape = tuple(got[kind].shape[1:])
                 if kind not in res:
-                    res[kind] = np.zeros((len(order), *v.shape[1:]), dtype=np.float32)
-                res[kind][rows] = v
+                    res[kind] = np.zeros((len(order), *shape), dtype=np.float32)
+                res[kind][rows] = v.reshape(len(rows), *shape)
     return res
 
 
@@ -569,7 +418,73 @@ def attach_ensemble_logits(dataset, teachers: Sequence[Any], **kwargs):
     if len({p.shape for p in per}) != 1:
         raise ValueError(f"the ensemble's teachers predict different numbers of classes "
                          f"({[p.shape[-1] for p in per]}); every teacher needs the same labels")
-    return _set_column(dataset, ENSEMBLE_COLUMN, np.stack(per, axis=1))
+    return attach_logits(dataset, np.stack(per, axis=1), ensemble=True)
+
+
+def attach_logits(dataset, logits: Any, ensemble: bool = False):
+    """Return ``dataset`` with teacher logits you already have as the column the
+    :class:`~distilkit.DistilTrainer` reads instead of running a teacher:
+    ``teacher_logits`` (one teacher) or ``teacher_ensemble_logits`` (``ensemble=True``).
+    The trainer then needs no ``teacher_model`` for the logit losses (``alpha_kd``,
+    ``alpha_mse``).
+
+    Args:
+        dataset: a ``datasets.Dataset``, or a ``DatasetDict`` with ``logits`` a dict of the
+            same splits.
+        logits: a numpy array, torch tensor or nested lists, one row per example in the
+            dataset's order: ``(examples, classes)``, or ``(examples, teachers, classes)``
+            for an ensemble (averaged at training time with the run's ``temperature`` and
+            ``ensemble_weights``). Every value must be finite.
+        ensemble: whether ``logits`` holds several teachers per example.
+    """
+    from datasets import DatasetDict
+
+    if isinstance(dataset, DatasetDict):
+        if not isinstance(logits, dict) or set(logits) != set(dataset):
+            given = sorted(logits) if isinstance(logits, dict) else type(logits).__name__
+            raise ValueError(f"logits: for a DatasetDict give a dict with one entry per split "
+                             f"{sorted(dataset)}, got {given}")
+        return DatasetDict({split: attach_logits(d, logits[split], ensemble)
+                            for split, d in dataset.items()})
+    arr = _checked_logits(logits, len(dataset), ensemble)
+    return _set_column(dataset, ENSEMBLE_COLUMN if ensemble else COLUMN["logits"], arr)
+
+
+def _checked_logits(logits: Any, rows: int, ensemble: bool) -> np.ndarray:
+    """``logits`` as a float32 array of ``rows`` examples, or a ValueError saying what is
+    wrong with it (shape, row count, the first non-finite row)."""
+    import torch
+
+    from distilkit.device import to_host
+
+    if torch.is_tensor(logits):
+        logits = to_host(logits).float().numpy()
+    try:
+        arr = np.asarray(logits, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"logits: not an array of numbers with rows of the same length ({e}); "
+                         "give a numpy array, a torch tensor or nested lists of floats, one row "
+                         "per example") from e
+    want = "(examples, teachers, classes)" if ensemble else "(examples, classes)"
+    if arr.ndim != (3 if ensemble else 2):
+        other = ("pass ensemble=False for one teacher's logits" if ensemble else
+                 "pass ensemble=True for an ensemble's (examples, teachers, classes)")
+        raise ValueError(f"logits: shape {arr.shape} must be {want}; {other}")
+    if arr.shape[0] != rows:
+        raise ValueError(f"logits: {arr.shape[0]} rows for a dataset of {rows} rows; give one "
+                         "row per example, in the dataset's order")
+    if ensemble and arr.shape[1] < 2:
+        raise ValueError(f"logits: shape {arr.shape}: an ensemble needs at least 2 teachers; "
+                         "pass ensemble=False and shape (examples, classes) for one teacher")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"logits: shape {arr.shape} has no classes; give one logit per class")
+    bad = np.flatnonzero(~np.isfinite(arr.reshape(rows, -1)).all(axis=1))
+    if bad.size:
+        row = arr[bad[0]]
+        raise ValueError(f"logits: row {bad[0]} holds {row[~np.isfinite(row)][0]} "
+                         f"({bad.size} row(s) are not finite); teacher logits must be finite: "
+                         "recompute those examples or drop them from the dataset")
+    return arr
 
 
 def _set_column(ds, name: str, values: np.ndarray):

@@ -14,7 +14,7 @@ from distilkit.config import DistilConfig
 from distilkit.seq2seq.data import (Seq2SeqCollator, strip_case_and_punct, tokenize_seq2seq)
 from distilkit.seq2seq.generate_eval import (GenerationSettings, compute_metrics_for_generate,
                                              evaluate_generation, generate_texts, score_texts)
-from distilkit.seq2seq.sequence_kd import (SequenceKDSettings, sequence_kd_dataset,
+from distilkit.seq2seq.sequence_kd import (SHARD_FILE, SequenceKDSettings, sequence_kd_dataset,
                                            sequence_kd_settings, teacher_generations)
 from distilkit.seq2seq.tokenizer import TokenizerSettings, build_tokenizer
 from distilkit.students.init import student_from_teacher
@@ -227,7 +227,7 @@ def test_sequence_kd_through_the_cache(tok, tmp_path):
     assert stats3["computed"] == 2
     # A damaged shard is discarded with a warning and its outputs decoded again.
     shard = next(os.path.join(r, f) for r, _, fs in os.walk(stats["namespace"])
-                 for f in fs if f == "outputs.jsonl")
+                 for f in fs if f == SHARD_FILE)
     with open(shard, "a") as f:
         f.write("garbage\n")
     with pytest.warns(RuntimeWarning, match="damaged shard"):

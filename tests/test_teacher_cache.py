@@ -264,3 +264,128 @@ def test_ensemble_logits_stack_each_teacher_and_hit_the_cache(tmp_path, data, te
     np.testing.assert_array_equal(np.asarray(again["teacher_ensemble_logits"]), got)
     with pytest.raises(ValueError, match="at least 2 teachers"):
         attach_ensemble_logits(data, [teacher_dir], **kw)
+
+
+# ------------------------------------------------------------------ the built-in teacher's key
+def test_builtin_teacher_key_hashes_the_whole_weight_file(tmp_path, monkeypatch):
+    """A change anywhere in the base weights (here after the first MiB) is another teacher."""
+    import distilkit.teachers as teachers
+
+    base = tmp_path / "minilm"
+    base.mkdir()
+    weights = base / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * (3 << 12))  # 3 MiB
+    monkeypatch.setenv("DISTILKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(teachers, "minilm_path", lambda: str(base))
+    trained = []
+    monkeypatch.setattr(teachers, "_finetune_builtin", lambda b, out, s, p: trained.append(out))
+
+    first = teachers.builtin_teacher(progress=False)
+    assert teachers.builtin_teacher(progress=False) == first  # same bytes: same key
+    raw = bytearray(weights.read_bytes())
+    raw[(1 << 20) + 12345] ^= 0x01
+    weights.write_bytes(raw)
+    second = teachers.builtin_teacher(progress=False)
+    assert second != first and trained == [first, first, second]
+
+
+# ------------------------------------------------------------------ the teacher's own device
+def test_teacher_outputs_feed_the_teacher_on_its_own_device(data):
+    """Every batch goes to the teacher's device (a wrapper that says it is on ``meta``
+    refuses anything else) and comes back as host arrays."""
+    from fake_device import FakeDeviceModel
+
+    from distilkit.teacher_cache import _input_columns, compute_teacher_outputs
+
+    teacher = FakeDeviceModel(tiny_bert(seed=0))
+    out = compute_teacher_outputs(teacher, data, _input_columns(data), ("logits", "cls_hidden"),
+                                  batch_size=10)
+    assert teacher.calls == 3  # 24 examples, batches of 10
+    assert out["logits"].shape == (24, 2) and out["cls_hidden"].shape == (24, 5, 32)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in out.values())
+
+
+# ------------------------------------------------------------------ logits the user already has
+def test_attach_logits_adds_the_columns_the_trainer_reads(data):
+    from distilkit.teacher_cache import attach_logits
+
+    z = np.random.default_rng(0).normal(size=(24, 2)).astype(np.float32)
+    for given in (z, torch.from_numpy(z), z.tolist()):
+        out = attach_logits(data, given)
+        assert out.column_names == data.column_names + ["teacher_logits"]
+        np.testing.assert_array_equal(np.asarray(out["teacher_logits"], np.float32), z)
+    ens = np.stack([z, -z], axis=1)
+    out = attach_logits(data, torch.from_numpy(ens), ensemble=True)
+    np.testing.assert_array_equal(np.asarray(out["teacher_ensemble_logits"], np.float32), ens)
+    # Attaching again replaces the column.
+    again = attach_logits(out, ens[:, ::-1].copy(), ensemble=True)
+    assert again.column_names == out.column_names
+    np.testing.assert_array_equal(np.asarray(again["teacher_ensemble_logits"]), ens[:, ::-1])
+
+
+@pytest.mark.parametrize("logits,ensemble,match", [
+    (np.zeros((23, 2)), False, r"logits: 23 rows .* 24 rows"),
+    (np.zeros((24, 2, 2)), False, r"logits: shape \(24, 2, 2\) .*\(examples, classes\)"),
+    (np.zeros((24, 2)), True, r"logits: shape \(24, 2\) .*\(examples, teachers, classes\)"),
+    (np.zeros((24, 1, 2)), True, "at least 2 teachers"),
+    (np.zeros((24, 0)), False, "no classes"),
+    ([[0.0, 1.0]] * 23 + [[1.0]], False, "logits: .*same length"),
+    ([["a", "b"]] * 24, False, "logits: .*numbers"),
+])
+def test_attach_logits_refuses_bad_shapes_and_values(data, logits, ensemble, match):
+    from distilkit.teacher_cache import attach_logits
+
+    with pytest.raises(ValueError, match=match):
+        attach_logits(data, logits, ensemble=ensemble)
+
+
+def test_attach_logits_names_the_first_non_finite_row(data):
+    from distilkit.teacher_cache import attach_logits
+
+    z = np.zeros((24, 2, 3), np.float32)
+    z[17, 1, 2] = np.nan
+    z[20, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"logits: row 17 .*nan"):
+        attach_logits(data, z, ensemble=True)
+
+
+def test_attach_logits_splits_of_a_dataset_dict(data):
+    from datasets import DatasetDict
+
+    from distilkit.teacher_cache import attach_logits
+
+    dd = DatasetDict({"train": data, "validation": data.select(range(4))})
+    out = attach_logits(dd, {"train": np.ones((24, 2)), "validation": np.zeros((4, 2))})
+    assert np.asarray(out["validation"]["teacher_logits"]).shape == (4, 2)
+    with pytest.raises(ValueError, match="logits: .*'validation'"):
+        attach_logits(dd, {"train": np.ones((24, 2))})
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_trainer_learns_from_attached_logits_without_a_teacher(tmp_path, data, tok, ensemble):
+    from distilkit import DistilConfig, DistilTrainer
+    from distilkit.collate import DistilCollator
+    from distilkit.teacher_cache import attach_logits
+
+    # Logits that say the opposite of the labels: the student can only learn them from KD.
+    labels = np.asarray(data["labels"])
+    z = np.where(labels[:, None] == np.arange(2)[None, :], -4.0, 4.0).astype(np.float32)
+    train = attach_logits(data.remove_columns("labels"),
+                          np.stack([z, z], 1) if ensemble else torch.from_numpy(z),
+                          ensemble=ensemble)
+    args = DistilConfig(output_dir=str(tmp_path / "run"), max_steps=60,
+                        per_device_train_batch_size=8, learning_rate=3e-3, report_to=[],
+                        save_strategy="no", use_cpu=True, alpha_kd=1.0, alpha_ce=0.0,
+                        temperature=1.0, logging_steps=5, disable_tqdm=True)
+    student = tiny_bert(seed=1, layers=2)
+    trainer = DistilTrainer(model=student, teacher_model=None, args=args, train_dataset=train,
+                            data_collator=DistilCollator(tok), processing_class=tok)
+    trainer.train()
+    logged = [h["loss_kd"] for h in trainer.state.log_history if "loss_kd" in h]
+    assert logged and logged[-1] < logged[0]
+    student.eval()
+    with torch.no_grad():
+        batch = DistilCollator(tok)([{k: ex[k] for k in ("input_ids", "attention_mask")}
+                                     for ex in data])
+        pred = student(**batch).logits.argmax(-1).numpy()
+    assert (pred != labels).mean() > 0.9  # it follows the attached logits, not the labels

@@ -15,32 +15,29 @@ Decoding a training set is the expensive part, so outputs are cached on disk
 (``$DISTILKIT_CACHE/seq2seq/generations``), one directory (*namespace*) per teacher weights,
 tokenizer and :class:`SequenceKDSettings`; the weight and tokenizer fingerprints are those of
 :mod:`distilkit.teacher_cache`. Inside a namespace each example is keyed by a hash of its source
-text, so a changed or added sentence is decoded and the others are reused. Each write is a
-*shard* (``outputs.jsonl`` + ``manifest.json`` with its size and SHA-256) built in a temporary
-directory and renamed into place: an interrupted run leaves nothing that looks complete, and a
-damaged shard is discarded (with a warning) and recomputed.
-
-The generic output cache of :mod:`distilkit.teacher_cache` stores fixed-shape float arrays
-(classification logits); generated sequences are variable-length token lists, so they have
-this small store of their own.
+text, so a changed or added sentence is decoded and the others are reused. The cache is a
+:class:`~distilkit.shard_store.ShardStore`, like the teacher-output cache: each write is a
+*shard* (the generated ids as ragged int32 arrays and their text as UTF-8 bytes, with a
+manifest holding each file's size and SHA-256) built in a temporary directory and renamed into
+place: an interrupted run leaves nothing that looks complete, and a damaged shard is discarded
+(with a warning) and recomputed.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
-import tempfile
 import time
-import uuid
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-from distilkit.seq2seq.generate_eval import GenerationSettings, generate_texts
+import numpy as np
 
-SHARD_FILE, MANIFEST, NAMESPACE_FILE = "outputs.jsonl", "manifest.json", "namespace.json"
-FORMAT_VERSION = 1
+from distilkit.seq2seq.generate_eval import GenerationSettings, generate_texts
+from distilkit.shard_store import SHARD_FILE, ShardStore  # noqa: F401 - the layout
+
+# 2: shards of the shared ShardStore (1 was JSON lines); the version is part of the namespace
+# key, so version-1 shards are never read as version 2.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -75,92 +72,41 @@ def sequence_kd_settings(value) -> SequenceKDSettings:
     return SequenceKDSettings(**value)
 
 
-def _source_key(text: str) -> str:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+def _source_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class GenerationCache:
+class GenerationCache(ShardStore):
     """Teacher generations on disk (layout and guarantees: module docstring)."""
 
     def __init__(self, root: Optional[str] = None):
         from distilkit.data import cache_root
 
-        self.root = os.path.abspath(os.path.expanduser(
-            root or os.path.join(cache_root(), "seq2seq", "generations")))
+        super().__init__(root or os.path.join(cache_root(), "seq2seq", "generations"),
+                         FORMAT_VERSION, "generation cache")
 
-    def namespace(self, teacher, tokenizer, settings: SequenceKDSettings,
-                  max_source_length: int) -> str:
+    @staticmethod
+    def fingerprint(teacher, tokenizer, settings: SequenceKDSettings,
+                    max_source_length: int) -> dict:
+        """What the teacher's outputs depend on: its weights, tokenizer and decoding."""
         from distilkit.teacher_cache import teacher_fingerprint, tokenizer_fingerprint
 
-        fp = {"format": FORMAT_VERSION, "teacher": teacher_fingerprint(teacher),
-              "tokenizer": tokenizer_fingerprint(tokenizer), "settings": settings.key_fields(),
-              "max_source_length": max_source_length}
-        key = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:24]
-        ns = os.path.join(self.root, key)
-        if not os.path.isfile(os.path.join(ns, NAMESPACE_FILE)):
-            os.makedirs(ns, exist_ok=True)
-            tmp = os.path.join(ns, f".{NAMESPACE_FILE}.{uuid.uuid4().hex}")
-            with open(tmp, "w") as f:
-                json.dump(fp, f, indent=2)
-            os.replace(tmp, os.path.join(ns, NAMESPACE_FILE))
-        return ns
+        return {"teacher": teacher_fingerprint(teacher),
+                "tokenizer": tokenizer_fingerprint(tokenizer), "settings": settings.key_fields(),
+                "max_source_length": max_source_length}
 
-    def lookup(self, ns: str) -> dict[str, dict]:
-        """Every cached ``source key -> {"ids", "text"}`` in namespace ``ns``."""
-        found: dict[str, dict] = {}
-        if not os.path.isdir(ns):
-            return found
-        for name in sorted(os.listdir(ns)):
-            shard = os.path.join(ns, name)
-            if not name.startswith("shard-"):
-                continue
-            try:
-                with open(os.path.join(shard, MANIFEST)) as f:
-                    man = json.load(f)
-                path = os.path.join(shard, SHARD_FILE)
-                if os.path.getsize(path) != man["bytes"] or _sha256(path) != man["sha256"]:
-                    raise ValueError("size or checksum differs from the manifest")
-                with open(path, encoding="utf-8") as f:
-                    rows = [json.loads(line) for line in f]
-                if len(rows) != man["rows"]:
-                    raise ValueError(f"{len(rows)} rows, the manifest says {man['rows']}")
-            except Exception as e:  # unreadable, truncated, corrupted: recompute
-                warnings.warn(f"generation cache: discarding damaged shard {shard} ({e}); its "
-                              "examples will be decoded again", RuntimeWarning, stacklevel=2)
-                shutil.rmtree(shard, ignore_errors=True)
-                continue
-            for r in rows:
-                found.setdefault(r["k"], {"ids": r["ids"], "text": r["text"]})
-        return found
+    def generations(self, fingerprint: dict, keys: Sequence[bytes]) -> list[Optional[dict]]:
+        """``{"ids", "text"}`` for each source key, ``None`` where none is cached."""
+        arrays, found = self.lookup(fingerprint, keys, ("ids", "text"))
+        return [{"ids": arrays["ids"][i].tolist(), "text": arrays["text"][i].tobytes().decode()}
+                if hit else None for i, hit in enumerate(found)]
 
-    def store(self, ns: str, rows: Sequence[dict]) -> str:
-        """Write one shard of ``{"k", "ids", "text"}`` rows atomically; returns its path."""
-        os.makedirs(ns, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=ns, prefix=".tmp-")
-        try:
-            path = os.path.join(tmp, SHARD_FILE)
-            with open(path, "w", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({"format": FORMAT_VERSION, "rows": len(rows),
-                           "bytes": os.path.getsize(path), "sha256": _sha256(path),
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
-            final = os.path.join(ns, f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}")
-            os.replace(tmp, final)
-            return final
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def add(self, fingerprint: dict, keys: Sequence[bytes], generations: Sequence[dict]) -> str:
+        """Write one shard of ``{"ids", "text"}`` generations atomically; returns its path."""
+        return self.store(fingerprint, keys, {
+            "ids": [np.asarray(g["ids"], dtype=np.int32) for g in generations],
+            "text": [np.frombuffer(g["text"].encode("utf-8"), dtype=np.uint8)
+                     for g in generations]})
 
 
 def teacher_generations(teacher, tokenizer, sources: Sequence[str],
@@ -176,12 +122,12 @@ def teacher_generations(teacher, tokenizer, sources: Sequence[str],
     if not sources:
         raise ValueError("sequence-level KD: no training inputs to decode")
     cache = GenerationCache(cache_dir)
-    ns = cache.namespace(teacher, tokenizer, s, max_source_length)
-    have = cache.lookup(ns)
+    fp = cache.fingerprint(teacher, tokenizer, s, max_source_length)
     keys = [_source_key(x) for x in sources]
-    todo: dict[str, str] = {}
-    for k, x in zip(keys, sources):
-        if k not in have:
+    gens = cache.generations(fp, keys)
+    todo: dict[bytes, str] = {}
+    for k, x, g in zip(keys, sources, gens):
+        if g is None:
             todo.setdefault(k, x)
     if todo:
         if progress:
@@ -189,15 +135,14 @@ def teacher_generations(teacher, tokenizer, sources: Sequence[str],
                   f"(beam {s.num_beams}); {len(sources) - len(todo)} cached")
         res = generate_texts(teacher, tokenizer, list(todo.values()), s.generation(),
                              max_source_length)
-        rows = [{"k": k, "ids": ids, "text": text}
-                for k, ids, text in zip(todo, res.ids, res.texts)]
-        cache.store(ns, rows)
-        have.update({r["k"]: {"ids": r["ids"], "text": r["text"]} for r in rows})
+        new = {k: {"ids": list(ids), "text": text} for k, ids, text in zip(todo, res.ids, res.texts)}
+        cache.add(fp, list(new), list(new.values()))
+        gens = [new[k] if g is None else g for k, g in zip(keys, gens)]
     if stats is not None:
         stats.update({"examples": len(sources), "hits": len(sources) - sum(k in todo for k in keys),
                       "computed": len(todo), "seconds": round(time.perf_counter() - t0, 3),
-                      "namespace": ns})
-    return [have[k] for k in keys]
+                      "namespace": cache.namespace_dir(fp)})
+    return gens
 
 
 def with_teacher_targets(raw, generations: Sequence[dict], tokenizer,
