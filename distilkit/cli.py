@@ -64,8 +64,8 @@ def _lazy(module: str, name: str) -> Callable:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "distill": (_distill_args, _distill_run),
-    "evaluate": (_lazy("distilkit.evaluate", "add_evaluate_arguments"),
-                 _lazy("distilkit.evaluate", "run_evaluate")),
+    "evaluate": (_lazy("distilkit.evaluate_run", "add_evaluate_arguments"),
+                 _lazy("distilkit.evaluate_run", "run_evaluate")),
     "report": (_lazy("distilkit.report", "add_report_arguments"),
                _lazy("distilkit.report", "run_report")),
     "push": (_lazy("distilkit.hub", "add_push_arguments"), _lazy("distilkit.hub", "run_push")),

@@ -40,3 +40,11 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def to_host(t: torch.Tensor) -> torch.Tensor:
     """A detached CPU copy of ``t`` (one device-to-host transfer)."""
     return t.detach().to("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` has finished. CUDA runs asynchronously, so a
+    timer read without this measures how long the kernels took to *queue*. Only a CUDA device
+    is synchronised: the CPU path never touches CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from distilkit.device import model_device, synchronize, to_device, to_host
 from distilkit.metrics import accuracy_f1
 
 if TYPE_CHECKING:  # torch is imported where used, so `distilkit --help` stays fast
@@ -162,7 +163,8 @@ def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def _logits(model, batch):
-    out = model(**_accepted(model, batch))
+    # Fed on the model's own device (a no-op for tensors already there, e.g. timed batches).
+    out = model(**to_device(_accepted(model, batch), model_device(model)))
     return out["logits"] if isinstance(out, dict) else out.logits
 
 
@@ -174,7 +176,8 @@ def predict(model: nn.Module, rows: list[dict], pad_id: int = 0, batch_size: int
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            preds[idx] = _logits(model, _pad([rows[i] for i in idx], pad_id)).argmax(-1).numpy()
+            # One device-to-host copy per batch, of the argmax only.
+            preds[idx] = to_host(_logits(model, _pad([rows[i] for i in idx], pad_id)).argmax(-1)).numpy()
     return preds
 
 
@@ -196,13 +199,18 @@ def fixed_length_batch(rows: list[dict], batch: int, length: int) -> dict[str, t
 # ---------------------------------------------------------------------------------------
 
 def latency_ms(model: nn.Module, batch: dict, warmup: int = 2, runs: int = 10) -> float:
-    """Median wall time in ms of ``model(**batch)`` after ``warmup`` untimed runs."""
+    """Median wall time in ms of ``model(**batch)`` after ``warmup`` untimed runs, the batch
+    already on the model's device (synchronised on CUDA, so the work itself is timed)."""
     import torch
+    dev = model_device(model)
+    batch = to_device(batch, dev)
     times = []
     with torch.inference_mode():
         for i in range(warmup + runs):
+            synchronize(dev)
             t0 = time.perf_counter()
             _logits(model, batch)
+            synchronize(dev)
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000)
     return float(statistics.median(times))
@@ -218,6 +226,8 @@ def interleaved_latency_ms(fns: dict, runs: int = 7, warmup: int = 2) -> dict:
             for k, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
+                if torch.cuda.is_initialized():  # a callable on a GPU: time its work
+                    torch.cuda.synchronize()
                 if i >= warmup:
                     times[k].append((time.perf_counter() - t0) * 1000)
     return {k: float(statistics.median(v)) for k, v in times.items()}
@@ -247,12 +257,23 @@ def _reset_peak() -> bool:
 
 
 def inference_peak_bytes(model: nn.Module, batch: dict) -> tuple[int, str]:
-    """Peak growth of resident memory during one forward pass, and how it was measured."""
+    """Peak growth of memory during one forward pass, and how it was measured: on CUDA the
+    allocator's own peak counter, on the CPU the process's resident memory."""
     import torch
     import gc
 
     gc.collect()
+    dev = model_device(model)
+    batch = to_device(batch, dev)
     with torch.inference_mode():
+        if dev.type == "cuda":
+            synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            _logits(model, batch)
+            synchronize(dev)
+            return (max(0, torch.cuda.max_memory_allocated(dev) - base),
+                    "cuda allocator max_memory_allocated")
         if _reset_peak():
             base = _status_kb("VmRSS:")
             _logits(model, batch)
@@ -336,156 +357,3 @@ def find_model_dir(path: str) -> str:
     model_files(path)  # raises, naming what is missing
     return path
 
-
-def is_seq2seq_dir(model_dir: str) -> bool:
-    """Whether the model saved in ``model_dir`` is an encoder-decoder (evaluated by generation)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return bool(json.load(f).get("is_encoder_decoder", False))
-
-
-def default_spec(model_dir: str, recipe=None):
-    """The data to evaluate on when no flag names any: the recipe's, else the built-in task
-    that matches the model (truecasing for seq2seq, sentiment otherwise)."""
-    if recipe is not None:
-        return recipe.data
-    if is_seq2seq_dir(model_dir):
-        from distilkit.seq2seq.pipeline import default_seq2seq_spec
-
-        return default_seq2seq_spec()
-    from distilkit.data import DataSpec
-
-    return DataSpec()
-
-
-def _recipe_near(model_dir: str) -> Optional[str]:
-    for d in (model_dir, os.path.dirname(os.path.abspath(model_dir))):
-        f = os.path.join(d, "recipe.yaml")
-        if os.path.isfile(f):
-            return f
-    return None
-
-
-def _load_recipe(path: Optional[str]):
-    if not path:
-        return None
-    from distilkit.recipe import Recipe
-
-    return Recipe.load(path)
-
-
-def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
-                 split: Optional[str] = None, max_length: Optional[int] = None,
-                 out_file: Optional[str] = None, **kwargs) -> dict:
-    """Load the model saved in ``model_dir`` (any distilkit output, compressed or not, or a
-    plain ``save_pretrained`` directory) with its tokenizer and evaluate it.
-
-    The data is ``data`` (a :class:`~distilkit.data.DataSpec`), else that of ``recipe``, else
-    that of the ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the
-    built-in dataset; ``max_length`` likewise comes from the argument, else the recipe, else
-    128. The split defaults to the spec's test split (else its eval split). An encoder-decoder
-    model is evaluated by generation instead (BLEU, chrF, exact match; see
-    :func:`distilkit.seq2seq.pipeline.evaluate_seq2seq_dir`), on the built-in truecasing task
-    when nothing names the data. The figures are written to ``out_file`` (default
-    ``MODEL_DIR/evaluation.json``) and returned.
-    """
-    from transformers import AutoTokenizer
-
-    from distilkit.compress.base import load_compressed
-    from distilkit.data import load_raw
-
-    model_dir = find_model_dir(model_dir)
-    r = _load_recipe(recipe or _recipe_near(model_dir))
-    spec = data or default_spec(model_dir, r)
-    if is_seq2seq_dir(model_dir):
-        from distilkit.seq2seq.pipeline import evaluate_seq2seq_dir
-
-        res = evaluate_seq2seq_dir(model_dir, r, spec, split, latency=kwargs.get("latency", True))
-    else:
-        max_length = max_length or (r.keys.max_length if r else None) or 128
-        raw = load_raw(spec)
-        split = split or spec.test_split or spec.eval_split
-        if split not in raw:
-            raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
-        model = load_compressed(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        res = evaluate_model(model, tokenizer, raw[split], text_column=spec.text_column,
-                             text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-                             max_length=max_length, model_dir=model_dir, **kwargs)
-        res["split"] = split
-    out_file = out_file or os.path.join(model_dir, "evaluation.json")
-    tmp = f"{out_file}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, out_file)
-    return res
-
-
-def format_metrics(res: dict) -> str:
-    """The figures as aligned ``name: value`` lines, for the terminal."""
-    keys = ["accuracy", "macro_f1", "examples", "bleu", "chrf", "exact_match", "n",
-            "parameters", "nonzero_parameters", "sparsity", "size_on_disk_bytes", "bits_per_weight",
-            "latency_ms", "gen_ms_per_sentence", "latency_ms_batch1", "latency_ms_batch32",
-            "peak_memory_mb", "model_memory_mb", "activation_peak_mb", "threads", "max_length"]
-    width = max(len(k) for k in keys)
-    return "\n".join(f"{k:<{width}}  {res[k]:.4f}" if isinstance(res.get(k), float)
-                     else f"{k:<{width}}  {res.get(k)}" for k in keys if k in res)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line: ``distilkit evaluate MODEL_DIR``
-# ---------------------------------------------------------------------------------------
-
-def add_evaluate_arguments(p) -> None:
-    """Arguments of ``distilkit evaluate`` (wired by :mod:`distilkit.cli`)."""
-    p.add_argument("model_dir", help="a saved model directory, or a run directory with student/")
-    p.add_argument("--recipe", help="take the dataset and max_length from this recipe")
-    p.add_argument("--dataset", help="hub dataset name or builtin:rotten_tomatoes")
-    p.add_argument("--dataset-config", help="hub dataset configuration name")
-    p.add_argument("--data-files", nargs="+", metavar="SPLIT=FILE",
-                   help="local csv/json/jsonl/parquet/tsv files, e.g. test=test.csv")
-    p.add_argument("--split", help="split to evaluate (default: test, else validation)")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--text-pair-column", default=None)
-    p.add_argument("--label-column", default=None)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="truncation and latency sequence length (default: recipe's, else 128)")
-    p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N examples")
-    p.add_argument("--output", help="where to write the JSON (default MODEL_DIR/evaluation.json)")
-    p.add_argument("--no-latency", action="store_true", help="skip latency and memory")
-
-
-def _spec_from_args(args, base):
-    """``base`` (a DataSpec) with the data flags applied."""
-    spec = base
-    if args.data_files:
-        files = {}
-        for item in args.data_files:
-            if "=" not in item:
-                raise ValueError(f"--data-files: {item!r} must be SPLIT=FILE, e.g. test=test.csv")
-            split, f = item.split("=", 1)
-            files[split] = f
-        spec.dataset, spec.data_files = None, files
-        spec.train_split = spec.train_split if spec.train_split in files else next(iter(files))
-        spec.eval_split = spec.eval_split if spec.eval_split in files else args.split or next(iter(files))
-        spec.test_split = spec.test_split if spec.test_split in files else None
-    elif args.dataset:
-        spec.dataset, spec.dataset_config, spec.data_files = args.dataset, args.dataset_config, None
-    for name in ("text_column", "text_pair_column", "label_column"):
-        if getattr(args, name):
-            setattr(spec, name, getattr(args, name))
-    if args.max_samples:
-        spec.max_eval_samples = args.max_samples
-    return spec
-
-
-def run_evaluate(args, rest=None) -> int:
-    """``distilkit evaluate``: evaluate, print the figures, write them as JSON."""
-    recipe = args.recipe or _recipe_near(find_model_dir(args.model_dir))
-    r = _load_recipe(recipe)
-    spec = _spec_from_args(args, default_spec(find_model_dir(args.model_dir), r))
-    res = evaluate_dir(args.model_dir, spec, recipe=recipe, split=args.split,
-                       max_length=args.max_length, out_file=args.output,
-                       latency=not args.no_latency)
-    print(format_metrics(res))
-    print(f"(written to {args.output or os.path.join(find_model_dir(args.model_dir), 'evaluation.json')})")
-    return 0

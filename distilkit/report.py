@@ -8,7 +8,7 @@ where ``teacher`` and ``student`` are :func:`distilkit.evaluate.evaluate_model` 
 :func:`write_report` turns a list of runs into
 
 * ``report.md``: one row for the teacher and one per student, with the task metric, its
-  retention (student / teacher, %), parameters, size on disk, bits per weight, compression
+  retention (student / teacher, %), parameters, size on disk, bits per weight, size ratio
   (teacher bytes on disk / student bytes on disk), latency and speed-up (teacher latency /
   student latency, at batch 1 and 32), peak memory; then how each student was made;
 * ``report.png``: accuracy against size on disk and against batch-32 latency, one point per
@@ -100,7 +100,7 @@ def _row(name: str, m: dict, t: dict, metric: str, is_teacher: bool = False) -> 
         "retention_pct": 100 * _ratio(m[metric], t[metric]) if t[metric] else None,
         "parameters": m["parameters"], "nonzero_parameters": m.get("nonzero_parameters"),
         "size_mb": m["size_on_disk_bytes"] / MB, "bits_per_weight": m.get("bits_per_weight"),
-        "compression_x": _ratio(t["size_on_disk_bytes"], m["size_on_disk_bytes"]),
+        "size_ratio": _ratio(t["size_on_disk_bytes"], m["size_on_disk_bytes"]),
         "latency_ms_batch1": m.get("latency_ms_batch1"),
         "latency_ms_batch32": m.get("latency_ms_batch32"),
         "speedup_batch1": _ratio(t.get("latency_ms_batch1"), m.get("latency_ms_batch1")),
@@ -120,7 +120,7 @@ def _fmt(v, spec: str = ".2f", suffix: str = "") -> str:
 def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
     """The figures table (GitHub markdown)."""
     head = ["Model", metric.replace("_", " ").capitalize(), "Macro-F1", "Retention",
-            "Parameters", "Size (MB)", "Bits/weight", "Compression", "Latency b1 (ms)",
+            "Parameters", "Size (MB)", "Bits/weight", "Size ratio", "Latency b1 (ms)",
             "Latency b32 (ms)", "Speed-up b1", "Speed-up b32", "Peak mem (MB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
@@ -128,7 +128,7 @@ def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
         cells = [name, _fmt(r[metric], ".4f"), _fmt(r["macro_f1"], ".4f"),
                  _fmt(r["retention_pct"], ".1f", " %"), _fmt(r["parameters"], ","),
                  _fmt(r["size_mb"], ".2f"), _fmt(r["bits_per_weight"], ".2f"),
-                 _fmt(r["compression_x"], ".2f", "x"), _fmt(r["latency_ms_batch1"], ".2f"),
+                 _fmt(r["size_ratio"], ".2f", "x"), _fmt(r["latency_ms_batch1"], ".2f"),
                  _fmt(r["latency_ms_batch32"], ".1f"), _fmt(r["speedup_batch1"], ".2f", "x"),
                  _fmt(r["speedup_batch32"], ".2f", "x"), _fmt(r["peak_memory_mb"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -221,9 +221,9 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str]
              markdown_table(rows, metric), ""]
     if len(teachers) > 1:
         lines += ["Note: the runs do not share one teacher (different sizes or scores); the "
-                  "teacher row is the first run's, and each student's retention, compression "
+                  "teacher row is the first run's, and each student's retention, size ratio "
                   "and speed-up are relative to its own teacher.", ""]
-    lines += ["Retention = student / teacher " + metric.replace("_", " ") + ". Compression = "
+    lines += ["Retention = student / teacher " + metric.replace("_", " ") + ". Size ratio = "
               "teacher bytes on disk / student bytes on disk (the saved model files, tokenizer "
               "excluded). Speed-up = teacher latency / student latency (CPU, median after "
               "warm-up, sequence length = max_length). Peak memory = model tensors + peak "

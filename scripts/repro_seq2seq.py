@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from distilkit.compress.base import (compress_, config_from_dict, finalize_, load_compressed,
                                          save_compressed)
     from distilkit.seq2seq.data import tokenize_seq2seq, truecase_dataset
-    from distilkit.seq2seq.pipeline import evaluate_seq2seq_model
+    from distilkit.tasks.seq2seq import evaluate_seq2seq_model
     from distilkit.seq2seq.sequence_kd import SequenceKDSettings, sequence_kd_dataset
     from distilkit.seq2seq.teacher import load_seq2seq_teacher, truecase_teacher
     from distilkit.students.init import student_from_teacher

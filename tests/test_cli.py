@@ -187,3 +187,32 @@ def test_quantized_distillation_continues_a_pretrained_student(tiny_task):
     with torch.no_grad():
         torch.testing.assert_close(qd(**batch).logits, pm(**batch).logits)
         assert not torch.allclose(qd(**batch).logits, load_compressed(fp32_dir)(**batch).logits)
+
+
+def test_a_fully_cached_run_never_loads_the_teacher(tiny_task, monkeypatch):
+    """Issue 12 item 5: once the teacher's outputs and figures are cached, a rerun builds the
+    student from the teacher's directory (only the kept layers, read lazily), trains from the
+    cached logits and reports the cached teacher figures, without loading the teacher model; it
+    trains exactly the student the first run trained."""
+    import torch
+
+    import distilkit.teachers
+
+    cache = str(tiny_task["tmp"] / "cache")
+    runs = []
+    for i in range(2):
+        if i == 1:
+            def refuse(*a, **k):
+                raise AssertionError("the teacher was loaded on a fully cached run")
+            monkeypatch.setattr(distilkit.teachers, "load_teacher", refuse)
+        out = str(tiny_task["tmp"] / f"run{i}")
+        path, _ = _recipe(tiny_task, output_dir=out, teacher_cache=True, cache_dir=cache,
+                          max_steps=3)
+        assert main(["distill", path, "--no-progress"]) == 0
+        runs.append((json.load(open(os.path.join(out, "results.json"))), _student_params(out)))
+    (first, p0), (second, p1) = runs
+    assert first["teacher_loaded"] is True and second["teacher_loaded"] is False
+    assert "cached" in second["teacher"]["figures_source"]
+    for k in ("accuracy", "macro_f1", "parameters", "size_on_disk_bytes", "latency_ms_batch32"):
+        assert second["teacher"][k] == first["teacher"][k], k
+    assert torch.equal(p0, p1)

@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_bert
 from tiny_text import tiny_dataset, tiny_tokenizer, tokenized
 
-from distilkit.evaluate import (evaluate_dir, evaluate_model, inference_peak_bytes, model_files,
-                                run_evaluate)
+from distilkit.evaluate import evaluate_model, inference_peak_bytes, model_files
+from distilkit.evaluate_run import evaluate_dir, run_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_evaluate_dir_on_a_run_with_local_data(tmp_path, saved):
 def test_cli_entry(tmp_path, saved, capsys):
     import argparse
 
-    from distilkit.evaluate import add_evaluate_arguments
+    from distilkit.evaluate_run import add_evaluate_arguments
 
     csv = tmp_path / "d.csv"
     tiny_dataset(12).to_csv(str(csv))
@@ -161,3 +161,17 @@ def test_cli_entry(tmp_path, saved, capsys):
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "size_on_disk_bytes" in printed
     assert json.load(open(out))["examples"] == 12
+
+
+def test_evaluation_feeds_the_model_on_its_own_device(saved, tok):
+    """A model that lives on another device (as one accelerate put on a GPU does) is fed there
+    by prediction, latency and memory measurement alike; before the fix every batch was built
+    on the CPU and given to the model as it was."""
+    from fake_device import FakeDeviceModel
+    from transformers import BertForSequenceClassification
+
+    model = FakeDeviceModel(BertForSequenceClassification.from_pretrained(saved).eval())
+    res = evaluate_model(model, tok, tiny_dataset(12), max_length=8, model_dir=saved,
+                         latency_runs=(1, 1), warmup=0, batch_size=5)
+    assert res["examples"] == 12 and res["latency_ms_batch32"] > 0
+    assert model.calls == 3 + 2 + 1   # 3 prediction batches, 2 timed runs, 1 memory pass

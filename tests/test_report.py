@@ -48,7 +48,7 @@ def test_table_ratios_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     rows = json.load(open(out["json"]))["rows"]
     assert [r["name"] for r in rows] == ["minilm", "kd-3layer", "bilstm"]
-    assert rows[2]["compression_x"] == pytest.approx(30.0)
+    assert rows[2]["size_ratio"] == pytest.approx(30.0)
 
 
 def test_report_from_real_evaluations(tmp_path):
@@ -62,7 +62,7 @@ def test_report_from_real_evaluations(tmp_path):
     d = run_dir(tmp_path, "tiny", figs["student"], teacher=figs["teacher"])
     out = write_report([d], str(tmp_path / "r"), title="Tiny")
     rows = out["rows"]
-    assert rows[1]["compression_x"] > 1.5 and rows[1]["parameters"] < rows[0]["parameters"]
+    assert rows[1]["size_ratio"] > 1.5 and rows[1]["parameters"] < rows[0]["parameters"]
     assert open(out["markdown"]).read().startswith("# Tiny")
     assert os.path.getsize(out["plot"]) > 10_000
 

@@ -8,7 +8,7 @@
 * :mod:`~distilkit.seq2seq.sequence_kd`: sequence-level distillation on the teacher's cached
   generations;
 * :mod:`~distilkit.seq2seq.generate_eval`: BLEU, chrF, exact match and latency by generation;
-* :mod:`~distilkit.seq2seq.pipeline`: ``task: seq2seq`` recipes.
+* ``task: seq2seq`` recipes run through :mod:`distilkit.tasks.seq2seq`.
 
 Token-level distillation (soft targets on decoder logits, hidden-state and Patient-KD losses
 on encoder and decoder layers) is :class:`distilkit.DistilTrainer` itself; students are built
@@ -37,7 +37,6 @@ _EXPORTS = {
     "generate_texts": "distilkit.seq2seq.generate_eval",
     "score_texts": "distilkit.seq2seq.generate_eval",
     "compute_metrics_for_generate": "distilkit.seq2seq.generate_eval",
-    "run_seq2seq_recipe": "distilkit.seq2seq.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -217,3 +217,50 @@ def seq2seq_collator(tokenizer, pad_to_multiple_of: Optional[int] = None) -> Seq
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
     return Seq2SeqCollator(pad_token_id=tokenizer.pad_token_id,
                            pad_to_multiple_of=pad_to_multiple_of)
+
+
+BUILTIN_TRUECASE = "builtin:truecase"
+
+
+def default_seq2seq_spec():
+    """The data a seq2seq model is evaluated on when nothing names any: the built-in task."""
+    from distilkit.data import DataSpec
+
+    return DataSpec(dataset=BUILTIN_TRUECASE, text_column=SOURCE_COLUMN, label_column=TARGET_COLUMN)
+
+
+def load_seq2seq_data(spec, max_words: Optional[int] = None, train_windows: bool = False):
+    """The splits of ``spec`` (a :class:`distilkit.data.DataSpec`: the recipe's
+    ``text_column`` is the source, ``label_column`` the target), with the columns checked
+    before any model is loaded: the target only where it is needed (evaluation splits, and
+    training unless ``label_column`` is null). ``max_words`` / ``train_windows`` shape the
+    built-in truecasing task."""
+    from distilkit.data import DataSpec, load_raw
+
+    if spec.dataset == BUILTIN_TRUECASE:
+        if spec.dataset_config is not None:
+            raise ValueError(f"dataset_config: {spec.dataset_config!r}; {BUILTIN_TRUECASE} has "
+                             "no configurations (set it to null)")
+        ds = truecase_dataset(max_words=max_words, train_windows=train_windows)
+        for split in (spec.train_split, spec.eval_split, spec.test_split):
+            if split and split not in ds:
+                raise ValueError(f"split {split!r} is not in {BUILTIN_TRUECASE}; it has {sorted(ds)}")
+        if spec.max_train_samples:
+            ds[spec.train_split] = ds[spec.train_split].select(
+                range(min(spec.max_train_samples, len(ds[spec.train_split]))))
+        if spec.max_eval_samples:
+            for split in (spec.eval_split, spec.test_split):
+                if split:
+                    ds[split] = ds[split].select(range(min(spec.max_eval_samples, len(ds[split]))))
+    else:
+        ds = load_raw(DataSpec(**{**spec.__dict__}))
+    check_seq2seq_columns({spec.train_split: ds[spec.train_split]}, spec.text_column,
+                          spec.label_column)
+    for split in (spec.eval_split, spec.test_split):
+        if split:
+            if not spec.label_column:
+                raise ValueError("label_column: null leaves the evaluation splits without "
+                                 "targets; name the target column (seq2seq evaluation scores "
+                                 "generations against it)")
+            check_seq2seq_columns({split: ds[split]}, spec.text_column, spec.label_column)
+    return ds

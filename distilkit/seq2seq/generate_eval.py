@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from distilkit.device import model_device, to_device, to_host
+from distilkit.device import model_device, synchronize, to_device, to_host
 
 
 @dataclass
@@ -72,11 +72,8 @@ class GenerationResult:
 
 
 def device_clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once the work queued on ``device`` has finished: CUDA runs
-    asynchronously, so without the wait a timer reads how long it took to *queue* the
-    kernels. Only a CUDA device is synchronised (the CPU path never touches CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """``time.perf_counter()`` once the work queued on ``device`` has finished."""
+    synchronize(device)
     return time.perf_counter()
 
 

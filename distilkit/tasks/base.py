@@ -1,0 +1,168 @@
+"""The interface a task plugs into :func:`distilkit.pipeline.run_recipe` with.
+
+The pipeline owns the order of a run and its guarantees (everything validated before work
+starts, atomic outputs, main-process-only writes); a task supplies the parts that differ
+between, say, classification and seq2seq: how its data is loaded and checked, how its
+teachers are loaded, which student it builds, what the trainer trains on, how a model is
+evaluated and how a run is summarised. A new task is one module with one :class:`Task`
+subclass, registered in :mod:`distilkit.tasks`.
+
+Teachers are loaded lazily (:class:`Teachers`): a run whose every teacher output is cached
+reads the teacher's tokenizer and config, never its weights.
+"""
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+STUDENT_KEYS = {
+    "from_teacher": {"num_layers", "keep_layers", "num_decoder_layers", "keep_decoder_layers",
+                     "strategy"},
+    "pretrained": {"path"},
+}
+
+
+@dataclass
+class Teachers:
+    """A run's teacher(s): ``specs`` are local directories (or hub ids), the first one's
+    ``tokenizer`` and ``config`` are read up front, the models only when :meth:`models` is
+    first called."""
+
+    specs: list
+    tokenizer: Any
+    config: Any
+    loader: Callable[[str], Any]
+    adapter: Optional[str] = None
+    # The teacher-output cache namespace of the first teacher, once its outputs are attached:
+    # the teacher's evaluation figures are cached there too.
+    cache_namespace: Optional[str] = None
+    _models: Optional[list] = None
+
+    def models(self) -> list:
+        if self._models is None:
+            self._models = [self.loader(s) for s in self.specs]
+        return self._models
+
+    @property
+    def loaded(self) -> bool:
+        return self._models is not None
+
+    @property
+    def first_dir(self) -> Optional[str]:
+        """The first teacher's directory when it is a local one."""
+        s = self.specs[0]
+        return s if isinstance(s, str) and os.path.isdir(s) else None
+
+
+@dataclass
+class Prepared:
+    """What the trainer trains on, as a task prepares it."""
+
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    importance_dataset: Any            # batches importance-based compression scores
+    callbacks: list = field(default_factory=list)
+    compute_metrics: Optional[Callable] = None
+    # True when every term reads the teacher from cached outputs: no teacher is loaded.
+    teacher_cached: bool = False
+    stats: dict = field(default_factory=dict)   # extra figures for results.json
+
+
+class Task(abc.ABC):
+    """One kind of distillation run (see the module docstring)."""
+
+    name: str = ""
+
+    def validate(self, recipe) -> None:
+        """Task-specific checks that need neither data nor models."""
+
+    @abc.abstractmethod
+    def load_data(self, recipe):
+        """The recipe's splits as a ``DatasetDict``, columns and splits checked."""
+
+    @abc.abstractmethod
+    def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
+        """The teachers, checked against the data (labels, vocabulary)."""
+
+    @abc.abstractmethod
+    def build_student(self, recipe, raw, teachers: Teachers):
+        """``(student, tokenizer)`` as the recipe's ``student:`` asks."""
+
+    @abc.abstractmethod
+    def prepare(self, recipe, args, raw, teachers: Teachers, student, tokenizer,
+                progress: bool) -> Prepared:
+        """Tokenized training / evaluation data, collator, callbacks, teacher outputs."""
+
+    @abc.abstractmethod
+    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
+                 progress: bool) -> tuple[dict, dict, str]:
+        """``(teacher figures, student figures, split)`` of the saved student."""
+
+    @abc.abstractmethod
+    def compare(self, teacher: dict, student: dict) -> dict:
+        """Ratios of the student to the teacher for ``results.json``: ``size_ratio`` (teacher
+        bytes on disk / student bytes) and ``parameter_ratio`` always, plus the task's own."""
+
+    @abc.abstractmethod
+    def summary(self, results: dict) -> str:
+        """A short human summary of a run's results."""
+
+    @abc.abstractmethod
+    def default_spec(self):
+        """The data a model of this task is evaluated on when nothing names any."""
+
+    @abc.abstractmethod
+    def evaluate_dir(self, model_dir: str, recipe, spec, split: Optional[str],
+                     max_length: Optional[int], latency: bool) -> dict:
+        """``distilkit evaluate`` on a saved model of this task."""
+
+
+def ratios(teacher: dict, student: dict) -> dict:
+    """The two size figures every task reports, each named for what it divides."""
+    return {
+        "size_ratio": teacher["size_on_disk_bytes"] / max(student["size_on_disk_bytes"], 1),
+        "parameter_ratio": teacher["parameters"] / max(student["parameters"], 1),
+    }
+
+
+def check_keys(field_name: str, spec: dict, allowed: set) -> None:
+    bad = sorted(set(spec) - allowed)
+    if bad:
+        raise ValueError(f"{field_name}: unknown key(s) {bad}; allowed here: {sorted(allowed)}")
+
+
+def build_student(recipe, teacher, tokenizer, train_texts=None):
+    """The student the recipe's ``student:`` asks for, and the tokenizer it reads with.
+
+    ``teacher`` is a loaded model, or (for ``type: from_teacher``) the teacher's directory,
+    whose weights are then read lazily, only the layers the student keeps."""
+    from distilkit.students.init import student_from_config, student_from_teacher
+
+    spec = dict(recipe.keys.student)
+    kind = spec.pop("type", "from_teacher")
+    lora = spec.pop("lora", None)
+    if kind == "from_teacher":
+        check_keys("student", spec, STUDENT_KEYS["from_teacher"])
+        student = student_from_teacher(teacher, **spec)
+    elif kind == "config":
+        student = student_from_config(teacher, **spec.get("config", {}),
+                                      **({k: v for k, v in spec.items() if k != "config"}))
+    elif kind == "pretrained":
+        check_keys("student", spec, STUDENT_KEYS["pretrained"])
+        from transformers import AutoTokenizer
+
+        from distilkit.compress.base import load_compressed
+        path = os.path.expanduser(spec["path"])
+        student = load_compressed(path)
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(path)  # e.g. a BiLSTM's word vocabulary
+    else:  # bilstm
+        from distilkit.students.bilstm import build_bilstm_student
+        student, tokenizer = build_bilstm_student(teacher, tokenizer, train_texts, **spec)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        student = get_peft_model(student, LoraConfig(**lora))
+    return student, tokenizer

@@ -1,0 +1,193 @@
+"""``task: seq2seq``: encoder-decoder distillation (T5, BART, Marian).
+
+The recipe's ``text_column`` is the source and ``label_column`` the target; the built-in task
+is ``dataset: builtin:truecase`` (``text_column: source``, ``label_column: target``) with the
+teacher ``builtin:truecase-bart``. Students are built as for classification (``from_teacher``
+with ``num_layers`` / ``num_decoder_layers`` / ``keep_decoder_layers``, ``config`` or
+``pretrained``). ``sequence_kd:`` trains on the teacher's (cached) generations for the
+training inputs (Kim & Rush 2016); with ``label_column: null`` the student can only learn
+from them, so ``sequence_kd`` is then required. Token-level KD on decoder logits, label CE
+and the layer losses with ``layer_map`` / ``decoder_layer_map`` are the trainer's. Teacher and
+student are evaluated by generation (BLEU, chrF, exact match, parameters, size, latency).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from distilkit.tasks.base import Prepared, Task, Teachers, build_student, ratios
+
+BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
+
+
+def _builtin_settings(recipe):
+    """The built-in teacher's data settings (sentence length limit, training windows), or
+    None for any other teacher."""
+    from distilkit.seq2seq.teacher import builtin_truecase_settings
+
+    return (builtin_truecase_settings()
+            if recipe is None or recipe.keys.teacher == BUILTIN_S2S_TEACHER else None)
+
+
+def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool = True):
+    """``(teacher model, tokenizer, directory)`` for a teacher path or the built-in one."""
+    from distilkit.seq2seq.teacher import (builtin_truecase_settings, load_seq2seq_teacher,
+                                           truecase_teacher)
+
+    if spec == BUILTIN_S2S_TEACHER:
+        path = truecase_teacher(builtin_truecase_settings(), progress=progress)
+    elif isinstance(spec, str):
+        path = os.path.expanduser(spec)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"teacher: {spec!r} does not exist; a seq2seq recipe needs a "
+                                    "directory saved with save_pretrained (model and tokenizer) "
+                                    f"or '{BUILTIN_S2S_TEACHER}'")
+    else:
+        raise ValueError(f"teacher: {spec!r}; a seq2seq recipe takes one teacher (a directory "
+                         f"or '{BUILTIN_S2S_TEACHER}')")
+    model, tok = load_seq2seq_teacher(path, adapter=adapter)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"teacher: {path!r} is a {type(model).__name__}, not an "
+                         "encoder-decoder model; use task: classification for it")
+    return model, tok, path
+
+
+def evaluate_seq2seq_model(model, tokenizer, dataset, model_dir: Optional[str] = None,
+                           source_column: str = "source", target_column: str = "target",
+                           generation: Optional[dict] = None, max_samples: Optional[int] = None,
+                           latency_samples: int = 16) -> dict:
+    """Generation scores, parameters, size of the saved files and latency of one model."""
+    from distilkit.evaluate import count_parameters, model_files
+    from distilkit.seq2seq.generate_eval import GenerationSettings, evaluate_generation
+
+    gen = GenerationSettings(**(generation or {}))
+    out = evaluate_generation(model, tokenizer, dataset, source_column, target_column, gen,
+                              max_samples, latency_samples)
+    params, nonzero = count_parameters(model)
+    out.update(parameters=params, nonzero_parameters=nonzero)
+    if model_dir:
+        out["size_on_disk_bytes"] = sum(model_files(model_dir).values())
+    return out
+
+
+class Seq2SeqTask(Task):
+    name = "seq2seq"
+
+    def validate(self, recipe) -> None:
+        if not recipe.data.label_column and not recipe.keys.sequence_kd:
+            raise ValueError("label_column: null (no targets) needs sequence_kd: {...}, so the "
+                             "student trains on the teacher's generations")
+        from distilkit.seq2seq.generate_eval import GenerationSettings
+        from distilkit.seq2seq.sequence_kd import sequence_kd_settings
+
+        GenerationSettings(**(recipe.keys.generation or {}))
+        if recipe.keys.sequence_kd:
+            sequence_kd_settings(recipe.keys.sequence_kd)
+
+    def load_data(self, recipe):
+        from distilkit.seq2seq.data import load_seq2seq_data
+
+        b = _builtin_settings(recipe)
+        return load_seq2seq_data(recipe.data, b.max_words if b else None,
+                                 b.train_windows if b else False)
+
+    def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
+        k = recipe.keys
+        model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress)
+        # Generation needs the teacher itself, so it is loaded up front.
+        return Teachers(specs=[path], tokenizer=tok, config=model.config,
+                        loader=lambda s: model, adapter=k.teacher_adapter, _models=[model])
+
+    def build_student(self, recipe, raw, teachers: Teachers):
+        student, tok = build_student(recipe, teachers.models()[0], teachers.tokenizer)
+        if not getattr(student.config, "is_encoder_decoder", False):
+            raise ValueError(f"student: {type(student).__name__} is not an encoder-decoder model")
+        return student, tok
+
+    def prepare(self, recipe, args, raw, teachers: Teachers, student, tokenizer,
+                progress: bool) -> Prepared:
+        from distilkit.seq2seq.data import seq2seq_collator, tokenize_seq2seq
+        from distilkit.seq2seq.generate_eval import GenerationEvalCallback, GenerationSettings
+        from distilkit.seq2seq.sequence_kd import sequence_kd_dataset, sequence_kd_settings
+
+        k, spec = recipe.keys, recipe.data
+        src, tgt, n = spec.text_column, spec.label_column, k.max_length
+        evals = {s: raw[s] for s in (spec.eval_split, spec.test_split) if s}
+        data = tokenize_seq2seq(evals, tokenizer, src, tgt, n, n) if evals else {}
+        stats: dict = {}
+        if k.sequence_kd:
+            cache = os.path.join(k.cache_dir, "generations") if k.cache_dir else None
+            train_ds = sequence_kd_dataset(teachers.models()[0], tokenizer, raw[spec.train_split],
+                                           sequence_kd_settings(k.sequence_kd), src, tgt,
+                                           cache_dir=cache, max_source_length=n,
+                                           max_target_length=n, stats=stats, progress=progress)
+        else:
+            train_ds = tokenize_seq2seq(raw[spec.train_split], tokenizer, src, tgt, n, n)
+        callbacks = []
+        if spec.eval_split and args.eval_strategy != "no":
+            callbacks.append(GenerationEvalCallback(
+                tokenizer, raw[spec.eval_split], src, tgt, GenerationSettings(**(k.generation or {})),
+                spec.max_eval_samples or 200))
+        return Prepared(train_dataset=train_ds, eval_dataset=data.get(spec.eval_split),
+                        collator=seq2seq_collator(tokenizer), importance_dataset=train_ds,
+                        callbacks=callbacks, stats={"sequence_kd": stats or None})
+
+    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
+                 progress: bool) -> tuple[dict, dict, str]:
+        from distilkit.compress.base import load_compressed
+
+        k, spec = recipe.keys, recipe.data
+        split = spec.test_split or spec.eval_split
+        common = dict(source_column=spec.text_column, target_column=spec.label_column,
+                      generation=k.generation, max_samples=spec.max_eval_samples)
+        t_m = evaluate_seq2seq_model(teachers.models()[0], teachers.tokenizer, raw[split],
+                                     teachers.first_dir, **common)
+        s_m = evaluate_seq2seq_model(load_compressed(student_dir), teachers.tokenizer, raw[split],
+                                     student_dir, **common)
+        return t_m, s_m, split
+
+    def compare(self, teacher: dict, student: dict) -> dict:
+        return {"bleu_retention": student["bleu"] / max(teacher["bleu"], 1e-9),
+                **ratios(teacher, student),
+                "speedup_batch1": teacher["latency_ms"] / max(student["latency_ms"], 1e-9)}
+
+    def summary(self, results: dict) -> str:
+        t, s = results["teacher"], results["student"]
+        row = ("{:8} BLEU {bleu:6.2f}  chrF {chrf:6.2f}  exact {exact_match:.3f}  params "
+               "{parameters:,}  size {mb:.2f} MB  latency {latency_ms:.1f} ms")
+        return "\n".join([
+            f"== distilkit: {results['name']} (seq2seq, split: {results['split']}) ==",
+            row.format("teacher", mb=t["size_on_disk_bytes"] / 1e6, **t),
+            row.format("student", mb=s["size_on_disk_bytes"] / 1e6, **s),
+            f"BLEU retention {100 * results['bleu_retention']:.1f}%   size "
+            f"{results['size_ratio']:.2f}x smaller   parameters {results['parameter_ratio']:.2f}x "
+            f"fewer   speed-up (batch 1) {results['speedup_batch1']:.2f}x   "
+            f"time {results['train_seconds']:.0f}s"])
+
+    def default_spec(self):
+        from distilkit.seq2seq.data import default_seq2seq_spec
+
+        return default_seq2seq_spec()
+
+    def evaluate_dir(self, model_dir: str, recipe, spec, split: Optional[str],
+                     max_length: Optional[int], latency: bool) -> dict:
+        """Generate over ``split`` of ``spec`` (default: the recipe's data, else the built-in
+        truecasing task) with the recipe's generation settings and score it."""
+        from transformers import AutoTokenizer
+
+        from distilkit.compress.base import load_compressed
+        from distilkit.seq2seq.data import load_seq2seq_data
+
+        spec = spec or (recipe.data if recipe else self.default_spec())
+        b = _builtin_settings(recipe)
+        split = split or spec.test_split or spec.eval_split
+        raw = load_seq2seq_data(spec, b.max_words if b else None)
+        if split not in raw:
+            raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
+        res = evaluate_seq2seq_model(load_compressed(model_dir),
+                                     AutoTokenizer.from_pretrained(model_dir), raw[split],
+                                     model_dir, spec.text_column, spec.label_column,
+                                     recipe.keys.generation if recipe else None,
+                                     latency_samples=16 if latency else 0)
+        res.update(split=split, task="seq2seq")
+        return res
