@@ -20,9 +20,12 @@ not share one teacher the report says so.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Optional, Sequence
+
+from distilkit.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
 MB = 1e6
@@ -197,10 +200,10 @@ def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
             ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title or f"{metric.replace('_', ' ')} trade-offs", fontsize=11)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -232,18 +235,10 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str]
               "## Runs", ""]
     lines += [_recipe_line(r) for r in results]
     md = os.path.join(out_dir, "report.md")
-    _atomic_text(md, "\n".join(lines) + "\n")
+    atomic_write_text(md, "\n".join(lines) + "\n")
     js = os.path.join(out_dir, "report.json")
-    _atomic_text(js, json.dumps({"metric": metric, "rows": rows,
-                                 "runs": [r["_path"] for r in results]}, indent=2))
+    atomic_write_json(js, {"metric": metric, "rows": rows, "runs": [r["_path"] for r in results]})
     return {"markdown": md, "plot": png, "json": js, "rows": rows, "metric": metric}
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -223,18 +223,14 @@ def _default_loader(path: str):
 
 def _resolve_path(spec: str) -> str:
     """A local directory for a teacher spec (path, built-in name or hub id)."""
-    from distilkit.teachers import BUILTIN_TEACHER, _looks_local, builtin_teacher
+    from distilkit.teachers import resolve_teacher
 
-    if spec == BUILTIN_TEACHER:
-        return builtin_teacher()
-    path = os.path.expanduser(spec)
+    path = resolve_teacher(spec)
     if os.path.isdir(path):
         return path
-    if _looks_local(path):
-        raise FileNotFoundError(f"teacher: {spec!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(spec)
+    return snapshot_download(path)
 
 
 def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[str],

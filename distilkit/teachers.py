@@ -29,6 +29,24 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.path.exists(spec)
 
 
+def resolve_teacher(spec: Any, field: str = "teacher") -> str:
+    """The one reading of a teacher spec: ``builtin:minilm-rt`` becomes its (cached,
+    fine-tuned) directory, a local path its expanded directory, a hub id stays as it is. A
+    local path that does not exist, or a spec that is no string, fails here, naming ``field``,
+    before anything is loaded."""
+    if spec == BUILTIN_TEACHER:
+        return builtin_teacher()
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"{field}: {spec!r} must be a directory saved with save_pretrained, a "
+                         f"hub id like 'org/name', or '{BUILTIN_TEACHER}'")
+    path = os.path.expanduser(os.fspath(spec))
+    if _looks_local(path) and not os.path.isdir(path):
+        raise FileNotFoundError(f"{field}: {os.fspath(spec)!r} does not exist; give a directory "
+                                "saved with save_pretrained, a hub id like 'org/name', or "
+                                f"'{BUILTIN_TEACHER}'")
+    return path
+
+
 def load_teacher(spec: str, adapter: Optional[str] = None, like: Any = None):
     """Load a teacher from a local directory or a hub id, as the same task head family as the
     student (``like`` is the student's config: encoder-decoder students get a seq2seq teacher).
@@ -40,13 +58,7 @@ def load_teacher(spec: str, adapter: Optional[str] = None, like: Any = None):
 
     from distilkit.modeling import ensure_registered
 
-    if spec == BUILTIN_TEACHER:
-        spec = builtin_teacher()
-    spec = os.path.expanduser(spec)
-    if _looks_local(spec) and not os.path.isdir(spec):
-        raise FileNotFoundError(f"teacher: {spec!r} does not exist; give a directory saved with "
-                                "save_pretrained, a hub id like 'org/name', or "
-                                f"'{BUILTIN_TEACHER}'")
+    spec = resolve_teacher(spec)
     ensure_registered()
     seq2seq = bool(getattr(like, "is_encoder_decoder", False))
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForSequenceClassification

@@ -24,22 +24,11 @@ from distilkit.tasks.base import Prepared, Task, Teachers, build_student, ratios
 FIGURES_VERSION = 1
 
 
-def _resolve_teacher(spec: Any) -> list:
-    """Local directories (or hub ids) for the recipe's ``teacher:``, a list for an ensemble."""
-    from distilkit.teachers import BUILTIN_TEACHER, _looks_local, builtin_teacher
+def _resolve_teachers(spec: Any) -> list:
+    """The recipe's ``teacher:`` (one spec, or a list: an ensemble) as resolved specs."""
+    from distilkit.teachers import resolve_teacher
 
-    if isinstance(spec, list):
-        return [s for one in spec for s in _resolve_teacher(one)]
-    if spec == BUILTIN_TEACHER:
-        return [builtin_teacher()]
-    if not isinstance(spec, str):
-        raise ValueError(f"teacher: {spec!r} must be a path, a hub id, a list of them, or "
-                         f"'{BUILTIN_TEACHER}'")
-    path = os.path.expanduser(spec)
-    if _looks_local(path) and not os.path.isdir(path):
-        raise FileNotFoundError(f"teacher: {spec!r} does not exist; give a directory saved with "
-                                f"save_pretrained, a hub id like 'org/name', or '{BUILTIN_TEACHER}'")
-    return [path]
+    return [resolve_teacher(s) for s in spec] if isinstance(spec, list) else [resolve_teacher(spec)]
 
 
 class ClassificationTask(Task):
@@ -57,7 +46,7 @@ class ClassificationTask(Task):
         from distilkit.teachers import load_teacher
 
         k, spec = recipe.keys, recipe.data
-        specs = _resolve_teacher(k.teacher)
+        specs = _resolve_teachers(k.teacher)
         teachers = Teachers(specs=specs, tokenizer=AutoTokenizer.from_pretrained(specs[0]),
                             config=AutoConfig.from_pretrained(specs[0]),
                             loader=lambda s: load_teacher(s, adapter=k.teacher_adapter),

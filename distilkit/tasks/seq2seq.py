@@ -34,17 +34,19 @@ def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool 
     from distilkit.seq2seq.teacher import (builtin_truecase_settings, load_seq2seq_teacher,
                                            truecase_teacher)
 
+    from distilkit.teachers import resolve_teacher
+
     if spec == BUILTIN_S2S_TEACHER:
         path = truecase_teacher(builtin_truecase_settings(), progress=progress)
-    elif isinstance(spec, str):
-        path = os.path.expanduser(spec)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"teacher: {spec!r} does not exist; a seq2seq recipe needs a "
-                                    "directory saved with save_pretrained (model and tokenizer) "
-                                    f"or '{BUILTIN_S2S_TEACHER}'")
-    else:
+    elif isinstance(spec, list):
         raise ValueError(f"teacher: {spec!r}; a seq2seq recipe takes one teacher (a directory "
                          f"or '{BUILTIN_S2S_TEACHER}')")
+    else:
+        path = resolve_teacher(spec)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"teacher: {spec!r} is not a local directory; a seq2seq "
+                                    "recipe needs one saved with save_pretrained (model and "
+                                    f"tokenizer) or '{BUILTIN_S2S_TEACHER}'")
     model, tok = load_seq2seq_teacher(path, adapter=adapter)
     if not getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"teacher: {path!r} is a {type(model).__name__}, not an "
