@@ -34,6 +34,8 @@ _EXPORTS = {
     "BiLSTMForSequenceClassification": "distilkit.students.bilstm",
     "AugmentConfig": "distilkit.augment",
     "run_recipe": "distilkit.pipeline",
+    "attach_logits": "distilkit.teacher_cache",
+    "attach_teacher_outputs": "distilkit.teacher_cache",
 }
 
 __all__ = sorted(_EXPORTS)
