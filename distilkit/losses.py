@@ -8,8 +8,9 @@ Conventions shared by every function here:
   or ``1`` marks a position that counts. Masked positions contribute nothing, and the mean is
   taken over the positions that count, so padding never dilutes the loss.
 * Every function returns a scalar, the mean over counted positions, unless ``reduction="sum"``
-  is given (the trainer uses sums with ``num_items_in_batch`` so that gradient accumulation is
-  exact).
+  is given. (The trainer makes gradient accumulation exact by weighting each micro-batch's
+  mean by its share of the term's items, :mod:`distilkit.loss_terms`.)
+* Every function computes in fp32 whatever the inputs' dtype (bf16 logits included).
 
 The soft-target loss carries the ``T^2`` factor of Hinton et al. (2015): the gradient of the
 softened KL with respect to the logits scales as ``1/T^2``, so multiplying by ``T^2`` keeps
@@ -27,18 +28,15 @@ from torch import Tensor
 
 def _reduce(per_pos: Tensor, mask: Optional[Tensor], reduction: str) -> Tensor:
     """Mean (or sum) of per-position values over the positions that count."""
-    if mask is not None:
-        m = mask.to(per_pos.dtype)
-        per_pos = per_pos * m
-        denom = m.sum()
-    else:
-        denom = torch.tensor(per_pos.numel(), dtype=per_pos.dtype, device=per_pos.device)
-    total = per_pos.sum()
-    if reduction == "sum":
-        return total
-    if reduction != "mean":
+    if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return total / denom.clamp_min(1)
+    if mask is None:
+        total = per_pos.sum()
+        return total if reduction == "sum" else total / max(per_pos.numel(), 1)
+    m = mask.to(per_pos.dtype)
+    total = (per_pos * m).sum()
+    # The count stays a tensor: no device-to-host sync in the training step.
+    return total if reduction == "sum" else total / m.sum().clamp_min(1)
 
 
 def soft_targets(teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -46,19 +44,33 @@ def soft_targets(teacher_logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(teacher_logits.float() / temperature, dim=-1)
 
 
+def _ensemble_weights(n: int, weights: Optional[Sequence[float]]) -> list[float]:
+    """``weights`` (default: equal) normalised to sum to 1, checked on the host: they are
+    plain numbers, so no tensor is built or read back in the step."""
+    if n == 0:
+        raise ValueError("an ensemble needs at least one teacher")
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"ensemble weights must be {n} numbers >= 0, not all zero, got {w}")
+    return [x / sum(w) for x in w]
+
+
 def ensemble_soft_targets(teacher_logits: Sequence[Tensor], temperature: float,
                           weights: Optional[Sequence[float]] = None) -> Tensor:
     """An ensemble's soft targets: the (weighted) average of each teacher's softened
     distribution (Hinton et al. 2015, section 2), not of their logits."""
-    if len(teacher_logits) == 0:
-        raise ValueError("ensemble_soft_targets needs at least one teacher")
-    w = torch.tensor(weights if weights is not None else [1.0] * len(teacher_logits),
-                     dtype=torch.float32, device=teacher_logits[0].device)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {w.tolist()}")
-    w = w / w.sum()
-    probs = torch.stack([soft_targets(z, temperature) for z in teacher_logits])
-    return torch.einsum("k,k...->...", w, probs)
+    w = _ensemble_weights(len(teacher_logits), weights)
+    return sum(wk * soft_targets(z, temperature) for wk, z in zip(w, teacher_logits))
+
+
+def ensemble_logits(teacher_logits: Sequence[Tensor],
+                    weights: Optional[Sequence[float]] = None) -> Tensor:
+    """The (weighted) mean of an ensemble's logits, in fp32: the target of the logit MSE
+    (which matches logits, not distributions). One teacher's logits are returned as they are."""
+    if len(teacher_logits) == 1 and weights is None:
+        return teacher_logits[0]
+    w = _ensemble_weights(len(teacher_logits), weights)
+    return sum(wk * z.float() for wk, z in zip(w, teacher_logits))
 
 
 def soft_target_kl(student_logits: Tensor, teacher_logits: Optional[Tensor], temperature: float,

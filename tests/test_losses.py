@@ -134,3 +134,29 @@ def test_patient_loss_on_token_states_ignores_masked_positions():
     assert torch.allclose(L.patient_loss([s2], [t], mask), base)
     kept = torch.cat([s[0, :3], s[1]]), torch.cat([t[0, :3], t[1]])
     assert torch.allclose(base, L.patient_loss([kept[0]], [kept[1]]))  # mean over counted tokens
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_soft_target_kl_is_fp32_for_bf16_logits(ensemble):
+    """bf16 logits give the fp32 loss of their values (no softmax in bf16), and the gradient
+    comes back in the logits' dtype."""
+    s = _logits(16, 50).bfloat16().requires_grad_(True)
+    t = [_logits(16, 50, seed=1).bfloat16(), _logits(16, 50, seed=2).bfloat16()]
+    if ensemble:
+        got = L.soft_target_kl(s, None, 2.0, teacher_probs=L.ensemble_soft_targets(t, 2.0, [1, 3]))
+        ref = L.soft_target_kl(s.detach().float(), None, 2.0,
+                               teacher_probs=L.ensemble_soft_targets([z.float() for z in t], 2.0, [1, 3]))
+    else:
+        got, ref = L.soft_target_kl(s, t[0], 2.0), L.soft_target_kl(s.detach().float(), t[0].float(), 2.0)
+    assert got.dtype == torch.float32 and torch.equal(got.detach(), ref)
+    got.backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+
+
+def test_ensemble_logits_are_the_weighted_mean():
+    a, b = _logits(4, 3), _logits(4, 3, seed=1)
+    assert torch.allclose(L.ensemble_logits([a, b], [1, 3]), 0.25 * a + 0.75 * b)
+    assert torch.allclose(L.ensemble_logits([a, b]), (a + b) / 2)
+    assert torch.equal(L.ensemble_logits([a]), a)
+    with pytest.raises(ValueError, match="weights"):
+        L.ensemble_logits([a, b], [1])
