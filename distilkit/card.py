@@ -15,6 +15,8 @@ import json
 import re
 from typing import Any, Optional, Sequence
 
+from distilkit.loss_terms import DISTILBERT, TANG, active_terms
+
 BUILTIN_TEACHER = "builtin:minilm-rt"
 BUILTIN_DATA = "builtin:rotten_tomatoes"
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
@@ -22,42 +24,16 @@ BUILTIN_S2S_DATA = "builtin:truecase"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PLACEHOLDER = "PATH_OR_REPO_ID"  # loading snippets before the repo is known (hub.py fills it)
 
+# References the card cites by key (student, data, augmentation); each loss term carries its
+# own (distilkit.loss_terms), and each compression method its ``citation``.
 REFS = {
-    "hinton": "Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. NIPS Deep "
-              "Learning Workshop 2015. arXiv:1503.02531",
-    "tang": "Tang, Lu, Liu, Mou, Vechtomova, Lin. Distilling Task-Specific Knowledge from BERT "
-            "into Simple Neural Networks. 2019. arXiv:1903.12136",
-    "pkd": "Sun, Cheng, Gan, Liu. Patient Knowledge Distillation for BERT Model Compression. "
-           "EMNLP 2019. arXiv:1908.09355",
-    "fitnets": "Romero, Ballas, Kahou, Chassang, Gatta, Bengio. FitNets: Hints for Thin Deep "
-               "Nets. ICLR 2015. arXiv:1412.6550",
-    "tinybert": "Jiao, Yin, Shang, Jiang, Chen, Li, Wang, Liu. TinyBERT: Distilling BERT for "
-                "Natural Language Understanding. Findings of EMNLP 2020. arXiv:1909.10351",
-    "minilm": "Wang, Wei, Dong, Bao, Yang, Zhou. MiniLM: Deep Self-Attention Distillation for "
-              "Task-Agnostic Compression of Pre-Trained Transformers. NeurIPS 2020. "
-              "arXiv:2002.10957",
-    "distilbert": "Sanh, Debut, Chaumond, Wolf. DistilBERT, a distilled version of BERT: "
-                  "smaller, faster, cheaper and lighter. 2019. arXiv:1910.01108",
+    "tang": TANG,
+    "distilbert": DISTILBERT,
     "sft": "Shleifer, Rush. Pre-trained Summarization Distillation. 2020. arXiv:2010.13002",
     "seqkd": "Kim, Rush. Sequence-Level Knowledge Distillation. EMNLP 2016. arXiv:1606.07947",
     "vader": "Hutto, Gilbert. VADER: A Parsimonious Rule-based Model for Sentiment Analysis of "
              "Social Media Text. ICWSM 2014 (the Rotten Tomatoes sentence ratings)",
 }
-
-# (weight field, term, what it matches, reference keys)
-LOSS_TERMS = [
-    ("alpha_kd", "soft-target KL (x T^2)", "teacher's softened class distribution", ["hinton"]),
-    ("alpha_ce", "hard-label cross-entropy", "the gold labels", []),
-    ("alpha_mse", "logit MSE", "teacher's logits", ["tang"]),
-    ("alpha_hidden", "hidden-state MSE (+ projection)", "mapped layers' hidden states",
-     ["fitnets", "tinybert"]),
-    ("alpha_patient", "Patient-KD", "normalised [CLS] states (seq2seq: token states) of "
-     "mapped layers", ["pkd"]),
-    ("alpha_attention", "attention-map loss", "mapped layers' attention distributions",
-     ["minilm"]),
-    ("alpha_cosine", "cosine embedding loss", "mapped layers' hidden-state directions",
-     ["distilbert"]),
-]
 
 METHOD_TAGS = {
     "quantize": ["quantization", "quantized-distillation"], "ptq": ["quantization"],
@@ -207,11 +183,14 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
     split = results.get("split")
     refs: list[str] = []
 
+    def cite_texts(texts):
+        for r in texts:
+            if r not in refs:
+                refs.append(r)
+        return ", ".join(f"[{refs.index(r) + 1}]" for r in texts)
+
     def cite(keys):
-        for k in keys:
-            if REFS[k] not in refs:
-                refs.append(REFS[k])
-        return ", ".join(f"[{refs.index(REFS[k]) + 1}]" for k in keys)
+        return cite_texts([REFS[k] for k in keys])
 
     lines = [_front_matter(name, results, base_model, datasets, tags, split), f"# {name}", "",
              f"A {'sequence-to-sequence model' if seq2seq else 'text classifier'} distilled "
@@ -234,16 +213,16 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
 
     lines += ["", "## Distillation loss", "", "| Term | Weight | Matches | Reference |",
               "|---|---:|---|---|"]
-    for field, term, what, keys in LOSS_TERMS:
-        w = recipe.get(field)
-        if w:
-            if field == "alpha_attention" and recipe.get("attention_loss_kind") == "mse":
-                keys = ["tinybert"]
-            lines.append(f"| {term} | {w} | {what} | {cite(keys) if keys else '-'} |")
+    # The recipe's weights (Recipe.to_dict() carries those left at their defaults too).
+    terms = active_terms(recipe)
+    for term in terms:
+        texts = term.references(recipe)
+        lines.append(f"| {term.title} | {recipe[term.weight]} | {term.matches} | "
+                     f"{cite_texts(texts) if texts else '-'} |")
     extra = []
     if recipe.get("alpha_kd") and recipe.get("temperature") is not None:
         extra.append(f"temperature T = {recipe['temperature']}")
-    if any(recipe.get(f) for f in ("alpha_hidden", "alpha_patient", "alpha_attention", "alpha_cosine")):
+    if any(t.uses_layers for t in terms):
         extra.append(f"layer map `{recipe.get('layer_map')}`")
         if recipe.get("decoder_layer_map") is not None:
             extra.append(f"decoder layer map `{recipe['decoder_layer_map']}`")

@@ -1,13 +1,14 @@
 """``DistilConfig``: ``TrainingArguments`` plus the distillation settings, validated early."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional, Union
 
 from transformers import TrainingArguments
 
-LOSS_WEIGHTS = ("alpha_kd", "alpha_ce", "alpha_mse", "alpha_hidden", "alpha_patient",
-                "alpha_attention", "alpha_cosine")
+from distilkit.loss_terms import loss_terms, teacher_needs
+
+LOSS_WEIGHTS = tuple(t.weight for t in loss_terms())
 LAYER_STRATEGIES = ("skip", "last")
 
 
@@ -24,31 +25,33 @@ def _check_layer_map(name: str, value: Any) -> None:
             "0 = embeddings), e.g. [[1, 2], [2, 4]]")
 
 
+# One weight field per registered loss term (alpha_kd: 0.5, alpha_ce: 0.5, the others 0),
+# generated from the registry so that a new term needs no edit here.
+_LossWeights = make_dataclass(
+    "_LossWeights", [(t.weight, float, field(default=t.default, metadata={"help": t.help}))
+                     for t in loss_terms()], bases=(TrainingArguments,))
+_LossWeights.__module__ = __name__
+
+
 @dataclass
-class DistilConfig(TrainingArguments):
+class DistilConfig(_LossWeights):
     """Training arguments for :class:`~distilkit.DistilTrainer`.
 
-    The total loss is ``alpha_kd * L_kd + alpha_ce * L_ce + alpha_mse * L_mse +
-    alpha_hidden * L_hidden + alpha_patient * L_patient + alpha_attention * L_attn +
-    alpha_cosine * L_cos``; a term with weight 0 is not computed, and the teacher is only asked
-    for hidden states or attentions when a term with a positive weight needs them.
+    The total loss is the sum of ``weight * term`` over the terms of
+    :mod:`distilkit.loss_terms`, each weight a field here (``alpha_kd`` for the soft-target
+    KL, ``alpha_ce`` for the hard-label cross-entropy, ...). A term with weight 0 is not
+    computed, and the teacher is only asked for hidden states or attentions when a term with
+    a positive weight needs them.
     Layer numbers in layer maps count transformer layers from 1; 0 is the embedding output.
     """
 
     temperature: float = field(default=2.0, metadata={"help": "Softmax temperature T of the soft-target loss (> 0); the loss is multiplied by T^2."})
-    alpha_kd: float = field(default=0.5, metadata={"help": "Weight of the soft-target KL loss (Hinton et al. 2015)."})
-    alpha_ce: float = field(default=0.5, metadata={"help": "Weight of the hard-label cross-entropy (ignored on data without labels)."})
-    alpha_mse: float = field(default=0.0, metadata={"help": "Weight of the logit MSE loss (Tang et al. 2019)."})
-    alpha_hidden: float = field(default=0.0, metadata={"help": "Weight of the hidden-state MSE over mapped layers, with a learned projection when widths differ."})
-    alpha_patient: float = field(default=0.0, metadata={"help": "Weight (beta) of the Patient-KD loss on normalised [CLS] states (Sun et al. 2019); for encoder-decoder models, on every counted token of the mapped encoder and decoder layers."})
-    alpha_attention: float = field(default=0.0, metadata={"help": "Weight of the attention-map loss over mapped layers (needs eager attention; switched on automatically)."})
-    alpha_cosine: float = field(default=0.0, metadata={"help": "Weight of the cosine embedding loss on hidden states (DistilBERT)."})
     attention_loss_kind: str = field(default="kl", metadata={"help": "'kl' (MiniLM) or 'mse' (TinyBERT)."})
     layer_map: Optional[Union[str, list]] = field(default="skip", metadata={"help": "Encoder layer map for hidden/patient/attention/cosine losses: 'skip', 'last', or [[student, teacher], ...]."})
     decoder_layer_map: Optional[Union[str, list]] = field(default=None, metadata={"help": "Decoder layer map for encoder-decoder models (same forms as layer_map)."})
     teacher_model_name_or_path: Optional[Union[str, list]] = field(default=None, metadata={"help": "Teacher: a local path or hub id, or a list of them for an ensemble."})
     teacher_adapter: Optional[str] = field(default=None, metadata={"help": "A peft adapter (path or hub id) applied on top of the teacher base model."})
-    ensemble_weights: Optional[list] = field(default=None, metadata={"help": "Weights of the teachers' softened distributions in an ensemble (default: equal)."})
+    ensemble_weights: Optional[list] = field(default=None, metadata={"help": "Weights of the teachers in an ensemble (default: equal): of their softened distributions for alpha_kd, of their logits for alpha_mse."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,19 +71,21 @@ class DistilConfig(TrainingArguments):
             if any((not isinstance(w, (int, float))) or w < 0 for w in self.ensemble_weights) or sum(self.ensemble_weights) <= 0:
                 raise ValueError(f"ensemble_weights: {self.ensemble_weights!r} must be numbers >= 0, not all zero")
 
+    # What the terms with a positive weight read from the teacher (and the student), from
+    # the loss-term registry.
     @property
     def needs_hidden_states(self) -> bool:
-        return any(getattr(self, n) > 0 for n in ("alpha_hidden", "alpha_patient", "alpha_cosine"))
+        return "hidden_states" in teacher_needs(self)
 
     @property
     def needs_attentions(self) -> bool:
-        return self.alpha_attention > 0
+        return "attentions" in teacher_needs(self)
 
     @property
     def needs_token_states(self) -> bool:
         """Whether a term reads the teacher's per-token states or attention maps, which the
         teacher-output cache does not hold (it keeps logits and [CLS] states)."""
-        return any(getattr(self, n) > 0 for n in ("alpha_hidden", "alpha_attention", "alpha_cosine"))
+        return "token_states" in teacher_needs(self)
 
 
 def resolve_layer_map(spec: Optional[Union[str, list]], n_student: int, n_teacher: int,
@@ -102,8 +107,9 @@ def resolve_layer_map(spec: Optional[Union[str, list]], n_student: int, n_teache
         if n_student == 1:
             return [(1, n_teacher)]
         if spec == "skip":
-            step = n_teacher // n_student
-            return [(i, i * step) for i in range(1, n_student)]
+            # Multiply before dividing: i * (n_t // n_s) would bunch the pairs at the
+            # teacher's bottom when n_s does not divide n_t (4 of 6: 1, 2, 3, not 1, 3, 4).
+            return [(i, i * n_teacher // n_student) for i in range(1, n_student)]
         return [(i, n_teacher - n_student + i) for i in range(1, n_student)]
     pairs = [tuple(p) for p in spec]
     for s, t in pairs:

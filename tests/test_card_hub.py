@@ -180,3 +180,27 @@ def test_push_without_token_or_repo_id_gives_hub_messages(run, monkeypatch, caps
 def test_push_of_a_directory_without_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing config.json and model weights"):
         push_to_hub(str(tmp_path), "org/x", token="hf_x")
+
+
+def test_card_lists_the_loss_weights_left_at_their_defaults():
+    """A recipe that relies on alpha_kd: 0.5, alpha_ce: 0.5 and temperature 2.0 (it sets none
+    of them) gets them in its card: the table is read from the resolved recipe through the
+    loss-term registry."""
+    from distilkit.recipe import Recipe
+
+    recipe = Recipe.from_dict({"name": "defaults", "max_steps": 10}).to_dict()
+    card = model_card({"name": "defaults"}, recipe)
+    assert "| soft-target KL (x T^2) | 0.5 |" in card and "| hard-label cross-entropy | 0.5 |" in card
+    assert "temperature T = 2.0" in card and "arXiv:1503.02531" in card
+    assert "logit MSE" not in card and "Patient-KD" not in card
+
+
+def test_card_loss_rows_come_from_the_registry():
+    from distilkit.loss_terms import loss_terms
+
+    recipe = {**RECIPE, "attention_loss_kind": "mse", **{t.weight: 1.0 for t in loss_terms()}}
+    card = model_card(RESULTS, recipe)
+    for t in loss_terms():
+        assert f"| {t.title} | 1.0 | {t.matches} |" in card, t.name
+        assert all(r in card for r in t.references(recipe)), t.name
+    assert "TinyBERT" in card and "MiniLM: Deep Self-Attention" not in card  # MSE attention
