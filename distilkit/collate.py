@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 # Fields padded with the tokenizer's pad id (ids) or 0 (masks); labels of sequences use -100.
@@ -32,13 +33,21 @@ class DistilCollator:
                        else self.teacher_pad_id if key.startswith("teacher_") else self.pad_id)
                 out[key] = _pad([list(v) for v in vals], pad)
             else:
-                t = torch.as_tensor(vals)
+                t = _stack(vals)
                 out[key] = t.float() if t.is_floating_point() else t
         return out
 
 
+def _stack(vals: list) -> torch.Tensor:
+    """One tensor from per-example values: numbers, nested lists, or tensors / numpy arrays
+    (a dataset in torch or numpy format, or outputs a user attached), stacked on a new dim."""
+    if isinstance(vals[0], (torch.Tensor, np.ndarray)):
+        return torch.stack([torch.as_tensor(v) for v in vals])
+    return torch.as_tensor(vals)
+
+
 def _is_seq(v) -> bool:
-    return isinstance(v, (list, tuple)) or (torch.is_tensor(v) and v.dim() > 0)
+    return isinstance(v, (list, tuple)) or (isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim > 0)
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:

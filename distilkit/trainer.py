@@ -1,17 +1,23 @@
 """``DistilTrainer``: a ``transformers.Trainer`` that distils one or more teachers into the
 model it trains.
 
-The trainer only orchestrates; the math is in :mod:`distilkit.losses`. Per step it runs the
-student once and each teacher once (in eval mode, without gradients, prepared by accelerate in
-evaluation mode), asking the teacher for hidden states or attentions only when a term with a
-positive weight needs them. When the batch already carries the teacher's outputs (columns
-``teacher_logits`` / ``teacher_cls_hidden``, or ``teacher_ensemble_logits`` for an ensemble,
-from :mod:`distilkit.teacher_cache`) the teacher is not run at all and need not even be
-loaded.
+The trainer only orchestrates; the terms and their math are in :mod:`distilkit.loss_terms`
+and :mod:`distilkit.losses`. Per step it runs the student once and each teacher once (in
+eval mode, without gradients, prepared by accelerate in evaluation mode, fed on its own
+device), asking for hidden states or attentions only when a term with a positive weight
+needs them. Neither model is given the ``labels``: every term, the hard-label cross-entropy
+included, is computed here, so a model's built-in loss (for a seq2seq teacher, a
+full-vocabulary cross-entropy per token) would be work thrown away. Encoder-decoder models get
+the ``decoder_input_ids`` they would have derived from the labels, derived once. When the
+batch already carries the teacher's outputs (columns ``teacher_logits`` /
+``teacher_cls_hidden``, or ``teacher_ensemble_logits`` for an ensemble, from
+:mod:`distilkit.teacher_cache`) and no term needs more than they hold, the teacher is not run
+at all and need not even be loaded.
 
-Gradient accumulation is exact: every term is a mean over the micro-batch's items, weighted by
-the micro-batch's share of the items in the whole accumulated (and, with several processes,
-gathered) batch, which is what ``num_items_in_batch`` counts.
+Gradient accumulation is exact: every term is a mean over its own items in the micro-batch
+(examples, or labelled examples for the cross-entropy; label tokens for token-level terms),
+weighted by the micro-batch's share of those items in the whole accumulated (and, with several
+processes, gathered) batch.
 """
 from __future__ import annotations
 
@@ -22,11 +28,16 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from distilkit import losses as L
 from distilkit.config import DistilConfig, resolve_layer_map
+from distilkit.device import model_device, to_device
+from distilkit.loss_terms import (COUNTS, Step, active_terms, projection_key, teacher_needs)
+from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN
 from distilkit.teachers import load_teacher
 
 TEACHER_INPUT_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_token_type_ids")
+# Every batch column the trainer reads besides the student's inputs: cached teacher outputs and
+# teacher-tokenized inputs. Any other ``teacher_*`` column is a mistake (e.g. a misspelling).
+TEACHER_COLUMNS = (*COLUMN.values(), ENSEMBLE_COLUMN, *TEACHER_INPUT_KEYS)
 PROJECTIONS_FILE = "distil_projections.safetensors"
 
 
@@ -52,29 +63,48 @@ def _streams(out, is_seq2seq: bool, attentions: bool = False) -> dict:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+    """The module inside accelerate / DDP (``module``) and ``torch.compile`` (``_orig_mod``)
+    wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    m = _unwrap(model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m  # peft
 
 
 def _base_config(model: nn.Module):
-    m = _unwrap(model)
-    if hasattr(m, "get_base_model"):  # peft
-        m = m.get_base_model()
-    return m.config
+    return _base_model(model).config
+
+
+def _columns(dataset) -> Optional[list]:
+    """The column names of a dataset when they can be known without reading it."""
+    cols = getattr(dataset, "column_names", None)
+    if isinstance(cols, list):
+        return cols
+    if isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict):
+        return list(dataset[0])
+    return None
 
 
 class DistilTrainer(Trainer):
-    """A ``Trainer`` whose loss is the weighted sum of the distillation terms configured in a
-    :class:`~distilkit.DistilConfig`; each term is logged as ``loss_<name>``.
+    """A ``Trainer`` whose loss is the weighted sum of the loss terms
+    (:mod:`distilkit.loss_terms`) with a positive weight in a :class:`~distilkit.DistilConfig`;
+    each term is logged as ``loss_<name>``.
 
     Args:
         model: the student (a ``PreTrainedModel``, a peft model, or any module returning
             ``logits``).
         teacher_model: a model, a local path or hub id, or a list of them (an ensemble whose
             softened distributions are averaged). Defaults to
-            ``args.teacher_model_name_or_path``. May be ``None`` when every batch carries cached
-            teacher outputs.
+            ``args.teacher_model_name_or_path``. May be ``None`` when the training data
+            carries cached teacher outputs that serve every term.
         teacher_config: the teacher's config when no teacher is loaded (cached outputs), used
             to size the hidden-state projections and check the layer map.
         args: a :class:`~distilkit.DistilConfig`.
@@ -96,9 +126,12 @@ class DistilTrainer(Trainer):
             specs = list(spec)
         else:
             specs = [spec]
+        _check_teacher_columns(kwargs.get("train_dataset"))
         s_cfg = _base_config(model)
         teachers = [t if isinstance(t, nn.Module) else
                     load_teacher(t, adapter=args.teacher_adapter, like=s_cfg) for t in specs]
+        if not teachers:
+            _check_served_without_teacher(args, kwargs.get("train_dataset"), teacher_config)
         if teachers and args.ensemble_weights is not None and len(args.ensemble_weights) != len(teachers):
             raise ValueError(f"ensemble_weights: {len(args.ensemble_weights)} weights for "
                              f"{len(teachers)} teachers; give one weight per teacher")
@@ -123,24 +156,25 @@ class DistilTrainer(Trainer):
                                 if self.accelerator.num_processes > 1 else projections)
         self._term_totals: dict[str, torch.Tensor] = {}
         self._term_counts = 0
+        # (the count _get_num_items_in_batch returned, {count kind: count}) of the current
+        # accumulated batch: each term's weight is its own items' share.
+        self._batch_items: Optional[tuple] = None
 
     # ------------------------------------------------------------------ set-up checks
     def _check_compatibility(self, s_cfg, teachers, args) -> dict:
         t_cfg = self.teacher_config
         if t_cfg is None:
-            if args.needs_hidden_states or args.needs_attentions or args.alpha_kd or args.alpha_mse:
-                # The batches must then carry cached outputs; checked per batch.
-                pass
             return {"encoder": [], "decoder": []}
+        logit_weights = ", ".join(t.weight for t in active_terms(args) if "logits" in t.needs)
         for i, t in enumerate(teachers):
             c = t.config
             if self.is_seq2seq:
-                if (args.alpha_kd or args.alpha_mse) and c.vocab_size != s_cfg.vocab_size:
+                if logit_weights and c.vocab_size != s_cfg.vocab_size:
                     raise ValueError(
                         f"teacher {i} has vocab_size {c.vocab_size} and the student "
-                        f"{s_cfg.vocab_size}: token-level losses (alpha_kd, alpha_mse) need one "
-                        "vocabulary. Set alpha_kd: 0 and alpha_mse: 0 and use sequence-level "
-                        "distillation (the teacher's generations as targets) instead")
+                        f"{s_cfg.vocab_size}: token-level losses ({logit_weights}) need one "
+                        "vocabulary. Set them to 0 and use sequence-level distillation (the "
+                        "teacher's generations as targets) instead")
             elif getattr(c, "num_labels", None) != getattr(s_cfg, "num_labels", None):
                 raise ValueError(f"teacher {i} predicts {c.num_labels} labels and the student "
                                  f"{s_cfg.num_labels}: build the student with "
@@ -149,16 +183,17 @@ class DistilTrainer(Trainer):
         if args.needs_hidden_states or args.needs_attentions:
             s_enc, s_dec = _depths(s_cfg)
             t_enc, t_dec = _depths(t_cfg)
+            layer_weights = ", ".join(t.weight for t in active_terms(args) if t.uses_layers)
             if s_enc == 0:
-                raise ValueError("hidden-state/attention losses need a transformer student with "
-                                 "layers; set alpha_hidden, alpha_patient, alpha_attention and "
-                                 "alpha_cosine to 0 for this student")
+                raise ValueError(f"hidden-state/attention losses ({layer_weights}) need a "
+                                 "transformer student with layers; set them to 0 for this student")
             pairs["encoder"] = resolve_layer_map(args.layer_map, s_enc, t_enc, "layer_map")
             if self.is_seq2seq and args.decoder_layer_map is not None:
                 pairs["decoder"] = resolve_layer_map(args.decoder_layer_map, s_dec, t_dec,
                                                      "decoder_layer_map")
             if not pairs["encoder"] and not pairs["decoder"]:
-                raise ValueError("layer_map is empty but a layer loss has a positive weight")
+                raise ValueError(f"layer_map is empty but a layer loss ({layer_weights}) has a "
+                                 "positive weight")
             if args.needs_attentions and any(
                     s == 0 or t == 0 for st in pairs.values() for s, t in st):
                 raise ValueError("layer_map: layer 0 (embeddings) has no attention map; use "
@@ -172,7 +207,7 @@ class DistilTrainer(Trainer):
         if s_w == t_w:
             return None
         return nn.ModuleDict({
-            f"{stack}_{s}_{t}": nn.Linear(s_w, t_w)
+            projection_key(stack, s, t): nn.Linear(s_w, t_w)
             for stack, prs in self.layer_pairs.items() for s, t in prs})
 
     def _set_signature_columns_if_needed(self):
@@ -180,8 +215,7 @@ class DistilTrainer(Trainer):
         # student's forward, but compute_loss needs them: keep them when Trainer drops the
         # columns the model does not take (remove_unused_columns=True, the default).
         super()._set_signature_columns_if_needed()
-        extra = ("teacher_logits", "teacher_ensemble_logits", "teacher_cls_hidden", *TEACHER_INPUT_KEYS)
-        self._signature_columns += [c for c in extra if c not in self._signature_columns]
+        self._signature_columns += [c for c in TEACHER_COLUMNS if c not in self._signature_columns]
 
     # ------------------------------------------------------------------ optimizer / saving
     def create_optimizer(self, model=None):
@@ -209,156 +243,129 @@ class DistilTrainer(Trainer):
 
     # ------------------------------------------------------------------ the loss
     def _get_num_items_in_batch(self, batch_samples, device):
-        n = sum(_count_items(b) for b in batch_samples)
-        n = torch.tensor(n, device=device)
+        """The accumulated batch's items of every count kind (:data:`COUNTS`), gathered over
+        processes, kept for compute_loss; returns the examples (label tokens when
+        token-level), the count Trainer expects. All tensors: no host sync."""
+        per_batch = [_count_items(b) for b in batch_samples]
+        zero = torch.zeros((), dtype=torch.long, device=device)
+        n = torch.stack([sum((torch.as_tensor(c[k], device=device) for c in per_batch), zero)
+                         for k in COUNTS])
         if self.args.world_size > 1:
-            n = self.accelerator.gather(n).sum()
-        return n
+            n = self.accelerator.gather(n[None]).sum(0)
+        counts = dict(zip(COUNTS, n.unbind()))
+        self._batch_items = (counts["examples"], counts)
+        return counts["examples"]
+
+    def _shares(self, batch: dict, num_items_in_batch) -> Optional[dict]:
+        """Each count kind's share of the accumulated batch held by this micro-batch (times
+        the processes, whose gradients DDP averages); None outside the training loop."""
+        if num_items_in_batch is None:
+            return None
+        if self._batch_items is not None and self._batch_items[0] is num_items_in_batch:
+            totals = self._batch_items[1]
+        else:  # a count from elsewhere: it stands for every kind
+            totals = dict.fromkeys(COUNTS, num_items_in_batch)
+        mine, p = _count_items(batch), self.accelerator.num_processes
+        return {k: mine[k] * p / (totals[k].clamp_min(1) if torch.is_tensor(totals[k])
+                                  else max(totals[k], 1)) for k in COUNTS}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         cached = {k: inputs.pop(k) for k in [k for k in inputs if k.startswith("teacher_")]}
         if not model.training:
-            # Evaluation reports the student's own task loss; the teacher is not run.
+            # Evaluation reports the student's own task loss (eval_loss, through Trainer's
+            # prediction_step); the teacher is not run.
             return super().compute_loss(model, inputs, return_outputs, None)
         a = self.args
-        want_h, want_att = a.needs_hidden_states, a.needs_attentions
+        terms, needs = active_terms(a), teacher_needs(a)
+        # The labels are read by distilkit's terms only; a model given them would compute
+        # its own loss beside them, for nothing.
+        labels = inputs.pop("labels", None)
+        decoder_inputs = None
+        if self.is_seq2seq and labels is not None and "decoder_input_ids" not in inputs:
+            decoder_inputs = _DecoderInputs(labels)
+            inputs["decoder_input_ids"] = decoder_inputs.for_model(model)
         kw = {}
-        if want_h:
+        if "hidden_states" in needs:
             kw["output_hidden_states"] = True
-        if want_att:
+        if "attentions" in needs:
             kw["output_attentions"] = True
         s_out = model(**inputs, **kw)
+        s_logits = s_out["logits"] if isinstance(s_out, dict) else s_out.logits
+        token_level = labels is not None and s_logits.dim() == 3
+        step = Step(
+            args=a, student_logits=s_logits, labels=labels,
+            token_mask=(labels != -100) if token_level else None,
+            layer_pairs=self.layer_pairs, is_seq2seq=self.is_seq2seq,
+            layer_masks={"encoder": inputs.get("attention_mask"),
+                         "decoder": (labels != -100) if token_level and self.is_seq2seq else None},
+            projections=None if self.projections is None else _unwrap(self.projections))
+        if "hidden_states" in needs:
+            step.student_hidden = _streams(s_out, self.is_seq2seq)
+        if "attentions" in needs:
+            step.student_attentions = _streams(s_out, self.is_seq2seq, True)
         # With only the label loss (e.g. sequence-level distillation on the teacher's
         # generations) no term reads the teacher, so it is not run.
-        if a.alpha_kd or a.alpha_mse or want_h or want_att:
-            t_outs, t_logits = self._teacher_outputs(inputs, cached, kw)
-        else:
-            t_outs, t_logits = [], []
-        labels = inputs.get("labels")
-        s_logits = s_out["logits"] if isinstance(s_out, dict) else s_out.logits
-        pos_mask = (labels != -100) if (labels is not None and s_logits.dim() == 3) else None
+        if needs:
+            self._teacher_side(step, needs, inputs, cached, kw, decoder_inputs)
 
-        terms: dict[str, torch.Tensor] = {}
-        if a.alpha_kd:
-            if len(t_logits) > 1:
-                probs = L.ensemble_soft_targets(t_logits, a.temperature, a.ensemble_weights)
-                terms["kd"] = L.soft_target_kl(s_logits, None, a.temperature, pos_mask, teacher_probs=probs)
-            else:
-                terms["kd"] = L.soft_target_kl(s_logits, t_logits[0], a.temperature, pos_mask)
-        if a.alpha_mse:
-            t_mean = t_logits[0] if len(t_logits) == 1 else torch.stack(t_logits).mean(0)
-            terms["mse"] = L.logit_mse(s_logits, t_mean, pos_mask)
-        if a.alpha_ce and labels is not None:
-            terms["ce"] = L.hard_ce(s_logits, labels)
-        if want_h or want_att:
-            terms.update(self._layer_terms(s_out, t_outs, cached, inputs))
-
-        weights = {"kd": a.alpha_kd, "ce": a.alpha_ce, "mse": a.alpha_mse, "hidden": a.alpha_hidden,
-                   "patient": a.alpha_patient, "attention": a.alpha_attention, "cosine": a.alpha_cosine}
-        if not terms:
+        values = {t.name: v for t in terms if (v := t.compute(step)) is not None}
+        if not values:
             raise ValueError("no loss term applies to this batch: the data has no labels and "
                              "every teacher-based weight is 0")
-        loss = sum(weights[k] * v for k, v in terms.items())
-        if num_items_in_batch is not None:
-            share = _count_items(inputs) / num_items_in_batch
-            loss = loss * share * self.accelerator.num_processes
-        else:
-            loss = loss / self.args.gradient_accumulation_steps
-        for k, v in terms.items():
+        # Each term weighted by its micro-batch's share of its own items (CE: the labelled
+        # rows) in the accumulated batch; called outside the training loop, plain means.
+        shares = self._shares({**inputs, "labels": labels}, num_items_in_batch)
+        if shares is None:
+            shares = dict.fromkeys(COUNTS, 1 / self.args.gradient_accumulation_steps)
+        loss = sum(getattr(a, t.weight) * values[t.name] * shares[t.counts]
+                   for t in terms if t.name in values)
+        for k, v in values.items():
             self._term_totals[k] = self._term_totals.get(k, 0) + v.detach()
         self._term_counts += 1
         return (loss, s_out) if return_outputs else loss
 
-    def _teacher_outputs(self, inputs, cached, kw):
-        """Teacher outputs and logits, from the cache columns when the batch carries them and
-        no term needs more than they hold; else from the teacher, run now."""
-        a = self.args
-        live = a.needs_token_states or (a.alpha_patient and "teacher_cls_hidden" not in cached)
-        if live and not self.teachers:
-            raise ValueError("the hidden-state, attention and cosine losses (and Patient-KD "
-                             "without cached [CLS] states) read the teacher's layers, which the "
-                             "teacher-output cache does not hold: pass teacher_model=...")
-        if live:
-            cached = {k: v for k, v in cached.items() if k in TEACHER_INPUT_KEYS}
-        if "teacher_ensemble_logits" in cached:  # (B, K, C): one row per teacher
-            members = list(cached["teacher_ensemble_logits"].unbind(1))
-            w = a.ensemble_weights
-            if w is not None and len(w) != len(members):
-                raise ValueError(f"ensemble_weights: {len(w)} weights for the {len(members)} "
-                                 "teachers in the cached teacher_ensemble_logits; give one "
-                                 "weight per teacher")
-            return [], members
-        if "teacher_logits" in cached:
-            return [], [cached["teacher_logits"]]
+    def _teacher_side(self, step: Step, needs, inputs, cached, kw, decoder_inputs) -> None:
+        """Fill ``step``'s teacher fields: from the cache columns when the batch carries them
+        and they serve every term; else from the teachers, run now on their own devices, with
+        the results moved to the student's."""
+        has_logits = ENSEMBLE_COLUMN in cached or COLUMN["logits"] in cached
+        has_cls = COLUMN["cls_hidden"] in cached
+        live = ("token_states" in needs or ("logits" in needs and not has_logits)
+                or ("hidden_states" in needs and not has_cls))
+        if not live:
+            if ENSEMBLE_COLUMN in cached:  # (B, K, C): one row per teacher
+                members = list(cached[ENSEMBLE_COLUMN].unbind(1))
+                w = self.args.ensemble_weights
+                if w is not None and len(w) != len(members):
+                    raise ValueError(f"ensemble_weights: {len(w)} weights for the {len(members)} "
+                                     f"teachers in the cached {ENSEMBLE_COLUMN}; give one "
+                                     "weight per teacher")
+                step.teacher_logits = members
+            elif has_logits:
+                step.teacher_logits = [cached[COLUMN["logits"]]]
+            step.teacher_cls = cached.get(COLUMN["cls_hidden"])
+            return
         if not self.teachers:
-            raise ValueError("no teacher is loaded and the batch carries no cached "
-                             "'teacher_logits': pass teacher_model=... or use the teacher cache")
-        t_inputs = {k[len("teacher_"):]: v for k, v in cached.items() if k in TEACHER_INPUT_KEYS}
-        if not t_inputs:
-            t_inputs = inputs
-        elif "labels" in inputs and self.is_seq2seq:
-            t_inputs["labels"] = inputs["labels"]
+            have = [k for k in cached if k in TEACHER_COLUMNS]
+            raise ValueError(_unserved_message(_unserved(self.args, have), have))
+        t_inputs = ({k[len("teacher_"):]: v for k, v in cached.items() if k in TEACHER_INPUT_KEYS}
+                    or inputs)
+        dev = step.student_logits.device
         outs = []
         with torch.no_grad():
             for i, t in enumerate(self.teachers):
+                x = dict(t_inputs)
+                if "decoder_input_ids" in inputs:  # the teacher's own, if its tokens differ
+                    x["decoder_input_ids"] = (inputs["decoder_input_ids"] if decoder_inputs is None
+                                              else decoder_inputs.for_model(t))
                 # Only the first teacher's layers are matched by layer losses.
-                outs.append(t(**t_inputs, **(kw if i == 0 else {})))
-        return outs, [o.logits for o in outs]
-
-    def _layer_terms(self, s_out, t_outs, cached, inputs) -> dict:
-        a = self.args
-        terms: dict[str, torch.Tensor] = {}
-        s_h = _streams(s_out, self.is_seq2seq) if a.needs_hidden_states else {}
-        if "teacher_cls_hidden" in cached and not t_outs:
-            if a.alpha_hidden or a.alpha_cosine or a.alpha_attention:
-                raise ValueError("the teacher cache holds [CLS] states only; hidden-state, "
-                                 "cosine and attention losses need the teacher itself")
-            t_cls = cached["teacher_cls_hidden"]
-            pairs = self.layer_pairs["encoder"]
-            terms["patient"] = L.patient_loss([s_h["encoder"][s][:, 0] for s, _ in pairs],
-                                              [t_cls[:, t] for _, t in pairs])
-            return terms
-        t_h = _streams(t_outs[0], self.is_seq2seq) if a.needs_hidden_states else {}
-        s_att = _streams(s_out, self.is_seq2seq, True) if a.needs_attentions else {}
-        t_att = _streams(t_outs[0], self.is_seq2seq, True) if a.needs_attentions else {}
-        masks = {"encoder": inputs.get("attention_mask"),
-                 "decoder": (inputs["labels"] != -100) if "labels" in inputs and self.is_seq2seq else None}
-        hid, cos, att = [], [], []
-        pat: dict[str, list] = {}
-        # Patient-KD compares [CLS] states; encoder-decoder stacks have no [CLS], so every
-        # counted token's state is compared (masked in patient_loss).
-        pick = (lambda h: h) if self.is_seq2seq else (lambda h: h[:, 0])
-        for stack, pairs in self.layer_pairs.items():
-            for s, t in pairs:
-                m = masks[stack]
-                if a.alpha_hidden:
-                    proj = None if self.projections is None else _unwrap(self.projections)[f"{stack}_{s}_{t}"]
-                    hid.append(L.hidden_mse(s_h[stack][s], t_h[stack][t], proj, m))
-                if a.alpha_cosine:
-                    cos.append(L.cosine_loss(s_h[stack][s], t_h[stack][t], m))
-                if a.alpha_patient:
-                    pat.setdefault(stack, []).append((pick(s_h[stack][s]), pick(t_h[stack][t])))
-                if a.alpha_attention:
-                    if s_att[stack] is None or s_att[stack][s - 1] is None:
-                        raise ValueError("the model returned no attention maps; attention losses "
-                                         "need attn_implementation='eager'")
-                    att.append(L.attention_loss(s_att[stack][s - 1], t_att[stack][t - 1], m,
-                                                kind=a.attention_loss_kind))
-        if hid:
-            terms["hidden"] = sum(hid) / len(hid)
-        if cos:
-            terms["cosine"] = sum(cos) / len(cos)
-        if pat:
-            # One Patient-KD term per stack (their token counts differ), summed like the
-            # per-layer distances inside each.
-            terms["patient"] = sum(
-                L.patient_loss([p[0] for p in ps], [p[1] for p in ps],
-                               masks[stack] if self.is_seq2seq else None)
-                for stack, ps in pat.items())
-        if att:
-            terms["attention"] = sum(att) / len(att)
-        return terms
+                outs.append(t(**to_device(x, model_device(t)), **(kw if i == 0 else {})))
+        step.teacher_logits = [to_device(o.logits, dev) for o in outs]
+        if "hidden_states" in needs:
+            step.teacher_hidden = to_device(_streams(outs[0], self.is_seq2seq), dev)
+        if "attentions" in needs:
+            step.teacher_attentions = to_device(_streams(outs[0], self.is_seq2seq, True), dev)
 
     def log(self, logs: dict, start_time=None) -> None:
         if self._term_counts and "loss" in logs:
@@ -368,24 +375,93 @@ class DistilTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def _count_items(batch) -> int:
-    """Items a batch contributes to the loss: label positions that count, or examples when the
-    data has no labels (a transfer set)."""
+class _DecoderInputs:
+    """An encoder-decoder step's ``decoder_input_ids``: the labels shifted right, as each model
+    would derive them itself when given ``labels`` (its ``prepare_decoder_input_ids_from_labels``),
+    derived once for all the models that share a decoder start and pad token."""
+
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+        self._by_tokens: dict = {}
+
+    def for_model(self, model: nn.Module) -> torch.Tensor:
+        m = _base_model(model)
+        key = (getattr(m.config, "decoder_start_token_id", None), getattr(m.config, "pad_token_id", None))
+        if key not in self._by_tokens:
+            if not hasattr(m, "prepare_decoder_input_ids_from_labels"):
+                raise ValueError(f"{type(m).__name__} has no prepare_decoder_input_ids_from_labels: "
+                                 "give the batch decoder_input_ids, or use a transformers "
+                                 "encoder-decoder model")
+            self._by_tokens[key] = m.prepare_decoder_input_ids_from_labels(labels=self.labels)
+        return self._by_tokens[key]
+
+
+def _count_items(batch) -> dict:
+    """Items a batch contributes to each count kind: ``examples`` (every row, labelled or not:
+    augmented rows carry labels -100) and ``labelled`` (rows with a label); for token-level
+    labels, the label tokens that count, for both. Tensors stay tensors (no host sync)."""
     labels = batch.get("labels") if hasattr(batch, "get") else None
-    if labels is not None and labels.dim() > 1:  # token-level: the label tokens that count
-        return int((labels != -100).sum())
-    if labels is not None:  # one item per example, labelled or not (augmented rows use -100)
-        return int(labels.shape[0])
-    for k in ("input_ids", "teacher_logits", "inputs_embeds"):
+    if labels is not None and labels.dim() > 1:
+        n = (labels != -100).sum()
+        return {"examples": n, "labelled": n}
+    if labels is not None:
+        return {"examples": labels.shape[0], "labelled": (labels != -100).sum()}
+    for k in ("input_ids", "inputs_embeds", COLUMN["logits"], ENSEMBLE_COLUMN):
         if k in batch:
-            return int(batch[k].shape[0])
+            return {"examples": batch[k].shape[0], "labelled": 0}
     raise ValueError(f"cannot count the examples of a batch with keys {sorted(batch)}")
 
 
+def _check_teacher_columns(dataset) -> None:
+    """A ``teacher_*`` column the trainer does not read is a mistake (a misspelt cache column
+    would otherwise make every step run the live teacher, or fail without one)."""
+    for c in _columns(dataset) or []:
+        if c.startswith("teacher_") and c not in TEACHER_COLUMNS:
+            raise ValueError(f"train_dataset: column {c!r} is not a teacher column distilkit "
+                             f"reads; known ones: {', '.join(TEACHER_COLUMNS)} (rename it, or "
+                             "remove it)")
+
+
+def _unserved(args, cached_columns) -> list[str]:
+    """What the terms with a positive weight read from the teacher that ``cached_columns``
+    (the batch's teacher-output columns) do not hold, one phrase per weight."""
+    has = set(cached_columns)
+    out = []
+    for t in active_terms(args):
+        if "token_states" in t.needs:
+            out.append(f"{t.weight} reads per-token teacher states, never cached")
+        elif "logits" in t.needs and not has & {COLUMN["logits"], ENSEMBLE_COLUMN}:
+            out.append(f"{t.weight} reads the teacher's logits (column {COLUMN['logits']})")
+        elif "hidden_states" in t.needs and COLUMN["cls_hidden"] not in has:
+            out.append(f"{t.weight} reads the teacher's [CLS] states (column {COLUMN['cls_hidden']})")
+    return out
+
+
+def _unserved_message(reasons: list, cached_columns) -> str:
+    return (f"no teacher is loaded and the teacher-output cache does not hold what the loss "
+            f"needs: {'; '.join(reasons)} (this data's teacher columns: "
+            f"{', '.join(sorted(cached_columns)) or 'none'}); pass teacher_model=..., attach "
+            "the teacher's outputs (distilkit.teacher_cache) or set those weights to 0")
+
+
+def _check_served_without_teacher(args, dataset, teacher_config) -> None:
+    """Without a teacher, every term that reads it must be served by cached columns of the
+    training data (checked when its columns are known), and layer terms need the teacher's
+    config to map layers."""
+    cols = _columns(dataset)
+    if cols is not None:
+        cached = [c for c in cols if c in TEACHER_COLUMNS]
+        reasons = _unserved(args, cached)
+        if reasons:
+            raise ValueError(_unserved_message(reasons, cached))
+    layer_weights = [t.weight for t in active_terms(args) if t.uses_layers]
+    if teacher_config is None and layer_weights:
+        raise ValueError(f"no teacher is loaded: the layer losses ({', '.join(layer_weights)}) "
+                         "need teacher_config=... (the teacher's config) to map layers")
+
+
 def _use_eager_attention(model: nn.Module) -> None:
-    m = _unwrap(model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
+    m = _base_model(model)
     if getattr(m.config, "_attn_implementation", "eager") == "eager":
         return
     try:

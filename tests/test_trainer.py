@@ -78,9 +78,9 @@ def test_student_improves_on_a_learnable_task(tmp_path):
     assert after > before + 0.2 and after > 0.85, (before, after)
 
 
-def test_accumulation_equals_large_batch(tmp_path):
+def _accumulated_alike(tmp_path, ds):
+    """The weights of one student after a batch-8 step and after 8 accumulated batches of 1."""
     t = tiny_bert(layers=2)
-    ds = _ds(8)
     results = []
     for bs, acc in ((8, 1), (1, 8)):
         s = tiny_bert(layers=1, seed=5)
@@ -93,7 +93,24 @@ def test_accumulation_equals_large_batch(tmp_path):
                      learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0)
         DistilTrainer(model=s, teacher_model=t, args=args, train_dataset=ds).train()
         results.append(_trained_params(s))
-    assert torch.allclose(results[0], results[1], atol=1e-6)
+    return results
+
+
+def test_accumulation_equals_large_batch(tmp_path):
+    big, accumulated = _accumulated_alike(tmp_path, _ds(8))
+    assert torch.allclose(big, accumulated, atol=1e-6)
+
+
+def test_accumulation_equals_large_batch_with_label_less_rows(tmp_path):
+    """Augmented rows (labels -100) count for the soft-target and layer terms but not for the
+    cross-entropy, which averages over the labelled rows: each term is weighted by its own
+    items, so accumulating batches of 1 equals one batch of 8."""
+    ds = _ds(8)
+    labels = list(ds["labels"])
+    for i in (1, 4, 5):
+        labels[i] = -100
+    big, accumulated = _accumulated_alike(tmp_path, ds.remove_columns("labels").add_column("labels", labels))
+    assert torch.allclose(big, accumulated, atol=1e-6)
 
 
 def test_transfer_set_without_labels_uses_soft_targets_only(tmp_path):
@@ -155,16 +172,15 @@ def test_cached_ensemble_logits_replace_the_teachers(tmp_path):
 
 def test_layer_losses_run_the_teacher_even_when_logits_are_cached(tmp_path):
     """Cached logits hold no per-token states: with alpha_hidden the teacher runs, and the
-    run equals one without the cache; with no teacher to run it is a clear error."""
+    run equals one without the cache; with no teacher to run it is a clear error, at init."""
     t, ds = tiny_bert(layers=2), _ds(16)
     ds_cached = _with_cached(ds, [t])
     kw = dict(alpha_hidden=1.0, layer_map=[[1, 2]])
     live, cached = _trained_alike(tmp_path, [({"teacher_model": t}, ds), ({"teacher_model": t}, ds_cached)], **kw)
     assert torch.allclose(live, cached, atol=1e-5)
-    tr = DistilTrainer(model=tiny_bert(layers=1), teacher_config=t.config, train_dataset=ds_cached,
-                       args=_args(tmp_path, max_steps=2, **kw), data_collator=DistilCollator(pad_token_id=0))
     with pytest.raises(ValueError, match="teacher-output cache does not hold"):
-        tr.train()
+        DistilTrainer(model=tiny_bert(layers=1), teacher_config=t.config, train_dataset=ds_cached,
+                      args=_args(tmp_path, max_steps=2, **kw), data_collator=DistilCollator(pad_token_id=0))
 
 
 def test_resume_from_checkpoint(tmp_path):
@@ -237,6 +253,10 @@ def test_layer_strategies():
     assert resolve_layer_map("skip", 6, 12) == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)]
     assert resolve_layer_map("last", 6, 12) == [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]
     assert resolve_layer_map("skip", 3, 6) == [(1, 2), (2, 4)]
+    # i * n_t // n_s spreads the pairs over the whole teacher, also when n_s does not divide
+    # n_t (i * (n_t // n_s) would give (1, 1), (2, 2), (3, 3)).
+    assert resolve_layer_map("skip", 4, 6) == [(1, 1), (2, 3), (3, 4)]
+    assert resolve_layer_map("skip", 3, 8) == [(1, 2), (2, 5)]
     assert resolve_layer_map([[0, 0], [3, 6]], 3, 6) == [(0, 0), (3, 6)]
 
 
