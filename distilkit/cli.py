@@ -82,12 +82,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command][1](args, rest) or 0
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # Bad input: one clear line, no traceback (DISTILKIT_DEBUG=1 shows it).
+    except _expected_errors() as e:
+        # Bad input or a fault of the environment (a missing file, a full disk, a damaged
+        # model file, a failed download): one clear line, no traceback (DISTILKIT_DEBUG=1
+        # shows it).
         if os.environ.get("DISTILKIT_DEBUG"):
             raise
-        print(f"distilkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"distilkit {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _expected_errors() -> tuple:
+    errors = [ValueError, OSError, ImportError, RuntimeError]
+    try:  # a truncated or damaged .safetensors file
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    import pickle
+    errors.append(pickle.UnpicklingError)  # a pickle where safetensors belong (weights_only)
+    return tuple(errors)
+
+
+def one_line(e: BaseException, limit: int = 600) -> str:
+    """The error's message on one line (white space folded); the error's type is named, except
+    for distilkit's own bad-input errors, whose message already says what and how to fix."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if type(e) not in (ValueError, FileNotFoundError, PermissionError):
+        text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -31,13 +31,21 @@ STUDENT_DIR = "student"
 RESULTS_FILE = "results.json"
 
 
-def _check_output_dirs(recipe: Recipe, args) -> None:
+def _preflight(recipe: Recipe, args) -> None:
+    """What the run will need at its end, checked at its start: writable output and cache
+    directories, and a Hub token when the student is to be pushed."""
     from distilkit.files import check_writable
 
     check_writable(args.output_dir, "output_dir")
     if recipe.keys.cache_dir and recipe.keys.teacher_cache:
         check_writable(recipe.keys.cache_dir, "cache_dir", "choose another directory, fix its "
                        "permissions, or turn the cache off with teacher_cache: false")
+    if recipe.keys.push_to_hub:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise ValueError("push_to_hub: true needs a Hugging Face token; run `hf auth login` "
+                             "or set HF_TOKEN, or set push_to_hub: false")
 
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
@@ -50,7 +58,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     args = recipe.distil_config(disable_tqdm=not progress)
     comp_cfgs = [config_from_dict(e) for e in recipe.keys.compression]
     task.validate(recipe)
-    _check_output_dirs(recipe, args)
+    _preflight(recipe, args)
     raw = task.load_data(recipe)
     teachers = task.load_teachers(recipe, raw, progress)
     student, tokenizer = task.build_student(recipe, raw, teachers)

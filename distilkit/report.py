@@ -143,9 +143,9 @@ def _recipe_line(res: dict) -> str:
     parts = []
     if r.get("student"):
         parts.append(f"student `{json.dumps(r['student'], sort_keys=True)}`")
-    weights = {k: r[k] for k in ("alpha_kd", "alpha_ce", "alpha_mse", "alpha_hidden",
-                                  "alpha_patient", "alpha_attention", "alpha_cosine")
-               if r.get(k)}
+    from distilkit.config import LOSS_WEIGHTS
+
+    weights = {k: r[k] for k in LOSS_WEIGHTS if r.get(k)}
     if weights:
         parts.append("loss " + ", ".join(f"{k[6:]}={v}" for k, v in weights.items()))
     if r.get("temperature") is not None and r.get("alpha_kd"):

@@ -128,6 +128,15 @@ def ratios(teacher: dict, student: dict) -> dict:
     }
 
 
+def check_max_length(max_length: int, config) -> None:
+    """``max_length`` must fit the teacher's learned positions (else the run trains and then
+    fails in evaluation, or silently truncates differently for teacher and student)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(f"max_length: {max_length} is longer than the teacher's {limit} "
+                         f"positions; use max_length <= {limit}")
+
+
 def check_keys(field_name: str, spec: dict, allowed: set) -> None:
     bad = sorted(set(spec) - allowed)
     if bad:

@@ -19,7 +19,9 @@ import os
 import sys
 from typing import Any, Optional
 
-from distilkit.tasks.base import Prepared, Task, Teachers, build_student, ratios
+from distilkit.loss_terms import cached_outputs_needed, needs_live_teacher
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
+                                  ratios)
 
 FIGURES_VERSION = 1
 
@@ -51,6 +53,7 @@ class ClassificationTask(Task):
                             config=AutoConfig.from_pretrained(specs[0]),
                             loader=lambda s: load_teacher(s, adapter=k.teacher_adapter),
                             adapter=k.teacher_adapter)
+        check_max_length(k.max_length, teachers.config)
         n_labels = num_labels_of(raw, spec)
         if n_labels is not None and teachers.config.num_labels != n_labels:
             raise ValueError(f"the teacher predicts {teachers.config.num_labels} labels but "
@@ -90,7 +93,7 @@ class ClassificationTask(Task):
         ds = tokenize(raw, tokenizer, spec, max_length=k.max_length)
         train_ds = (tokenize({"train": train_raw}, tokenizer, spec, max_length=k.max_length)["train"]
                     if k.augment else ds[spec.train_split])
-        live = _needs_live_teacher(args)
+        live = needs_live_teacher(args)
         if k.teacher_cache and live:
             print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
                   "alpha_cosine read the teacher's per-token states, which are not cached; the "
@@ -114,7 +117,7 @@ class ClassificationTask(Task):
         from distilkit.teacher_cache import attach_ensemble_logits, attach_teacher_outputs
 
         k, spec = recipe.keys, recipe.data
-        outputs = _cached_outputs(args)
+        outputs = cached_outputs_needed(args)
         t_train = tokenize({"t": train_raw}, teachers.tokenizer, spec, max_length=k.max_length)["t"]
         kw = dict(teacher_dataset=t_train, max_length=k.max_length, cache_dir=k.cache_dir,
                   progress=progress, teacher_loader=teachers.loader)
@@ -198,17 +201,6 @@ class ClassificationTask(Task):
                              model_dir=model_dir, latency=latency)
         res["split"] = split
         return res
-
-
-def _needs_live_teacher(args) -> bool:
-    """Whether a term reads what the teacher-output cache does not hold (per-token states,
-    attention maps), so that the teacher must run every step."""
-    return args.needs_token_states
-
-
-def _cached_outputs(args) -> tuple:
-    """What the teacher-output cache stores for this run's terms."""
-    return ("logits", "cls_hidden") if args.alpha_patient else ("logits",)
 
 
 def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from distilkit.tasks.base import Prepared, Task, Teachers, build_student, ratios
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
+                                  ratios)
 
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
 
@@ -96,6 +97,7 @@ class Seq2SeqTask(Task):
     def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
         k = recipe.keys
         model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress)
+        check_max_length(k.max_length, model.config)
         # Generation needs the teacher itself, so it is loaded up front.
         return Teachers(specs=[path], tokenizer=tok, config=model.config,
                         loader=lambda s: model, adapter=k.teacher_adapter, _models=[model])
