@@ -264,9 +264,91 @@ def test_unsupported_family_names_the_supported_ones():
 
 
 def test_prune_after_factorization_is_a_clear_error():
+    from distilkit.compress import get_method
+
     model = tiny_bert()
     compress_(model, config_from_dict({"method": "low_rank", "rank": 4,
                                        "include": ["*.attention.self.query"]}))
+    cfg = config_from_dict({"method": "prune_heads", "fraction": 0.25, "importance": "weight"})
+    # compress_ refuses the order before any work (see tests/test_compress_order.py) ...
+    with pytest.raises(ValueError, match="prune_heads after low_rank cannot work.*put "
+                                         "prune_heads before low_rank"):
+        compress_(model, cfg)
+    # ... and the slicing itself still refuses a replaced linear, before cutting anything.
     with pytest.raises(TypeError, match="before methods that replace linears"):
-        compress_(model, config_from_dict({"method": "prune_heads", "fraction": 0.25,
-                                           "importance": "weight"}))
+        get_method(cfg).apply(model, cfg, CompressionContext())
+    assert all(get_adapter(model).num_heads(b) == 4 for b in get_adapter(model).attention_blocks())
+
+
+DEPTHS = {  # family -> {config attribute: depth after dropping layer 0 of the first stack}
+    "bert": {"num_hidden_layers": 3},
+    "t5": {"num_layers": 1, "num_decoder_layers": 2},
+    "bart": {"encoder_layers": 1, "decoder_layers": 2, "num_hidden_layers": 1},
+    "marian": {"encoder_layers": 1, "decoder_layers": 2},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prune_layers_updates_the_config_depth_and_round_trips(family, tmp_path):
+    """Bug 3: the config kept the unpruned depth, so layer losses paired the wrong layers."""
+    make, auto = FAMILIES[family]
+    model, batch = make(), family_batch(family)
+    compress_(model, config_from_dict({"method": "prune_layers", "layers": [0]}))
+    adapter = get_adapter(model)
+    for attr, depth in DEPTHS[family].items():
+        assert getattr(model.config, attr) == depth, attr
+    assert [len(model.get_submodule(s)) for s in adapter.stacks()] == \
+        ([3] if family == "bert" else [1, 2])
+    expected = predict(model, batch)
+    save_compressed(model, str(tmp_path))
+    loaded = load_compressed(str(tmp_path), auto_cls=auto)
+    for attr, depth in DEPTHS[family].items():
+        assert getattr(loaded.config, attr) == depth, attr
+    assert nparams(loaded) == nparams(model)
+    torch.testing.assert_close(predict(loaded, batch), expected, rtol=0, atol=1e-6)
+
+
+def test_layer_map_resolves_against_the_pruned_depth(tmp_path):
+    from datasets import Dataset
+
+    from distilkit import DistilConfig, DistilTrainer
+    from distilkit.config import resolve_layer_map
+
+    teacher, student = tiny_bert(layers=4), tiny_bert(layers=4)
+    compress_(student, config_from_dict({"method": "prune_layers", "layers": [1, 2]}))
+    assert student.config.num_hidden_layers == 2
+    assert resolve_layer_map("last", student.config.num_hidden_layers, 4) == [(1, 3)]
+    b = tiny_batch()
+    ds = Dataset.from_dict({k: v.tolist() for k, v in b.items()})
+    args = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+                per_device_train_batch_size=4, alpha_hidden=1.0)
+    # A pair past the pruned depth is refused when the trainer is built, not mid-step.
+    with pytest.raises(ValueError, match="student layer 3.*outside the student's depth 0..2"):
+        DistilTrainer(model=student, teacher_model=teacher, train_dataset=ds,
+                      args=DistilConfig(**args, layer_map=[[3, 4]]))
+    trainer = DistilTrainer(model=student, teacher_model=teacher, train_dataset=ds,
+                            args=DistilConfig(**args, layer_map="skip"))
+    trainer.train()  # student hidden states 0..2 paired within range
+    assert trainer.state.global_step == 1
+
+
+def test_prune_layers_directory_saved_with_the_old_depth_still_loads(tmp_path):
+    """Directories saved before the fix have the unpruned depth in config.json and no
+    ``config_before`` in the record: restore drops the layers once and fixes the config."""
+    import json
+
+    model, batch = tiny_bert(), tiny_batch()
+    compress_(model, config_from_dict({"method": "prune_layers", "layers": [1]}))
+    expected = predict(model, batch)
+    save_compressed(model, str(tmp_path))
+    cfg_file, rec_file = tmp_path / "config.json", tmp_path / "compression_config.json"
+    cfg, recs = json.loads(cfg_file.read_text()), json.loads(rec_file.read_text())
+    assert cfg["num_hidden_layers"] == 3 and recs["records"][0]["config_before"] == {
+        "num_hidden_layers": 4}
+    cfg["num_hidden_layers"] = 4
+    del recs["records"][0]["config_before"]
+    cfg_file.write_text(json.dumps(cfg))
+    rec_file.write_text(json.dumps(recs))
+    loaded = load_compressed(str(tmp_path))
+    assert loaded.config.num_hidden_layers == 3 and len(loaded.bert.encoder.layer) == 3
+    torch.testing.assert_close(predict(loaded, batch), expected, rtol=0, atol=1e-6)

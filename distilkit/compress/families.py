@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from distilkit.compress.base import set_module
+from distilkit.compress.base import (is_peft_layer, is_plain_linear, raise_wrapped, set_module,
+                                     target_names)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class _Spec:
     head_dim_attr: str
     total_dim_attr: Optional[str]  # attribute holding heads * head_dim, when there is one
     ffn: tuple  # (ffn name, (up, ...), down) relative to a layer; "{last}" = last sublayer
+    depth_attrs: tuple  # the config attribute holding each stack's depth, as stack_suffixes
 
 
 _BERT_ATTN = (
@@ -96,12 +98,12 @@ _BART_ATTN = (
 _SPECS = (
     _Spec("BERT family", ("bert", "roberta", "xlm-roberta", "electra"), ("encoder.layer",),
           _BERT_ATTN, "num_attention_heads", "attention_head_size", "all_head_size",
-          (("intermediate", ("intermediate.dense",), "output.dense"),)),
+          (("intermediate", ("intermediate.dense",), "output.dense"),), ("num_hidden_layers",)),
     _Spec("DistilBERT", ("distilbert",), ("transformer.layer",),
           (("attention", "attention.q_lin", "attention.k_lin", "attention.v_lin",
             "attention.out_lin", "self"),),
           "n_heads", "attention_head_size", None,
-          (("ffn", ("ffn.lin1",), "ffn.lin2"),)),
+          (("ffn", ("ffn.lin1",), "ffn.lin2"),), ("n_layers",)),
     _Spec("T5", ("t5",), ("encoder.block", "decoder.block"),
           (("layer.0.SelfAttention", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k",
             "layer.0.SelfAttention.v", "layer.0.SelfAttention.o", "self"),
@@ -111,11 +113,13 @@ _SPECS = (
           (("layer.{last}.DenseReluDense", ("layer.{last}.DenseReluDense.wi",
                                             "layer.{last}.DenseReluDense.wi_0",
                                             "layer.{last}.DenseReluDense.wi_1"),
-            "layer.{last}.DenseReluDense.wo"),)),
+            "layer.{last}.DenseReluDense.wo"),), ("num_layers", "num_decoder_layers")),
     _Spec("BART", ("bart",), ("encoder.layers", "decoder.layers"), _BART_ATTN,
-          "num_heads", "head_dim", None, (("", ("fc1",), "fc2"),)),
+          "num_heads", "head_dim", None, (("", ("fc1",), "fc2"),),
+          ("encoder_layers", "decoder_layers")),
     _Spec("Marian", ("marian",), ("encoder.layers", "decoder.layers"), _BART_ATTN,
-          "num_heads", "head_dim", None, (("", ("fc1",), "fc2"),)),
+          "num_heads", "head_dim", None, (("", ("fc1",), "fc2"),),
+          ("encoder_layers", "decoder_layers")),
 )
 
 
@@ -191,10 +195,31 @@ class FamilyAdapter:
 
     def layer_linears(self) -> list[str]:
         """Qualified names of every ``nn.Linear`` inside the transformer layers (the default
-        target of low-rank and magnitude pruning: embeddings and task heads are left alone)."""
+        target of low-rank and magnitude pruning: embeddings and task heads are left alone);
+        a layer a peft adapter wraps is named by the adapter layer, its ``lora_*`` never."""
         prefixes = tuple(s + "." for s in self.stacks())
-        return [n for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and n.startswith(prefixes)]
+        return [n for n in target_names(self.model) if n.startswith(prefixes)]
+
+    def depths(self) -> dict[str, int]:
+        """``{config attribute: number of layers}`` of every stack, as the model is now."""
+        out = {}
+        for stack in self.stacks():
+            i = next(i for i, s in enumerate(self.spec.stack_suffixes)
+                     if stack == s or stack.endswith("." + s))
+            out[self.spec.depth_attrs[i]] = len(self.model.get_submodule(stack))
+        return out
+
+    def sync_config_depth(self) -> None:
+        """Write the stacks' current depths into the model config, so everything that reads
+        the depth from the config (layer maps, ``save_pretrained``) sees the real one."""
+        for attr, n in self.depths().items():
+            setattr(self.model.config, attr, n)
+
+    def check_sliceable(self, names: Sequence[str], method: str) -> None:
+        """Refuse, before anything is cut, to slice a linear that is not a plain
+        ``nn.Linear`` (see :func:`require_sliceable`)."""
+        for name in names:
+            require_sliceable(self.model.get_submodule(name), name, method)
 
     # -- heads ---------------------------------------------------------------------------
     def num_heads(self, block: AttentionBlock) -> int:
@@ -242,19 +267,30 @@ def get_adapter(model: nn.Module, method: str = "this method") -> FamilyAdapter:
 # Physical surgery on linears
 # ---------------------------------------------------------------------------------------
 
-def _sliced_linear(lin: nn.Linear, rows: Optional[torch.Tensor] = None,
+def require_sliceable(module: nn.Module, name: str, method: str = "structured pruning") -> None:
+    """Slicing rebuilds a layer from its weight as a plain ``nn.Linear``: a fake-quantized or
+    packed linear (still an ``nn.Linear`` subclass) would silently lose its quantization, a
+    factorized or sparse one its structure, a peft-wrapped one its adapter."""
+    if is_peft_layer(module):
+        raise_wrapped(method, name, module)
+    if not is_plain_linear(module):
+        raise TypeError(f"{method}: {name} is a {type(module).__name__}, not a plain nn.Linear: "
+                        f"structured pruning must run before methods that replace linears "
+                        f"(low_rank, magnitude, quantize, ptq)")
+
+
+def _sliced_linear(lin: nn.Linear, name: str, rows: Optional[torch.Tensor] = None,
                    cols: Optional[torch.Tensor] = None) -> nn.Linear:
     """A new ``nn.Linear`` holding rows (outputs) and/or columns (inputs) of ``lin``."""
-    if not isinstance(lin, nn.Linear):
-        raise TypeError(f"expected nn.Linear, got {type(lin).__name__}: structured pruning must "
-                        f"run before methods that replace linears (low_rank, magnitude, quantize)")
+    require_sliceable(lin, name)
     w = lin.weight.detach()
     b = lin.bias.detach() if lin.bias is not None else None
     if rows is not None:
+        rows = rows.to(w.device)
         w = w.index_select(0, rows)
         b = b.index_select(0, rows) if b is not None else None
     if cols is not None:
-        w = w.index_select(1, cols)
+        w = w.index_select(1, cols.to(w.device))
     new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(w)
@@ -266,11 +302,11 @@ def _sliced_linear(lin: nn.Linear, rows: Optional[torch.Tensor] = None,
 
 
 def slice_rows(model: nn.Module, name: str, rows: torch.Tensor) -> None:
-    set_module(model, name, _sliced_linear(model.get_submodule(name), rows=rows))
+    set_module(model, name, _sliced_linear(model.get_submodule(name), name, rows=rows))
 
 
 def slice_cols(model: nn.Module, name: str, cols: torch.Tensor) -> None:
-    set_module(model, name, _sliced_linear(model.get_submodule(name), cols=cols))
+    set_module(model, name, _sliced_linear(model.get_submodule(name), name, cols=cols))
 
 
 def head_rows(heads: Sequence[int], head_dim: int) -> torch.Tensor:

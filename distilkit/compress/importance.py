@@ -18,7 +18,9 @@ The expectation is the mean over the batches of ``ctx.dataloader`` (at most
 ``ctx.max_batches``), each batch's loss being ``ctx.loss_fn(model, batch)`` when given (the
 distillation loss, say) or the model's own loss (``model(**batch).loss``, which needs labels).
 Gradients are taken with ``torch.autograd.grad`` on the gates only: the model's ``.grad``
-fields are never touched, and dropout is off while scoring.
+fields are never touched, and dropout is off while scoring. Batches go to the model's own
+device; each gate lives on the device of the module it gates, the sums stay there, and the
+scores come back to the host once, at the end.
 
 Data-free alternatives, used when there is no data loader: a head's weight norm (L2 of its
 Q/K/V rows and O columns) and a neuron's L1 norm (Li et al. 2017, "Pruning Filters for
@@ -27,13 +29,14 @@ Efficient ConvNets": the L1 norm of the neuron's incoming weights).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from distilkit.compress.base import CompressionContext
-from distilkit.compress.families import FamilyAdapter, head_rows
+from distilkit.compress.base import CompressionContext, batches_on_device
+from distilkit.compress.families import FamilyAdapter
+from distilkit.device import to_host
 
 
 def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -44,16 +47,6 @@ def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
                          "model returned no loss; pass CompressionContext(loss_fn=...) (e.g. the "
                          "distillation loss) or batches with labels")
     return loss
-
-
-def _batches(ctx: CompressionContext) -> Iterable[dict]:
-    if ctx is None or ctx.dataloader is None:
-        raise ValueError("gradient importance needs data: pass CompressionContext(dataloader=...) "
-                         "or choose a data-free importance ('weight' for heads, 'l1' for neurons)")
-    for i, batch in enumerate(ctx.dataloader):
-        if ctx.max_batches is not None and i >= ctx.max_batches:
-            break
-        yield batch
 
 
 @contextlib.contextmanager
@@ -79,7 +72,7 @@ def gate_gradients(model: nn.Module, gates: list[torch.Tensor], install: Callabl
     handles = install()
     try:
         with _eval_mode(model):
-            for batch in _batches(ctx):
+            for batch in batches_on_device(model, ctx):
                 loss = loss_fn(model, batch)
                 grads = torch.autograd.grad(loss, gates, allow_unused=True)
                 for t, g in zip(totals, grads):
@@ -91,7 +84,13 @@ def gate_gradients(model: nn.Module, gates: list[torch.Tensor], install: Callabl
             h.remove()
     if n == 0:
         raise ValueError("importance: the data loader yielded no batch")
-    return [t / n for t in totals]
+    return [to_host(t / n) for t in totals]
+
+
+def _gate(module: nn.Module, size: tuple) -> torch.Tensor:
+    """A gate of ones on the device of the module it multiplies into."""
+    ref = next(module.parameters())
+    return torch.ones(size, device=ref.device, requires_grad=True)
 
 
 def _gated_input_hook(gate: torch.Tensor, group: int):
@@ -113,7 +112,7 @@ def head_importance(adapter: FamilyAdapter, ctx: CompressionContext,
     """
     model = adapter.model
     blocks = adapter.attention_blocks()
-    gates = [torch.ones(adapter.num_heads(b), requires_grad=True) for b in blocks]
+    gates = [_gate(model.get_submodule(b.o), (adapter.num_heads(b),)) for b in blocks]
 
     def install():
         return [model.get_submodule(b.o).register_forward_pre_hook(
@@ -131,14 +130,12 @@ def head_weight_norms(adapter: FamilyAdapter) -> dict[str, torch.Tensor]:
     out = {}
     for b in adapter.attention_blocks():
         n, d = adapter.num_heads(b), adapter.head_dim(b)
-        score = torch.zeros(n)
-        for h in range(n):
-            rows = head_rows([h], d)
-            sq = sum(model.get_submodule(x).weight.detach()[rows].pow(2).sum()
-                     for x in (b.q, b.k, b.v))
-            sq = sq + model.get_submodule(b.o).weight.detach()[:, rows].pow(2).sum()
-            score[h] = sq.sqrt()
-        out[b.holder] = score
+        # Rows of Q/K/V and columns of O, grouped per head: [n, d, ...] summed per head.
+        sq = sum(model.get_submodule(x).weight.detach().view(n, d, -1).pow(2).sum(dim=(1, 2))
+                 for x in (b.q, b.k, b.v))
+        o = model.get_submodule(b.o).weight.detach()
+        sq = sq + o.view(o.shape[0], n, d).pow(2).sum(dim=(0, 2))
+        out[b.holder] = to_host(sq.sqrt().float())
     return out
 
 
@@ -156,14 +153,14 @@ def layer_importance(adapter: FamilyAdapter, ctx: CompressionContext) -> dict[st
     computes the identity scores exactly 0."""
     model = adapter.model
     layers = adapter.layers()
-    gates = [torch.ones((), requires_grad=True) for _ in layers]
+    gates = [_gate(model.get_submodule(name), ()) for name in layers]
 
     def install():
         return [model.get_submodule(name).register_forward_hook(
             _residual_gate_hook(g), with_kwargs=True) for name, g in zip(layers, gates)]
 
     scores = gate_gradients(model, gates, install, ctx)
-    return {name: float(s) for name, s in zip(layers, scores)}
+    return {name: s.item() for name, s in zip(layers, scores)}
 
 
 def ffn_importance(adapter: FamilyAdapter, ctx: Optional[CompressionContext],
@@ -176,11 +173,11 @@ def ffn_importance(adapter: FamilyAdapter, ctx: Optional[CompressionContext],
     model = adapter.model
     blocks = adapter.ffn_blocks()
     if kind == "l1":
-        return {b.name: sum(model.get_submodule(u).weight.detach().abs().sum(dim=1)
-                            for u in b.up) for b in blocks}
+        return {b.name: to_host(sum(model.get_submodule(u).weight.detach().abs().sum(dim=1)
+                                    for u in b.up)) for b in blocks}
     if kind != "gradient":
         raise ValueError(f"ffn importance kind {kind!r} is unknown; use 'gradient' or 'l1'")
-    gates = [torch.ones(model.get_submodule(b.down).in_features, requires_grad=True)
+    gates = [_gate(model.get_submodule(b.down), (model.get_submodule(b.down).in_features,))
              for b in blocks]
 
     def install():

@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from distilkit.compress.base import CompressionContext, Method, register, select_modules, set_module
+from distilkit.compress.base import (CompressionContext, Method, register, require_plain,
+                                     select_modules, set_module)
 
 
 class LowRankLinear(nn.Module):
@@ -174,6 +175,9 @@ def _default_targets(model: nn.Module) -> list[str]:
 class LowRank(Method):
     name = "low_rank"
     config_cls = LowRankConfig
+    needs = frozenset({"plain_linear"})
+    # Its factors are plain nn.Linear (later methods may target them), the layer is not.
+    replaces = frozenset({"named_linears"})
     citation = ("Denton, Zaremba, Bruna, LeCun, Fergus. Exploiting Linear Structure Within "
                 "Convolutional Networks for Efficient Evaluation. NeurIPS 2014; Sainath et al. "
                 "Low-rank matrix factorization for deep neural network training. ICASSP 2013")
@@ -181,7 +185,8 @@ class LowRank(Method):
     def apply(self, model: nn.Module, cfg: LowRankConfig, ctx: CompressionContext) -> dict:
         include = cfg.include if cfg.include is not None else _default_targets(model)
         chosen = select_modules(model, include, cfg.exclude, types=(nn.Linear,),
-                                field_name="low_rank.include")
+                                field_name="low_rank.include", method="low_rank")
+        require_plain(chosen, "low_rank")
         if not chosen:
             raise ValueError("low_rank: no nn.Linear left to factorize after include/exclude")
         ranks, kept_dense = {}, []

@@ -254,9 +254,12 @@ class LSTMProjection(Method):
     name = "lstm_projection"
     config_cls = LSTMProjectionConfig
     citation = CITATION
+    needs = frozenset({"plain_lstm"})
+    replaces = frozenset({"plain_lstm"})
 
     def apply(self, model: nn.Module, config: LSTMProjectionConfig, ctx: CompressionContext) -> dict:
-        chosen = select_modules(model, config.include, config.exclude, types=(nn.LSTM,))
+        chosen = select_modules(model, config.include, config.exclude, types=(nn.LSTM,),
+                                method="lstm_projection")
         if not chosen:
             raise ValueError("lstm_projection: the model has no nn.LSTM module to factorize")
         modules, before, after = {}, 0, 0

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from distilkit.compress.base import CompressionContext, Method, register, select_modules, set_module
+from distilkit.compress.base import (CompressionContext, Method, register, require_plain,
+                                     select_modules, set_module, unwrap)
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ def _targets(model: nn.Module, cfg: MagnitudeConfig) -> list[tuple[str, nn.Modul
             raise ValueError(f"{e}. For other models pass include=[glob, ...] naming the "
                              f"linears to prune ({supported_families()} have a default)") from None
     chosen = select_modules(model, include, cfg.exclude, types=(nn.Linear,),
-                            field_name="magnitude.include")
+                            field_name="magnitude.include", method="magnitude")
+    require_plain(chosen, "magnitude")
     if not chosen:
         raise ValueError("magnitude: no nn.Linear left to prune after include/exclude")
     return chosen
@@ -273,6 +275,11 @@ class MagnitudePruningCallback(TrainerCallback):
 class Magnitude(Method):
     name = "magnitude"
     config_cls = MagnitudeConfig
+    needs = frozenset({"plain_linear"})
+    # Its linears are masked now and SparseLinear after finalize; until then the callback
+    # re-applies the masks to those very nn.Linear modules, found again by name at finalize.
+    replaces = frozenset({"plain_linear", "named_linears"})
+    keeps = frozenset({"plain_linear", "layer_names"})
     citation = ("Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient "
                 "Neural Networks. NeurIPS 2015; Zhu, Gupta. To prune, or not to prune. 2017")
 
@@ -282,7 +289,8 @@ class Magnitude(Method):
         return {"targets": [n for n, _ in chosen], "sparsity": cfg.initial_sparsity}
 
     def callbacks(self, model: nn.Module, cfg: MagnitudeConfig, ctx: CompressionContext) -> list:
-        modules = [m for _, m in _targets(model, cfg)]
+        # The names in cfg are relative to the model inside any wrapper, as in apply.
+        modules = [m for _, m in _targets(unwrap(model), cfg)]
         return [MagnitudePruningCallback(modules, cfg)]
 
     def finalize(self, model: nn.Module, cfg: MagnitudeConfig, record: dict) -> dict:

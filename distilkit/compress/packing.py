@@ -60,16 +60,19 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         pad = (-n) % per
         if pad:
             c = torch.cat([c, c.new_zeros(pad)])
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = _shifts(per, c.device) * bits
         return (c.view(-1, per) << shifts).sum(dim=1, dtype=torch.uint8) if per > 1 else c.clone()
     # General path: expand to a bit stream, then regroup by 8.
-    bit_idx = torch.arange(bits, dtype=torch.uint8)
-    stream = ((c[:, None] >> bit_idx) & 1).reshape(-1)
+    stream = ((c[:, None] >> _shifts(bits, c.device)) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (torch.ones(8, dtype=torch.uint8) << torch.arange(8, dtype=torch.uint8))
-    return (stream.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return (stream.view(-1, 8) * (1 << _shifts(8, c.device))).sum(dim=1, dtype=torch.uint8)
+
+
+def _shifts(n: int, device: torch.device) -> torch.Tensor:
+    """``0, 1, ..., n - 1`` as uint8 on ``device`` (where the codes are)."""
+    return torch.arange(n, dtype=torch.uint8, device=device)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -81,13 +84,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
                          f"{bits} bits (need {packed_nbytes(numel, bits)})")
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.uint8) * bits
+        shifts = _shifts(per, p.device) * bits
         mask = (1 << bits) - 1
         return ((p[:, None] >> shifts) & mask).reshape(-1)[:numel].contiguous()
-    stream = ((p[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+    stream = ((p[:, None] >> _shifts(8, p.device)) & 1).reshape(-1)
     stream = stream[: numel * bits].view(numel, bits)
-    weights = (torch.ones(bits, dtype=torch.uint8) << torch.arange(bits, dtype=torch.uint8))
-    return (stream * weights).sum(dim=1, dtype=torch.uint8)
+    return (stream * (1 << _shifts(bits, p.device))).sum(dim=1, dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -151,7 +153,8 @@ class PackedMixin:
                                  f"the packed metadata says {spec['shape']}")
             w.requires_grad_(False)
             for suffix, (shape, dtype) in expected_buffers(spec).items():
-                self.register_buffer(f"{name}_{suffix}", torch.zeros(shape, dtype=dtype))
+                self.register_buffer(f"{name}_{suffix}",
+                                     torch.zeros(shape, dtype=dtype, device=w.device))
 
     def set_packed(self, name: str, codes: torch.Tensor, alpha: torch.Tensor,
                    beta: torch.Tensor, points: Optional[torch.Tensor] = None) -> None:

@@ -20,10 +20,15 @@ Three methods, each physical (weights are removed, not masked) and each reloadab
 
 What is removed is recorded (heads kept per block, layers kept per stack, neurons kept per
 FFN), and ``restore`` replays the same surgery on a freshly built model before its tensors
-are loaded, so ``load_compressed`` returns a model with equal predictions. The saved
-``config.json`` still describes the architecture *before* pruning; the record describes the
-changes. Run these methods before ``low_rank``/``magnitude``/``quantize``, which replace the
-linears they slice.
+are loaded, so ``load_compressed`` returns a model with equal predictions. ``prune_layers``
+also writes the new depth into the config (``num_hidden_layers``; ``encoder_layers`` /
+``decoder_layers`` or ``num_layers`` / ``num_decoder_layers`` for seq2seq families), so layer
+losses pair the layers that exist; its record keeps the depth from before, which
+``load_compressed`` builds the model with before replaying the records. Head and neuron
+counts stay described by the records. Run ``prune_heads``/``prune_ffn`` before
+``low_rank``/``magnitude``/``quantize``/``ptq``, which replace the linears they slice, and
+``prune_layers`` before ``quantize``/``magnitude``, which finalize by layer name
+(:func:`~distilkit.compress.base.check_order` refuses the other orders).
 
 Speed: removing half the heads of MiniLM-L6 shrinks Q/K/V/O by half and the attention
 matmuls likewise; Michel et al. report up to ~17.5% faster inference at large batch sizes on
@@ -197,6 +202,7 @@ def _importance_kind(requested: str, ctx: CompressionContext, data_free: str) ->
 class PruneHeads(Method):
     name = "prune_heads"
     config_cls = PruneHeadsConfig
+    needs = frozenset({"plain_linear", "named_linears"})
     citation = ("Michel, Levy, Neubig. Are Sixteen Heads Really Better than One? "
                 "NeurIPS 2019. arXiv:1905.10650")
 
@@ -230,6 +236,8 @@ class PruneHeads(Method):
         for holder in names:  # validate everything before cutting anything
             if not keep[holder]:
                 adapter.prune_heads(blocks[holder], [])  # raises the documented refusal
+        cut = [blocks[h] for h in names if len(keep[h]) < adapter.num_heads(blocks[h])]
+        adapter.check_sliceable([x for b in cut for x in (b.q, b.k, b.v, b.o)], self.name)
         for holder in names:
             adapter.prune_heads(blocks[holder], keep[holder])
         record.update(
@@ -272,6 +280,7 @@ class PruneLayersConfig:
 class PruneLayers(Method):
     name = "prune_layers"
     config_cls = PruneLayersConfig
+    replaces = frozenset({"layer_names"})
     citation = ("Fan, Grave, Joulin. Reducing Transformer Depth on Demand with Structured "
                 "Dropout. ICLR 2020 (layer dropping); Michel et al. 2019 (gate importance)")
 
@@ -303,9 +312,11 @@ class PruneLayers(Method):
             if not kept[stack]:
                 raise ValueError(f"prune_layers: dropping every layer of {stack} is refused; "
                                  f"keep at least one")
+        depth_before = adapter.depths()
         for stack, keep in kept.items():
             adapter.keep_layers(stack, keep)
-        record.update(layers_kept=kept, dropped=sorted(drop),
+        adapter.sync_config_depth()
+        record.update(layers_kept=kept, dropped=sorted(drop), config_before=depth_before,
                       params_before=before,
                       params_after=sum(p.numel() for p in model.parameters()))
         return record
@@ -314,6 +325,13 @@ class PruneLayers(Method):
         adapter = get_adapter(model, "prune_layers")
         for stack, keep in record["layers_kept"].items():
             adapter.keep_layers(stack, keep)
+        adapter.sync_config_depth()
+
+    def undo_config(self, config, record: dict) -> None:
+        # Records saved before the config tracked the depth have none here: their
+        # config.json still has the depth from before, which is what restore starts from.
+        for attr, n in record.get("config_before", {}).items():
+            setattr(config, attr, n)
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,6 +368,7 @@ def _keep_neurons(model: nn.Module, block, keep: torch.Tensor) -> None:
 class PruneFFN(Method):
     name = "prune_ffn"
     config_cls = PruneFFNConfig
+    needs = frozenset({"plain_linear", "named_linears"})
     citation = ("Li, Kadav, Durdanovic, Samet, Graf. Pruning Filters for Efficient ConvNets. "
                 "ICLR 2017 (L1 structured pruning); Molchanov et al. 2019 (gradient importance)")
 
@@ -362,6 +381,8 @@ class PruneFFN(Method):
         scores = ffn_importance(adapter, ctx, kind)
         scores = {n: scores[n] for n in names}
         remove = lowest_in_scope(scores, cfg.scope, cfg.fraction, cfg.count, "neurons")
+        adapter.check_sliceable([x for n in names if remove[n]
+                                 for x in (*blocks[n].up, blocks[n].down)], self.name)
         kept = {}
         for n in names:
             gone = set(remove[n])

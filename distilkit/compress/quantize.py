@@ -36,6 +36,14 @@ runs are reproducible; evaluation and the final convert round deterministically.
 pack, with buckets (``bucket_size=256``) or without (``bucket_size=None``: one bucket, i.e.
 one min/max pair, for the *whole tensor*, the paper's "without bucketing").
 
+A LoRA (peft) student: the layers an adapter wraps are quantized *merged*: the forward of
+such a layer is ``Q(W + s B A) x`` (the base layer computes ``Q(W + s B A) - s B A``, the
+adapter adds ``s B A x``), so distillation trains the weights that will be packed, and
+peft's ``merge`` / ``unmerge`` / ``merge_and_unload`` run with the fake quantization lifted,
+so the delta goes into the master weight (a fake-quantized weight is recomputed on every
+access: merging into it would be lost). The adapter's ``lora_A`` / ``lora_B`` stay in full
+precision; ``finalize`` refuses a layer whose adapter is not merged yet.
+
 What is kept in full precision by default, and why: embeddings (the first layer; opt in with
 ``quantize_embeddings``), and the output head, matched by the ``exclude`` globs
 (``*classifier*``, ``*lm_head*``, ``*pooler*``, ``*qa_outputs*``, ``score``): the paper, like
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -62,7 +71,9 @@ from torch.nn.utils import parametrize
 
 from distilkit.compress import packing
 from distilkit.compress import quant_math as qm
-from distilkit.compress.base import CompressionContext, Method, register, select_modules
+from distilkit.compress.base import (CompressionContext, Method, adapter_layer,
+                                     batches_on_device, get_target, register, select_modules)
+from distilkit.device import to_host
 
 CITATION = ("Polino, Pascanu, Alistarh. Model compression via distillation and quantization. "
             "ICLR 2018. arXiv:1802.05668")
@@ -187,6 +198,24 @@ class FakeQuantize(nn.Module):
                 self.register_buffer("points", pts)
         else:
             self.points = None
+        self.set_adapter(None)
+
+    def set_adapter(self, layer: Optional[nn.Module]) -> None:
+        """Quantize the weight together with the delta of peft LoRA ``layer``, the adapter
+        layer wrapping the quantized module (None: no adapter)."""
+        # A plain attribute, not a submodule: the adapter layer already holds this module.
+        object.__setattr__(self, "_adapter", layer)
+
+    def adapter_delta(self) -> Optional[torch.Tensor]:
+        """``s B A`` of the adapter's active, unmerged LoRA weights (detached), or None."""
+        layer = self._adapter
+        if layer is None or getattr(layer, "disable_adapters", False):
+            return None
+        names = [a for a in layer.active_adapters
+                 if a in layer.lora_A and a not in layer.merged_adapters]
+        if not names:
+            return None
+        return sum(layer.get_delta_weight(a) for a in names).detach()
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -208,12 +237,16 @@ class FakeQuantize(nn.Module):
         return codes, alpha, beta
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        codes, alpha, beta = self.encode(w)
+        delta = self.adapter_delta()
+        codes, alpha, beta = self.encode(w if delta is None else w.detach() + delta.to(w.dtype))
         if self.scheme == "nonuniform":
             q = self.points[codes.long()]  # differentiable in the points when they learn
         else:
             q = qm.uniform_values(codes, self.bits)
         w_hat = qm.from_buckets(qm.dequantize_buckets(q, alpha, beta), w.shape).to(w.dtype)
+        if delta is not None:
+            # The adapter adds its delta after this layer: together they compute Q(W + delta).
+            w_hat = w_hat - delta.to(w.dtype)
         if w.requires_grad:
             # Straight-through: the value is exactly w_hat (w - w is 0), the gradient reaches
             # w unchanged.
@@ -254,7 +287,8 @@ def select_targets(model: nn.Module, cfg: PTQConfig) -> list[tuple[str, nn.Modul
     only modules of a type this method cannot quantize."""
     types = supported_types(cfg)
     for pat in cfg.include or []:
-        hits = [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pat)]
+        hits = [(n, get_target(model, n)) for n, _ in model.named_modules()
+                if n and fnmatch.fnmatchcase(n, pat)]
         if hits and not any(isinstance(m, types) for _, m in hits):
             kinds = sorted({type(m).__name__ for _, m in hits})
             raise ValueError(
@@ -262,7 +296,9 @@ def select_targets(model: nn.Module, cfg: PTQConfig) -> list[tuple[str, nn.Modul
                 f"quantize: {', '.join(kinds)} (e.g. {hits[0][0]!r}). Supported: nn.Linear, "
                 f"nn.Embedding (set quantize_embeddings=True), nn.LSTM (set "
                 f"quantize_lstm=True); point the pattern at those modules instead.")
-    chosen = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=types)
+    learns = isinstance(cfg, QuantizeConfig)  # a LoRA delta merges into the master weight
+    chosen = select_modules(model, include=cfg.include, exclude=cfg.exclude, types=types,
+                            method="quantize" if learns else "ptq", lora=learns)
     for name, mod in chosen:
         if parametrize.is_parametrized(mod) or isinstance(mod, packing.PackedMixin):
             raise ValueError(f"module {name!r} is already quantized; apply one quantization "
@@ -282,7 +318,9 @@ def _check_untied(model: nn.Module, chosen) -> None:
             owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
     for name, mod in chosen:
         if isinstance(mod, nn.Embedding):
-            shared = sorted(set(owners.get(id(mod.weight), [])) - {f"{name}.weight"})
+            # Its own paths (a peft adapter layer adds base_layer.weight) are not sharing.
+            shared = sorted(o for o in set(owners.get(id(mod.weight), []))
+                            if not o.startswith(name + "."))
             if shared:
                 raise ValueError(
                     f"embedding {name!r} shares its weight with {shared}: quantizing it would "
@@ -308,7 +346,8 @@ def bits_for(names: list[str], cfg: PTQConfig) -> dict[str, int]:
 def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: int
                    ) -> list[float]:
     """Norm of each target module's gradient averaged over ``batches`` batches (the
-    paper's sensitivity measure). Leaves the model's ``.grad`` fields as they were."""
+    paper's sensitivity measure), frozen weights (a LoRA student's base) included. Leaves
+    the model's ``.grad`` fields and ``requires_grad`` flags as they were."""
     if ctx.dataloader is None or ctx.loss_fn is None:
         raise ValueError("target_bits allocates bits by gradient norm, which needs a "
                          "CompressionContext with a dataloader and a loss_fn; pass one to "
@@ -319,25 +358,32 @@ def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: 
         p.grad = None
     weights = [[getattr(m, w) for w in _weight_names(m)] for _, m in targets]
     acc = [[torch.zeros_like(w) for w in ws] for ws in weights]
+    frozen = [w for ws in weights for w in ws if not w.requires_grad]
     n = 0
-    limit = min(batches, ctx.max_batches or batches)
-    for batch in ctx.dataloader:
-        if n >= limit:
-            break
-        loss = ctx.loss_fn(model, batch)
-        grads = torch.autograd.grad(loss, [w for ws in weights for w in ws], allow_unused=True)
-        it = iter(grads)
-        for a in acc:
-            for t in a:
-                g = next(it)
-                if g is not None:
-                    t.add_(g)
-        n += 1
-    for p, g in zip(params, saved):
-        p.grad = g
+    try:
+        for w in frozen:
+            w.requires_grad_(True)
+        for batch in batches_on_device(model, ctx, limit=batches):
+            loss = ctx.loss_fn(model, batch)
+            grads = torch.autograd.grad(loss, [w for ws in weights for w in ws],
+                                        allow_unused=True)
+            it = iter(grads)
+            for a in acc:
+                for t in a:
+                    g = next(it)
+                    if g is not None:
+                        t.add_(g)
+            n += 1
+    finally:
+        for w in frozen:
+            w.requires_grad_(False)
+        for p, g in zip(params, saved):
+            p.grad = g
     if n == 0:
         raise ValueError("target_bits: ctx.dataloader yielded no batch")
-    return [math.sqrt(sum(float((t / n).pow(2).sum()) for t in a)) for a in acc]
+    norms = torch.stack([sum((t / n).pow(2).sum().to(acc[0][0].device) for t in a)
+                         for a in acc]).sqrt()
+    return to_host(norms).tolist()  # one transfer for every layer
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,7 +400,8 @@ def _initial_points(w: torch.Tensor, bits: int, cfg: PTQConfig, gen: torch.Gener
     if cfg.scheme != "nonuniform":
         return None
     scaled, _, _ = qm.bucket_scale(qm.to_buckets(w.detach().float(), cfg.bucket_size))
-    return qm.init_points(scaled, bits, cfg.points_init, generator=gen)
+    # The generator is a CPU one (seeded the same on every device): sample on the host.
+    return qm.init_points(to_host(scaled), bits, cfg.points_init, generator=gen)
 
 
 def _fake_quant(spec: dict, cfg: PTQConfig, seed: int, points=None) -> FakeQuantize:
@@ -371,14 +418,51 @@ def prepare(model: nn.Module, layers: dict, cfg: PTQConfig, init: bool = True) -
     # Differentiable quantization learns the points with the weights fixed (Algorithm 2).
     freeze = getattr(cfg, "differentiable", False) and not getattr(cfg, "train_weights", False)
     for i, (name, layer) in enumerate(layers.items()):
-        mod = model.get_submodule(name)
+        mod = get_target(model, name)
+        lora = adapter_layer(model, name)
         for j, (wname, spec) in enumerate(layer["weights"].items()):
             w = getattr(mod, wname)
             pts = _initial_points(w, spec["bits"], cfg, gen) if init else None
             fq = _fake_quant(spec, cfg, seed=cfg.seed * 100003 + 97 * i + j, points=pts)
+            fq.to(w.device)
+            fq.set_adapter(lora)
             parametrize.register_parametrization(mod, wname, fq, unsafe=True)
             if freeze:
                 mod.parametrizations[wname].original.requires_grad_(False)
+        if lora is not None:
+            _merge_into_master(lora)
+
+
+def _lifted(layer: nn.Module, name: str, *args, **kwargs):
+    """peft's ``name`` (``merge`` or ``unmerge``) of LoRA ``layer``, run with its base
+    layer's fake quantization removed, so peft's ``base_layer.weight.data += delta`` reaches
+    the master weight; the same parametrization modules (learned points included) go back."""
+    base = layer.get_base_layer()
+    lifted = {n: list(base.parametrizations[n]) for n in list(base.parametrizations)}
+    for n in lifted:
+        parametrize.remove_parametrizations(base, n, leave_parametrized=False)
+    try:
+        return getattr(type(layer), name)(layer, *args, **kwargs)
+    finally:
+        for n, mods in lifted.items():
+            for m in mods:
+                parametrize.register_parametrization(base, n, m, unsafe=True)
+
+
+def _merge(layer: nn.Module, *args, **kwargs):
+    return _lifted(layer, "merge", *args, **kwargs)
+
+
+def _unmerge(layer: nn.Module, *args, **kwargs):
+    return _lifted(layer, "unmerge", *args, **kwargs)
+
+
+def _merge_into_master(layer: nn.Module) -> None:
+    """Make peft's merge and unmerge of LoRA ``layer`` (``merge_and_unload`` calls the
+    merge) go into the master weight of its fake-quantized base layer. Bound methods on the
+    instance, so that a deep copy of the model rebinds them to the copy."""
+    for name, fn in (("merge", _merge), ("unmerge", _unmerge)):
+        object.__setattr__(layer, name, types.MethodType(fn, layer))
 
 
 @torch.no_grad()
@@ -386,10 +470,14 @@ def convert(model: nn.Module, layers: dict, stochastic: bool = False) -> None:
     """Replace every prepared weight in ``layers`` by its packed quantization, rounded
     deterministically (the end of quantized distillation) unless ``stochastic``."""
     for name, layer in layers.items():
-        mod = model.get_submodule(name)
+        mod = get_target(model, name)
         staged = {}
         for wname in layer["weights"]:
             fq = mod.parametrizations[wname][0]
+            if fq.adapter_delta() is not None:
+                raise ValueError(f"quantize: {name} still has an unmerged peft LoRA adapter; "
+                                 f"merge it first (model = model.merge_and_unload()), so that "
+                                 f"its delta is packed with the weight")
             w = mod.parametrizations[wname].original
             codes, alpha, beta = fq.encode(w, stochastic=stochastic)
             pts = fq.points.detach().clone() if fq.points is not None else None
@@ -409,7 +497,7 @@ def restore_layers(model: nn.Module, record: dict, cfg: PTQConfig) -> None:
         prepare(model, layers, cfg, init=False)
         return
     for name, layer in layers.items():
-        packing.to_packed(model.get_submodule(name), layer["weights"])
+        packing.to_packed(get_target(model, name), layer["weights"])
 
 
 def summarize(layers: dict) -> dict:
@@ -422,6 +510,10 @@ def summarize(layers: dict) -> dict:
             "bits_per_quantized_weight": bits / n if n else None}
 
 
+def _replaced(linears: frozenset, cfg: PTQConfig) -> frozenset:
+    return linears | {"plain_lstm"} if cfg.quantize_lstm else linears
+
+
 @register
 class QuantizeMethod(Method):
     """Quantized distillation / differentiable quantization: fake-quant now, packed at
@@ -430,6 +522,11 @@ class QuantizeMethod(Method):
     name = "quantize"
     config_cls = QuantizeConfig
     citation = CITATION
+    replaces = frozenset({"plain_linear"})
+    keeps = frozenset({"layer_names"})  # finalize converts the layers it names
+
+    def replaced(self, config: QuantizeConfig) -> frozenset:
+        return _replaced(self.replaces, config)
 
     def apply(self, model: nn.Module, config: QuantizeConfig, ctx: CompressionContext) -> dict:
         targets = select_targets(model, config)
@@ -466,6 +563,10 @@ class PTQMethod(Method):
     name = "ptq"
     config_cls = PTQConfig
     citation = CITATION
+    replaces = frozenset({"plain_linear"})
+
+    def replaced(self, config: PTQConfig) -> frozenset:
+        return _replaced(self.replaces, config)
 
     def apply(self, model: nn.Module, config: PTQConfig, ctx: CompressionContext) -> dict:
         targets = select_targets(model, config)
