@@ -167,9 +167,9 @@ class Recipe:
         if not isinstance(k.compression, list):
             raise ValueError(f"compression: must be a list of {{method: NAME, ...}} entries, got {k.compression!r}")
         if k.compression:
-            from distilkit.compress.base import config_from_dict
-            for entry in k.compression:
-                config_from_dict(entry)  # raises naming the method or field
+            from distilkit.compress.base import check_order, config_from_dict
+            # Each entry raises naming the method or field; then an order that cannot work.
+            check_order([config_from_dict(entry) for entry in k.compression])
         if k.push_to_hub and not k.hub_repo_id:
             raise ValueError("push_to_hub: true needs hub_repo_id: ORG/NAME")
         self.distil_config()
