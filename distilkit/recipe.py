@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
 
 from distilkit.data import DataSpec
+from distilkit.values import coerce, load_yaml
 
 STUDENT_TYPES = ("from_teacher", "config", "pretrained", "bilstm")
 
@@ -57,6 +59,17 @@ class RecipeKeys:
     # settings for evaluation by generation (GenerationSettings fields).
     sequence_kd: Optional[dict] = None
     generation: Optional[dict] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _distil_config_cls():
+    from distilkit.config import DistilConfig
+
+    return DistilConfig
 
 
 def _training_fields() -> set:
@@ -115,11 +128,11 @@ class Recipe:
         keys, data, training = {}, {}, {}
         for k, v in raw.items():
             if k in rk:
-                keys[k] = v
+                keys[k] = coerce(k, v, _hints(RecipeKeys)[k])
             elif k in dk:
-                data[k] = v
+                data[k] = coerce(k, v, _hints(DataSpec)[k])
             elif k in tk and k not in _RENAMED:
-                training[k] = v
+                training[k] = coerce(k, v, _hints(_distil_config_cls())[k])
             else:
                 close = difflib.get_close_matches(k, sorted(rk | dk | (tk - set(_RENAMED))), n=3)
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -135,8 +148,12 @@ class Recipe:
         """Read a YAML recipe and apply ``overrides`` (dotted keys reach into ``student``)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"recipe {path!r} does not exist")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            raw = load_yaml(f.read(), path)
+        if raw is None:
+            # An empty file would otherwise start a full default run somewhere unexpected.
+            raise ValueError(f"recipe {path!r} is empty; give at least the teacher and the data "
+                             "(copy recipes/quickstart.yaml or recipes/my_csv.yaml to start)")
         for k, v in (overrides or {}).items():
             apply_override(raw, k, v)
         return cls.from_dict(raw, source=path)
@@ -170,6 +187,11 @@ class Recipe:
             from distilkit.compress.base import check_order, config_from_dict
             # Each entry raises naming the method or field; then an order that cannot work.
             check_order([config_from_dict(entry) for entry in k.compression])
+        if k.compression and isinstance(k.student, dict) and k.student.get("lora") \
+                and not k.save_merged_adapter:
+            raise ValueError("save_merged_adapter: false keeps the LoRA adapter unmerged, but "
+                             "compression needs the merged weights to finalize; set "
+                             "save_merged_adapter: true or remove compression")
         if k.push_to_hub and not k.hub_repo_id:
             raise ValueError("push_to_hub: true needs hub_repo_id: ORG/NAME")
         self.distil_config()
@@ -199,8 +221,9 @@ class Recipe:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line override value, read as a YAML scalar/list (``1e-3``, ``true``, ``[0, 2]``)."""
-    return yaml.safe_load(text)
+    """A command-line override value, read as a recipe value is (``1e-3``, ``true``, ``no``,
+    ``[0, 2]``); its field's type is applied when the recipe is built."""
+    return load_yaml(text, f"value {text!r}")
 
 
 def apply_override(raw: dict, dotted: str, value: Any) -> None:

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from distilkit.compress.base import compression_records
 from distilkit.files import sha256_file
 from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore  # noqa: F401 - the layout
 
@@ -106,7 +107,7 @@ def teacher_fingerprint(teacher: Any) -> str:
     cfg = getattr(teacher, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
         h.update(json.dumps(_clean_config(cfg.to_dict()), sort_keys=True, default=str).encode())
-    records = getattr(teacher, "distilkit_compression", None)
+    records = compression_records(teacher)
     if records:
         h.update(json.dumps(records, sort_keys=True, default=str).encode())
     for name, t in sorted(teacher.state_dict().items()):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from distilkit.compress.base import unwrap
 from distilkit.config import DistilConfig, resolve_layer_map
 from distilkit.device import model_device, to_device
 from distilkit.loss_terms import (COUNTS, Step, active_terms, projection_key, teacher_needs)
@@ -62,25 +63,8 @@ def _streams(out, is_seq2seq: bool, attentions: bool = False) -> dict:
     return {"encoder": out.attentions if attentions else out.hidden_states}
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside accelerate / DDP (``module``) and ``torch.compile`` (``_orig_mod``)
-    wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    m = _unwrap(model)
-    return m.get_base_model() if hasattr(m, "get_base_model") else m  # peft
-
-
 def _base_config(model: nn.Module):
-    return _base_model(model).config
+    return unwrap(model).config
 
 
 def _columns(dataset) -> Optional[list]:
@@ -231,7 +215,7 @@ class DistilTrainer(Trainer):
         if self.projections is not None and self.args.should_save:
             from safetensors.torch import save_file
             out = output_dir or self.args.output_dir
-            sd = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.projections).state_dict().items()}
+            sd = {k: v.detach().cpu().contiguous() for k, v in unwrap(self.projections).state_dict().items()}
             save_file(sd, os.path.join(out, PROJECTIONS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -239,7 +223,7 @@ class DistilTrainer(Trainer):
         f = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
         if self.projections is not None and os.path.isfile(f):
             from safetensors.torch import load_file
-            _unwrap(self.projections).load_state_dict(load_file(f))
+            unwrap(self.projections).load_state_dict(load_file(f))
 
     # ------------------------------------------------------------------ the loss
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -299,7 +283,7 @@ class DistilTrainer(Trainer):
             layer_pairs=self.layer_pairs, is_seq2seq=self.is_seq2seq,
             layer_masks={"encoder": inputs.get("attention_mask"),
                          "decoder": (labels != -100) if token_level and self.is_seq2seq else None},
-            projections=None if self.projections is None else _unwrap(self.projections))
+            projections=None if self.projections is None else unwrap(self.projections))
         if "hidden_states" in needs:
             step.student_hidden = _streams(s_out, self.is_seq2seq)
         if "attentions" in needs:
@@ -385,7 +369,7 @@ class _DecoderInputs:
         self._by_tokens: dict = {}
 
     def for_model(self, model: nn.Module) -> torch.Tensor:
-        m = _base_model(model)
+        m = unwrap(model)
         key = (getattr(m.config, "decoder_start_token_id", None), getattr(m.config, "pad_token_id", None))
         if key not in self._by_tokens:
             if not hasattr(m, "prepare_decoder_input_ids_from_labels"):
@@ -461,7 +445,7 @@ def _check_served_without_teacher(args, dataset, teacher_config) -> None:
 
 
 def _use_eager_attention(model: nn.Module) -> None:
-    m = _base_model(model)
+    m = unwrap(model)
     if getattr(m.config, "_attn_implementation", "eager") == "eager":
         return
     try:

@@ -553,3 +553,24 @@ def test_seq2seq_teacher_adapter_is_applied_and_merged(tok, tmp_path):
     tiny_bert().save_pretrained(tmp_path / "classifier")
     with pytest.raises(ValueError, match="BertConfig, not an encoder-decoder model"):
         load_seq2seq_teacher(str(tmp_path / "classifier"))
+
+
+def test_generation_with_a_decoder_deeper_than_the_encoder():
+    """A T5 whose encoder lost layers (prune_layers, or a student with num_layers <
+    num_decoder_layers) generates: transformers sized its default cache by the encoder depth
+    and generate failed with an IndexError in the extra decoder layers."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from distilkit.seq2seq.data import truecase_tokenizer
+    from distilkit.seq2seq.generate_eval import GenerationSettings, generate_texts
+
+    torch.manual_seed(0)
+    tok, _ = truecase_tokenizer()
+    cfg = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                   num_decoder_layers=2, num_heads=4, decoder_start_token_id=tok.pad_token_id,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = T5ForConditionalGeneration(cfg).eval()
+    for beams in (1, 2):
+        res = generate_texts(model, tok, ["a fine film", "dull"],
+                             GenerationSettings(max_new_tokens=4, num_beams=beams))
+        assert len(res.texts) == 2

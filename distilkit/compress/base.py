@@ -202,10 +202,13 @@ def config_to_dict(config: Any) -> dict:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate (``.module``) and peft (``get_base_model()``)
-    wrappers: where compression records live and what module names are relative to."""
+    """The model inside DDP / accelerate (``.module``), ``torch.compile`` (``._orig_mod``) and
+    peft (``get_base_model()``) wrappers: where compression records live and what module names
+    are relative to."""
     while True:
         inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
         elif _is_peft_model(model):

@@ -77,6 +77,19 @@ def device_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _cache_kwargs(config) -> dict:
+    """A decoder cache that grows layer by layer, for encoder-decoder models whose decoder is
+    deeper than their encoder (e.g. a T5 after prune_layers dropped encoder layers):
+    transformers 5.23 sizes T5's default cache by ``num_layers``, the *encoder* depth, and
+    ``generate`` then fails with an IndexError in the decoder's extra layers."""
+    enc = getattr(config, "num_layers", None)
+    dec = getattr(config, "num_decoder_layers", None)
+    if getattr(config, "is_encoder_decoder", False) and enc and dec and dec > enc:
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        return {"past_key_values": EncoderDecoderCache(DynamicCache(), DynamicCache())}
+    return {}
+
+
 def _strip(ids: Sequence[int], start_id: Optional[int], pad_id: Optional[int],
            eos_id: Optional[int]) -> list[int]:
     """Output ids without the leading decoder start token and without padding; the first
@@ -123,8 +136,8 @@ def generate_texts(model, tokenizer, sources: Sequence[str],
             enc = to_device({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")},
                             dev)
             t0 = device_clock(dev)
-            out = model.generate(**enc, **s.generate_kwargs(), pad_token_id=pad_id,
-                                 eos_token_id=eos_id)
+            out = model.generate(**enc, **s.generate_kwargs(), **_cache_kwargs(cfg),
+                                 pad_token_id=pad_id, eos_token_id=eos_id)
             seconds += device_clock(dev) - t0
             rows = to_host(out).tolist()  # one transfer per batch, not one per sentence
             for j, i in enumerate(idx):
