@@ -43,13 +43,19 @@ def _parse_overrides(rest: list[str]) -> dict:
 def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a YAML recipe (see recipes/)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every check and print the plan (teacher, student, data, labels, "
+                        "steps, compression, resolved recipe) without training")
 
 
 def _distill_run(args, rest) -> int:
-    from distilkit.pipeline import run_recipe
+    from distilkit.pipeline import format_plan, plan, run_recipe
     from distilkit.recipe import Recipe
 
     recipe = Recipe.load(args.recipe, _parse_overrides(rest))
+    if args.dry_run:
+        print(format_plan(plan(recipe)))
+        return 0
     run_recipe(recipe, progress=not args.no_progress)
     return 0
 

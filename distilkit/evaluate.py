@@ -99,6 +99,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def saved_parameters(model_dir: str) -> int:
+    """Parameters of a saved model, read from its safetensors headers (no weights loaded);
+    tensors saved once (tied weights) count once, as they do in :func:`count_parameters`."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in model_files(model_dir):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+                for key in f.keys():
+                    total += int(np.prod(f.get_slice(key).get_shape()))
+    return total
+
+
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers in memory, shared storage once."""
     seen, total = set(), 0

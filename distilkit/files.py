@@ -79,11 +79,21 @@ def sha256_file(path: str, h: Optional["hashlib._Hash"] = None) -> str:
 
 
 def check_writable(path: str, field: str, fix: str = "choose another directory or fix its "
-                                                     "permissions") -> None:
+                                                     "permissions", create: bool = True) -> None:
     """Fail now, before any work, when directory ``path`` cannot be created or written.
-    The error names the recipe ``field`` the directory came from, the path and the fix."""
+    The error names the recipe ``field`` the directory came from, the path and the fix. With
+    ``create=False`` nothing is made: the nearest existing directory on the way must be
+    writable (a dry run leaves no trace)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{field}: {path!r} is a file, not a directory; {fix}")
+    if not create:
+        probe = os.path.abspath(path)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
+            raise PermissionError(f"{field}: {path!r} cannot be written ({probe!r} is not a "
+                                  f"writable directory); {fix}")
+        return
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")

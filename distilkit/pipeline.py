@@ -31,15 +31,16 @@ STUDENT_DIR = "student"
 RESULTS_FILE = "results.json"
 
 
-def _preflight(recipe: Recipe, args) -> None:
+def _preflight(recipe: Recipe, args, create: bool = True) -> None:
     """What the run will need at its end, checked at its start: writable output and cache
     directories, and a Hub token when the student is to be pushed."""
     from distilkit.files import check_writable
 
-    check_writable(args.output_dir, "output_dir")
+    check_writable(args.output_dir, "output_dir", create=create)
     if recipe.keys.cache_dir and recipe.keys.teacher_cache:
         check_writable(recipe.keys.cache_dir, "cache_dir", "choose another directory, fix its "
-                       "permissions, or turn the cache off with teacher_cache: false")
+                       "permissions, or turn the cache off with teacher_cache: false",
+                       create=create)
     if recipe.keys.push_to_hub:
         from huggingface_hub import get_token
 
@@ -100,6 +101,64 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
         print(task.summary(results))
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def plan(recipe: Recipe) -> dict:
+    """``distilkit distill --dry-run``: every check a run makes before training, then what the
+    run would do (teacher and student with their sizes, data sizes per split, label map,
+    steps, compression steps, the resolved recipe), without training or writing anything.
+    The teacher's weights are not loaded where the run itself would not need them."""
+    import math
+
+    from distilkit.compress.base import config_from_dict, config_to_dict
+    from distilkit.evaluate import count_parameters, saved_parameters
+
+    task = get_task(recipe.keys.task)
+    args = recipe.distil_config(disable_tqdm=True)
+    comp = [config_to_dict(config_from_dict(e)) for e in recipe.keys.compression]
+    task.validate(recipe)
+    _preflight(recipe, args, create=False)
+    raw = task.load_data(recipe)
+    teachers = task.load_teachers(recipe, raw, progress=True)
+    student, _ = task.build_student(recipe, raw, teachers)
+    spec = recipe.data
+    n_train = len(raw[spec.train_split])
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = args.max_steps if args.max_steps > 0 else \
+        math.ceil(args.num_train_epochs * math.ceil(n_train / per_step))
+    label = spec.label_column
+    feat = raw[spec.train_split].features.get(label) if label else None
+    t_params = (count_parameters(teachers.models()[0])[0] if teachers.loaded or not teachers.first_dir
+                else saved_parameters(teachers.first_dir))
+    return {
+        "name": recipe.keys.name, "task": task.name,
+        "teacher": {"spec": recipe.keys.teacher, "resolved": teachers.specs,
+                    "architecture": type(teachers.config).__name__, "parameters": t_params},
+        "student": {"spec": recipe.keys.student, "class": type(student).__name__,
+                    "parameters": count_parameters(student)[0]},
+        "data": {split: len(d) for split, d in raw.items()},
+        "labels": list(getattr(feat, "names", None) or []) or None,
+        "steps": steps, "examples_per_step": per_step,
+        "compression": comp, "output_dir": args.output_dir,
+        "recipe": recipe.to_dict(),
+    }
+
+
+def format_plan(p: dict) -> str:
+    """The plan as a few lines for the terminal, then the resolved recipe as YAML."""
+    lines = [f"== distilkit dry run: {p['name']} ({p['task']}) ==",
+             f"teacher  {p['teacher']['spec']} -> {', '.join(map(str, p['teacher']['resolved']))} "
+             f"({p['teacher']['architecture']}, {p['teacher']['parameters']:,} parameters)",
+             f"student  {json.dumps(p['student']['spec'], sort_keys=True)} -> "
+             f"{p['student']['class']}, {p['student']['parameters']:,} parameters",
+             "data     " + ", ".join(f"{k}: {v:,}" for k, v in p["data"].items()),
+             f"labels   {p['labels'] if p['labels'] else '(as in the data)'}",
+             f"training {p['steps']:,} steps of {p['examples_per_step']} examples",
+             "compress " + (" -> ".join(c["method"] for c in p["compression"]) or "none"),
+             f"output   {p['output_dir']} (nothing written: dry run)", "",
+             "# resolved recipe",
+             yaml.safe_dump(p["recipe"], sort_keys=False).rstrip()]
+    return "\n".join(lines)
 
 
 def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True) -> str:

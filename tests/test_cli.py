@@ -216,3 +216,22 @@ def test_a_fully_cached_run_never_loads_the_teacher(tiny_task, monkeypatch):
     for k in ("accuracy", "macro_f1", "parameters", "size_on_disk_bytes", "latency_ms_batch32"):
         assert second["teacher"][k] == first["teacher"][k], k
     assert torch.equal(p0, p1)
+
+
+def test_dry_run_checks_and_prints_the_plan_without_training(tiny_task, capsys, monkeypatch):
+    import distilkit.teachers
+
+    def refuse(*a, **k):
+        raise AssertionError("a dry run of a from_teacher student loads no teacher model")
+    monkeypatch.setattr(distilkit.teachers, "load_teacher", refuse)
+    path, out = _recipe(tiny_task, compression=[{"method": "quantize", "bits": 4}])
+    assert main(["distill", path, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("dry run: tiny", "38,434 parameters", "train: 96", "validation: 32",
+                 "4 steps of 8 examples", "compress quantize", "# resolved recipe", "alpha_kd: 0.5"):
+        assert text in printed, (text, printed)
+    assert not os.path.exists(out)          # nothing written, not even the output directory
+    # and the checks a run makes still fail the dry run, with one line
+    path, out = _recipe(tiny_task, text_column="sentence")
+    assert main(["distill", path, "--dry-run"]) == 2
+    assert "columns are" in capsys.readouterr().err
