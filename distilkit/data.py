@@ -7,14 +7,18 @@ train/validation/test split is fixed by a seed, so every run sees the same examp
 """
 from __future__ import annotations
 
+import csv
 import io
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from distilkit.files import atomic_write_bytes
 
@@ -93,17 +97,26 @@ def builtin_dataset(seed: int = 1234, val_fraction: float = 0.1, test_fraction: 
     })
 
 
+BAD_ROWS = ("drop", "error")
+
+
 @dataclass
 class DataSpec:
     """Where the data comes from and which columns mean what.
 
     ``dataset`` is a hub dataset name, ``builtin:rotten_tomatoes``, or ``None`` with
-    ``data_files`` naming local files per split (``{"train": "a.csv", ...}``).
+    ``data_files`` naming local files per split (``{"train": "a.csv", ...}``); a single
+    path (or list of paths) is the training split.
+
+    ``validation_fraction`` / ``test_fraction`` carve the evaluation / test split out of the
+    training split (seeded by ``split_seed``) when the data has no such split. Rows whose
+    text is empty, missing or not text, or whose label is missing, are dropped (counted in
+    the notes) or refused, as ``bad_rows`` (``drop`` / ``error``) says.
     """
 
     dataset: Optional[str] = BUILTIN_NAME
     dataset_config: Optional[str] = None
-    data_files: Optional[dict] = None
+    data_files: Optional[Union[dict, str, list]] = None
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: Optional[str] = "label"
@@ -112,31 +125,83 @@ class DataSpec:
     test_split: Optional[str] = "test"
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    validation_fraction: Optional[float] = None
+    test_fraction: Optional[float] = None
+    split_seed: int = 42
+    bad_rows: str = "drop"
+
+    def __post_init__(self):
+        for name in ("validation_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not 0 < v < 1):
+                raise ValueError(f"{name}: {v!r} is not a fraction between 0 and 1; give e.g. "
+                                 "0.1, or null to carve no split")
+        if (self.validation_fraction or 0) + (self.test_fraction or 0) >= 1:
+            raise ValueError(f"validation_fraction + test_fraction: {self.validation_fraction} + "
+                             f"{self.test_fraction} leave nothing to train on; their sum must "
+                             "be below 1 (e.g. 0.1 each)")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
+            raise ValueError(f"split_seed: {self.split_seed!r} is not an integer; give e.g. 42")
+        if self.bad_rows not in BAD_ROWS:
+            raise ValueError(f"bad_rows: {self.bad_rows!r} is not one of {', '.join(BAD_ROWS)} "
+                             "(drop: skip rows with empty text or a missing label, counted; "
+                             "error: refuse them)")
 
 
 _LOCAL_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}
 
 
-def load_raw(spec: DataSpec):
-    """Load the splits named in ``spec`` as a ``DatasetDict`` and check the columns, before
-    any model is touched."""
+def load_raw(spec: DataSpec, notes: Optional[list] = None, *, classes: bool = False):
+    """Load the splits named in ``spec`` as a ``DatasetDict`` and check them, before any
+    model is touched: columns present (and the same in every file of a split), rows with
+    bad text or a missing label dropped or refused (``bad_rows``), evaluation / test splits
+    carved out of the training split where asked (``validation_fraction`` /
+    ``test_fraction``).
+
+    ``classes``: the label column holds classes (classification). Carved splits are then
+    stratified by label, and the labels, integers or strings, become ids in a stable order
+    (see :func:`class_names`), stored as a ``ClassLabel`` on every split; a label of an
+    evaluation split that training never sees is an error. Without it (seq2seq: the label
+    column is a target text) labels are left as they are.
+
+    What was done to the data (rows dropped, splits carved, labels mapped) is appended to
+    ``notes``, one sentence each, for the run to print.
+    """
+    from datasets import DatasetDict
+
+    notes = [] if notes is None else notes
+    ds, sources = _load(spec)
+    for split in (spec.train_split, spec.eval_split, spec.test_split):
+        if split and split in ds and len(ds[split]) == 0:
+            raise ValueError(f"split {split!r} is empty: it needs at least one example")
+    if spec.train_split not in ds:
+        raise ValueError(f"train_split: split {spec.train_split!r} is not in the dataset; it has "
+                         f"{sorted(ds)} (set train_split to the split to train on)")
+    used = [s for s in dict.fromkeys((spec.train_split, spec.eval_split, spec.test_split))
+            if s and s in ds]
+    check_columns(DatasetDict({s: ds[s] for s in used}), spec, sources)
+    for split in used:
+        ds[split] = _drop_bad_rows(ds[split], spec, split, sources[split], notes)
+    _carve_splits(ds, spec, sources, notes, stratify=classes)
+    if classes:
+        _encode_labels(ds, spec, sources, notes)
+    if spec.max_train_samples:
+        ds[spec.train_split] = ds[spec.train_split].select(range(min(spec.max_train_samples, len(ds[spec.train_split]))))
+    if spec.max_eval_samples:
+        for split in (spec.eval_split, spec.test_split):
+            if split:
+                ds[split] = ds[split].select(range(min(spec.max_eval_samples, len(ds[split]))))
+    return ds
+
+
+def _load(spec: DataSpec):
+    """The dataset as a ``DatasetDict``, and per split where its rows come from (for
+    messages: the files, or the dataset's name)."""
     from datasets import DatasetDict, load_dataset
 
     if spec.data_files:
-        files = dict(spec.data_files)
-        for split, f in files.items():
-            for one in (f if isinstance(f, list) else [f]):
-                if not os.path.isfile(one):
-                    raise FileNotFoundError(f"data_files.{split}: {one!r} does not exist")
-        exts = {os.path.splitext(f if isinstance(f, str) else f[0])[1].lower() for f in files.values()}
-        if len(exts) != 1 or next(iter(exts)) not in _LOCAL_TYPES:
-            raise ValueError(f"data_files: use one of {sorted(_LOCAL_TYPES)} for all splits, got {sorted(exts)}")
-        ext = next(iter(exts))
-        for split, f in files.items():
-            if all(_file_has_no_rows(one, ext) for one in (f if isinstance(f, list) else [f])):
-                raise ValueError(f"split {split!r} is empty ({f}): it needs at least one example")
-        kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-        ds = load_dataset(_LOCAL_TYPES[ext], data_files=files, **kwargs)
+        ds, sources = _load_files(spec)
     elif spec.dataset == BUILTIN_NAME:
         ds = builtin_dataset()
     elif spec.dataset:
@@ -145,20 +210,77 @@ def load_raw(spec: DataSpec):
         raise ValueError("dataset: give a hub dataset name, 'builtin:rotten_tomatoes', or data_files")
     if not isinstance(ds, DatasetDict):
         ds = DatasetDict({spec.train_split: ds})
-    check_columns(ds, spec)
-    for split in (spec.train_split, spec.eval_split, spec.test_split):
-        if split and split not in ds:
-            raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(ds)} "
-                             "(set train_split / eval_split / test_split, or test_split: null)")
-        if split and len(ds[split]) == 0:
-            raise ValueError(f"split {split!r} is empty: it needs at least one example")
-    if spec.max_train_samples:
-        ds[spec.train_split] = ds[spec.train_split].select(range(min(spec.max_train_samples, len(ds[spec.train_split]))))
-    if spec.max_eval_samples:
-        for split in (spec.eval_split, spec.test_split):
-            if split:
-                ds[split] = ds[split].select(range(min(spec.max_eval_samples, len(ds[split]))))
-    return ds
+    if not spec.data_files:
+        sources = {split: f"{spec.dataset or ''} {split}".strip() for split in ds}
+    return ds, sources
+
+
+def _load_files(spec: DataSpec):
+    """Local files: each split is loaded on its own (splits may differ in columns they do
+    not use); the files of one split must have the same columns."""
+    from datasets import DatasetDict, load_dataset
+
+    files = spec.data_files
+    single = not isinstance(files, dict)  # `data_files: my.csv`: the training split
+    files = {spec.train_split: files} if single else dict(files)
+    files = {split: [os.fspath(f) for f in (fs if isinstance(fs, (list, tuple)) else [fs])]
+             for split, fs in files.items()}
+
+    def key(split):  # the recipe key the user wrote
+        return "data_files" if single else f"data_files.{split}"
+
+    for split, fs in files.items():
+        for one in fs:
+            if not os.path.isfile(one):
+                raise FileNotFoundError(f"{key(split)}: {one!r} does not exist")
+    exts = {os.path.splitext(f)[1].lower() for fs in files.values() for f in fs}
+    if len(exts) != 1 or next(iter(exts)) not in _LOCAL_TYPES:
+        raise ValueError(f"data_files: use one of {sorted(_LOCAL_TYPES)} for all splits, got {sorted(exts)}")
+    ext = next(iter(exts))
+    for split, fs in files.items():
+        if all(_file_has_no_rows(one, ext) for one in fs):
+            raise ValueError(f"split {split!r} is empty ({', '.join(fs)}): it needs at least one example")
+        cols = {f: c for f in fs if (c := _file_columns(f, ext)) is not None}
+        if len({frozenset(c) for c in cols.values()}) > 1:
+            listed = "; ".join(f"{f}: {c}" for f, c in cols.items())
+            raise ValueError(f"{key(split)}: the files of split {split!r} have different "
+                             f"columns ({listed}); give every file of a split the same header")
+    from datasets.exceptions import DatasetGenerationError
+
+    kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+    ds = DatasetDict()
+    for split, fs in files.items():
+        try:
+            ds[split] = load_dataset(_LOCAL_TYPES[ext], data_files={split: fs}, **kwargs)[split]
+        except DatasetGenerationError as e:  # the reader's own words say what is wrong
+            cause = e.__cause__ or e.__context__ or e
+            why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise ValueError(f"{key(split)}: {', '.join(fs)} cannot be read as "
+                             f"{ext.lstrip('.')} ({why}); fix the file") from None
+    return ds, {split: ", ".join(fs) for split, fs in files.items()}
+
+
+def _file_columns(path: str, ext: str) -> Optional[list]:
+    """The column names of a local file, read from its header (csv/tsv), schema (parquet)
+    or first record (json: a list of objects, an object of columns, or jsonl), without
+    loading it; ``None`` where they cannot be read (datasets then says why)."""
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    with open(path, encoding="utf-8", newline="") as f:
+        if ext in (".csv", ".tsv"):
+            return next(csv.reader(f, delimiter="\t" if ext == ".tsv" else ","), [])
+        text = f.read().strip()
+    for candidate in (text, text.split("\n", 1)[0]):  # one json document, else jsonl
+        try:
+            obj = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(obj, list):
+            obj = obj[0] if obj else None
+        return list(obj) if isinstance(obj, dict) else None
+    return None
 
 
 def _file_has_no_rows(path: str, ext: str) -> bool:
@@ -172,8 +294,18 @@ def _file_has_no_rows(path: str, ext: str) -> bool:
     return not lines or "".join(lines).strip() in ("[]", "{}")
 
 
-def check_columns(ds, spec: DataSpec) -> None:
-    """Every split that is used must have the text (and pair, and label) columns."""
+def check_columns(ds, spec: DataSpec, sources: Optional[dict] = None) -> None:
+    """Every split that is used must have the text (and pair, and label) columns.
+    ``sources`` (split -> files) names the files in the message."""
+    sources = sources or {}
+
+    def where(split):
+        return f"split {split!r}" + (f" ({sources[split]})" if split in sources else "")
+
+    def others(col):
+        return "".join(f"; {where(s)} has {d.column_names}" for s, d in ds.items()
+                       if col in d.column_names)
+
     need = [("text_column", spec.text_column)]
     if spec.text_pair_column:
         need.append(("text_pair_column", spec.text_pair_column))
@@ -181,12 +313,343 @@ def check_columns(ds, spec: DataSpec) -> None:
         cols = d.column_names
         for fname, col in need:
             if col not in cols:
-                raise ValueError(f"{fname}: column {col!r} is not in split {split!r}; "
-                                 f"its columns are {cols}")
+                raise ValueError(f"{fname}: column {col!r} is not in {where(split)}; its "
+                                 f"columns are {cols}{others(col)} (rename the column, or set "
+                                 f"{fname})")
         if spec.label_column and spec.label_column not in cols and split == spec.train_split:
-            raise ValueError(f"label_column: column {spec.label_column!r} is not in split "
-                             f"{split!r}; its columns are {cols} (set label_column: null to "
-                             "distil on a transfer set without labels)")
+            raise ValueError(f"label_column: column {spec.label_column!r} is not in "
+                             f"{where(split)}; its columns are {cols}{others(spec.label_column)} "
+                             "(set label_column: null to distil on a transfer set without labels)")
+
+
+# ------------------------------------------------------------------ dirty rows
+
+
+def _is_text(feat) -> bool:
+    from datasets import Value
+
+    return isinstance(feat, Value) and feat.dtype in ("string", "large_string")
+
+
+def _bad_text(d, col: str, fname: str, where: str) -> "np.ndarray":
+    """Rows whose ``col`` is missing, empty (or only spaces) or not a string. A column that
+    holds no text at all (numbers, lists) is refused: it is the wrong column."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Json
+
+    feat = d.features[col]
+    if _is_text(feat):
+        arr = d.with_format("arrow")[col]
+        bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
+        return bad.fill_null(True).to_numpy(zero_copy_only=False)
+    if isinstance(feat, Json):  # mixed cell types (json files): keep the strings
+        return np.array([not (isinstance(v, str) and v.strip()) for v in d[col]], dtype=bool)
+    raise ValueError(f"{fname}: column {col!r} of {where} holds {feat}, not text; set {fname} "
+                     f"to the column with the text (the columns are {d.column_names})")
+
+
+def _missing_label(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or \
+        (isinstance(v, str) and not v.strip())
+
+
+def _bad_labels(d, col: str) -> "np.ndarray":
+    """Rows whose label is missing: null, NaN, an empty string, or -1 in a ``ClassLabel``
+    (the hub's "no label", e.g. GLUE test splits)."""
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import ClassLabel, Value
+
+    feat = d.features[col]
+    if isinstance(feat, (ClassLabel, Value)):
+        arr = d.with_format("arrow")[col]
+        bad = pc.is_null(arr, nan_is_null=True)
+        if isinstance(feat, ClassLabel):
+            bad = pc.or_kleene(bad, pc.less(arr, 0))
+        elif _is_text(feat):
+            bad = pc.or_kleene(bad, pc.equal(pc.utf8_trim_whitespace(arr), ""))
+        return bad.fill_null(True).to_numpy(zero_copy_only=False)
+    return np.array([_missing_label(v) for v in d[col]], dtype=bool)
+
+
+def _drop_bad_rows(d, spec: DataSpec, split: str, source: str, notes: list):
+    """``d`` without the rows that cannot be used (or an error, with ``bad_rows: error``);
+    the count per reason goes to ``notes``."""
+    import numpy as np
+    from datasets import Value
+
+    where = f"split {split!r} ({source})"
+    checks = [("text_column", spec.text_column, "an empty, missing or non-text")]
+    if spec.text_pair_column:
+        checks.append(("text_pair_column", spec.text_pair_column, "an empty, missing or non-text"))
+    if spec.label_column and spec.label_column in d.column_names:
+        checks.append(("label_column", spec.label_column, "a missing"))
+    bad = None
+    reasons = []
+    for fname, col, what in checks:
+        mask = _bad_labels(d, col) if fname == "label_column" else _bad_text(d, col, fname, where)
+        n = int(mask.sum())
+        if n and spec.bad_rows == "error":
+            first = int(mask.argmax()) + 1
+            raise ValueError(f"{fname}: {n:,} of the {len(d):,} rows of {where} have {what} "
+                             f"{col!r} (first: example {first}); fill them in, or set "
+                             "bad_rows: drop to skip such rows")
+        if n:
+            reasons.append(f"{n:,} with {what} {col!r}")
+        bad = mask if bad is None else bad | mask
+    if reasons:
+        n_bad = int(bad.sum())
+        if n_bad == len(d):
+            raise ValueError(f"{where} has no usable rows: all {len(d):,} have bad cells "
+                             f"({'; '.join(reasons)}); check text_column / label_column")
+        d = d.select(np.flatnonzero(~bad))
+        notes.append(f"{where}: dropped {n_bad:,} of {n_bad + len(d):,} rows "
+                     f"({'; '.join(reasons)}); bad_rows: error refuses them instead")
+    # Mixed-type (json) text columns hold only strings now: store them as text.
+    text_cols = [c for f, c, _ in checks if f != "label_column" and not _is_text(d.features[c])]
+    if text_cols:
+        feats = d.features.copy()
+        for c in text_cols:
+            feats[c] = Value("string")
+        d = d.map(lambda b: {c: b[c] for c in text_cols}, batched=True, features=feats)
+    return d
+
+
+# ------------------------------------------------------------------ carved splits
+
+
+def split_indices(n: int, sizes: list, seed: int, strata=None) -> list:
+    """Row indices of ``n`` rows cut into parts of ``sizes`` rows, plus the rest last; each
+    part sorted (the file's order). Seeded: the same ``seed`` gives the same rows.
+
+    With ``strata`` (one integer code per row, e.g. the label) every part takes each
+    stratum in proportion, give or take one row: rows are ordered by stratum, randomly
+    within it, and each part picks evenly spaced positions of that order."""
+    import numpy as np
+
+    rank = np.random.default_rng(seed).permutation(n)
+    order = np.lexsort((rank, strata)) if strata is not None else np.argsort(rank)
+    parts = []
+    for size in sizes:
+        pos = np.arange(len(order))
+        pick = (pos * size) // len(order) != ((pos + 1) * size) // len(order)
+        parts.append(np.sort(order[pick]))
+        order = order[~pick]
+    return parts + [np.sort(order)]
+
+
+def _carve_splits(ds, spec: DataSpec, sources: dict, notes: list, stratify: bool) -> None:
+    """Add the evaluation / test split carved out of the training split, where the data has
+    none and a fraction asks for it; a missing split with no fraction is an error saying
+    how to get one."""
+    import numpy as np
+
+    train = spec.train_split
+    wanted = []
+    for split_field, split, frac, fname, alt in (
+            ("eval_split", spec.eval_split, spec.validation_fraction, "validation_fraction",
+             "eval_split to a split it has"),
+            ("test_split", spec.test_split, spec.test_fraction, "test_fraction",
+             f"test_split: null to report on {spec.eval_split!r}")):
+        if split in [w[0] for w in wanted]:  # eval_split and test_split are one split
+            if frac:
+                raise ValueError(f"{fname}: {frac}, but split {split!r} (eval_split and "
+                                 f"test_split) is carved by validation_fraction already; "
+                                 f"remove {fname}")
+            continue
+        if not split:
+            if frac:
+                raise ValueError(f"{fname}: {frac} carves a split, but test_split is null; "
+                                 f"set test_split: test, or remove {fname}")
+            continue
+        if split in ds and frac:
+            raise ValueError(f"{fname}: {frac} would carve split {split!r} out of {train!r}, "
+                             f"but the data already has a {split!r} split ({len(ds[split]):,} "
+                             f"rows); remove {fname}")
+        if split not in ds and not frac:
+            raise ValueError(f"{split_field}: split {split!r} is not in the dataset; it has "
+                             f"{sorted(ds)} (set {fname}: 0.1 to carve it out of {train!r}, or "
+                             f"{alt})")
+        if split not in ds:
+            wanted.append((split, frac, fname))
+    if not wanted:
+        return
+    d = ds[train]
+    n = len(d)
+    sizes = [max(1, round(n * frac)) for _, frac, _ in wanted]
+    if sum(sizes) >= n:
+        raise ValueError(f"{' + '.join(w[2] for w in wanted)}: {sizes} of the {n:,} rows of split "
+                         f"{train!r} leave none to train on; give more data or smaller fractions")
+    col = spec.label_column
+    strata = None
+    if stratify and col and col in d.column_names:
+        values = d.with_format("arrow")[col].to_pylist() if _is_arrow_readable(d, col) else d[col]
+        where = f"split {train!r} ({sources[train]})"
+        strata = np.unique(np.array([_label_key(v, where, col) for v in values]),
+                           return_inverse=True)[1]
+    parts = split_indices(n, sizes, spec.split_seed, strata)
+    for (split, frac, _), idx in zip(wanted, parts):
+        ds[split] = d.select(idx)
+        sources[split] = f"carved out of {train!r}"
+    ds[train] = d.select(parts[-1])
+    carved = " and ".join(f"{split!r} ({len(idx):,} rows, {frac:g})"
+                          for (split, frac, _), idx in zip(wanted, parts))
+    how = f", stratified by {col!r}" if strata is not None else ""
+    notes.append(f"split {train!r} ({sources[train]}): carved {carved} out of its {n:,} rows "
+                 f"(split_seed {spec.split_seed}{how}); {train!r} keeps {len(parts[-1]):,}")
+
+
+def _is_arrow_readable(d, col: str) -> bool:
+    """Whether the column's arrow values are its values (not a json encoding of them)."""
+    from datasets import ClassLabel, Value
+
+    return isinstance(d.features[col], (ClassLabel, Value))
+
+
+# ------------------------------------------------------------------ labels
+
+
+def _label_key(v, where: str, col: str) -> str:
+    """The class name of one label value: strings stripped, integral numbers as integers
+    (``1.0`` from a csv column with a gap is ``"1"``)."""
+    if isinstance(v, str):
+        return v.strip()
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError(f"label_column: {col!r} of {where} holds {v!r}, not a class; "
+                             "classification needs class names or integer ids")
+        return str(int(v))
+    return str(v)
+
+
+def class_names(keys) -> list:
+    """Class names in their id order: by value when every name is an integer (``"2"``
+    before ``"10"``; labels 1..5 become ids 0..4, labels 0..n-1 keep their ids), else
+    sorted as text."""
+    keys = set(keys)
+    if all(re.fullmatch(r"[+-]?\d+", k) for k in keys):
+        return sorted(keys, key=lambda k: (int(k), k))
+    return sorted(keys)
+
+
+def _label_values(d, col: str) -> list:
+    """The distinct label values of a split."""
+    import pyarrow.compute as pc
+
+    if _is_arrow_readable(d, col):
+        return pc.unique(d.with_format("arrow")[col]).to_pylist()
+    return list({json.dumps(v): v for v in d[col]}.values())
+
+
+def _encode_labels(ds, spec: DataSpec, sources: dict, notes: list) -> None:
+    """Labels as ids of the training split's classes, a ``ClassLabel`` on every split that
+    has them; a class no training row has is an error."""
+    from datasets import ClassLabel
+
+    col, train = spec.label_column, spec.train_split
+    if not col or col not in ds[train].column_names:
+        return
+    feat = ds[train].features[col]
+    given = isinstance(feat, ClassLabel)
+    if given:
+        names = list(feat.names)
+    else:
+        where = f"split {train!r} ({sources[train]})"
+        names = class_names(_label_key(v, where, col) for v in _label_values(ds[train], col))
+    if len(names) < 2:
+        raise ValueError(f"label_column: {col!r} of split {train!r} ({sources[train]}) has one "
+                         f"class ({names}); classification needs at least two (check "
+                         "label_column, or the training file)")
+    index = {name: i for i, name in enumerate(names)}
+    target = ClassLabel(names=names)
+    for split in dict.fromkeys((train, spec.eval_split, spec.test_split)):
+        if not split or split not in ds or col not in ds[split].column_names:
+            continue
+        d, where = ds[split], f"split {split!r} ({sources[split]})"
+        f = d.features[col]
+        if isinstance(f, ClassLabel) and f.names == names:
+            continue
+        own = list(f.names) if isinstance(f, ClassLabel) else None
+
+        def key(v, own=own, where=where):
+            return own[v] if own is not None else _label_key(v, where, col)
+        unknown = sorted({key(v) for v in _label_values(d, col)} - index.keys())
+        if unknown:
+            raise ValueError(f"label_column: {where} has labels that no row of split {train!r} "
+                             f"has: {unknown} (training has {names}); add training examples "
+                             f"of them, or remove those rows from {split!r}")
+        feats = d.features.copy()
+        feats[col] = target
+        ds[split] = d.map(lambda b: {col: [index[key(v)] for v in b[col]]}, batched=True,
+                          features=feats)
+    if not given:
+        shown = ", ".join(f"{i}={n!r}" for i, n in enumerate(names[:10]))
+        more = f", ... ({len(names)} in all)" if len(names) > 10 else ""
+        notes.append(f"labels: {len(names)} classes in {col!r}, ids in sorted order: "
+                     f"{shown}{more}")
+
+
+def label_names(ds, spec: DataSpec) -> Optional[list]:
+    """The class names in id order (``load_raw(..., classes=True)`` stores them as a
+    ``ClassLabel``), or ``None`` when the data has no labels or they are not classes."""
+    from datasets import ClassLabel
+
+    col = spec.label_column
+    if not col or col not in ds[spec.train_split].column_names:
+        return None
+    feat = ds[spec.train_split].features[col]
+    return list(feat.names) if isinstance(feat, ClassLabel) else None
+
+
+_PLACEHOLDER = re.compile(r"LABEL_\d+")  # transformers' id2label when a model has no names
+
+
+def match_teacher_labels(data_names: list, teacher_id2label: dict,
+                         notes: Optional[list] = None) -> list:
+    """Which teacher output each data class is: ``mapping[data_id] = teacher_id``.
+
+    A teacher with real label names is matched by name (exactly, else ignoring case when
+    that is unambiguous); every data class must be among the teacher's, which may have more.
+    A teacher with only ``LABEL_i`` names, or data whose labels are the ids ``0..n-1``
+    themselves, is matched by index, and the counts must agree. How it matched goes to
+    ``notes``."""
+    ids = sorted(int(i) for i in teacher_id2label)
+    if ids != list(range(len(ids))):
+        raise ValueError(f"teacher: its id2label ids are {ids}, not 0..{len(ids) - 1}; fix the "
+                         "teacher's config.json")
+    t_names = [str(teacher_id2label[i] if i in teacher_id2label else teacher_id2label[str(i)])
+               for i in ids]
+    data_names = [str(n) for n in data_names]
+    by_index = all(_PLACEHOLDER.fullmatch(n) for n in t_names) or \
+        data_names == [str(i) for i in range(len(data_names))]
+    if by_index:
+        if len(data_names) != len(t_names):
+            raise ValueError(f"labels: the data has {len(data_names)} classes {data_names} but "
+                             f"the teacher {len(t_names)} ({t_names}); use a teacher fine-tuned "
+                             f"on these {len(data_names)} classes (teacher: {{base: ..., "
+                             "finetune: {}}} fine-tunes one)")
+        mapping = list(range(len(data_names)))
+        how = "by index"
+    else:
+        exact = {n: i for i, n in enumerate(t_names)}
+        folded = {n.casefold(): i for i, n in enumerate(t_names)}
+        if all(n in exact for n in data_names):
+            mapping = [exact[n] for n in data_names]
+        elif len(folded) == len(t_names) and all(n.casefold() in folded for n in data_names):
+            mapping = [folded[n.casefold()] for n in data_names]
+        else:
+            missing = [n for n in data_names if n.casefold() not in folded]
+            raise ValueError(f"labels: the data's classes {data_names} are not all among the "
+                             f"teacher's {t_names} (missing: {missing}); rename the data's "
+                             "labels to the teacher's names, or use a teacher fine-tuned on "
+                             "these classes (teacher: {base: ..., finetune: {}})")
+        how = "by name"
+    if notes is not None:
+        pairs = ", ".join(f"{n!r}->{t_names[t]!r}" for n, t in zip(data_names[:10], mapping))
+        notes.append(f"labels: matched to the teacher's {how} ({pairs}"
+                     f"{', ...' if len(data_names) > 10 else ''})")
+    return mapping
 
 
 def num_labels_of(ds, spec: DataSpec) -> Optional[int]:

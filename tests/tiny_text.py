@@ -55,3 +55,31 @@ def tokenized(ds, tok, max_length=32):
         enc["labels"] = b["label"]
         return enc
     return ds.map(fn, batched=True, remove_columns=ds.column_names)
+
+
+SENTIMENTS = ("negative", "neutral", "positive")
+
+
+def tiny_labelled(n=60, seed=0, names=SENTIMENTS):
+    """``n`` (sentence, label name) rows cycling through ``names``: a negative or positive
+    word among neutral ones, or neutral words only for ``"neutral"``."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name = names[i % len(names)]
+        words = rng.choices(NEUTRAL, k=rng.randint(2, 8))
+        if name in ("negative", "positive"):
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if name == "positive" else NEGATIVE))
+        rows.append((" ".join(words), name))
+    return rows
+
+
+def write_csv(path, rows, header=("text", "label")):
+    """``rows`` under ``header`` as a csv file (empty strings are empty cells); ``path`` as str."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
