@@ -1,6 +1,7 @@
 """``DistilConfig``: ``TrainingArguments`` plus the distillation settings, validated early."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional, Union
 
@@ -55,11 +56,12 @@ class DistilConfig(_LossWeights):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
-            raise ValueError(f"temperature: {self.temperature!r} must be > 0 (Hinton et al. use 1-20; try 2.0)")
+        # ``not x > 0`` (rather than ``x <= 0``) also refuses NaN, which compares false.
+        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature: {self.temperature!r} must be a finite number > 0 (Hinton et al. use 1-20; try 2.0)")
         for name in LOSS_WEIGHTS:
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0:
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"{name}: {v!r} must be a number >= 0 (set it to 0 to switch the term off)")
         if all(getattr(self, n) == 0 for n in LOSS_WEIGHTS):
             raise ValueError(f"all loss weights are zero ({', '.join(LOSS_WEIGHTS)}): give at least one a positive weight, e.g. alpha_kd: 1.0")

@@ -307,7 +307,26 @@ class DistilTrainer(Trainer):
         for k, v in values.items():
             self._term_totals[k] = self._term_totals.get(k, 0) + v.detach()
         self._term_counts += 1
+        self._last_terms = {k: v.detach() for k, v in values.items()}
         return (loss, s_out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # One host sync per step, as Trainer's own NaN filter already makes; that filter
+        # would quietly replace a NaN loss by the running mean and train on garbage.
+        if not bool(torch.isfinite(loss).all()):
+            raise NonFiniteLossError(self._non_finite_message(loss))
+        return loss
+
+    def _non_finite_message(self, loss) -> str:
+        terms = ", ".join(f"loss_{k}={float(v):.4g}" for k, v in
+                          getattr(self, "_last_terms", {}).items())
+        a = self.args
+        return (f"training stopped: the loss is {float(loss)} at step {self.state.global_step + 1}"
+                f"{f' ({terms})' if terms else ''}; no student was saved. Likely causes: a "
+                f"learning rate too high (learning_rate={a.learning_rate}: try it 10x smaller), "
+                f"a temperature near 0 (temperature={a.temperature}), fp16 overflow (use bf16 or "
+                "fp32), or NaN/inf in the inputs or cached teacher outputs")
 
     def _teacher_side(self, step: Step, needs, inputs, cached, kw, decoder_inputs) -> None:
         """Fill ``step``'s teacher fields: from the cache columns when the batch carries them
@@ -357,6 +376,10 @@ class DistilTrainer(Trainer):
                 logs[f"loss_{k}"] = round(float(v) / self._term_counts, 6)
             self._term_totals, self._term_counts = {}, 0
         super().log(logs, start_time)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops at that step."""
 
 
 class _DecoderInputs:

@@ -235,3 +235,35 @@ def test_dry_run_checks_and_prints_the_plan_without_training(tiny_task, capsys, 
     path, out = _recipe(tiny_task, text_column="sentence")
     assert main(["distill", path, "--dry-run"]) == 2
     assert "columns are" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_the_run_and_saves_no_student(tiny_task, capsys):
+    """Was: Trainer's NaN filter replaced the NaN loss by the running mean, and the run saved
+    and reported a student trained on garbage."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    bad = str(tiny_task["tmp"] / "nan_teacher")
+    t = AutoModelForSequenceClassification.from_pretrained(tiny_task["teacher"])
+    with torch.no_grad():
+        t.classifier.bias.fill_(float("nan"))
+    t.save_pretrained(bad)
+    AutoTokenizer = __import__("transformers").AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny_task["teacher"]).save_pretrained(bad)
+    path, out = _recipe(tiny_task, teacher=bad)
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 1" in err and "learning_rate" in err
+    assert "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln.lower()]) == 1
+    assert not os.path.exists(os.path.join(out, "student"))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_temperature_nan_is_refused_by_the_config():
+    from distilkit.config import DistilConfig
+
+    with pytest.raises(ValueError, match="temperature: nan must be a finite number > 0"):
+        DistilConfig(output_dir="/tmp/unused", temperature=float("nan"))
+    with pytest.raises(ValueError, match="alpha_kd: inf"):
+        DistilConfig(output_dir="/tmp/unused", alpha_kd=float("inf"))
