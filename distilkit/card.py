@@ -96,7 +96,10 @@ def _describe_teacher(recipe: dict) -> tuple[str, Optional[str]]:
 def _describe_data(recipe: dict) -> tuple[str, list[str]]:
     ds, files = recipe.get("dataset"), recipe.get("data_files")
     if files:
-        return "local files " + ", ".join(f"`{k}: {v}`" for k, v in files.items()), []
+        if isinstance(files, dict):
+            return "local files " + ", ".join(f"`{k}: {v}`" for k, v in files.items()), []
+        listed = files if isinstance(files, list) else [files]
+        return "local files " + ", ".join(f"`{f}`" for f in listed), []
     if ds == BUILTIN_S2S_DATA:
         return ("distilkit's built-in truecasing task: the Rotten Tomatoes sentences (Hutto & "
                 "Gilbert 2014, from the vaderSentiment 3.3.2 sources) lower-cased with "

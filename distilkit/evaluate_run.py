@@ -107,11 +107,14 @@ def _spec_from_args(args, base):
                 raise ValueError(f"--data-files: {item!r} must be SPLIT=FILE, e.g. test=test.csv")
             split, f = item.split("=", 1)
             files[split] = f
+        # New data: the recipe's carving of its own training file does not apply to it.
+        spec.validation_fraction = spec.test_fraction = None
         spec.dataset, spec.data_files = None, files
         spec.train_split = spec.train_split if spec.train_split in files else next(iter(files))
         spec.eval_split = spec.eval_split if spec.eval_split in files else args.split or next(iter(files))
         spec.test_split = spec.test_split if spec.test_split in files else None
     elif args.dataset:
+        spec.validation_fraction = spec.test_fraction = None
         spec.dataset, spec.dataset_config, spec.data_files = args.dataset, args.dataset_config, None
     for name in ("text_column", "text_pair_column", "label_column"):
         if getattr(args, name):

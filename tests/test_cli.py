@@ -267,3 +267,70 @@ def test_temperature_nan_is_refused_by_the_config():
         DistilConfig(output_dir="/tmp/unused", temperature=float("nan"))
     with pytest.raises(ValueError, match="alpha_kd: inf"):
         DistilConfig(output_dir="/tmp/unused", alpha_kd=float("inf"))
+
+
+def _three_class_csv(tmp, n=90):
+    """A user's file: one CSV, string labels, three classes, one empty text cell."""
+    import csv
+
+    from conftest import tiny_sentences
+
+    rows = []
+    for i, (text, label) in enumerate(tiny_sentences(n, seed=3)):
+        name = "neutral" if i % 3 == 0 else ("positive" if label else "negative")
+        rows.append((text, name))
+    rows[5] = ("", "positive")
+    path = tmp / "mine.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review", "sentiment"])
+        w.writerows(rows)
+    return str(path)
+
+
+def test_string_labels_matched_to_the_teacher_by_name(tiny_task, capsys):
+    """Labels as users have them: strings in one CSV split by fractions, a teacher whose
+    classes are named in another order. The student answers with the data's names, and the
+    teacher's figures read its logits by name (the old code crashed on string labels)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import tiny_bert
+    from distilkit.data import DataSpec, load_raw
+
+    tmp = tiny_task["tmp"]
+    tdir = str(tmp / "teacher3")
+    tok = AutoTokenizer.from_pretrained(tiny_task["teacher"])
+    names = {0: "positive", 1: "negative", 2: "neutral"}       # not the data's (sorted) order
+    t = tiny_bert(vocab=tok.vocab_size, layers=4, num_labels=3, seed=4,
+                  id2label=names, label2id={v: k for k, v in names.items()})
+    t.save_pretrained(tdir)
+    tok.save_pretrained(tdir)
+    csv_path = _three_class_csv(tmp)
+    params = []
+    for cached in (False, True):   # the live teacher's view and the cache's agree
+        path, out = _recipe(tiny_task, teacher=tdir, data_files=csv_path, text_column="review",
+                            label_column="sentiment", validation_fraction=0.2, test_fraction=0.2,
+                            compression=[], teacher_cache=cached, cache_dir=str(tmp / "cache"),
+                            output_dir=str(tmp / f"run-{cached}"))
+        assert main(["distill", path, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "dropped 1 of 90 rows" in err        # the empty cell, with a count
+        params.append(_student_params(out))
+    assert torch.allclose(params[0], params[1], atol=1e-5)
+    res = json.load(open(os.path.join(out, "results.json")))
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "student"))
+    assert student.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    # The teacher's accuracy, by hand: its argmax class name against the row's name.
+    spec = DataSpec(dataset=None, data_files=csv_path, text_column="review",
+                    label_column="sentiment", validation_fraction=0.2, test_fraction=0.2)
+    test = load_raw(spec, classes=True)["test"]
+    data_names = test.features["sentiment"].names
+    t.eval()
+    with torch.no_grad():
+        enc = tok(list(test["review"]), truncation=True, max_length=16, padding=True,
+                  return_tensors="pt")
+        pred = t(**enc).logits.argmax(-1).tolist()
+    truth = [data_names[i] for i in test["sentiment"]]
+    expected = sum(names[p] == n for p, n in zip(pred, truth)) / len(truth)
+    assert res["teacher"]["accuracy"] == pytest.approx(expected)

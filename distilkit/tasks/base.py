@@ -38,6 +38,9 @@ class Teachers:
     # The teacher-output cache namespace of the first teacher, once its outputs are attached:
     # the teacher's evaluation figures are cached there too.
     cache_namespace: Optional[str] = None
+    # Which teacher class each data class is, when not simply the same ids (see the
+    # classification task's label matching); None when the orders agree.
+    label_index: Optional[list] = None
     _models: Optional[list] = None
 
     def models(self) -> list:

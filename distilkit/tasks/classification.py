@@ -13,11 +13,16 @@ split's contents.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import sys
 from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
 
 from distilkit.loss_terms import cached_outputs_needed, needs_live_teacher
 from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
@@ -39,12 +44,16 @@ class ClassificationTask(Task):
     def load_data(self, recipe):
         from distilkit.data import load_raw
 
-        return load_raw(recipe.data)
+        notes: list = []
+        raw = load_raw(recipe.data, notes, classes=True)
+        for note in notes:
+            print(f"[distilkit] {note}", file=sys.stderr)
+        return raw
 
     def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
         from transformers import AutoConfig, AutoTokenizer
 
-        from distilkit.data import num_labels_of
+        from distilkit.data import label_names, match_teacher_labels
         from distilkit.teachers import load_teacher
 
         k, spec = recipe.keys, recipe.data
@@ -54,11 +63,25 @@ class ClassificationTask(Task):
                             loader=lambda s: load_teacher(s, adapter=k.teacher_adapter),
                             adapter=k.teacher_adapter)
         check_max_length(k.max_length, teachers.config)
-        n_labels = num_labels_of(raw, spec)
-        if n_labels is not None and teachers.config.num_labels != n_labels:
-            raise ValueError(f"the teacher predicts {teachers.config.num_labels} labels but "
-                             f"label_column {spec.label_column!r} has {n_labels} classes: "
-                             "fine-tune a teacher on this task first")
+        for other in specs[1:]:  # one label view serves the ensemble: the members must agree
+            other_labels = AutoConfig.from_pretrained(other).id2label
+            if other_labels != teachers.config.id2label:
+                raise ValueError(f"teacher: the ensemble's members label their classes "
+                                 f"differently ({teachers.config.id2label} vs {other_labels}); "
+                                 "give teachers trained on the same labels")
+        names = label_names(raw, spec)
+        if names:
+            notes: list = []
+            index = match_teacher_labels(names, teachers.config.id2label, notes)
+            for note in notes:
+                print(f"[distilkit] {note}", file=sys.stderr)
+            if index != list(range(teachers.config.num_labels)):
+                # The data's classes are a reordering (or a subset) of the teacher's: the
+                # teacher is seen through a view that answers in the data's order, live, in the
+                # cache and in its evaluation alike.
+                teachers.label_index = index
+                teachers.loader = lambda s, load=teachers.loader: LabelMapped(load(s), index, names)
+            teachers.config = _with_labels(teachers.config, names)
         return teachers
 
     def build_student(self, recipe, raw, teachers: Teachers):
@@ -72,8 +95,17 @@ class ClassificationTask(Task):
         # teacher with one is built (and merged) first.
         lazy = kind == "from_teacher" and teachers.first_dir and not teachers.adapter \
             and not teachers.loaded
-        teacher = teachers.first_dir if lazy else teachers.models()[0]
+        if lazy:
+            teacher = teachers.first_dir
+        elif kind == "config":  # a fresh model of the teacher's architecture: its config will do
+            teacher = teachers.config
+        else:
+            teacher = teachers.models()[0]
+            teacher = getattr(teacher, "inner", teacher) if kind == "from_teacher" else teacher
         student, tok = build_student(recipe, teacher, teachers.tokenizer, texts)
+        if kind == "from_teacher" and teachers.label_index is not None:
+            _select_head_rows(student, teachers.label_index)
+        _set_labels(student, teachers.config, spec)
         if getattr(student.config, "model_type", "") == "distilkit-bilstm":
             from distilkit.students.bilstm import check_pair_data
             check_pair_data(student.config, spec.text_pair_column)
@@ -122,13 +154,24 @@ class ClassificationTask(Task):
         kw = dict(teacher_dataset=t_train, max_length=k.max_length, cache_dir=k.cache_dir,
                   progress=progress, teacher_loader=teachers.loader)
         # With an adapter the teacher is the merged model, not the files at its path: key the
-        # cache by (and compute with) the loaded weights.
-        members = teachers.models() if teachers.adapter else teachers.specs
+        # cache by (and compute with) the loaded weights (label view included). Keyed by
+        # path, the cache holds the teacher's own outputs, put in the data's label order here.
+        by_path = not teachers.adapter
+        members = teachers.specs if by_path else teachers.models()
+        if by_path:
+            kw["teacher_loader"] = lambda s: getattr(m := teachers.loader(s), "inner", m)
         stats: dict = {}
         train_ds = attach_teacher_outputs(train_ds, members[0], outputs=outputs, stats=stats, **kw)
         teachers.cache_namespace = stats["namespace"]
         if len(members) > 1:  # every member's logits, averaged per step like a live ensemble
             train_ds = attach_ensemble_logits(train_ds, members, **kw)
+        if by_path and teachers.label_index is not None:
+            from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN, attach_logits
+
+            for col, ens in ((COLUMN["logits"], False), (ENSEMBLE_COLUMN, True)):
+                if col in train_ds.column_names:
+                    values = np.asarray(train_ds.with_format("numpy")[col])
+                    train_ds = attach_logits(train_ds, values[..., teachers.label_index], ensemble=ens)
         return train_ds
 
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
@@ -186,15 +229,21 @@ class ClassificationTask(Task):
         from transformers import AutoTokenizer
 
         from distilkit.compress.base import load_compressed
-        from distilkit.data import load_raw
+        from distilkit.data import label_names, load_raw, match_teacher_labels
         from distilkit.evaluate import evaluate_model
 
         max_length = max_length or (recipe.keys.max_length if recipe else None) or 128
-        raw = load_raw(spec)
+        raw = load_raw(spec, classes=True)
         split = split or spec.test_split or spec.eval_split
         if split not in raw:
             raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
-        res = evaluate_model(load_compressed(model_dir), AutoTokenizer.from_pretrained(model_dir),
+        model = load_compressed(model_dir)
+        names = label_names(raw, spec)
+        if names:  # the model's answers read in the data's label order, by name
+            index = match_teacher_labels(names, model.config.id2label)
+            if index != list(range(model.config.num_labels)):
+                model = LabelMapped(model, index, names)
+        res = evaluate_model(model, AutoTokenizer.from_pretrained(model_dir),
                              raw[split], text_column=spec.text_column,
                              text_pair_column=spec.text_pair_column,
                              label_column=spec.label_column, max_length=max_length,
@@ -228,3 +277,74 @@ def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
     figures = compute()
     atomic_write_json(path, figures)
     return figures
+
+
+class LabelMapped(nn.Module):
+    """A classifier seen in another label order: its logits are ``inner``'s at ``index`` (one
+    teacher class per data class, in the data's order). Hidden states and attentions pass
+    through; ``config`` says the data's labels. The index is a buffer, so a fingerprint of
+    this module's state covers it."""
+
+    def __init__(self, inner: nn.Module, index: list, names: list):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("label_index", torch.tensor(index, dtype=torch.long), persistent=True)
+        self.config = _with_labels(inner.config, names)
+
+    @property
+    def device(self):
+        from distilkit.device import model_device
+        return model_device(self.inner)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # get_input_embeddings, generation settings, ...: inner's
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        out["logits"] = out["logits"].index_select(-1, self.label_index.to(out["logits"].device))
+        return out
+
+
+def _with_labels(config, names: list):
+    """A copy of ``config`` whose labels are ``names`` (ids in list order)."""
+    cfg = copy.deepcopy(config)
+    cfg.num_labels = len(names)
+    cfg.id2label = dict(enumerate(names))
+    cfg.label2id = {n: i for i, n in enumerate(names)}
+    return cfg
+
+
+def _select_head_rows(student: nn.Module, index: list) -> None:
+    """Keep (in ``index`` order) the rows of the student's output layer that a student copied
+    from the teacher got from the teacher's head: its classes become the data's."""
+    n = student.config.num_labels
+    heads = [(name, m) for name, m in student.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == n]
+    if not heads:
+        raise ValueError(f"cannot find the output layer of {type(student).__name__} "
+                         f"({n} classes) to put the teacher's classes in the data's order")
+    name, head = heads[-1]
+    new = nn.Linear(head.in_features, len(index), bias=head.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(head.weight[index])
+        if head.bias is not None:
+            new.bias.copy_(head.bias[index])
+    parent, _, child = name.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, child, new)
+
+
+def _set_labels(student: nn.Module, teacher_config, spec) -> None:
+    """The student answers with the data's labels: its ``id2label``/``label2id`` are the
+    teacher's (already in the data's order), and its class count must match."""
+    cfg = getattr(student, "config", None)
+    if cfg is None or not getattr(teacher_config, "id2label", None):
+        return
+    if cfg.num_labels != teacher_config.num_labels:
+        raise ValueError(f"student: predicts {cfg.num_labels} classes but label_column "
+                         f"{spec.label_column!r} has {teacher_config.num_labels}; build the "
+                         "student for these classes")
+    cfg.id2label = dict(teacher_config.id2label)
+    cfg.label2id = dict(teacher_config.label2id)
