@@ -153,3 +153,16 @@ def test_bad_rounding_and_init():
         qm.round_codes(torch.zeros(3), "nearest")
     with pytest.raises(ValueError, match="points_init"):
         qm.init_points(torch.zeros(3), 2, "random")
+
+
+def test_a_bucket_larger_than_the_tensor_is_one_bucket_per_tensor():
+    """Was: the tensor was padded up to the bucket size (bucket_size 1e9 allocated gigabytes)."""
+    import torch
+
+    from distilkit.compress import quant_math as qm
+
+    w = torch.randn(64, 32)
+    huge = qm.to_buckets(w, 10**9)
+    assert huge.shape == (1, w.numel())          # no padding up to the bucket size
+    assert torch.equal(huge, qm.to_buckets(w, None))
+    assert qm.num_buckets(w.numel(), 10**9) == 1

@@ -69,8 +69,12 @@ def levels(bits: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 def effective_bucket_size(numel: int, bucket_size: Optional[int]) -> int:
-    """The bucket size actually used for a tensor of ``numel`` values (None -> numel)."""
-    return max(1, numel) if bucket_size is None else bucket_size
+    """The bucket size actually used for a tensor of ``numel`` values: ``numel`` for None,
+    and for a bucket larger than the tensor (one bucket per tensor either way; padding the
+    tensor up to a huge bucket size would only spend memory: ``bucket_size: 1e9`` padded every
+    weight to a billion values)."""
+    n = max(1, numel)
+    return n if bucket_size is None else min(bucket_size, n)
 
 
 def num_buckets(numel: int, bucket_size: Optional[int]) -> int:
