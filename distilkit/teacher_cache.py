@@ -321,8 +321,9 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
     Args:
         dataset: a tokenized ``datasets.Dataset`` (``input_ids``, optionally
             ``attention_mask`` / ``token_type_ids``) or a ``DatasetDict`` (each split).
-        teacher: a saved teacher directory, ``builtin:minilm-rt`` or a hub id (loaded with
-            ``teacher_loader`` only if some example misses), or a model object.
+        teacher: a saved teacher directory (``distilkit.builtin_teacher()`` for the built-in
+            one) or a hub id (loaded with ``teacher_loader`` only if some example misses), or
+            a model object.
         teacher_dataset: the same examples tokenized for the teacher, row for row, when the
             student reads different tokens (e.g. a word-level BiLSTM student). Default: the
             teacher reads ``dataset`` (its ``teacher_input_ids`` columns when present).

@@ -40,6 +40,12 @@ def resolve_teacher(spec: Any, field: str = "teacher") -> str:
         raise FileNotFoundError(f"{field}: {os.fspath(spec)!r} does not exist; give a directory "
                                 "saved with save_pretrained, a hub id like 'org/name', or "
                                 f"'{BUILTIN_TEACHER}'")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        # Else transformers guesses at a tokenizer and talks about sentencepiece.
+        raise FileNotFoundError(f"{field}: {os.fspath(spec)!r} holds no config.json, so it is "
+                                "not a model saved with save_pretrained (files there: "
+                                f"{sorted(os.listdir(path))[:8]}); give the model's directory, "
+                                "or {base: ..., finetune: {...}} to fine-tune one")
     return path
 
 

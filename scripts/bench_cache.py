@@ -153,7 +153,7 @@ def main() -> None:
         extra = ["--teacher", teacher, "--student.num_layers", "1", "--max_train_samples", "256",
                  "--max_eval_samples", "64", "--max_steps", "5", "--logging_steps", "5"]
     else:
-        from distilkit.teachers import builtin_teacher
+        from distilkit.finetune import builtin_teacher
 
         teacher = builtin_teacher()  # fine-tuned once and cached: not part of either run
         extra = []

@@ -38,7 +38,7 @@ def _models(quick: bool):
         teacher = tiny_bert(layers=4, vocab=30522)
         tok = None
     else:
-        from distilkit.teachers import builtin_teacher
+        from distilkit.finetune import builtin_teacher
         path = builtin_teacher()
         teacher = AutoModelForSequenceClassification.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)

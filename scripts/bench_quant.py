@@ -40,7 +40,8 @@ def _teacher_and_batch(kind: str, batch_size: int, seq_len: int):
                  "labels": torch.randint(0, 2, (batch_size,), generator=g)}
         return BertForSequenceClassification(cfg).eval(), batch, "tiny 6-layer BERT (random)"
     from distilkit.data import builtin_dataset
-    from distilkit.teachers import builtin_teacher, minilm_path
+    from distilkit.finetune import builtin_teacher
+    from distilkit.teachers import minilm_path
 
     path = builtin_teacher() if kind == "builtin" else minilm_path()
     teacher = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()

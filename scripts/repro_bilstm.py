@@ -156,7 +156,8 @@ def main(argv=None):
     from distilkit.data import builtin_dataset
     from distilkit.students.bilstm import build_bilstm_student
     from distilkit.teacher_cache import attach_teacher_outputs
-    from distilkit.teachers import BUILTIN_TEACHER, builtin_teacher, load_teacher
+    from distilkit.finetune import builtin_teacher
+    from distilkit.teachers import BUILTIN_TEACHER, load_teacher
 
     a = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     t_start = time.time()
     if args.teacher is None:
-        from distilkit.teachers import builtin_teacher
+        from distilkit.finetune import builtin_teacher
         args.teacher = builtin_teacher()
     tok = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher).eval()

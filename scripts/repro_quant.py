@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
         teacher = _quick_teacher(ds["train"], tok, steps=30, seed=args.seed)
         teacher_name = "quick: 4-layer BERT, 30 CE steps, word tokenizer"
     else:
-        from distilkit.teachers import builtin_teacher
+        from distilkit.finetune import builtin_teacher
 
         path = builtin_teacher()
         tok = AutoTokenizer.from_pretrained(path)

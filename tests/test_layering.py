@@ -20,7 +20,7 @@ STACK = [
     ["kernels", "students", "teachers"],
     ["teacher_cache", "augment"],
     ["trainer"],
-    ["evaluate", "seq2seq"],
+    ["evaluate", "seq2seq", "finetune"],
     ["report"],
     ["card"],
     ["hub"],

@@ -31,11 +31,15 @@ from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check
 FIGURES_VERSION = 1
 
 
-def _resolve_teachers(spec: Any) -> list:
-    """The recipe's ``teacher:`` (one spec, or a list: an ensemble) as resolved specs."""
-    from distilkit.teachers import resolve_teacher
+def _resolve_teachers(recipe, raw, progress: bool) -> list:
+    """The recipe's ``teacher:`` (one spec, or a list: an ensemble) as resolved specs; the
+    built-in teacher and ``{base, finetune}`` teachers are fine-tuned here (or taken from
+    the cache) on the recipe's own training split."""
+    from distilkit.finetune import resolve_teacher
 
-    return [resolve_teacher(s) for s in spec] if isinstance(spec, list) else [resolve_teacher(spec)]
+    spec = recipe.keys.teacher
+    return [resolve_teacher(s, raw=raw, data=recipe.data, progress=progress)
+            for s in (spec if isinstance(spec, list) else [spec])]
 
 
 class ClassificationTask(Task):
@@ -57,7 +61,7 @@ class ClassificationTask(Task):
         from distilkit.teachers import load_teacher
 
         k, spec = recipe.keys, recipe.data
-        specs = _resolve_teachers(k.teacher)
+        specs = _resolve_teachers(recipe, raw, progress)
         teachers = Teachers(specs=specs, tokenizer=AutoTokenizer.from_pretrained(specs[0]),
                             config=AutoConfig.from_pretrained(specs[0]),
                             loader=lambda s: load_teacher(s, adapter=k.teacher_adapter),

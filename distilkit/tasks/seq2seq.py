@@ -30,15 +30,19 @@ def _builtin_settings(recipe):
             if recipe is None or recipe.keys.teacher == BUILTIN_S2S_TEACHER else None)
 
 
-def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool = True):
-    """``(teacher model, tokenizer, directory)`` for a teacher path or the built-in one."""
+def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool = True,
+                            raw=None, data=None):
+    """``(teacher model, tokenizer, directory)`` for a teacher path, the built-in one, or a
+    ``{base, finetune}`` teacher fine-tuned on ``raw`` (columns named by ``data``)."""
     from distilkit.seq2seq.teacher import (builtin_truecase_settings, load_seq2seq_teacher,
                                            truecase_teacher)
 
-    from distilkit.teachers import resolve_teacher
+    from distilkit.finetune import resolve_teacher
 
     if spec == BUILTIN_S2S_TEACHER:
         path = truecase_teacher(builtin_truecase_settings(), progress=progress)
+    elif isinstance(spec, dict):
+        path = resolve_teacher(spec, raw=raw, data=data, task="seq2seq", progress=progress)
     elif isinstance(spec, list):
         raise ValueError(f"teacher: {spec!r}; a seq2seq recipe takes one teacher (a directory "
                          f"or '{BUILTIN_S2S_TEACHER}')")
@@ -96,7 +100,8 @@ class Seq2SeqTask(Task):
 
     def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
         k = recipe.keys
-        model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress)
+        model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress,
+                                                   raw=raw, data=recipe.data)
         check_max_length(k.max_length, model.config)
         # Generation needs the teacher itself, so it is loaded up front.
         return Teachers(specs=[path], tokenizer=tok, config=model.config,
