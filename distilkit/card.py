@@ -16,8 +16,8 @@ import re
 from typing import Any, Optional, Sequence
 
 from distilkit.loss_terms import DISTILBERT, TANG, active_terms
+from distilkit.teachers import BUILTIN_TEACHER
 
-BUILTIN_TEACHER = "builtin:minilm-rt"
 BUILTIN_DATA = "builtin:rotten_tomatoes"
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
 BUILTIN_S2S_DATA = "builtin:truecase"
@@ -74,9 +74,21 @@ def _citation(name: str) -> str:
         return "(method not registered in this installation)"
 
 
-def _describe_teacher(recipe: dict) -> tuple[str, Optional[str]]:
+def _describe_teacher(recipe: dict, finetune: Optional[dict] = None) -> tuple[str, Optional[str]]:
     """(prose, base_model hub id or None)."""
     spec = recipe.get("teacher")
+    if isinstance(spec, dict) and spec.get("base"):
+        base = spec["base"]
+        where = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}`"
+        info = finetune or {}
+        val = info.get("validation") or {}
+        figures = ", ".join(f"{k} {val[k]:.4f}" for k in ("accuracy", "macro_f1", "bleu")
+                            if isinstance(val.get(k), (int, float)))
+        steps = f"{info['steps']} steps" if info.get("steps") else "settings " + \
+            json.dumps(spec.get("finetune") or {}, sort_keys=True)
+        return (f"{where} fine-tuned on the training split by distilkit ({steps}"
+                + (f"; validation {figures}" if figures else "") + ")",
+                base if _is_hub_id(base) else None)
     if isinstance(spec, list):
         names = ", ".join(f"`{s}`" for s in spec)
         return f"an ensemble of {len(spec)} teachers ({names}), soft targets averaged", None
@@ -171,7 +183,7 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
     recipe = recipe or {}
     name = results.get("name") or recipe.get("name") or "distilled-student"
     entries = _method_entries(recipe, methods)
-    teacher_txt, base_model = _describe_teacher(recipe)
+    teacher_txt, base_model = _describe_teacher(recipe, results.get("teacher_finetune"))
     data_txt, datasets = _describe_data(recipe)
     student_txt, student_refs = _describe_student(recipe)
     seq2seq = results.get("task") == "seq2seq"

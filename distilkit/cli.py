@@ -60,6 +60,37 @@ def _distill_run(args, rest) -> int:
     return 0
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a recipe whose teacher is {base: PATH_OR_HUB_ID, finetune: {...}}")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--force", action="store_true", help="fine-tune again even when cached")
+
+
+def _finetune_run(args, rest) -> int:
+    """``distilkit finetune RECIPE``: the teacher step alone (fine-tuned on the recipe's own
+    training split, cached), with its validation figures."""
+    import json
+
+    from distilkit.finetune import finetune_teacher, parse_teacher_spec
+    from distilkit.recipe import Recipe
+    from distilkit.tasks import get_task
+    from distilkit.teachers import read_teacher_info
+
+    recipe = Recipe.load(args.recipe, _parse_overrides(rest))
+    parsed = parse_teacher_spec(recipe.keys.teacher)
+    if parsed is None:
+        raise ValueError(f"teacher: {recipe.keys.teacher!r}; distilkit finetune needs "
+                         "teacher: {base: PATH_OR_HUB_ID, finetune: {...}}")
+    task = get_task(recipe.keys.task)
+    raw = task.load_data(recipe)
+    path = finetune_teacher(parsed[0], raw, recipe.data, parsed[1], task=task.name,
+                            progress=not args.no_progress, force=args.force)
+    info = read_teacher_info(path) or {}
+    print(f"teacher: {path}")
+    print(json.dumps(info.get("validation"), indent=2))
+    return 0
+
+
 def _lazy(module: str, name: str) -> Callable:
     """``module.name``, imported when called (each command's own module stays unloaded)."""
     def call(*args, **kwargs):
@@ -70,6 +101,7 @@ def _lazy(module: str, name: str) -> Callable:
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "distill": (_distill_args, _distill_run),
+    "finetune": (_finetune_args, _finetune_run),
     "evaluate": (_lazy("distilkit.evaluate_run", "add_evaluate_arguments"),
                  _lazy("distilkit.evaluate_run", "run_evaluate")),
     "report": (_lazy("distilkit.report", "add_report_arguments"),
@@ -84,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "distill":
+    if rest and args.command not in ("distill", "finetune"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command][1](args, rest) or 0

@@ -344,10 +344,6 @@ def _check_model(base: str, base_dir: str, config: FinetuneConfig, task: str) ->
         raise ValueError(f"teacher.finetune.early_stopping_metric: "
                          f"{config.early_stopping_metric!r} is for classification; a seq2seq "
                          "teacher stops on the validation 'loss'")
-    if task == "seq2seq" and config.weight_decay not in (None, 0.01):
-        # distilkit.seq2seq.teacher.train_supervised trains with a fixed 0.01.
-        raise ValueError(f"teacher.finetune.weight_decay: {config.weight_decay!r}; a seq2seq "
-                         "teacher is trained with weight decay 0.01: remove weight_decay")
     return config
 
 
@@ -550,7 +546,8 @@ def _train_seq2seq(plan: FinetunePlan, tok, work: str, progress: bool):
     stopper = _stopper(plan, data, collator)
     train_supervised(model, tok, data["train"], work, plan.steps, config.batch_size,
                      config.learning_rate, config.warmup(plan.steps), config.seed, progress,
-                     callbacks=[stopper] if stopper else None)
+                     callbacks=[stopper] if stopper else None,
+                     weight_decay=0.01 if config.weight_decay is None else config.weight_decay)
     if stopper:
         stopper.restore(model)
     return model, data, collator, stopper

@@ -52,6 +52,7 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     """Run one recipe end to end and return its results (also written to ``results.json``)."""
     from distilkit.compress.base import CompressionContext, compress_, config_from_dict, get_method
+    from distilkit.teachers import read_teacher_info
     from distilkit.trainer import DistilTrainer
 
     t0 = time.time()
@@ -91,6 +92,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
             "name": recipe.keys.name, "task": task.name, "split": split,
             "teacher": t_m, "student": s_m, **task.compare(t_m, s_m), **prep.stats,
             "teacher_loaded": teachers.loaded,
+            "teacher_finetune": read_teacher_info(teachers.first_dir) if teachers.first_dir else None,
             "train_seconds": round(time.time() - t0, 1),
             "processes": args.world_size,
             "global_steps": trainer.state.global_step,
@@ -119,23 +121,27 @@ def plan(recipe: Recipe) -> dict:
     task.validate(recipe)
     _preflight(recipe, args, create=False)
     raw = task.load_data(recipe)
-    teachers = task.load_teachers(recipe, raw, progress=True)
-    student, _ = task.build_student(recipe, raw, teachers)
     spec = recipe.data
+    finetune = _finetune_plan(recipe, raw, task.name)
+    teacher = {"spec": recipe.keys.teacher, "finetune": finetune}
+    student_plan = {"spec": recipe.keys.student}
+    if finetune is None or finetune["cached"]:
+        teachers = task.load_teachers(recipe, raw, progress=True)
+        student, _ = task.build_student(recipe, raw, teachers)
+        teacher.update(resolved=teachers.specs, architecture=type(teachers.config).__name__,
+                       parameters=(saved_parameters(teachers.first_dir)
+                                   if teachers.first_dir and not teachers.loaded
+                                   else count_parameters(teachers.models()[0])[0]))
+        student_plan.update({"class": type(student).__name__,
+                             "parameters": count_parameters(student)[0]})
     n_train = len(raw[spec.train_split])
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     steps = args.max_steps if args.max_steps > 0 else \
         math.ceil(args.num_train_epochs * math.ceil(n_train / per_step))
     label = spec.label_column
     feat = raw[spec.train_split].features.get(label) if label else None
-    t_params = (count_parameters(teachers.models()[0])[0] if teachers.loaded or not teachers.first_dir
-                else saved_parameters(teachers.first_dir))
     return {
-        "name": recipe.keys.name, "task": task.name,
-        "teacher": {"spec": recipe.keys.teacher, "resolved": teachers.specs,
-                    "architecture": type(teachers.config).__name__, "parameters": t_params},
-        "student": {"spec": recipe.keys.student, "class": type(student).__name__,
-                    "parameters": count_parameters(student)[0]},
+        "name": recipe.keys.name, "task": task.name, "teacher": teacher, "student": student_plan,
         "data": {split: len(d) for split, d in raw.items()},
         "labels": list(getattr(feat, "names", None) or []) or None,
         "steps": steps, "examples_per_step": per_step,
@@ -144,14 +150,44 @@ def plan(recipe: Recipe) -> dict:
     }
 
 
+def _finetune_plan(recipe: Recipe, raw, task: str):
+    """What fine-tuning the recipe's teacher would do (the built-in teacher, or ``{base,
+    finetune}``), worked out without training; None for a teacher that needs none."""
+    from distilkit import finetune as ft
+    from distilkit.data import DataSpec, load_raw
+    from distilkit.teachers import BUILTIN_TEACHER, minilm_path
+
+    t = recipe.keys.teacher
+    if t == BUILTIN_TEACHER:
+        p = ft.plan_finetune(minilm_path(), load_raw(DataSpec()), DataSpec(), ft.BUILTIN_FINETUNE,
+                             name="minilm-rt")
+    elif ft.parse_teacher_spec(t):
+        base, cfg = ft.parse_teacher_spec(t)
+        p = ft.plan_finetune(base, raw, recipe.data, cfg, task=task)
+    else:
+        return None
+    return {"base": p.base, "steps": p.steps, "labels": p.labels, "out": p.out,
+            "cached": p.cached}
+
+
 def format_plan(p: dict) -> str:
     """The plan as a few lines for the terminal, then the resolved recipe as YAML."""
-    lines = [f"== distilkit dry run: {p['name']} ({p['task']}) ==",
-             f"teacher  {p['teacher']['spec']} -> {', '.join(map(str, p['teacher']['resolved']))} "
-             f"({p['teacher']['architecture']}, {p['teacher']['parameters']:,} parameters)",
-             f"student  {json.dumps(p['student']['spec'], sort_keys=True)} -> "
-             f"{p['student']['class']}, {p['student']['parameters']:,} parameters",
-             "data     " + ", ".join(f"{k}: {v:,}" for k, v in p["data"].items()),
+    t, s, ft = p["teacher"], p["student"], p["teacher"].get("finetune")
+    lines = [f"== distilkit dry run: {p['name']} ({p['task']}) =="]
+    if ft:
+        lines.append(f"finetune {ft['base']} -> {ft['out']}: "
+                     + ("cached" if ft["cached"] else f"not trained yet ({ft['steps']:,} steps"
+                        + (f", labels {ft['labels']})" if ft["labels"] else ")")))
+    if "architecture" in t:
+        lines += [f"teacher  {t['spec'] if not ft else 'fine-tuned'} -> "
+                  f"{', '.join(map(str, t['resolved']))} ({t['architecture']}, "
+                  f"{t['parameters']:,} parameters)",
+                  f"student  {json.dumps(s['spec'], sort_keys=True)} -> {s['class']}, "
+                  f"{s['parameters']:,} parameters"]
+    else:
+        lines.append(f"student  {json.dumps(s['spec'], sort_keys=True)}: built from the teacher "
+                     "once it is fine-tuned")
+    lines += ["data     " + ", ".join(f"{k}: {v:,}" for k, v in p["data"].items()),
              f"labels   {p['labels'] if p['labels'] else '(as in the data)'}",
              f"training {p['steps']:,} steps of {p['examples_per_step']} examples",
              "compress " + (" -> ".join(c["method"] for c in p["compression"]) or "none"),

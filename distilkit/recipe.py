@@ -179,6 +179,10 @@ class Recipe:
                 if getattr(k, name):
                     raise ValueError(f"{name}: applies to task: seq2seq only; add task: seq2seq "
                                      f"or remove {name}")
+        from distilkit.finetune import parse_teacher_spec
+        for i, t in enumerate(k.teacher if isinstance(k.teacher, list) else [k.teacher]):
+            # a teacher to fine-tune: its settings checked now, not after the data is loaded
+            parse_teacher_spec(t, "teacher" if not isinstance(k.teacher, list) else f"teacher[{i}]")
         if not isinstance(k.max_length, int) or k.max_length < 2:
             raise ValueError(f"max_length: {k.max_length!r} must be an integer >= 2")
         if not isinstance(k.compression, list):

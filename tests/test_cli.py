@@ -334,3 +334,44 @@ def test_string_labels_matched_to_the_teacher_by_name(tiny_task, capsys):
     truth = [data_names[i] for i in test["sentiment"]]
     expected = sum(names[p] == n for p, n in zip(pred, truth)) / len(truth)
     assert res["teacher"]["accuracy"] == pytest.approx(expected)
+
+
+def test_my_csv_my_labels_a_base_model(tiny_task, capsys, monkeypatch):
+    """The user's run end to end: one CSV with string labels (three classes, an empty cell),
+    a base model without a task head; the teacher is fine-tuned by distilkit on the CSV's own
+    training split (planned by --dry-run without training, trained by `distilkit finetune`,
+    reused by `distilkit distill`), then distilled; its figures reach results.json and the
+    card."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+
+    from conftest import tiny_bert_config
+
+    tmp = tiny_task["tmp"]
+    monkeypatch.setenv("DISTILKIT_CACHE", str(tmp / "dk_cache"))
+    base = str(tmp / "base")
+    tok = AutoTokenizer.from_pretrained(tiny_task["teacher"])
+    BertModel(tiny_bert_config(vocab=tok.vocab_size, layers=4)).save_pretrained(base)
+    tok.save_pretrained(base)
+    path, out = _recipe(tiny_task, data_files=_three_class_csv(tmp), text_column="review",
+                        label_column="sentiment", validation_fraction=0.2, test_fraction=0.2,
+                        teacher={"base": base, "finetune": {"max_steps": 30, "batch_size": 16,
+                                                            "learning_rate": 1e-3}},
+                        compression=[])
+    assert main(["distill", path, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "not trained yet (30 steps, labels ['negative', 'neutral', 'positive'])" in printed
+    assert not (tmp / "dk_cache" / "teachers").exists() or \
+        not os.listdir(tmp / "dk_cache" / "teachers")
+    assert main(["finetune", path, "--no-progress"]) == 0
+    teacher_dir = capsys.readouterr().out.split("teacher: ", 1)[1].splitlines()[0]
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    assert teacher.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert main(["distill", path, "--no-progress"]) == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["teacher_finetune"]["steps"] == 30
+    assert res["teacher_finetune"]["base"] == base
+    card = open(os.path.join(out, "student", "README.md")).read()
+    assert "fine-tuned on the training split by distilkit (30 steps" in card
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "student"))
+    assert student.config.id2label == teacher.config.id2label
+    assert student.config.num_hidden_layers == 2

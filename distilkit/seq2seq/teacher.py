@@ -102,7 +102,8 @@ def build_seq2seq_model(settings: Seq2SeqTeacherSettings, tokenizer):
 
 def train_supervised(model, tokenizer, train_dataset, output_dir: str, max_steps: int,
                      batch_size: int = 32, learning_rate: float = 1e-3, warmup_steps: int = 100,
-                     seed: int = 42, progress: bool = True, callbacks=None):
+                     seed: int = 42, progress: bool = True, callbacks=None,
+                     weight_decay: float = 0.01):
     """Train a seq2seq model on tokenized ``(input_ids, labels)`` with cross-entropy (plain
     ``transformers.Trainer``, batches grouped by length so CPU time is not spent on padding).
     Returns the trainer."""
@@ -113,7 +114,7 @@ def train_supervised(model, tokenizer, train_dataset, output_dir: str, max_steps
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, max_steps=max_steps, warmup_steps=warmup_steps,
-        weight_decay=0.01, lr_scheduler_type="linear", seed=seed, logging_steps=100,
+        weight_decay=weight_decay, lr_scheduler_type="linear", seed=seed, logging_steps=100,
         save_strategy="no", report_to=[], disable_tqdm=not progress, train_sampling_strategy="group_by_length",
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset,
