@@ -131,3 +131,57 @@ def test_bad_input_is_one_line_before_any_work(tiny_task, capsys, monkeypatch, n
         if cache.is_dir() else []
     assert not shards
 
+
+
+def _saved_student(tiny_task, tmp):
+    """A finished run (the tiny recipe) and its student directory."""
+    path, out = _recipe(tiny_task, output_dir=str(tmp / "run_ok"), compression=[])
+    assert main(["distill", path, "--no-progress"]) == 0
+    return os.path.join(out, "student")
+
+
+@pytest.mark.parametrize("fault", ["truncated_weights", "pickle_weights"])
+def test_damaged_model_files_are_one_line_in_evaluate(tiny_task, capsys, fault):
+    """Was: a SafetensorError / an UnpicklingError traceback."""
+    import shutil
+
+    tmp = tiny_task["tmp"]
+    student = _saved_student(tiny_task, tmp)
+    broken = str(tmp / "broken")
+    shutil.copytree(student, broken)
+    weights = os.path.join(broken, "model.safetensors")
+    if fault == "truncated_weights":
+        data = open(weights, "rb").read()
+        open(weights, "wb").write(data[: len(data) // 2])
+    else:
+        import pickle
+        os.remove(weights)
+        with open(os.path.join(broken, "pytorch_model.bin"), "wb") as f:
+            pickle.dump({"not": "tensors"}, f)
+    capsys.readouterr()
+    assert main(["evaluate", broken, "--no-latency", "--data-files",
+                 f"test={tiny_task['data_files']['test']}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("distilkit evaluate: error:")]) == 1
+
+
+def test_a_full_disk_while_saving_leaves_no_student(tiny_task, capsys, monkeypatch):
+    """Was: `No space left on device` as a traceback, after training. Now one line, and the
+    half-written student directory is removed (written aside, renamed only when complete)."""
+    import errno
+
+    import distilkit.compress.base as cb
+
+    real = cb.save_compressed
+
+    def full_disk(model, out_dir, **kw):
+        real(model, out_dir, **kw)        # some files written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", out_dir)
+    monkeypatch.setattr(cb, "save_compressed", full_disk)
+    path, out = _recipe(tiny_task, compression=[])
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "student"))
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
