@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable, Optional
 
 import yaml
 
@@ -51,7 +52,9 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
 
 def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     """Run one recipe end to end and return its results (also written to ``results.json``)."""
+    from distilkit.card import model_card
     from distilkit.compress.base import CompressionContext, compress_, config_from_dict, get_method
+    from distilkit.files import atomic_write_text
     from distilkit.teachers import read_teacher_info
     from distilkit.trainer import DistilTrainer
 
@@ -85,20 +88,30 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results: dict = {}
     if trainer.is_world_process_zero():
-        out_dir = save_student(trainer.model, tokenizer, args.output_dir,
-                               recipe.keys.save_merged_adapter)
-        t_m, s_m, split = task.evaluate(recipe, raw, teachers, out_dir, progress)
-        results = {
-            "name": recipe.keys.name, "task": task.name, "split": split,
-            "teacher": t_m, "student": s_m, **task.compare(t_m, s_m), **prep.stats,
-            "teacher_loaded": teachers.loaded,
-            "teacher_finetune": read_teacher_info(teachers.first_dir) if teachers.first_dir else None,
-            "train_seconds": round(time.time() - t0, 1),
-            "processes": args.world_size,
-            "global_steps": trainer.state.global_step,
-            "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
-            "recipe": recipe.to_dict(),
-        }
+        out_dir = os.path.join(args.output_dir, STUDENT_DIR)
+
+        def evaluate_and_card(tmp: str) -> None:
+            # The student is scored and carded while still in its temporary directory, so a
+            # failure here leaves no student without figures.
+            t_m, s_m, split = task.evaluate(recipe, raw, teachers, tmp, progress)
+            if "size_source" in s_m:
+                s_m["size_source"] = os.path.abspath(out_dir)
+            results.update({
+                "name": recipe.keys.name, "task": task.name, "split": split,
+                "teacher": t_m, "student": s_m, **task.compare(t_m, s_m), **prep.stats,
+                "teacher_loaded": teachers.loaded,
+                "teacher_finetune": (read_teacher_info(teachers.first_dir)
+                                     if teachers.first_dir else None),
+                "train_seconds": round(time.time() - t0, 1),
+                "processes": args.world_size,
+                "global_steps": trainer.state.global_step,
+                "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
+                "recipe": recipe.to_dict(),
+            })
+            atomic_write_text(os.path.join(tmp, "README.md"), model_card(results, recipe.to_dict()))
+
+        save_student(trainer.model, tokenizer, args.output_dir, recipe.keys.save_merged_adapter,
+                     then=evaluate_and_card)
         write_run_outputs(recipe, results, args.output_dir, out_dir)
         print(task.summary(results))
     trainer.accelerator.wait_for_everyone()
@@ -197,10 +210,12 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True) -> str:
+def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True,
+                 then: Optional[Callable[[str], None]] = None) -> str:
     """Finalize every applied compression method (e.g. convert to packed low-bit weights),
     merge a LoRA adapter when asked, and write the student with its tokenizer to
-    ``run_dir/student`` atomically. Returns that directory."""
+    ``run_dir/student`` atomically; ``then(tmp)`` runs on the complete temporary directory
+    before it is put in place (a failure there leaves no student). Returns the directory."""
     from distilkit.compress.base import compression_records, finalize_, save_compressed
     from distilkit.files import atomic_dir
 
@@ -213,6 +228,8 @@ def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True) -> 
     def save(tmp):
         save_compressed(model, tmp)
         tokenizer.save_pretrained(tmp)
+        if then is not None:
+            then(tmp)
     atomic_dir(out_dir, save)
     return out_dir
 
@@ -224,16 +241,14 @@ def _loader(ds, collator, batch_size):
 
 
 def write_run_outputs(recipe: Recipe, results: dict, run_dir: str, model_dir: str) -> None:
-    """What every finished run leaves (each file written atomically): ``results.json`` and the
-    resolved ``recipe.yaml`` in the run directory, the model card as the student's
-    ``README.md``; then the push to the Hub when the recipe asks for it."""
-    from distilkit.card import model_card
+    """What every finished run leaves beside its student (whose model card is written with
+    it), each file atomically: ``results.json`` and the resolved ``recipe.yaml``; then the
+    push to the Hub when the recipe asks for it."""
     from distilkit.files import atomic_write_text
 
     atomic_write_text(os.path.join(run_dir, RESULTS_FILE), json.dumps(results, indent=2, default=str))
     atomic_write_text(os.path.join(run_dir, "recipe.yaml"),
                       yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(os.path.join(model_dir, "README.md"), model_card(results, recipe.to_dict()))
     if recipe.keys.push_to_hub:
         from distilkit.hub import push_to_hub
         push_to_hub(model_dir, recipe.keys.hub_repo_id)

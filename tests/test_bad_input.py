@@ -185,3 +185,19 @@ def test_a_full_disk_while_saving_leaves_no_student(tiny_task, capsys, monkeypat
     assert "No space left on device" in err and "Traceback" not in err
     assert not os.path.exists(os.path.join(out, "student"))
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
+
+
+def test_a_failure_in_the_final_evaluation_leaves_no_student(tiny_task, capsys, monkeypatch):
+    """Was: the student was put in place before its evaluation, so a crash there (for
+    instance max_length beyond the positions) left a student and no results."""
+    from distilkit.tasks.classification import ClassificationTask
+
+    def broken(self, *a, **k):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(ClassificationTask, "evaluate", broken)
+    path, out = _recipe(tiny_task, compression=[])
+    assert main(["distill", path, "--no-progress"]) == 2
+    assert "evaluation failed" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "student"))
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    assert not [n for n in os.listdir(out) if n.startswith(".tmp-")]
