@@ -375,3 +375,38 @@ def test_my_csv_my_labels_a_base_model(tiny_task, capsys, monkeypatch):
     student = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "student"))
     assert student.config.id2label == teacher.config.id2label
     assert student.config.num_hidden_layers == 2
+
+
+def test_data_with_fewer_classes_than_the_teacher(tiny_task, capsys):
+    """A teacher that knows more classes than the data has (3 named ones for 2-class data):
+    the student keeps only the data's classes, in the data's order, from the teacher's head
+    rows."""
+    import csv
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import tiny_bert, tiny_sentences
+
+    tmp = tiny_task["tmp"]
+    files = {}
+    for split, n, seed in (("train", 64, 0), ("validation", 16, 1), ("test", 16, 2)):
+        files[split] = str(tmp / f"{split}_named.csv")
+        with open(files[split], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows((t, "pos" if y else "neg") for t, y in tiny_sentences(n, seed))
+    tdir = str(tmp / "teacher3")
+    tok = AutoTokenizer.from_pretrained(tiny_task["teacher"])
+    names = {0: "maybe", 1: "pos", 2: "neg"}
+    t = tiny_bert(vocab=tok.vocab_size, layers=4, num_labels=3, seed=4, id2label=names,
+                  label2id={v: k for k, v in names.items()})
+    t.save_pretrained(tdir)
+    tok.save_pretrained(tdir)
+    path, out = _recipe(tiny_task, teacher=tdir, data_files=files, compression=[],
+                        learning_rate=0.0, max_steps=1)
+    assert main(["distill", path, "--no-progress"]) == 0
+    student = AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "student"))
+    assert student.config.id2label == {0: "neg", 1: "pos"}
+    # learning rate 0: the student's head is the teacher's rows for "neg" then "pos"
+    torch.testing.assert_close(student.classifier.weight, t.classifier.weight[[2, 1]])

@@ -338,6 +338,7 @@ def _select_head_rows(student: nn.Module, index: list) -> None:
             new.bias.copy_(head.bias[index])
     parent, _, child = name.rpartition(".")
     setattr(student.get_submodule(parent) if parent else student, child, new)
+    student.config.num_labels = len(index)
 
 
 def _set_labels(student: nn.Module, teacher_config, spec) -> None:
