@@ -574,3 +574,33 @@ def test_generation_with_a_decoder_deeper_than_the_encoder():
         res = generate_texts(model, tok, ["a fine film", "dull"],
                              GenerationSettings(max_new_tokens=4, num_beams=beams))
         assert len(res.texts) == 2
+
+
+def test_seq2seq_recipe_with_a_teacher_fine_tuned_from_a_base(tok, tmp_path, monkeypatch):
+    """teacher: {base, finetune} in a seq2seq recipe: the teacher is fine-tuned from the base
+    on the recipe's own training pairs (cached), then distilled."""
+    import json as _json
+
+    from distilkit.pipeline import run_recipe
+    from distilkit.recipe import Recipe
+
+    monkeypatch.setenv("DISTILKIT_CACHE", str(tmp_path / "dk"))
+    base = tmp_path / "base"
+    tiny_t5(seed=6, vocab=len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    files = {}
+    for split, rows in {"train": SENTENCES, "validation": SENTENCES[:3], "test": SENTENCES[3:6]}.items():
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            for s in rows:
+                f.write(_json.dumps({"src": strip_case_and_punct(s), "tgt": s}) + "\n")
+    raw = {"name": "s2s_ft", "task": "seq2seq",
+           "teacher": {"base": str(base), "finetune": {"max_steps": 4, "batch_size": 4,
+                                                       "learning_rate": 1e-3}},
+           "student": {"type": "from_teacher", "num_decoder_layers": 1}, "dataset": None,
+           "data_files": files, "text_column": "src", "label_column": "tgt", "max_length": 24,
+           "generation": {"max_new_tokens": 5}, "output_dir": str(tmp_path / "run"),
+           "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True}
+    res = run_recipe(Recipe.from_dict(raw), progress=False)
+    assert res["teacher_finetune"]["steps"] == 4 and res["teacher_finetune"]["task"] == "seq2seq"
+    assert res["student"]["n"] == 3 and 0 <= res["student"]["bleu"] <= 100
