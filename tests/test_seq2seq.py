@@ -422,6 +422,19 @@ def test_compressed_seq2seq_round_trips_through_save_load(method, family, tmp_pa
 
 
 # ------------------------------------------------------------------ a task: seq2seq recipe
+def _truecase_files(tmp_path) -> dict:
+    """Train / validation / test jsonl files of (src, tgt) truecasing pairs."""
+    import json as _json
+
+    files = {}
+    for split, rows in {"train": SENTENCES, "validation": SENTENCES[:3], "test": SENTENCES[3:6]}.items():
+        files[split] = str(tmp_path / f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            for s in rows:
+                f.write(_json.dumps({"src": strip_case_and_punct(s), "tgt": s}) + "\n")
+    return files
+
+
 def test_seq2seq_recipe_end_to_end(tok, tmp_path):
     """A recipe with sequence-level + token-level KD and 4-bit quantized distillation runs
     end to end and reports generation scores for teacher and student."""
@@ -433,12 +446,7 @@ def test_seq2seq_recipe_end_to_end(tok, tmp_path):
     teacher_dir = tmp_path / "teacher"
     tiny_t5(seed=5, vocab=len(tok)).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
-    files = {}
-    for split, rows in {"train": SENTENCES, "validation": SENTENCES[:3], "test": SENTENCES[3:6]}.items():
-        files[split] = str(tmp_path / f"{split}.jsonl")
-        with open(files[split], "w") as f:
-            for s in rows:
-                f.write(_json.dumps({"src": strip_case_and_punct(s), "tgt": s}) + "\n")
+    files = _truecase_files(tmp_path)
     raw = {"name": "s2s", "task": "seq2seq", "teacher": str(teacher_dir),
            "student": {"type": "from_teacher", "num_decoder_layers": 1}, "dataset": None,
            "data_files": files, "text_column": "src", "label_column": "tgt", "max_length": 24,
@@ -579,8 +587,6 @@ def test_generation_with_a_decoder_deeper_than_the_encoder():
 def test_seq2seq_recipe_with_a_teacher_fine_tuned_from_a_base(tok, tmp_path, monkeypatch):
     """teacher: {base, finetune} in a seq2seq recipe: the teacher is fine-tuned from the base
     on the recipe's own training pairs (cached), then distilled."""
-    import json as _json
-
     from distilkit.pipeline import run_recipe
     from distilkit.recipe import Recipe
 
@@ -588,12 +594,7 @@ def test_seq2seq_recipe_with_a_teacher_fine_tuned_from_a_base(tok, tmp_path, mon
     base = tmp_path / "base"
     tiny_t5(seed=6, vocab=len(tok)).save_pretrained(base)
     tok.save_pretrained(base)
-    files = {}
-    for split, rows in {"train": SENTENCES, "validation": SENTENCES[:3], "test": SENTENCES[3:6]}.items():
-        files[split] = str(tmp_path / f"{split}.jsonl")
-        with open(files[split], "w") as f:
-            for s in rows:
-                f.write(_json.dumps({"src": strip_case_and_punct(s), "tgt": s}) + "\n")
+    files = _truecase_files(tmp_path)
     raw = {"name": "s2s_ft", "task": "seq2seq",
            "teacher": {"base": str(base), "finetune": {"max_steps": 4, "batch_size": 4,
                                                        "learning_rate": 1e-3}},
