@@ -11,6 +11,21 @@ from distilkit.loss_terms import loss_terms, teacher_needs
 
 LOSS_WEIGHTS = tuple(t.weight for t in loss_terms())
 LAYER_STRATEGIES = ("skip", "last")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def teacher_torch_dtype(value: Optional[str], field_name: str = "teacher_dtype"):
+    """The ``torch.dtype`` a teacher runs inference in: ``None`` (as loaded) or one of
+    :data:`TEACHER_DTYPES`; anything else is a one-line ``ValueError``."""
+    if value is None:
+        return None
+    if value not in TEACHER_DTYPES:
+        raise ValueError(f"{field_name}: {value!r} is not a teacher dtype; use one of "
+                         f"{', '.join(TEACHER_DTYPES)} (bfloat16 halves the teacher's memory "
+                         "and time on a GPU), or leave it unset to run the teacher as loaded")
+    import torch
+
+    return getattr(torch, value)
 
 
 def _check_layer_map(name: str, value: Any) -> None:
@@ -53,6 +68,7 @@ class DistilConfig(_LossWeights):
     teacher_model_name_or_path: Optional[Union[str, list]] = field(default=None, metadata={"help": "Teacher: a local path or hub id, or a list of them for an ensemble."})
     teacher_adapter: Optional[str] = field(default=None, metadata={"help": "A peft adapter (path or hub id) applied on top of the teacher base model."})
     ensemble_weights: Optional[list] = field(default=None, metadata={"help": "Weights of the teachers in an ensemble (default: equal): of their softened distributions for alpha_kd, of their logits for alpha_mse."})
+    teacher_dtype: Optional[str] = field(default=None, metadata={"help": "dtype the teacher(s) run inference in: 'float32', 'bfloat16' or 'float16' (default: as loaded). The losses stay fp32 whatever it is."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +85,7 @@ class DistilConfig(_LossWeights):
             raise ValueError(f"attention_loss_kind: {self.attention_loss_kind!r} must be 'kl' or 'mse'")
         _check_layer_map("layer_map", self.layer_map)
         _check_layer_map("decoder_layer_map", self.decoder_layer_map)
+        teacher_torch_dtype(self.teacher_dtype)
         if self.ensemble_weights is not None:
             if any((not isinstance(w, (int, float))) or w < 0 for w in self.ensemble_weights) or sum(self.ensemble_weights) <= 0:
                 raise ValueError(f"ensemble_weights: {self.ensemble_weights!r} must be numbers >= 0, not all zero")

@@ -8,8 +8,9 @@ the teacher (``teacher_logits``: ``C`` floats per example; ``teacher_cls_hidden`
 vector of every ``hidden_states`` entry, ``(L+1, H)``, index 0 = embeddings, for Patient-KD).
 
 What a cached value is keyed by
-    * a *namespace* (one directory) per teacher weights + config, tokenizer, ``max_length``,
-      which outputs, and the storage format. Teacher weights are hashed from the bytes of the
+    * a *namespace* (one directory) per teacher weights + config, the dtype the teacher
+      computes in (``compute_dtype``: a bf16 teacher's logits never serve an fp32 run),
+      tokenizer, ``max_length``, which outputs, and the storage format. Teacher weights are hashed from the bytes of the
       saved weight files (or the tensors of an in-memory model), never from a path or a
       modification time, so retraining a teacher in place changes the key;
     * inside it, a key per *example*: a hash of the token ids the teacher reads (input ids,
@@ -23,7 +24,8 @@ that is called only on a miss.
 
 Storage and integrity
     The cache is a :class:`~distilkit.shard_store.ShardStore` of float32 arrays: each write
-    adds one *shard* directory holding ``outputs.safetensors`` (example keys and output arrays)
+    adds one *shard* directory (outputs always stored as float32, whatever the compute dtype,
+    which the namespace's info file records) holding ``outputs.safetensors`` (example keys and output arrays)
     and ``manifest.json`` (rows, arrays, each file's size and SHA-256), assembled in a
     ``.tmp-*`` directory and renamed into place, so no cache ever looks valid without being
     complete. A shard that fails its size or checksum (truncated, corrupted) is deleted with a
@@ -37,6 +39,7 @@ transfer set is labelled by the teacher once.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -47,6 +50,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from distilkit.compress.base import compression_records
+from distilkit.config import teacher_torch_dtype
 from distilkit.files import sha256_file
 from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore  # noqa: F401 - the layout
 
@@ -234,13 +238,22 @@ def _resolve_path(spec: str) -> str:
     return snapshot_download(path)
 
 
+def model_dtype_name(model) -> str:
+    """The floating dtype of ``model``'s parameters as a name ('float32', 'bfloat16', ...);
+    'float32' for a model without floating parameters."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return "float32"
+
+
 def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[str],
                             batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
     """Run ``teacher`` over the token columns ``cols`` of ``ds`` and return the requested
-    outputs as float32 arrays with one row per example. Examples are batched by length, so
-    little time goes to padding; padding is masked, so results do not depend on batching.
-    Each batch is fed on the teacher's own device and its outputs come back to the host in
-    one copy."""
+    outputs as float32 arrays with one row per example (upcast from whatever dtype the
+    teacher computes in). Examples are batched by length, so little time goes to padding;
+    padding is masked, so results do not depend on batching. Each batch is fed on the
+    teacher's own device and its outputs come back to the host in one copy."""
     import torch
 
     from distilkit.device import model_device, to_device, to_host
@@ -313,7 +326,7 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
                            cache_dir: Optional[str] = None, batch_size: int = 64,
                            progress: bool = True,
                            teacher_loader: Optional[Callable[[str], Any]] = None,
-                           stats: Optional[dict] = None):
+                           stats: Optional[dict] = None, teacher_dtype: Optional[str] = None):
     """Return ``dataset`` with the teacher's outputs as columns ``teacher_logits`` (and
     ``teacher_cls_hidden``), taken from the cache where possible and computed (then cached)
     for the examples that miss.
@@ -336,7 +349,12 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
         batch_size: teacher batch size on a miss.
         teacher_loader: ``path -> model``; default :func:`distilkit.teachers.load_teacher`.
         stats: a dict filled with ``examples``, ``hits``, ``computed``, ``teacher_loaded``,
-            ``namespace`` and ``seconds``.
+            ``namespace``, ``compute_dtype`` and ``seconds``.
+        teacher_dtype: the dtype the teacher computes in on a miss ('float32', 'bfloat16',
+            'float16'; a ``DistilConfig``'s ``teacher_dtype``), part of the namespace key.
+            ``None``: a model object's own dtype, and float32 for a path (what the default
+            loader gives; a loaded teacher is cast to the key's dtype, so the key never lies).
+            A model object in another dtype is cast as a copy, never in place.
     """
     from datasets import DatasetDict
 
@@ -346,7 +364,8 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
             d, teacher, teacher_dataset=tds.get(split) if tds else None,
             tokenizer_name_or_path=tokenizer_name_or_path, max_length=max_length,
             outputs=outputs, cache_dir=cache_dir, batch_size=batch_size, progress=progress,
-            teacher_loader=teacher_loader, stats=stats) for split, d in dataset.items()})
+            teacher_loader=teacher_loader, stats=stats, teacher_dtype=teacher_dtype)
+            for split, d in dataset.items()})
     t0 = time.perf_counter()
     outs = _check_outputs(outputs)
     if len(dataset) == 0:
@@ -361,9 +380,12 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
                          "they must hold the same examples, row for row")
     cols = _input_columns(tds)
     path = _resolve_path(os.fspath(teacher)) if isinstance(teacher, (str, os.PathLike)) else None
+    teacher_torch_dtype(teacher_dtype)
+    compute_dtype = teacher_dtype or ("float32" if path is not None else model_dtype_name(teacher))
     fingerprint = {"teacher": teacher_fingerprint(path if path else teacher),
                    "tokenizer": tokenizer_fingerprint(tokenizer_name_or_path),
-                   "max_length": max_length, "outputs": list(outs)}
+                   "max_length": max_length, "outputs": list(outs),
+                   "compute_dtype": compute_dtype}
     keys = example_keys(tds, cols)
     arrays, found = cache.lookup(fingerprint, keys, outs)
     missing = np.flatnonzero(~found)
@@ -378,6 +400,9 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
         if path is not None:
             model = (teacher_loader or _default_loader)(path)
             loaded = True
+        if model_dtype_name(model) != compute_dtype:
+            # The caller's model is not ours to change: cast a copy.
+            model = (model if loaded else copy.deepcopy(model)).to(teacher_torch_dtype(compute_dtype))
         computed = compute_teacher_outputs(model, tds.select(uniq), cols, outs, batch_size,
                                            progress)
         cache.store(fingerprint, [keys[i] for i in uniq], computed)
@@ -391,6 +416,7 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
         result = _set_column(result, COLUMN[kind], arrays[kind])
     info = {"examples": len(keys), "hits": int(found.sum()), "computed": int(len(missing)),
             "teacher_loaded": loaded, "namespace": cache.namespace_dir(fingerprint),
+            "compute_dtype": compute_dtype,
             "seconds": round(time.perf_counter() - t0, 3)}
     if stats is not None:
         stats.update(info)

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from distilkit.compress.base import unwrap
-from distilkit.config import DistilConfig, resolve_layer_map
+from distilkit.config import DistilConfig, resolve_layer_map, teacher_torch_dtype
 from distilkit.device import model_device, to_device
 from distilkit.loss_terms import (COUNTS, Step, active_terms, projection_key, teacher_needs)
 from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN
@@ -129,10 +129,16 @@ class DistilTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.loss_is_scaled_for_ga = True
         self.teachers = []
+        t_dtype = teacher_torch_dtype(args.teacher_dtype)
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
-            self.teachers.append(self.accelerator.prepare_model(t, evaluation_mode=True))
+            t = self.accelerator.prepare_model(t, evaluation_mode=True)
+            if t_dtype is not None:
+                # Cast once, after accelerate has placed it: the teacher only infers, and every
+                # loss upcasts its outputs to fp32 (distilkit.losses).
+                t.to(t_dtype)
+            self.teachers.append(t)
         self.projections = None
         if projections is not None:
             projections.to(self.args.device)
