@@ -107,6 +107,8 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "report": (_lazy("distilkit.report", "add_report_arguments"),
                _lazy("distilkit.report", "run_report")),
     "push": (_lazy("distilkit.hub", "add_push_arguments"), _lazy("distilkit.hub", "run_push")),
+    "export": (_lazy("distilkit.export", "add_export_arguments"),
+               _lazy("distilkit.export", "run_export")),
 }
 
 

