@@ -88,3 +88,85 @@ def test_bitsandbytes_rejects_unquantized_and_bad_mode():
         to_bitsandbytes(tiny_bert())
     with pytest.raises(ValueError, match="mode='2bit'"):
         to_bitsandbytes(tiny_bert(), mode="2bit")
+
+
+def _spy_kernel(monkeypatch):
+    from distilkit.compress import packing
+
+    calls = []
+    real = packing._KERNEL_FORWARD
+    assert real is packed_linear_forward  # registered by importing distilkit.kernels
+
+    def spy(module, x):
+        calls.append(x.device.type)
+        return real(module, x)
+
+    monkeypatch.setattr(packing, "_KERNEL_FORWARD", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_forward_dispatches_to_the_kernel_when_forced(monkeypatch, dtype):
+    calls = _spy_kernel(monkeypatch)
+    layer = _packed_layer(n=40, k=72, bits=4, bucket=64)
+    x = torch.randn(3, 72).to(dtype)
+    monkeypatch.setenv("DISTILKIT_TRITON", "0")
+    cpu = layer(x.float())  # the CPU path is nn.Linear's: fp32 weights want fp32 inputs
+    assert calls == []
+    monkeypatch.setenv("DISTILKIT_TRITON", "1")
+    with torch.no_grad():
+        out = layer(x)
+    assert calls == ["cpu"] and out.dtype == dtype and out.shape == (3, 40)
+    torch.testing.assert_close(out, cpu.to(dtype), **({} if dtype == torch.float32 else
+                                                      dict(rtol=2e-2, atol=2e-2)))
+
+
+def test_packed_linear_uses_the_cpu_path_on_cpu_by_default(monkeypatch):
+    from distilkit.compress import packing
+
+    calls = _spy_kernel(monkeypatch)
+    monkeypatch.delenv("DISTILKIT_TRITON", raising=False)
+    layer = _packed_layer(n=8, k=16, bits=4, bucket=64)
+    layer(torch.randn(2, 16))
+    assert calls == []
+    # The switch in code overrides the variable.
+    monkeypatch.setattr(packing, "FORCE_KERNEL", True)
+    with torch.no_grad():
+        layer(torch.randn(2, 16))
+    assert calls == ["cpu"]
+
+
+def test_packed_linear_keeps_autograd_through_the_cpu_path(monkeypatch):
+    calls = _spy_kernel(monkeypatch)
+    monkeypatch.setenv("DISTILKIT_TRITON", "1")
+    layer = _packed_layer(n=8, k=16, bits=4, bucket=64)
+    x = torch.randn(2, 16, requires_grad=True)
+    layer(x).sum().backward()  # the kernel has no backward: inputs needing grad skip it
+    assert calls == [] and x.grad is not None
+
+
+def test_packed_model_forward_through_the_kernel_equals_the_cpu_path(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 10))
+    compress_(net, PTQConfig(bits=3, bucket_size=40, exclude=[]))
+    x = torch.randn(2, 4, 24)
+    calls = _spy_kernel(monkeypatch)
+    with torch.no_grad():
+        monkeypatch.setenv("DISTILKIT_TRITON", "0")
+        ref = net(x)
+        monkeypatch.setenv("DISTILKIT_TRITON", "1")
+        out = net(x)
+    assert calls == ["cpu", "cpu"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_forward_of_a_packed_layer_never_imports_triton():
+    # (compress_ itself may import peft, and through it triton: the layer is packed by hand.)
+    code = ("import sys, torch; from torch import nn; import distilkit.kernels; "
+            "from distilkit.compress.packing import to_packed, weight_spec; "
+            "lin = to_packed(nn.Linear(16, 8), {'weight': weight_spec((8, 16), 4, 64, "
+            "'uniform')}); lin(torch.randn(2, 16)); "
+            "assert 'triton' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != "DISTILKIT_TRITON"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))

@@ -8,7 +8,8 @@ byte boundaries. One layout for every width keeps the unpacking rule (and the Tr
 ``(i*b) & 7``, over a 16-bit window.
 
 A packed module (:class:`PackedLinear`, and packed variants of ``nn.Embedding`` / ``nn.LSTM``
-and their subclasses, made by :func:`packed_class`) keeps the parent class's forward untouched.
+and their subclasses, made by :func:`packed_class`) keeps the parent class's forward (only
+:class:`PackedLinear` adds a dispatch to the GPU kernel, below).
 For each quantized weight ``W`` it holds, as persistent buffers,
 
 * ``W_packed``: uint8, ``ceil(numel * b / 8)`` bytes of codes,
@@ -28,6 +29,7 @@ implies and what the file holds.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -224,9 +226,57 @@ class PackedMixin:
             state_dict.pop(prefix + name, None)
 
 
+# The GPU forward of PackedLinear. It lives a layer up, in distilkit.kernels (which this module
+# must not import), so distilkit.kernels registers it here when it is imported.
+_KERNEL_FORWARD = None
+# DISTILKIT_TRITON=1 forces the kernel on any device (CPU tensors under TRITON_INTERPRET=1:
+# how the tests check the dispatch), =0 never uses it; unset, CUDA tensors use it when Triton
+# is installed. FORCE_KERNEL (None / True / False) overrides the variable in code.
+TRITON_ENV = "DISTILKIT_TRITON"
+FORCE_KERNEL: Optional[bool] = None
+_HAS_TRITON: Optional[bool] = None
+
+
+def register_kernel_forward(fn) -> None:
+    """Set the ``(module, x) -> y`` kernel forward :class:`PackedLinear` dispatches to."""
+    global _KERNEL_FORWARD
+    _KERNEL_FORWARD = fn
+
+
+def _triton_installed() -> bool:
+    # find_spec, not import: the CPU path must never import triton.
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        import importlib.util
+
+        _HAS_TRITON = importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
+
+
+def use_kernel(x: torch.Tensor, packed: torch.Tensor) -> bool:
+    """Whether a PackedLinear forward on ``x`` runs the Triton kernel (rules above). Inputs
+    that need a gradient take the dequantized path: the kernel has no backward."""
+    if _KERNEL_FORWARD is None or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    force = FORCE_KERNEL
+    if force is None:
+        env = os.environ.get(TRITON_ENV, "").strip()
+        force = {"1": True, "0": False}.get(env)
+    if force is not None:
+        return force
+    return x.is_cuda and packed.is_cuda and _triton_installed()
+
+
 class PackedLinear(PackedMixin, nn.Linear):
     """``nn.Linear`` whose ``weight`` is stored as packed low-bit codes with per-bucket
-    fp32 scale and offset (and a points table for the non-uniform scheme)."""
+    fp32 scale and offset (and a points table for the non-uniform scheme). On CUDA (with
+    Triton) the forward reads the packed codes in the kernel of :mod:`distilkit.kernels`;
+    elsewhere it computes with the dequantized copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernel(x, self.weight_packed):
+            return _KERNEL_FORWARD(self, x).to(x.dtype)
+        return super().forward(x)
 
 
 class PackedEmbedding(PackedMixin, nn.Embedding):

@@ -7,6 +7,8 @@ them is called, so ``import distilkit.kernels`` works without either.
 """
 from __future__ import annotations
 
+from distilkit.compress.packing import register_kernel_forward
+
 
 def packed_linear_forward(module, x, **blocks):
     """Triton kernel forward of a ``PackedLinear`` (see :mod:`.triton_dequant`)."""
@@ -21,5 +23,8 @@ def to_bitsandbytes(model, mode="4bit", **kwargs):
 
     return f(model, mode=mode, **kwargs)
 
+
+# PackedLinear (a layer below) dispatches to the kernel once this package is imported.
+register_kernel_forward(packed_linear_forward)
 
 __all__ = ["packed_linear_forward", "to_bitsandbytes"]
