@@ -19,11 +19,15 @@ from distilkit.compress import (CompressionContext, compress_, config_from_dict,
 KINDS = {
     "plain": [],
     "prune_layers": [{"method": "prune_layers", "count": 2}],
-    # Global scope: the layers keep different head counts.
-    "prune_heads": [{"method": "prune_heads", "fraction": 0.5, "importance": "weight"}],
+    # The layers keep 4, 3, 1 and 2 heads of 4 (checked in the test).
+    "prune_heads": [{"method": "prune_heads", "heads": {1: [0], 2: [0, 2, 3], 3: [1, 2]}}],
     "prune_ffn": [{"method": "prune_ffn", "fraction": 0.5, "importance": "l1"}],
     "low_rank": [{"method": "low_rank", "param_fraction": 0.5}],
     "quantize_4bit": [{"method": "quantize", "bits": 4, "bucket_size": 64}],
+    "magnitude": [{"method": "magnitude", "final_sparsity": 0.5}],
+    "composed": [{"method": "prune_heads", "fraction": 0.25, "importance": "weight"},
+                 {"method": "prune_ffn", "fraction": 0.5, "importance": "l1"},
+                 {"method": "quantize", "bits": 4, "bucket_size": 32}],
     "bilstm": None,
 }
 # Sentences over the tiny vocabulary (plus unknown words), of different lengths.
@@ -62,6 +66,9 @@ def ort_logits(onnx_file, enc):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_export_matrix_fp32_equal_int8_agrees(tmp_path, kind):
     path = student(tmp_path, kind)
+    if kind == "prune_heads":
+        layers = load_compressed(path).bert.encoder.layer
+        assert [l.attention.self.query.out_features // 8 for l in layers] == [4, 3, 1, 2]
     res = ex.export_onnx(path, str(tmp_path / "onnx"), int8=True, check_data=TEXTS)
     out = tmp_path / "onnx"
     assert json.load(open(out / "export.json")) == json.loads(json.dumps(res))
