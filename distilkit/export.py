@@ -257,9 +257,25 @@ def add_export_arguments(p) -> None:
     p.add_argument("--out", help="output directory (default MODEL_DIR/onnx)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"max |logit diff| allowed for the fp32 export (default {TOLERANCE:g})")
+    p.add_argument("--texts", metavar="FILE",
+                   help="check the export on these sentences, one a line (default: a few "
+                        "built-in ones)")
+
+
+def read_texts(path: str) -> list[str]:
+    """The non-blank lines of text file ``path`` (the sentences to check an export on)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--texts: {path!r} is not a file; give a text file with one "
+                                "sentence a line")
+    with open(path, encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"--texts: {path!r} holds no sentence; give one sentence a line")
+    return texts
 
 
 def run_export(args, rest=None) -> int:
-    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8,
+    texts = read_texts(args.texts) if args.texts else None
+    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8, check_data=texts,
                                     tolerance=args.tolerance)))
     return 0

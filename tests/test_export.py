@@ -168,12 +168,18 @@ def test_cli_exports_a_distilled_run(tiny_task, capsys):
     assert main(["distill", path, "--no-progress"]) == 0
     capsys.readouterr()
     out = os.path.join(str(tiny_task["tmp"]), "exported")
-    assert main(["export", run, "--format", "onnx", "--int8", "--out", out]) == 0
+    texts = tiny_task["tmp"] / "texts.txt"
+    texts.write_text("\n".join(TEXTS[:5]) + "\n\n")
+    assert main(["export", run, "--format", "onnx", "--int8", "--out", out,
+                 "--texts", str(texts)]) == 0
     printed = capsys.readouterr().out
     res = json.load(open(os.path.join(out, "export.json")))
+    # 5 sentences together, the first 2, the shortest and the longest alone
+    assert res["check_rows"] == 5 + 2 + 1 + 1
     assert res["model_dir"] == os.path.abspath(os.path.join(run, "student"))
     assert "model.onnx" in printed and "model_int8.onnx" in printed and "serve:" in printed
     assert os.path.isfile(os.path.join(out, "model_int8.onnx"))
-    assert main(["export", str(tiny_task["tmp"] / "nowhere")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("distilkit export: error:") and len(err.strip().splitlines()) == 1
+    for argv in ([str(tiny_task["tmp"] / "nowhere")], [run, "--texts", str(tiny_task["tmp"])]):
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distilkit export: error:") and len(err.strip().splitlines()) == 1
