@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+import distilkit.kernels  # noqa: F401 - registers the Triton forward of packed students on CUDA
 from distilkit.device import model_device, synchronize, to_device, to_host
 from distilkit.metrics import accuracy_f1
 

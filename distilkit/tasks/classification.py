@@ -156,7 +156,8 @@ class ClassificationTask(Task):
         outputs = cached_outputs_needed(args)
         t_train = tokenize({"t": train_raw}, teachers.tokenizer, spec, max_length=k.max_length)["t"]
         kw = dict(teacher_dataset=t_train, max_length=k.max_length, cache_dir=k.cache_dir,
-                  progress=progress, teacher_loader=teachers.loader)
+                  progress=progress, teacher_loader=teachers.loader,
+                  teacher_dtype=args.teacher_dtype)
         # With an adapter the teacher is the merged model, not the files at its path: key the
         # cache by (and compute with) the loaded weights (label view included). Keyed by
         # path, the cache holds the teacher's own outputs, put in the data's label order here.
