@@ -71,7 +71,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
 
     ctx = CompressionContext(dataloader=_loader(prep.importance_dataset, prep.collator,
                                                 args.per_device_train_batch_size),
-                             loss_fn=lambda m, b: m(**b).loss, max_batches=16)
+                             loss_fn=lambda m, b: m(**b).loss, max_batches=16,
+                             tokenizer=tokenizer)
     callbacks = list(prep.callbacks)
     for cfg in comp_cfgs:
         compress_(student, cfg, ctx)

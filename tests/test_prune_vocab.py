@@ -114,7 +114,7 @@ def test_quantized_embedding_before_is_refused():
          "include": ["*word_embeddings*"]}
     model = tiny_bert()
     compress_(model, config_from_dict(q))
-    with pytest.raises(ValueError, match="put prune_vocab before that method"):
+    with pytest.raises(ValueError, match="put prune_vocab before quantize"):
         compress_(model, config_from_dict({"method": "prune_vocab"}), ctx)
 
 
@@ -130,3 +130,29 @@ def test_quantize_after_prune_vocab_round_trips(tmp_path):
     save_compressed(model, str(tmp_path / "pq"))
     loaded = load_compressed(str(tmp_path / "pq"))
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids))
+
+
+def test_the_order_is_checked_at_recipe_time():
+    """Quantized embeddings before prune_vocab are refused by recipe validation, before any
+    model is loaded."""
+    from distilkit.recipe import Recipe
+
+    with pytest.raises(ValueError, match="prune_vocab after quantize"):
+        Recipe.from_dict({"compression": [{"method": "quantize", "quantize_embeddings": True},
+                                          {"method": "prune_vocab"}]})
+    Recipe.from_dict({"compression": [{"method": "prune_vocab"},
+                                      {"method": "quantize", "quantize_embeddings": True}]})
+
+
+def test_the_runs_tokenizer_gives_the_specials_and_its_unk(tmp_path):
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer(str(tmp_path / "tok"))         # [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+    ctx = CompressionContext(dataloader=[{"input_ids": torch.tensor([[10, 11, 12]])}],
+                             tokenizer=tok)
+    with pytest.raises(ValueError, match="set unk_token_id: 1"):
+        compress_(tiny_bert(), config_from_dict({"method": "prune_vocab"}), ctx)
+    record = compress_(tiny_bert(), config_from_dict({"method": "prune_vocab",
+                                                      "unk_token_id": 1}), ctx)
+    assert set(tok.all_special_ids) <= set(record["kept_ids"])   # [MASK] is kept, unseen
+    assert {10, 11, 12} <= set(record["kept_ids"])

@@ -54,13 +54,15 @@ class CompressionContext:
 
     ``dataloader`` yields batches (dicts of tensors) for importance scores; ``loss_fn(model,
     batch) -> scalar`` is the loss those scores are taken against (task loss or the
-    distillation loss); ``teacher`` is the teacher model when there is one.
+    distillation loss); ``teacher`` is the teacher model when there is one; ``tokenizer``
+    the student's (its special tokens, for vocabulary pruning).
     """
 
     dataloader: Optional[Iterable[dict]] = None
     loss_fn: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None
     teacher: Optional[nn.Module] = None
     max_batches: Optional[int] = None
+    tokenizer: Any = None
 
 
 def batches_on_device(model: nn.Module, ctx: CompressionContext,
@@ -90,6 +92,7 @@ CAPABILITIES = {
     # Module names inside the layer stacks still denote the modules an earlier record named.
     "layer_names": ("each layer at the name it had", "renumbers"),
     "plain_lstm": ("plain nn.LSTM modules", "replaces"),
+    "plain_embedding": ("a plain nn.Embedding as the input word embedding", "replaces"),
 }
 
 

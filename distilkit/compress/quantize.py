@@ -511,7 +511,8 @@ def summarize(layers: dict) -> dict:
 
 
 def _replaced(linears: frozenset, cfg: PTQConfig) -> frozenset:
-    return linears | {"plain_lstm"} if cfg.quantize_lstm else linears
+    out = linears | {"plain_lstm"} if cfg.quantize_lstm else linears
+    return out | {"plain_embedding"} if cfg.quantize_embeddings else out
 
 
 @register

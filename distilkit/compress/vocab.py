@@ -133,6 +133,7 @@ def _check_embedding(model: nn.Module) -> nn.Embedding:
 @register
 class PruneVocab(Method):
     name = "prune_vocab"
+    needs = frozenset({"plain_embedding"})
     config_cls = PruneVocabConfig
     citation = ("Abdaoui, Pradel, Sigel. Load What You Need: Smaller Versions of Multilingual "
                 "BERT. SustaiNLP 2020. arXiv:2010.05609")
@@ -147,6 +148,13 @@ class PruneVocab(Method):
             logger.warning("prune_vocab: keep_frequent=%d ignored: no token frequencies beyond "
                            "the training data, whose tokens are all kept", cfg.keep_frequent)
         specials = {getattr(model.config, a, None) for a in _SPECIAL_ATTRS}
+        tok = ctx.tokenizer if ctx is not None else None
+        if tok is not None:  # the run's tokenizer: all its special tokens, and its [UNK]
+            specials |= set(getattr(tok, "all_special_ids", None) or [])
+            unk = getattr(tok, "unk_token_id", None)
+            if unk is not None and unk != cfg.unk_token_id:
+                raise ValueError(f"prune_vocab: unk_token_id={cfg.unk_token_id} but the "
+                                 f"tokenizer's [UNK] is {unk}; set unk_token_id: {unk}")
         specials = {i for i in specials if isinstance(i, int) and 0 <= i < vocab}
         bad = [i for i in cfg.special_token_ids if i >= vocab]
         if bad:
