@@ -151,8 +151,9 @@ def test_the_runs_tokenizer_gives_the_specials_and_its_unk(tmp_path):
     ctx = CompressionContext(dataloader=[{"input_ids": torch.tensor([[10, 11, 12]])}],
                              tokenizer=tok)
     with pytest.raises(ValueError, match="set unk_token_id: 1"):
-        compress_(tiny_bert(), config_from_dict({"method": "prune_vocab"}), ctx)
-    record = compress_(tiny_bert(), config_from_dict({"method": "prune_vocab",
-                                                      "unk_token_id": 1}), ctx)
+        compress_(tiny_bert(), config_from_dict({"method": "prune_vocab", "unk_token_id": 100}),
+                  ctx)
+    record = compress_(tiny_bert(), config_from_dict({"method": "prune_vocab"}), ctx)
+    assert record["unk_token_id"] == 1                  # the tokenizer's, by default
     assert set(tok.all_special_ids) <= set(record["kept_ids"])   # [MASK] is kept, unseen
     assert {10, 11, 12} <= set(record["kept_ids"])

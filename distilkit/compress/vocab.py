@@ -17,7 +17,8 @@ when it is not 0) until a frequency source exists.
 The rule. The model remaps ids itself, so the original tokenizer keeps working unchanged:
 the embedding becomes a :class:`PrunedEmbedding` whose ``id_map`` buffer sends each original
 id to its new row, and **a token id that was not kept maps to the row of [UNK]**
-(``unk_token_id``, default 100, the [UNK] of BERT vocabularies; it must be a kept id). So
+(``unk_token_id``: by default the run's tokenizer's, else 100, the [UNK] of BERT
+vocabularies; it is always kept, and recorded). So
 the pruned model predicts on any input exactly what the original model predicts on the same
 input with every dropped id replaced by ``unk_token_id``.
 
@@ -50,14 +51,18 @@ _SPECIAL_ATTRS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id"
                   "cls_token_id", "mask_token_id", "decoder_start_token_id")
 
 
+DEFAULT_UNK = 100  # [UNK] in BERT word-piece vocabularies
+
+
 @dataclass
 class PruneVocabConfig:
     keep_frequent: int = field(default=0, metadata={
         "help": "Number of the most frequent other tokens to keep as well; ignored for now "
                 "(no frequency source beyond the training data, all of whose tokens are "
                 "kept)."})
-    unk_token_id: int = field(default=100, metadata={
-        "help": "Id of [UNK]: dropped ids map to its row (100 in BERT vocabularies)."})
+    unk_token_id: Optional[int] = field(default=None, metadata={
+        "help": "Id of [UNK]: dropped ids map to its row. Default: the run's tokenizer's "
+                "unk_token_id, else 100 (BERT vocabularies)."})
     special_token_ids: list = field(default_factory=list, metadata={
         "help": "Further ids to keep, e.g. the tokenizer's all_special_ids."})
 
@@ -65,7 +70,8 @@ class PruneVocabConfig:
         if not isinstance(self.keep_frequent, int) or self.keep_frequent < 0:
             raise ValueError(f"prune_vocab: keep_frequent={self.keep_frequent!r} must be a "
                              f"non-negative integer")
-        if not isinstance(self.unk_token_id, int) or self.unk_token_id < 0:
+        if self.unk_token_id is not None and (not isinstance(self.unk_token_id, int)
+                                              or self.unk_token_id < 0):
             raise ValueError(f"prune_vocab: unk_token_id={self.unk_token_id!r} must be a "
                              f"non-negative token id; use the tokenizer's unk_token_id")
         bad = [i for i in self.special_token_ids if not isinstance(i, int) or i < 0]
@@ -141,30 +147,31 @@ class PruneVocab(Method):
     def apply(self, model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext) -> dict:
         emb = _check_embedding(model)
         vocab = emb.num_embeddings
-        if cfg.unk_token_id >= vocab:
-            raise ValueError(f"prune_vocab: unk_token_id={cfg.unk_token_id} is outside the "
+        tok = ctx.tokenizer if ctx is not None else None
+        tok_unk = getattr(tok, "unk_token_id", None)
+        unk = cfg.unk_token_id if cfg.unk_token_id is not None else (
+            tok_unk if tok_unk is not None else DEFAULT_UNK)
+        if unk >= vocab:
+            raise ValueError(f"prune_vocab: unk_token_id={unk} is outside the "
                              f"vocabulary 0..{vocab - 1}; give the tokenizer's unk_token_id")
         if cfg.keep_frequent:
             logger.warning("prune_vocab: keep_frequent=%d ignored: no token frequencies beyond "
                            "the training data, whose tokens are all kept", cfg.keep_frequent)
         specials = {getattr(model.config, a, None) for a in _SPECIAL_ATTRS}
-        tok = ctx.tokenizer if ctx is not None else None
         if tok is not None:  # the run's tokenizer: all its special tokens, and its [UNK]
             specials |= set(getattr(tok, "all_special_ids", None) or [])
-            unk = getattr(tok, "unk_token_id", None)
-            if unk is not None and unk != cfg.unk_token_id:
-                raise ValueError(f"prune_vocab: unk_token_id={cfg.unk_token_id} but the "
-                                 f"tokenizer's [UNK] is {unk}; set unk_token_id: {unk}")
+            if tok_unk is not None and tok_unk != unk:
+                raise ValueError(f"prune_vocab: unk_token_id={unk} but the tokenizer's [UNK] "
+                                 f"is {tok_unk}; set unk_token_id: {tok_unk} (or leave it unset)")
         specials = {i for i in specials if isinstance(i, int) and 0 <= i < vocab}
         bad = [i for i in cfg.special_token_ids if i >= vocab]
         if bad:
             raise ValueError(f"prune_vocab: special_token_ids {bad[:4]} are outside the "
                              f"vocabulary 0..{vocab - 1}")
-        kept = sorted(_data_ids(ctx, vocab) | specials | {cfg.unk_token_id}
-                      | set(cfg.special_token_ids))
-        record = {"kept_ids": kept, "vocab_size": vocab, "kept": len(kept),
+        kept = sorted(_data_ids(ctx, vocab) | specials | {unk} | set(cfg.special_token_ids))
+        record = {"kept_ids": kept, "vocab_size": vocab, "kept": len(kept), "unk_token_id": unk,
                   "bytes_saved_fp32": 4 * ((vocab - len(kept)) * emb.embedding_dim - vocab)}
-        new = self._build(emb, record, cfg.unk_token_id)
+        new = self._build(emb, record, unk)
         with torch.no_grad():
             new.embedding.weight.copy_(emb.weight[torch.tensor(kept, device=emb.weight.device)])
         model.set_input_embeddings(new)
@@ -172,7 +179,7 @@ class PruneVocab(Method):
 
     def restore(self, model: nn.Module, record: dict) -> None:
         emb = _check_embedding(model)
-        model.set_input_embeddings(self._build(emb, record, record["config"]["unk_token_id"]))
+        model.set_input_embeddings(self._build(emb, record, record["unk_token_id"]))
 
     @staticmethod
     def _build(emb: nn.Embedding, record: dict, unk: int) -> PrunedEmbedding:
