@@ -114,7 +114,7 @@ def test_a_failed_check_writes_nothing_and_keeps_the_old_export(tmp_path, monkey
     ex.export_onnx(path, out)
     before = open(os.path.join(out, "export.json")).read()
     real = ex.compare
-    monkeypatch.setattr(ex, "compare", lambda *a: {**real(*a), "max_abs_diff": 1.0})
+    monkeypatch.setattr(ex.classifier, "compare", lambda *a: {**real(*a), "max_abs_diff": 1.0})
     with pytest.raises(RuntimeError, match="does not compute the PyTorch model's function"):
         ex.export_onnx(path, out)
     assert open(os.path.join(out, "export.json")).read() == before

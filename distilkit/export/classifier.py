@@ -1,11 +1,11 @@
-"""``distilkit export RUN_OR_MODEL_DIR --format onnx [--int8]``: a classification student as an
-ONNX model for onnxruntime, checked against PyTorch before it is handed over.
+"""The ONNX export of a classification student: every encoder kind distilkit makes and the
+BiLSTM student, traced with dynamic batch and sequence axes and checked in onnxruntime
+against the PyTorch model before anything is written.
 
 The student is loaded with :func:`~distilkit.compress.base.load_compressed`, so every
 compressed student (layer-dropped, head-pruned with per-layer head counts, FFN-pruned,
-low-rank, packed low-bit weights, which compute with their dequantized copy) exports the
-function it computes in PyTorch. The export has dynamic batch and sequence axes; the
-tokenizer and config are saved beside it. ``--int8`` adds onnxruntime's dynamic int8
+low-rank, vocabulary-pruned, packed low-bit weights, which compute with their dequantized
+copy) exports the function it computes in PyTorch. ``int8`` adds onnxruntime's dynamic int8
 quantization of the same graph (weights int8, activations quantized per call).
 
 The check: the tokenizer encodes real sentences in batches of different lengths (batch 1
@@ -15,7 +15,7 @@ approximation: its argmax agreement rate and max logit difference are reported, 
 The figures go to ``export.json`` beside the model files.
 
 BiLSTM students run through an export form of their forward (:class:`_BiLSTMForExport`) that
-keeps the sequence axis dynamic; sentence-pair BiLSTM students and seq2seq models are refused.
+keeps the sequence axis dynamic.
 """
 from __future__ import annotations
 
@@ -28,11 +28,10 @@ import torch
 from torch import nn
 
 from distilkit.evaluate import find_model_dir
+from distilkit.export.runtime import (FP32_FILE, INT8_FILE, OPSET, REPORT_FILE, require_onnx,
+                                      session)
 
-FP32_FILE, INT8_FILE, REPORT_FILE = "model.onnx", "model_int8.onnx", "export.json"
 TOLERANCE = 1e-4
-OPSET = 17
-INSTALL_HINT = "pip install 'distilkit[onnx]' (or: pip install onnx onnxruntime onnxscript)"
 # Sentences of the kind the built-in sentiment data holds, of different lengths.
 CHECK_TEXTS = (
     "a gorgeous, witty, seductive movie.",
@@ -45,15 +44,6 @@ CHECK_TEXTS = (
     "one of the best films of the year",
     "a mess",
 )
-
-
-def _require_onnx():
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError as e:
-        raise ImportError(f"ONNX export needs onnx and onnxruntime ({e}); {INSTALL_HINT}") from e
-    return onnxruntime
 
 
 class _LogitsOnly(nn.Module):
@@ -161,14 +151,7 @@ def compare(session, model: nn.Module, names: Sequence[str], batches: list[dict]
     return {"max_abs_diff": diff, "argmax_agreement": agree / rows, "rows": rows}
 
 
-def _session(path: str):
-    ort = _require_onnx()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
+def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
                 check_data: Optional[Sequence[str]] = None, tolerance: float = TOLERANCE) -> dict:
     """Export the classification student in ``model_dir`` (a model directory, or a run directory
     with ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``): ``model.onnx``, with
@@ -184,7 +167,7 @@ def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = Fals
     from distilkit.compress.base import load_compressed
     from distilkit.files import atomic_dir, atomic_write_json
 
-    _require_onnx()
+    require_onnx()
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"tolerance={tolerance!r}: use a positive number, e.g. {TOLERANCE}")
     model_dir = find_model_dir(model_dir)
@@ -207,7 +190,7 @@ def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = Fals
             torch.onnx.export(module, example, fp32, input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
                               dynamo=False)
-        check = compare(_session(fp32), model, names, batches)
+        check = compare(session(fp32), model, names, batches)
         if check["max_abs_diff"] > tolerance or check["argmax_agreement"] < 1.0:
             raise RuntimeError(
                 f"{model_dir}: the ONNX export does not compute the PyTorch model's function "
@@ -220,7 +203,7 @@ def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = Fals
             q = os.path.join(tmp, INT8_FILE)
             quantize_dynamic(fp32, q, weight_type=QuantType.QInt8)
             files["int8"] = {"file": INT8_FILE, "bytes": os.path.getsize(q),
-                             **compare(_session(q), model, names, batches)}
+                             **compare(session(q), model, names, batches)}
         tokenizer.save_pretrained(tmp)
         shutil.copy(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
         serve = "int8" if int8 and files["int8"]["argmax_agreement"] == 1.0 else "fp32"
@@ -235,47 +218,3 @@ def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = Fals
 
     atomic_dir(out_dir, fill)
     return result
-
-
-def format_export(res: dict) -> str:
-    """The figures, one line per file, for the terminal."""
-    lines = [f"exported {res['model_dir']} -> {res['out_dir']} (inputs: {', '.join(res['inputs'])};"
-             f" checked on {res['check_rows']} rows, fp32 tolerance {res['tolerance']:g})"]
-    for kind, f in res["files"].items():
-        lines.append(f"{kind:<5} {f['file']:<16} {f['bytes'] / 1e6:8.2f} MB  max |logit diff| "
-                     f"{f['max_abs_diff']:.2e}  argmax agreement {f['argmax_agreement']:.3f}")
-    lines.append(f"serve: {res['serve']}")
-    return "\n".join(lines)
-
-
-def add_export_arguments(p) -> None:
-    """Arguments of ``distilkit export`` (wired by :mod:`distilkit.cli`)."""
-    p.add_argument("model_dir", help="a saved model directory, or a run directory with student/")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
-    p.add_argument("--int8", action="store_true",
-                   help="also write model_int8.onnx (onnxruntime dynamic int8 quantization)")
-    p.add_argument("--out", help="output directory (default MODEL_DIR/onnx)")
-    p.add_argument("--tolerance", type=float, default=TOLERANCE,
-                   help=f"max |logit diff| allowed for the fp32 export (default {TOLERANCE:g})")
-    p.add_argument("--texts", metavar="FILE",
-                   help="check the export on these sentences, one a line (default: a few "
-                        "built-in ones)")
-
-
-def read_texts(path: str) -> list[str]:
-    """The non-blank lines of text file ``path`` (the sentences to check an export on)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--texts: {path!r} is not a file; give a text file with one "
-                                "sentence a line")
-    with open(path, encoding="utf-8") as f:
-        texts = [line.strip() for line in f if line.strip()]
-    if not texts:
-        raise ValueError(f"--texts: {path!r} holds no sentence; give one sentence a line")
-    return texts
-
-
-def run_export(args, rest=None) -> int:
-    texts = read_texts(args.texts) if args.texts else None
-    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8, check_data=texts,
-                                    tolerance=args.tolerance)))
-    return 0

@@ -1,0 +1,71 @@
+"""``distilkit export RUN_OR_MODEL_DIR --format onnx [--int8]``: a student as ONNX for
+onnxruntime, checked against PyTorch before it is handed over.
+
+One module per model kind (:mod:`~distilkit.export.classifier`), what they share in
+:mod:`~distilkit.export.runtime`; :func:`export_onnx` picks the kind from the saved config.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from distilkit.export.classifier import CHECK_TEXTS, TOLERANCE, check_batches, compare
+from distilkit.export.runtime import FP32_FILE, INT8_FILE, REPORT_FILE
+
+__all__ = ["export_onnx", "format_export", "CHECK_TEXTS", "TOLERANCE", "check_batches",
+           "compare", "FP32_FILE", "INT8_FILE", "REPORT_FILE"]
+
+
+def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
+                check_data: Optional[Sequence[str]] = None, tolerance: float = TOLERANCE) -> dict:
+    """Export the student in ``model_dir`` (a model directory, or a run directory with
+    ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``); see
+    :func:`distilkit.export.classifier.export_classifier`."""
+    from distilkit.export.classifier import export_classifier
+
+    return export_classifier(model_dir, out_dir, int8=int8, check_data=check_data,
+                             tolerance=tolerance)
+
+
+def format_export(res: dict) -> str:
+    """The figures, one line per file, for the terminal."""
+    lines = [f"exported {res['model_dir']} -> {res['out_dir']} (inputs: {', '.join(res['inputs'])};"
+             f" checked on {res['check_rows']} rows, fp32 tolerance {res['tolerance']:g})"]
+    for kind, f in res["files"].items():
+        lines.append(f"{kind:<5} {f['file']:<16} {f['bytes'] / 1e6:8.2f} MB  max |logit diff| "
+                     f"{f['max_abs_diff']:.2e}  argmax agreement {f['argmax_agreement']:.3f}")
+    lines.append(f"serve: {res['serve']}")
+    return "\n".join(lines)
+
+
+def add_export_arguments(p) -> None:
+    """Arguments of ``distilkit export`` (wired by :mod:`distilkit.cli`)."""
+    p.add_argument("model_dir", help="a saved model directory, or a run directory with student/")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model_int8.onnx (onnxruntime dynamic int8 quantization)")
+    p.add_argument("--out", help="output directory (default MODEL_DIR/onnx)")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help=f"max |logit diff| allowed for the fp32 export (default {TOLERANCE:g})")
+    p.add_argument("--texts", metavar="FILE",
+                   help="check the export on these sentences, one a line (default: a few "
+                        "built-in ones)")
+
+
+def read_texts(path: str) -> list[str]:
+    """The non-blank lines of text file ``path`` (the sentences to check an export on)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--texts: {path!r} is not a file; give a text file with one "
+                                "sentence a line")
+    with open(path, encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip()]
+    if not texts:
+        raise ValueError(f"--texts: {path!r} holds no sentence; give one sentence a line")
+    return texts
+
+
+def run_export(args, rest=None) -> int:
+    texts = read_texts(args.texts) if args.texts else None
+    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8, check_data=texts,
+                                    tolerance=args.tolerance)))
+    return 0

@@ -1,0 +1,31 @@
+"""What every ONNX export shares: the file names, the opset, and onnxruntime, imported only
+when an export or an exported model is used (importing distilkit never needs it)."""
+from __future__ import annotations
+
+from typing import Optional
+
+FP32_FILE, INT8_FILE, NBITS_FILE = "model.onnx", "model_int8.onnx", "model_4bit.onnx"
+REPORT_FILE = "export.json"
+OPSET = 17
+INSTALL_HINT = "pip install 'distilkit[onnx]' (or: pip install onnx onnxruntime onnxscript)"
+
+
+def require_onnx():
+    """The onnxruntime module, or an ImportError that says what to install."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(f"ONNX export needs onnx and onnxruntime ({e}); {INSTALL_HINT}") from e
+    return onnxruntime
+
+
+def session(path: str, threads: Optional[int] = None):
+    """A CPU inference session on ``path`` (``threads`` intra-op threads, else onnxruntime's
+    default), with onnxruntime's own log quiet below errors."""
+    ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
