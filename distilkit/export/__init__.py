@@ -17,14 +17,34 @@ __all__ = ["export_onnx", "format_export", "CHECK_TEXTS", "TOLERANCE", "check_ba
 
 
 def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
-                check_data: Optional[Sequence[str]] = None, tolerance: float = TOLERANCE) -> dict:
+                four_bit: bool = False, check_data: Optional[Sequence[str]] = None,
+                tolerance: float = TOLERANCE) -> dict:
     """Export the student in ``model_dir`` (a model directory, or a run directory with
-    ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``); see
+    ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``): ``model.onnx``, with ``int8``
+    also ``model_int8.onnx`` (onnxruntime dynamic int8), with ``four_bit`` also
+    ``model_4bit.onnx`` (a 4-bit quantized student's packed codes in ``MatMulNBits``), and
+    ``export.json`` with the check's figures. Encoder-decoder models go to
+    :func:`distilkit.export.seq2seq.export_seq2seq`, the rest to
     :func:`distilkit.export.classifier.export_classifier`."""
+    from distilkit.evaluate import find_model_dir
+
+    model_dir = find_model_dir(model_dir)
+    if _is_encoder_decoder(model_dir):
+        from distilkit.export.seq2seq import export_seq2seq
+
+        return export_seq2seq(model_dir, out_dir, int8=int8, four_bit=four_bit,
+                              check_data=check_data, tolerance=tolerance)
     from distilkit.export.classifier import export_classifier
 
-    return export_classifier(model_dir, out_dir, int8=int8, check_data=check_data,
-                             tolerance=tolerance)
+    return export_classifier(model_dir, out_dir, int8=int8, four_bit=four_bit,
+                             check_data=check_data, tolerance=tolerance)
+
+
+def _is_encoder_decoder(model_dir: str) -> bool:
+    import json
+
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        return bool(json.load(f).get("is_encoder_decoder", False))
 
 
 def format_export(res: dict) -> str:
@@ -44,6 +64,9 @@ def add_export_arguments(p) -> None:
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
     p.add_argument("--int8", action="store_true",
                    help="also write model_int8.onnx (onnxruntime dynamic int8 quantization)")
+    p.add_argument("--4bit", dest="four_bit", action="store_true",
+                   help="also write model_4bit.onnx: a 4-bit quantized student's packed codes and "
+                        "bucket scales in onnxruntime's MatMulNBits")
     p.add_argument("--out", help="output directory (default MODEL_DIR/onnx)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
                    help=f"max |logit diff| allowed for the fp32 export (default {TOLERANCE:g})")
@@ -66,6 +89,7 @@ def read_texts(path: str) -> list[str]:
 
 def run_export(args, rest=None) -> int:
     texts = read_texts(args.texts) if args.texts else None
-    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8, check_data=texts,
+    print(format_export(export_onnx(args.model_dir, args.out, int8=args.int8,
+                                    four_bit=args.four_bit, check_data=texts,
                                     tolerance=args.tolerance)))
     return 0

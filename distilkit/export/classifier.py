@@ -152,7 +152,8 @@ def compare(session, model: nn.Module, names: Sequence[str], batches: list[dict]
 
 
 def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
-                check_data: Optional[Sequence[str]] = None, tolerance: float = TOLERANCE) -> dict:
+                      four_bit: bool = False, check_data: Optional[Sequence[str]] = None,
+                      tolerance: float = TOLERANCE) -> dict:
     """Export the classification student in ``model_dir`` (a model directory, or a run directory
     with ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``): ``model.onnx``, with
     ``int8`` also ``model_int8.onnx``, the tokenizer, ``config.json`` and ``export.json``.
