@@ -157,3 +157,161 @@ def test_the_runs_tokenizer_gives_the_specials_and_its_unk(tmp_path):
     assert record["unk_token_id"] == 1                  # the tokenizer's, by default
     assert set(tok.all_special_ids) <= set(record["kept_ids"])   # [MASK] is kept, unseen
     assert {10, 11, 12} <= set(record["kept_ids"])
+
+
+# --- Model and tokenizer shrunk together at save time ----------------------------------
+
+PIECES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "play", "##ing", "##in",
+          "##g", "playing", "great", "dull", "x", "##y", "##z"]
+
+
+def piece_tokenizer():
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(PIECES)}, do_lower_case=True)
+
+
+def test_shrunk_tokenizer_rule():
+    """A word whose original pieces are all kept encodes into exactly those pieces; a word
+    with a dropped piece is spelled with the longest kept pieces; [UNK] only where the kept
+    pieces cannot spell it."""
+    from distilkit.compress.vocab import shrink_tokenizer
+
+    tok = piece_tokenizer()
+    ids = {w: i for i, w in enumerate(PIECES)}
+    kept = sorted(ids[w] for w in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film",
+                                   "play", "##in", "##g", "great", "x"])
+    small = shrink_tokenizer(tok, kept)
+    assert len(small) == len(kept) and small.unk_token_id == kept.index(ids["[UNK]"])
+    row = {old: new for new, old in enumerate(kept)}
+    # All pieces kept: the same pieces, renumbered (specials included).
+    text = "the film great"
+    assert small(text)["input_ids"] == [row[i] for i in tok(text)["input_ids"]]
+    # "playing" was one piece (dropped); "##ing" too: spelled play ##in ##g from kept pieces.
+    assert small.convert_ids_to_tokens(small("playing")["input_ids"]) == \
+        ["[CLS]", "play", "##in", "##g", "[SEP]"]
+    # "xy": "##y" dropped and nothing else spells it: [UNK] (the whole word, as word-piece does)
+    assert small.convert_ids_to_tokens(small("the xy")["input_ids"]) == \
+        ["[CLS]", "the", "[UNK]", "[SEP]"]
+    # pairs keep their special tokens and type ids
+    pair = small("the film", "great")
+    assert pair["input_ids"][0] == row[ids["[CLS]"]] and pair["token_type_ids"][-1] == 1
+
+
+def test_shrink_refuses_what_it_cannot_shrink():
+    from distilkit.compress.vocab import shrink_tokenizer
+
+    tok = piece_tokenizer()
+    with pytest.raises(ValueError, match="unknown token"):
+        shrink_tokenizer(tok, [0, 2, 3, 5])
+    with pytest.raises(ValueError, match="not in its vocabulary"):
+        shrink_tokenizer(tok, [0, 1, 999])
+
+
+def shrunk_run(tmp_path, **cfg):
+    """A tiny model pruned on the tokenizer's encoding of some sentences, finalized with the
+    tokenizer: (pruned model, original model, original tokenizer, shrunk tokenizer, record)."""
+    from conftest import tiny_tokenizer
+
+    from distilkit.compress import finalize_
+
+    tok = tiny_tokenizer(str(tmp_path / "tok"))
+    model, original = tiny_bert(vocab=tok.vocab_size), tiny_bert(vocab=tok.vocab_size)
+    model.load_state_dict(original.state_dict())
+    texts = ["the film is great", "a boring movie", "not very good but fun"]
+    batch = dict(tok(texts, padding=True, return_tensors="pt"))
+    record = compress_(model, config_from_dict({"method": "prune_vocab", **cfg}),
+                       CompressionContext(dataloader=[batch], tokenizer=tok))
+    small = finalize_(model, tok)
+    return model, original, tok, small, record, texts
+
+
+def test_finalize_shrinks_model_and_tokenizer_together_and_round_trips(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, original, tok, small, record, texts = shrunk_run(tmp_path)
+    emb = model.get_input_embeddings()
+    assert type(emb) is torch.nn.Embedding and emb.num_embeddings == record["kept"]
+    assert model.config.vocab_size == record["kept"] == len(small) < len(tok)
+    assert model.config.pad_token_id == record["kept_ids"].index(0)
+
+    def run(m, t, texts):
+        enc = t(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return m(**enc).logits
+
+    # Text whose pieces were kept: the shrunk pair computes what the original pair computed.
+    torch.testing.assert_close(run(model, small, texts), run(original, tok, texts))
+    out = str(tmp_path / "student")
+    save_compressed(model, out)
+    small.save_pretrained(out)
+    loaded_tok = AutoTokenizer.from_pretrained(out)
+    assert len(loaded_tok) == record["kept"]
+    for loaded in (load_compressed(out), AutoModelForSequenceClassification.from_pretrained(out)):
+        assert loaded.get_input_embeddings().num_embeddings == record["kept"]
+        torch.testing.assert_close(run(loaded.eval(), loaded_tok, texts),
+                                   run(original, tok, texts))
+    # smaller on disk than the original: the dropped rows and no id map
+    original.save_pretrained(str(tmp_path / "o"))
+    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))  # noqa: E731
+    assert size(str(tmp_path / "o")) - size(out) >= (len(tok) - record["kept"]) * 32 * 4 - 512
+
+
+def test_tokenizer_keep_saves_the_id_map_form(tmp_path):
+    model, _, tok, small, record, _ = shrunk_run(tmp_path, tokenizer="keep")
+    assert small is tok and isinstance(model.get_input_embeddings(), PrunedEmbedding)
+    assert not record.get("shrunk")
+
+
+def test_quantized_table_after_keeps_the_id_map_form(tmp_path, caplog):
+    from conftest import tiny_tokenizer
+
+    from distilkit.compress import finalize_
+
+    tok = tiny_tokenizer(str(tmp_path / "tok"))
+    model = tiny_bert(vocab=tok.vocab_size)
+    ctx = CompressionContext(dataloader=[dict(tok(["the film"], return_tensors="pt"))],
+                             tokenizer=tok)
+    compress_(model, config_from_dict({"method": "prune_vocab"}), ctx)
+    compress_(model, config_from_dict({"method": "quantize", "bits": 8, "bucket_size": 32,
+                                       "quantize_embeddings": True,
+                                       "include": ["*word_embeddings*"]}))
+    assert finalize_(model, tok) is tok
+    assert "id-map form" in caplog.text and "quantized" in caplog.text
+
+
+def test_keep_frequent_keeps_the_most_frequent_tokens_of_the_frequency_file(tmp_path):
+    freq = tmp_path / "domain.txt"
+    freq.write_text("charming charming charming slow slow mess\n\ncharming slow\n")
+    _, _, tok, _, record, _ = shrunk_run(tmp_path, keep_frequent=2, frequency_file=str(freq))
+    ids = tok.convert_tokens_to_ids(["charming", "slow", "mess"])
+    assert ids[0] in record["kept_ids"] and ids[1] in record["kept_ids"]
+    assert ids[2] not in record["kept_ids"] and record["frequent_kept"] == 2
+    with pytest.raises(ValueError, match="keep_frequent=2 needs frequency_file"):
+        config_from_dict({"method": "prune_vocab", "keep_frequent": 2})
+    with pytest.raises(ValueError, match="frequency_file='nowhere.txt' is not a file"):
+        config_from_dict({"method": "prune_vocab", "frequency_file": "nowhere.txt"})
+    with pytest.raises(ValueError, match="tokenizer='small' is invalid"):
+        config_from_dict({"method": "prune_vocab", "tokenizer": "small"})
+
+
+def test_a_run_saves_the_shrunk_student_and_scores_it(tiny_task):
+    import json
+
+    from test_cli import _recipe
+    from transformers import AutoTokenizer
+
+    from distilkit.cli import main
+
+    path, run = _recipe(tiny_task, compression=[{"method": "prune_vocab"}])
+    assert main(["distill", path, "--no-progress"]) == 0
+    student = os.path.join(run, "student")
+    rec = json.load(open(os.path.join(student, "compression_config.json")))["records"][0]
+    assert rec["shrunk"] and len(AutoTokenizer.from_pretrained(student)) == rec["kept"]
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert 0.0 <= res["student"]["accuracy"] <= 1.0
+    # the export of the shrunk student is a plain graph, checked against PyTorch
+    from distilkit.export import export_onnx
+
+    exported = export_onnx(student, os.path.join(run, "onnx"))
+    assert exported["files"]["fp32"]["argmax_agreement"] == 1.0

@@ -128,6 +128,13 @@ class Method(abc.ABC):
     def finalize(self, model: nn.Module, config: Any, record: dict) -> dict:
         return record
 
+    def finalize_tokenizer(self, model: nn.Module, config: Any, record: dict, tokenizer: Any
+                           ) -> tuple[Any, dict]:
+        """After :meth:`finalize`: the tokenizer to save with the model and the updated record
+        (default: both unchanged). A method that changes which ids the model reads (e.g.
+        ``prune_vocab`` shrinking the vocabulary) changes model and tokenizer together here."""
+        return tokenizer, record
+
     def undo_config(self, config: Any, record: dict) -> None:
         """Set the model ``config`` back to what it was before this method ran (e.g. the
         depth ``prune_layers`` changed). :func:`load_compressed` builds the model from the
@@ -293,8 +300,12 @@ def compress_(model: nn.Module, config: Any, ctx: Optional[CompressionContext] =
     return record
 
 
-def finalize_(model: nn.Module) -> None:
-    """Run every applied method's ``finalize`` step (e.g. quantization's convert) in order."""
+def finalize_(model: nn.Module, tokenizer: Any = None) -> Any:
+    """Run every applied method's ``finalize`` step (e.g. quantization's convert) in order.
+    Given the run's ``tokenizer``, also each method's ``finalize_tokenizer`` step, and return
+    the tokenizer to save beside the model (the same one unless a method changed the ids the
+    model reads, as ``prune_vocab`` does); without one, return None and leave every method's
+    input ids as they are."""
     records = _records(model)
     base = unwrap(model)
     for i, rec in enumerate(records):
@@ -302,6 +313,14 @@ def finalize_(model: nn.Module) -> None:
         cfg = method.config_cls(**rec["config"])
         records[i] = {**method.finalize(base, cfg, rec), "method": method.name,
                       "config": rec["config"]}
+    if tokenizer is None:
+        return None
+    for i, rec in enumerate(records):
+        method = get_method(rec["method"])
+        tokenizer, new = method.finalize_tokenizer(base, method.config_cls(**rec["config"]),
+                                                   rec, tokenizer)
+        records[i] = {**new, "method": method.name, "config": rec["config"]}
+    return tokenizer
 
 
 def compression_records(model: nn.Module) -> list:
