@@ -274,6 +274,7 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
                          f"{s.get('max_length', '?')}, median after warm-up.")
             lines.append("")
         lines.append(markdown_table(rows if t else rows[1:]))
+    lines += _runtimes_section(name, results)
     where = repo_id or PLACEHOLDER
     lines += ["", "## How to load", "", "```python", "import distilkit",
               "from transformers import AutoTokenizer", "",
@@ -292,6 +293,41 @@ def model_card(results: dict, recipe: dict, methods: Optional[Sequence] = None,
                   f"loading the weights; plain `{auto}` cannot.", ""]
     lines += ["## References", ""] + [f"{i}. {r}" for i, r in enumerate(refs, 1)]
     return "\n".join(lines) + "\n"
+
+
+def _runtimes_section(name: str, results: dict) -> list[str]:
+    """"Runtimes": the student in every runtime of its export against the teacher in PyTorch
+    fp32 (when the run measured them), and the ``Serve:`` line naming the export's file to
+    serve with how to run it; nothing when the run did not export."""
+    export = results.get("export") or {}
+    if not export.get("serve"):
+        return []
+    lines = ["", "## Runtimes", ""]
+    if results.get("runtimes") and results.get("teacher"):
+        from distilkit.report import runtime_rows, runtimes_table
+
+        lines += [f"The student exported to ONNX (`{export.get('dir', 'onnx')}`), measured in "
+                  f"every runtime on the `{export.get('split', '?')}` split "
+                  f"({export.get('examples', '?')} examples) with {export.get('threads', '?')} "
+                  f"threads at sequence length {export.get('max_length', '?')}; the teacher in "
+                  "PyTorch fp32 is 1.00x. Agreement = share of rows on which the runtime "
+                  "predicts what the student in PyTorch predicts.", "",
+                  runtimes_table(runtime_rows([{**results, "name": name}])), ""]
+    else:
+        files = ", ".join(f"`{f}`" for f in (export.get("files") or {}).values())
+        lines += [f"Exported to ONNX: {files or '(files not recorded)'}.", ""]
+    serve = export["serve"]
+    lines += [f"Serve: `{serve}`", ""]
+    if export.get("serve_rule"):
+        lines += [f"(The export's rule: {export['serve_rule']}.)", ""]
+    lines += ["```python", "import onnxruntime as ort", "from transformers import AutoTokenizer",
+              "", f"tokenizer = AutoTokenizer.from_pretrained(\"{serve.rsplit('/', 1)[0]}\")"
+              if "/" in serve else "tokenizer = AutoTokenizer.from_pretrained(\".\")",
+              f"session = ort.InferenceSession(\"{serve}\")",
+              "enc = tokenizer([\"a charming film\"], return_tensors=\"np\")",
+              "logits = session.run(None, {i.name: enc[i.name] for i in session.get_inputs()})[0]",
+              "```"]
+    return lines
 
 
 def _seq2seq_table(name: str, t: dict, s: dict) -> str:

@@ -4,6 +4,12 @@ The task is the model's (encoder-decoder configs are seq2seq, evaluated by gener
 rest classification); the data is the one named by flags, else that of the recipe given, else
 that of the ``recipe.yaml`` that ``distilkit distill`` wrote beside the model, else the
 task's built-in data. The figures are printed and written as JSON.
+
+``distilkit evaluate EXPORT_DIR`` (a directory ``distilkit export`` wrote, with
+``export.json``), or ``distilkit evaluate MODEL_OR_RUN_DIR --runtimes`` (its export in
+``MODEL_DIR/onnx``), measures the student in every runtime of the export instead, side by
+side: PyTorch fp32 and each ONNX file (:mod:`distilkit.export.measure`), on the same data,
+written to ``EXPORT_DIR/evaluation.json``.
 """
 from __future__ import annotations
 
@@ -67,6 +73,52 @@ def evaluate_dir(model_dir: str, data=None, *, recipe: Optional[str] = None,
     return res
 
 
+def export_dir_of(path: str) -> str:
+    """``path`` itself when it is an export directory, else the export of the model it holds
+    (``MODEL_DIR/onnx``, the default of ``distilkit export``); FileNotFoundError with the
+    command that makes one when there is none."""
+    from distilkit.export.measure import is_export_dir
+
+    if is_export_dir(path):
+        return path
+    out = os.path.join(find_model_dir(path), "onnx")
+    if not is_export_dir(out):
+        raise FileNotFoundError(f"--runtimes: {path!r} holds no ONNX export ({out} has no "
+                                f"export.json); run `distilkit export {path} --format onnx "
+                                "--int8` first, or give the export directory")
+    return out
+
+
+def evaluate_runtimes(export_dir: str, data=None, *, recipe: Optional[str] = None,
+                      split: Optional[str] = None, max_length: Optional[int] = None,
+                      out_file: Optional[str] = None, latency: bool = True,
+                      progress: bool = True) -> dict:
+    """Every runtime of the export in ``export_dir``, on the data chosen as for
+    :func:`evaluate_dir` (flags, else the recipe, else the ``recipe.yaml`` beside the exported
+    model, else the built-in data). The figures
+    (:func:`~distilkit.export.measure.evaluate_export`, plus ``split``) are written to
+    ``out_file`` (default ``EXPORT_DIR/evaluation.json``) and returned."""
+    from distilkit.data import label_names, load_raw
+    from distilkit.export.measure import evaluate_export, export_model_dir, read_export
+    from distilkit.files import atomic_write_json
+
+    model_dir = export_model_dir(export_dir, read_export(export_dir))
+    r = _load_recipe(recipe or _recipe_near(model_dir))
+    spec = data or default_spec(model_dir, r)
+    max_length = max_length or (r.keys.max_length if r else None) or 128
+    raw = load_raw(spec, classes=True)
+    split = split or spec.test_split or spec.eval_split
+    if split not in raw:
+        raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
+    res = evaluate_export(export_dir, raw[split], text_column=spec.text_column,
+                          text_pair_column=spec.text_pair_column, label_column=spec.label_column,
+                          label_names=label_names(raw, spec), max_length=max_length,
+                          latency=latency, progress=progress)
+    res["split"] = split
+    atomic_write_json(out_file or os.path.join(export_dir, "evaluation.json"), res)
+    return res
+
+
 def format_metrics(res: dict) -> str:
     """The figures as aligned ``name: value`` lines, for the terminal."""
     keys = ["accuracy", "macro_f1", "examples", "bleu", "chrf", "exact_match", "n",
@@ -80,7 +132,14 @@ def format_metrics(res: dict) -> str:
 
 def add_evaluate_arguments(p) -> None:
     """Arguments of ``distilkit evaluate`` (wired by :mod:`distilkit.cli`)."""
-    p.add_argument("model_dir", help="a saved model directory, or a run directory with student/")
+    p.add_argument("model_dir", help="a saved model directory, a run directory with student/, "
+                                      "or an export directory (with export.json: every runtime "
+                                      "of the export is measured, as with --runtimes)")
+    p.add_argument("--runtimes", action="store_true",
+                   help="measure the model in every runtime of its ONNX export (MODEL_DIR/onnx, "
+                        "from `distilkit export`): PyTorch fp32 and each ONNX file side by side "
+                        "(accuracy, macro-F1, agreement with PyTorch, latency at batch 1 and 32, "
+                        "size); written to EXPORT_DIR/evaluation.json")
     p.add_argument("--recipe", help="take the dataset and max_length from this recipe")
     p.add_argument("--dataset", help="hub dataset name or builtin:rotten_tomatoes")
     p.add_argument("--dataset-config", help="hub dataset configuration name")
@@ -93,8 +152,10 @@ def add_evaluate_arguments(p) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="truncation and latency sequence length (default: recipe's, else 128)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N examples")
-    p.add_argument("--output", help="where to write the JSON (default MODEL_DIR/evaluation.json)")
+    p.add_argument("--output", help="where to write the JSON (default MODEL_DIR/evaluation.json, "
+                                    "or EXPORT_DIR/evaluation.json for runtimes)")
     p.add_argument("--no-latency", action="store_true", help="skip latency and memory")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _spec_from_args(args, base):
@@ -126,6 +187,21 @@ def _spec_from_args(args, base):
 
 def run_evaluate(args, rest=None) -> int:
     """``distilkit evaluate``: evaluate, print the figures, write them as JSON."""
+    from distilkit.export.measure import export_model_dir, is_export_dir, read_export
+
+    if args.runtimes or is_export_dir(args.model_dir):
+        from distilkit.export.measure import format_runtimes
+
+        export_dir = export_dir_of(args.model_dir)
+        model_dir = export_model_dir(export_dir, read_export(export_dir))
+        recipe = args.recipe or _recipe_near(model_dir)
+        spec = _spec_from_args(args, default_spec(model_dir, _load_recipe(recipe)))
+        res = evaluate_runtimes(export_dir, spec, recipe=recipe, split=args.split,
+                                max_length=args.max_length, out_file=args.output,
+                                latency=not args.no_latency, progress=not args.no_progress)
+        print(format_runtimes(res))
+        print(f"(written to {args.output or os.path.join(export_dir, 'evaluation.json')})")
+        return 0
     model_dir = find_model_dir(args.model_dir)
     recipe = args.recipe or _recipe_near(model_dir)
     spec = _spec_from_args(args, default_spec(model_dir, _load_recipe(recipe)))

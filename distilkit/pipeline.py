@@ -2,7 +2,7 @@
 
     validate -> data -> teachers -> student -> teacher outputs / training data ->
     compression (prepare) -> DistilTrainer -> compression (finalize) -> save -> evaluate ->
-    results.json, recipe.yaml, model card -> push
+    [export + every runtime measured] -> results.json, recipe.yaml, model card -> push
 
 What differs between tasks (how data, teachers and students are loaded, what the trainer
 reads, how a model is scored) comes from the task plug-in (:mod:`distilkit.tasks`); this
@@ -25,11 +25,13 @@ from typing import Callable, Optional
 
 import yaml
 
-from distilkit.recipe import Recipe
+from distilkit.recipe import ExportSettings, Recipe, export_settings
 from distilkit.tasks import get_task
 
 STUDENT_DIR = "student"
 RESULTS_FILE = "results.json"
+EXPORT_DIR = "onnx"  # the export's place in the student directory, distilkit export's default
+CHECK_ROWS = 32      # sentences of the evaluation split the export is checked on
 
 
 def _preflight(recipe: Recipe, args, create: bool = True) -> None:
@@ -42,6 +44,10 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
         check_writable(recipe.keys.cache_dir, "cache_dir", "choose another directory, fix its "
                        "permissions, or turn the cache off with teacher_cache: false",
                        create=create)
+    if recipe.keys.export:
+        from distilkit.export.runtime import require_onnx
+
+        require_onnx()  # an ImportError naming the extra to install
     if recipe.keys.push_to_hub:
         from huggingface_hub import get_token
 
@@ -62,6 +68,7 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     task = get_task(recipe.keys.task)
     args = recipe.distil_config(disable_tqdm=not progress)
     comp_cfgs = [config_from_dict(e) for e in recipe.keys.compression]
+    export = export_settings(recipe.keys.export, recipe.keys.compression, recipe.keys.task)
     task.validate(recipe)
     _preflight(recipe, args)
     raw = task.load_data(recipe)
@@ -109,14 +116,71 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
                 "train_log": [h for h in trainer.state.log_history if "loss" in h][-3:],
                 "recipe": recipe.to_dict(),
             })
+            if export is not None:
+                results.update(export_and_measure(recipe, export, raw, split, tmp, out_dir,
+                                                  t_m, progress))
             atomic_write_text(os.path.join(tmp, "README.md"), model_card(results, recipe.to_dict()))
 
         save_student(trainer.model, tokenizer, args.output_dir, recipe.keys.save_merged_adapter,
                      then=evaluate_and_card)
         write_run_outputs(recipe, results, args.output_dir, out_dir)
         print(task.summary(results))
+        if results.get("runtimes"):
+            from distilkit.report import runtime_rows, runtimes_table
+
+            print(runtimes_table(runtime_rows([results])))
     trainer.accelerator.wait_for_everyone()
     return results
+
+
+def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str,
+                       tmp: str, out_dir: str, teacher: dict, progress: bool) -> dict:
+    """The recipe's ``export:`` step on the saved student in ``tmp`` (its temporary
+    directory, later renamed to ``out_dir``): ``distilkit export`` into ``tmp/onnx``, checked
+    on the first sentences of the evaluation split; then, with ``settings.evaluate``, every
+    runtime measured on ``split`` (:func:`distilkit.export.measure.evaluate_export`).
+
+    Returns what goes into ``results.json``: ``export`` (the export's directory relative to
+    the run, ``serve``: the file to serve relative to the student directory, the measurement's
+    split, threads and protocol, and ``teacher``: the teacher's PyTorch fp32 figures in the
+    runtimes' keys, the reference of every ratio) and ``runtimes`` (per runtime: ``file``
+    relative to the student directory, accuracy, f1, agreement, latencies, size)."""
+    from distilkit.export import REPORT_FILE, export_onnx
+    from distilkit.export.measure import PYTORCH, RUNTIME_TITLES, evaluate_export
+    from distilkit.files import atomic_write_json
+
+    spec = recipe.data
+    onnx_dir = os.path.join(tmp, EXPORT_DIR)
+    texts = [t for t in raw[split][spec.text_column][:CHECK_ROWS] if isinstance(t, str) and t.strip()]
+    made = export_onnx(tmp, onnx_dir, int8=settings.int8, four_bit=settings.four_bit,
+                       check_data=texts or None)
+    info: dict = {"dir": f"{STUDENT_DIR}/{EXPORT_DIR}", "format": settings.format,
+                  "serve": f"{EXPORT_DIR}/{made['serve']}", "serve_rule": made.get("serve_rule"),
+                  "files": {k: f"{EXPORT_DIR}/{f['file']}" for k, f in made["files"].items()}}
+    out: dict = {"export": info}
+    if settings.evaluate:
+        m = evaluate_export(onnx_dir, raw[split], text_column=spec.text_column,
+                            text_pair_column=spec.text_pair_column,
+                            label_column=spec.label_column, max_length=recipe.keys.max_length,
+                            progress=progress)
+        for name, r in m["runtimes"].items():
+            if name != PYTORCH:
+                r["file"] = f"{EXPORT_DIR}/{r['file']}"
+        size = teacher.get("size_on_disk_bytes")
+        info.update(split=split, examples=m["examples"], max_length=m["max_length"],
+                    threads=m["threads"], latency_protocol=m["latency_protocol"], teacher={
+                        "runtime_title": RUNTIME_TITLES[PYTORCH],
+                        "accuracy": teacher.get("accuracy"), "f1": teacher.get("macro_f1"),
+                        "latency_b1_ms": teacher.get("latency_ms_batch1"),
+                        "latency_b32_ms": teacher.get("latency_ms_batch32"),
+                        "size_mb": round(size / 1e6, 3) if size else None, "size_bytes": size,
+                        "threads": teacher.get("threads")})
+        out["runtimes"] = m["runtimes"]
+    # export.json names the directories it was made in and from; those are temporary here.
+    made.update(model_dir=os.path.abspath(out_dir),
+                out_dir=os.path.abspath(os.path.join(out_dir, EXPORT_DIR)))
+    atomic_write_json(os.path.join(onnx_dir, REPORT_FILE), made)
+    return out
 
 
 def plan(recipe: Recipe) -> dict:
@@ -223,7 +287,9 @@ def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True,
     if hasattr(model, "merge_and_unload") and merge_adapter:
         model = model.merge_and_unload()
     if compression_records(model):
-        finalize_(model)
+        # With the tokenizer: a method that changes the ids the model reads (prune_vocab)
+        # returns the tokenizer that matches them.
+        tokenizer = finalize_(model, tokenizer)
     out_dir = os.path.join(run_dir, STUDENT_DIR)
 
     def save(tmp):

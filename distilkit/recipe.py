@@ -59,6 +59,70 @@ class RecipeKeys:
     # settings for evaluation by generation (GenerationSettings fields).
     sequence_kd: Optional[dict] = None
     generation: Optional[dict] = None
+    # After training, the student exported to ONNX beside it and measured in every runtime
+    # (ExportSettings fields; true = the defaults; null = no export).
+    export: Optional[dict] = None
+
+
+EXPORT_FORMATS = ("onnx",)
+QUANTIZE_METHODS = ("quantize", "ptq")
+
+
+@dataclass
+class ExportSettings:
+    """A recipe's ``export:``: what ``distilkit export`` writes into ``student/onnx`` once the
+    student is saved, and whether each runtime is then measured on the test split."""
+
+    format: str = field(default="onnx", metadata={"help": "export format: onnx"})
+    int8: bool = field(default=True, metadata={
+        "help": "also write model_int8.onnx (onnxruntime dynamic int8 quantization)"})
+    four_bit: bool = field(default=False, metadata={
+        "help": "also write model_4bit.onnx from a 4-bit quantized student's packed codes "
+                "(needs compression: [{method: quantize, bits: 4, ...}])"})
+    evaluate: bool = field(default=True, metadata={
+        "help": "measure PyTorch fp32 and every ONNX file on the test split (accuracy, "
+                "macro-F1, agreement, latency at batch 1 and 32, size) into results.json"})
+
+
+def export_settings(value: Any, compression: Optional[list] = None,
+                    task: str = "classification") -> Optional[ExportSettings]:
+    """The settings of a recipe's ``export:`` (``None``/``false``: no export; ``true``: the
+    defaults; a mapping of :class:`ExportSettings` fields), each value of its field's type, or
+    one ValueError naming the key, the value and the fix. ``four_bit`` needs a 4-bit
+    ``quantize``/``ptq`` step in ``compression`` (the packed codes it exports)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"export: {value!r} must be a mapping like {{format: onnx, int8: true}}, "
+                         "true (the defaults) or null")
+    names = [f.name for f in dataclasses.fields(ExportSettings)]
+    for k in value:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"export: unknown key {k!r}{hint} (valid keys: {', '.join(names)})")
+    s = ExportSettings(**{k: coerce(f"export.{k}", v, _hints(ExportSettings)[k])
+                          for k, v in value.items()})
+    if s.format not in EXPORT_FORMATS:
+        raise ValueError(f"export.format: {s.format!r} is not an export format; use "
+                         f"{' or '.join(EXPORT_FORMATS)}")
+    if task != "classification":
+        raise ValueError(f"export: the export step handles task: classification students; "
+                         f"remove export: from this {task} recipe")
+    if s.four_bit:
+        from distilkit.compress.base import config_from_dict
+
+        four = [e for e in compression or [] if isinstance(e, dict)
+                and e.get("method") in QUANTIZE_METHODS
+                and getattr(config_from_dict(e), "bits", None) == 4]
+        if not four:
+            raise ValueError("export.four_bit: true exports a 4-bit quantized student's packed "
+                             "codes, but this recipe's student is not quantized to 4 bits; add "
+                             "{method: quantize, bits: 4} to compression, or set four_bit: "
+                             "false (int8: true quantizes any student)")
+    return s
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,6 +260,13 @@ class Recipe:
             raise ValueError("save_merged_adapter: false keeps the LoRA adapter unmerged, but "
                              "compression needs the merged weights to finalize; set "
                              "save_merged_adapter: true or remove compression")
+        # Resolved to every field, so recipe.yaml and the card say what was exported.
+        settings = export_settings(k.export, k.compression, k.task)
+        k.export = dataclasses.asdict(settings) if settings else None
+        if settings and isinstance(k.student, dict) and k.student.get("type") == "bilstm" \
+                and self.data.text_pair_column:
+            raise ValueError("export: a sentence-pair BiLSTM student cannot be exported to ONNX "
+                             "yet; remove export: or text_pair_column")
         if k.push_to_hub and not k.hub_repo_id:
             raise ValueError("push_to_hub: true needs hub_repo_id: ORG/NAME")
         self.distil_config()

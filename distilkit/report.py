@@ -15,6 +15,11 @@ where ``teacher`` and ``student`` are :func:`distilkit.evaluate.evaluate_model` 
   run, the teacher marked with a star (log-scale x axes: the runs span orders of magnitude);
 * ``report.json``: the rows as data.
 
+Runs whose recipe had an ``export:`` step also carry ``runtimes`` (the student in PyTorch fp32
+and in onnxruntime on each exported file, :mod:`distilkit.export.measure`): the report then
+adds a "Runtimes" table (:func:`runtime_rows`) with every run's every runtime side by side and
+the teacher in PyTorch fp32 as 1.00x, and ``report_runtimes.png``, the speed-ups as bars.
+
 Retention, compression and speed-up are relative to each run's own teacher; when the runs do
 not share one teacher the report says so.
 """
@@ -138,6 +143,114 @@ def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+PYTORCH = "pytorch-fp32"  # the runtime name distilkit.export.measure gives PyTorch
+
+
+def _teacher_runtime(res: dict) -> dict:
+    """A run's teacher in PyTorch fp32, in the runtimes' keys: what the export step stored
+    (``export.teacher``), else converted from the run's teacher figures."""
+    stored = (res.get("export") or {}).get("teacher")
+    if stored:
+        return stored
+    t = res["teacher"]
+    return {"runtime_title": "PyTorch fp32", "accuracy": t.get("accuracy"),
+            "f1": t.get("macro_f1"), "latency_b1_ms": t.get("latency_ms_batch1"),
+            "latency_b32_ms": t.get("latency_ms_batch32"),
+            "size_mb": t["size_on_disk_bytes"] / MB}
+
+
+def runtime_rows(results: Sequence[dict]) -> list[dict]:
+    """The teacher in PyTorch fp32 first (every ratio 1.00x), then each run's student in each
+    runtime it was measured in (a run without an export: its PyTorch figures), with accuracy
+    retention, size ratio and speed-ups against that run's own teacher; ``serve`` marks the
+    file the run's export says to serve."""
+    if not results:
+        raise ValueError("no runs to report on")
+    spec = (results[0].get("recipe") or {}).get("teacher")
+    teacher_name = os.path.basename(str(spec).rstrip("/")) if isinstance(spec, str) and spec \
+        else "teacher"
+    rows = [_runtime_row(teacher_name, PYTORCH, _teacher_runtime(results[0]),
+                         _teacher_runtime(results[0]), is_teacher=True)]
+    for res in results:
+        t = _teacher_runtime(res)
+        runtimes = res.get("runtimes") or {PYTORCH: {**_teacher_runtime({"teacher": res["student"]}),
+                                                     "agreement": 1.0}}
+        serve = (res.get("export") or {}).get("serve")
+        for name, m in runtimes.items():
+            rows.append(_runtime_row(res["name"], name, m, t,
+                                     serve=bool(serve) and m.get("file") == serve))
+    return rows
+
+
+def _runtime_row(name: str, runtime: str, m: dict, t: dict, is_teacher: bool = False,
+                 serve: bool = False) -> dict:
+    return {
+        "name": name, "runtime": runtime, "runtime_title": m.get("runtime_title", runtime),
+        "file": m.get("file"), "is_teacher": is_teacher, "serve": serve,
+        "accuracy": m.get("accuracy"), "f1": m.get("f1"),
+        "agreement": m.get("agreement"),
+        "retention_pct": (100 * _ratio(m.get("accuracy"), t.get("accuracy"))
+                          if m.get("accuracy") is not None and t.get("accuracy") else None),
+        "size_mb": m.get("size_mb"), "size_ratio": _ratio(t.get("size_mb"), m.get("size_mb")),
+        "latency_b1_ms": m.get("latency_b1_ms"), "latency_b32_ms": m.get("latency_b32_ms"),
+        "speedup_b1": _ratio(t.get("latency_b1_ms"), m.get("latency_b1_ms")),
+        "speedup_b32": _ratio(t.get("latency_b32_ms"), m.get("latency_b32_ms")),
+    }
+
+
+def runtimes_table(rows: Sequence[dict]) -> str:
+    """The runtime rows as a GitHub markdown table; the file to serve is marked."""
+    head = ["Model", "Runtime", "File", "Accuracy", "Macro-F1", "Agreement", "Retention",
+            "Size (MB)", "Size ratio", "Latency b1 (ms)", "Latency b32 (ms)", "Speed-up b1",
+            "Speed-up b32"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for r in rows:
+        name = f"**{r['name']}** (teacher)" if r["is_teacher"] else r["name"]
+        file = f"`{r['file']}`" if r["file"] else "-"
+        cells = [name, r["runtime_title"], file + (" (serve)" if r["serve"] else ""),
+                 _fmt(r["accuracy"], ".4f"), _fmt(r["f1"], ".4f"), _fmt(r["agreement"], ".4f"),
+                 _fmt(r["retention_pct"], ".1f", " %"), _fmt(r["size_mb"], ".2f"),
+                 _fmt(r["size_ratio"], ".2f", "x"), _fmt(r["latency_b1_ms"], ".2f"),
+                 _fmt(r["latency_b32_ms"], ".1f"), _fmt(r["speedup_b1"], ".2f", "x"),
+                 _fmt(r["speedup_b32"], ".2f", "x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_runtimes(rows: Sequence[dict], path: str, title: Optional[str] = None) -> str:
+    """Write a PNG of each row's speed-up over the teacher at batch 1 and 32 (bars, the
+    teacher's 1.00x as a line), labelled with accuracy and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['name']} / {r['runtime_title']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
+    y = list(range(len(rows)))[::-1]
+    for off, key, color in ((-0.2, "speedup_b1", "tab:orange"), (0.2, "speedup_b32", "tab:blue")):
+        ax.barh([v + off for v in y], [r[key] or 0 for r in rows], height=0.38, color=color,
+                label=f"batch {key[len('speedup_b'):]}")
+    for v, r in zip(y, rows):
+        ax.annotate(f"acc {_fmt(r['accuracy'], '.3f')}, {_fmt(r['size_mb'], '.2f')} MB",
+                    (max(r["speedup_b1"] or 0, r["speedup_b32"] or 0), v),
+                    textcoords="offset points", xytext=(4, -3), fontsize=7)
+    ax.axvline(1.0, color="tab:red", lw=1, ls="--", label="teacher (1.00x)")
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel("speed-up over the teacher in PyTorch fp32 (CPU latency ratio)")
+    ax.margins(x=0.25)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "every runtime against the teacher", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _recipe_line(res: dict) -> str:
     r = res.get("recipe") or {}
     parts = []
@@ -234,11 +347,23 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str]
               f"![{metric} vs size and latency]({os.path.basename(png)})", "",
               "## Runs", ""]
     lines += [_recipe_line(r) for r in results]
+    runtime = runtime_rows(results) if any(r.get("runtimes") for r in results) else None
+    if runtime:
+        rt_png = plot_runtimes(runtime, os.path.join(out_dir, "report_runtimes.png"), title)
+        lines += ["", "## Runtimes", "",
+                  "Each student in every runtime it was exported to, on its run's test split, "
+                  "against the teacher in PyTorch fp32 (1.00x). Agreement = share of rows on "
+                  "which the runtime predicts what the student in PyTorch predicts; (serve) = "
+                  "the file the run's export says to serve.", "",
+                  runtimes_table(runtime), "",
+                  f"![speed-up of every runtime]({os.path.basename(rt_png)})"]
     md = os.path.join(out_dir, "report.md")
     atomic_write_text(md, "\n".join(lines) + "\n")
     js = os.path.join(out_dir, "report.json")
-    atomic_write_json(js, {"metric": metric, "rows": rows, "runs": [r["_path"] for r in results]})
-    return {"markdown": md, "plot": png, "json": js, "rows": rows, "metric": metric}
+    atomic_write_json(js, {"metric": metric, "rows": rows, "runtime_rows": runtime,
+                           "runs": [r["_path"] for r in results]})
+    return {"markdown": md, "plot": png, "json": js, "rows": rows, "metric": metric,
+            "runtime_rows": runtime, "runtime_plot": rt_png if runtime else None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,5 +383,8 @@ def run_report(args, rest=None) -> int:
     """``distilkit report``: write the table and plot, print the table."""
     out = write_report(args.run_dirs, args.out, metric=args.metric, title=args.title)
     print(markdown_table(out["rows"], out["metric"]))
+    if out["runtime_rows"]:
+        print()
+        print(runtimes_table(out["runtime_rows"]))
     print(f"(written: {out['markdown']}, {out['plot']})")
     return 0

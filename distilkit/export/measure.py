@@ -1,0 +1,238 @@
+"""One exported student in every runtime it can be served with, measured the same way.
+
+An export directory (``distilkit export``) holds ONNX files of one student, and its
+``export.json`` names the model directory they were made from. :func:`evaluate_export` scores
+the student on one data split in each runtime: PyTorch fp32 (that model directory, loaded with
+:func:`~distilkit.compress.base.load_compressed`) and onnxruntime on each ONNX file
+(``model.onnx``, ``model_int8.onnx``, ``model_4bit.onnx``, whichever are there). Per runtime:
+
+* ``accuracy`` and ``f1`` (macro-F1): :func:`distilkit.metrics.accuracy_f1` of the predictions
+  that :func:`distilkit.evaluate.predict` makes, batched and padded as for any model;
+* ``agreement``: the share of the split's rows on which the runtime predicts what the PyTorch
+  model predicts (1.0 for PyTorch itself);
+* ``latency_b1_ms`` / ``latency_b32_ms``: median wall time of one forward pass at batch 1 and
+  32 with every row ``max_length`` tokens long (the split's token ids repeated to that length,
+  :func:`~distilkit.evaluate.fixed_length_batch`, and :func:`~distilkit.evaluate.latency_ms`,
+  as :func:`~distilkit.evaluate.evaluate_model` times the teacher), one runtime after the
+  other, torch and onnxruntime on the same number of threads (``threads``);
+* ``size_mb`` / ``size_bytes``: the file on disk (PyTorch: the saved model files, tokenizer
+  excluded, as :func:`~distilkit.evaluate.model_files` counts them).
+
+onnxruntime is imported only when an export is measured (importing distilkit never needs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from distilkit.export.runtime import REPORT_FILE, session
+
+PYTORCH = "pytorch-fp32"
+RUNTIME_TITLES = {PYTORCH: "PyTorch fp32", "onnx-fp32": "ONNX Runtime fp32",
+                  "onnx-int8": "ONNX Runtime int8", "onnx-4bit": "ONNX Runtime 4-bit"}
+LATENCY_RUNS = (20, 5)  # timed runs at batch 1 and batch 32, as evaluate_model's defaults
+WARMUP = 2
+
+
+class OrtClassifier(nn.Module):
+    """An onnxruntime session behind a classifier's interface (``model(**batch)["logits"]``),
+    so :func:`distilkit.evaluate.predict`, the latency helpers and a label view
+    (:class:`~distilkit.tasks.classification.LabelMapped`) run it as they run a PyTorch model.
+    An input the graph takes but the batch lacks is filled as the tokenizer would: zeros for
+    ``token_type_ids``, ones for ``attention_mask``."""
+
+    def __init__(self, path: str, config: Any, threads: Optional[int] = None):
+        super().__init__()
+        self.session = session(path, threads)
+        self.names = [i.name for i in self.session.get_inputs()]
+        self.config = config
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        given = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "token_type_ids": token_type_ids}
+        feed = {}
+        for name in self.names:
+            t = given.get(name)
+            if t is None:
+                t = (torch.zeros_like if name == "token_type_ids" else torch.ones_like)(input_ids)
+            feed[name] = t.numpy().astype(np.int64, copy=False)
+        return {"logits": torch.from_numpy(self.session.run(None, feed)[0])}
+
+
+def is_export_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, REPORT_FILE))
+
+
+def read_export(export_dir: str) -> dict:
+    """``export.json`` of ``export_dir``, or a FileNotFoundError that says how to make one; a
+    seq2seq export is refused (its runtimes are not measured yet) with what to do instead."""
+    path = os.path.join(export_dir, REPORT_FILE)
+    if not os.path.isfile(path):
+        found = sorted(os.listdir(export_dir)) if os.path.isdir(export_dir) else None
+        raise FileNotFoundError(
+            f"{export_dir!r} holds no {REPORT_FILE} (files there: {found or 'none'}); give a "
+            "directory written by `distilkit export MODEL_DIR --format onnx`")
+    with open(path, encoding="utf-8") as f:
+        try:
+            export = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); export again") from None
+    if export.get("task") == "seq2seq":
+        raise ValueError(f"{export_dir}: a seq2seq export; measuring exported seq2seq models "
+                         "(generation in onnxruntime) is not supported yet: evaluate the "
+                         "PyTorch model with `distilkit evaluate MODEL_DIR`")
+    return export
+
+
+def export_model_dir(export_dir: str, export: dict) -> str:
+    """The PyTorch model the export was made from: ``export.json``'s ``model_dir``, else (a run
+    directory moved or copied since) the export's parent when it holds the model, as the
+    default layout ``MODEL_DIR/onnx`` has it."""
+    from distilkit.evaluate import model_files
+
+    named = export.get("model_dir")
+    if named and os.path.isfile(os.path.join(named, "config.json")):
+        return named
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    try:
+        model_files(parent)
+        return parent
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{export_dir}: the model it was exported from ({named!r}, named in {REPORT_FILE}) "
+            "is not there, nor in the export's parent directory; put the export back in its "
+            "model directory, or export again") from None
+
+
+def runtime_files(export: dict) -> dict[str, str]:
+    """``runtime -> ONNX file`` of an export, in its ``files`` order (fp32, int8, 4bit)."""
+    return {f"onnx-{kind}": f["file"] for kind, f in export.get("files", {}).items()}
+
+
+def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
+                    text_pair_column: Optional[str] = None, label_column: str = "label",
+                    label_names: Optional[Sequence[str]] = None, max_length: int = 128,
+                    batch_size: int = 64, threads: Optional[int] = None, latency: bool = True,
+                    latency_runs: tuple[int, int] = LATENCY_RUNS, progress: bool = True) -> dict:
+    """The figures of the student exported to ``export_dir`` in each runtime (module
+    docstring), on ``dataset`` (a ``datasets.Dataset`` with the text and label columns).
+
+    ``label_names``: the data's class names in id order; when the model numbers its classes
+    otherwise, its answers are read in the data's order by name, as ``distilkit evaluate``
+    does for a PyTorch model. ``threads``: for torch and onnxruntime alike (default torch's
+    current count). ``latency=False`` skips the timing (its keys are then ``None``).
+
+    Returns ``{export_dir, model_dir, serve, examples, max_length, threads, latency_protocol,
+    runtimes: {runtime: {runtime_title, file, accuracy, f1, agreement, latency_b1_ms,
+    latency_b32_ms, size_mb, size_bytes}}}``; ONNX files are named relative to ``export_dir``,
+    the PyTorch ones relative to ``model_dir``.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from distilkit.compress.base import load_compressed
+    from distilkit.evaluate import (WEIGHT_SUFFIXES, _encode, fixed_length_batch, latency_ms,
+                                    model_files, predict)
+    from distilkit.metrics import accuracy_f1
+
+    export = read_export(export_dir)
+    if len(dataset) == 0:
+        raise ValueError("the evaluation split is empty")
+    model_dir = export_model_dir(export_dir, export)
+    threads = threads or torch.get_num_threads()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    rows, labels = _encode(dataset, tokenizer, text_column, text_pair_column, label_column,
+                           max_length)
+    pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    reference = load_compressed(model_dir).float().eval()
+    models: dict[str, nn.Module] = {PYTORCH: reference}
+    saved = model_files(model_dir)
+    files = {PYTORCH: ", ".join(n for n in saved if n.endswith(WEIGHT_SUFFIXES))}
+    sizes = {PYTORCH: sum(saved.values())}
+    for name, file in runtime_files(export).items():
+        path = os.path.join(export_dir, file)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{export_dir}: {file} is named in {REPORT_FILE} but missing; "
+                                    "export again")
+        models[name] = OrtClassifier(path, reference.config, threads)
+        files[name], sizes[name] = file, os.path.getsize(path)
+    if label_names:
+        models = {k: _in_data_order(m, list(label_names)) for k, m in models.items()}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bar = tqdm(total=len(models) + (2 if latency else 0), desc="runtimes", unit="step",
+               disable=not progress, leave=False)
+    try:
+        preds = {}
+        for name, m in models.items():
+            bar.set_postfix_str(name)
+            preds[name] = predict(m, rows, pad_id, batch_size)
+            bar.update()
+        times: dict[int, dict] = {}
+        if latency:
+            for b, runs in zip((1, 32), latency_runs):
+                batch = fixed_length_batch(rows, b, max_length)
+                bar.set_postfix_str(f"latency batch {b}")
+                # One runtime after the other, not taking turns: onnxruntime's worker threads
+                # spin for a while after each run, which slows a torch run right after it.
+                times[b] = {k: latency_ms(m, batch, WARMUP, runs) for k, m in models.items()}
+                bar.update()
+    finally:
+        bar.close()
+        torch.set_num_threads(before)
+
+    runtimes = {}
+    for name in models:
+        scores = accuracy_f1(preds[name], labels)
+        runtimes[name] = {
+            "runtime_title": RUNTIME_TITLES.get(name, name), "file": files[name],
+            "accuracy": scores["accuracy"], "f1": scores["macro_f1"],
+            "agreement": float((preds[name] == preds[PYTORCH]).mean()),
+            "latency_b1_ms": round(times[1][name], 3) if latency else None,
+            "latency_b32_ms": round(times[32][name], 3) if latency else None,
+            "size_mb": round(sizes[name] / 1e6, 3), "size_bytes": sizes[name],
+        }
+    return {
+        "export_dir": os.path.abspath(export_dir), "model_dir": os.path.abspath(model_dir),
+        "serve": export.get("serve"), "examples": int(len(labels)), "max_length": max_length,
+        "threads": threads,
+        "latency_protocol": (f"median of {latency_runs[0]} (batch 1) / {latency_runs[1]} "
+                             f"(batch 32) runs after {WARMUP} warm-up, one runtime after the "
+                             f"other; {max_length} real tokens a row, no padding")
+                            if latency else None,
+        "runtimes": runtimes,
+    }
+
+
+def _in_data_order(model: nn.Module, names: list) -> nn.Module:
+    """``model`` answering in the data's class order (by name), or itself when it already does."""
+    from distilkit.data import match_teacher_labels
+    from distilkit.tasks.classification import LabelMapped
+
+    index = match_teacher_labels(names, model.config.id2label)
+    return model if index == list(range(model.config.num_labels)) else LabelMapped(model, index, names)
+
+
+def format_runtimes(res: dict) -> str:
+    """The per-runtime figures as an aligned table, for the terminal."""
+    head = ("runtime", "file", "accuracy", "f1", "agreement", "b1 ms", "b32 ms", "size MB")
+    cells = [head]
+    for name, r in res["runtimes"].items():
+        cells.append((name, r["file"], f"{r['accuracy']:.4f}", f"{r['f1']:.4f}",
+                      f"{r['agreement']:.4f}",
+                      *(f"{r[k]:.2f}" if r[k] is not None else "n/a"
+                        for k in ("latency_b1_ms", "latency_b32_ms")),
+                      f"{r['size_mb']:.2f}"))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(row, widths))) for row in cells]
+    lines.append(f"({res['examples']} examples, {res['threads']} threads, sequence length "
+                 f"{res['max_length']}; serve: {res['serve']})")
+    return "\n".join(lines)
