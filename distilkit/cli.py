@@ -56,8 +56,20 @@ def _distill_run(args, rest) -> int:
     if args.dry_run:
         print(format_plan(plan(recipe)))
         return 0
+    if args.no_progress:
+        _hide_library_progress()
     run_recipe(recipe, progress=not args.no_progress)
     return 0
+
+
+def _hide_library_progress() -> None:
+    """``--no-progress`` hides the libraries' bars too (datasets' tokenizing, transformers'
+    loading and saving), not only distilkit's own."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +93,8 @@ def _finetune_run(args, rest) -> int:
     if parsed is None:
         raise ValueError(f"teacher: {recipe.keys.teacher!r}; distilkit finetune needs "
                          "teacher: {base: PATH_OR_HUB_ID, finetune: {...}}")
+    if args.no_progress:
+        _hide_library_progress()
     task = get_task(recipe.keys.task)
     raw = task.load_data(recipe)
     path = finetune_teacher(parsed[0], raw, recipe.data, parsed[1], task=task.name,

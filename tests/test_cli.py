@@ -37,6 +37,8 @@ def test_distill_writes_student_results_recipe_and_card(tiny_task, capsys):
     assert main(["distill", path, "--no-progress", "--max_steps", "3", "--student.num_layers", "1"]) == 0
     printed = capsys.readouterr()
     assert "teacher_cache: not used" in printed.err and "retention" in printed.out
+    # --no-progress hides the libraries' bars as well (tokenizing, loading, saving)
+    assert "examples/s" not in printed.err and "it/s]" not in printed.err
     res = json.load(open(os.path.join(out, "results.json")))
     for who in ("teacher", "student"):
         for k in ("accuracy", "macro_f1", "parameters", "size_on_disk_bytes", "latency_ms_batch32"):
