@@ -1,7 +1,8 @@
 """``distilkit export --format onnx [--int8]``: every classification student kind distilkit makes
-runs in onnxruntime with the PyTorch model's logits and argmax, at batch sizes and sequence
-lengths other than the traced example's; bad input is one clear error, and a failed check
-leaves nothing behind."""
+(the sentence-pair BiLSTM included, checked on pairs) runs in onnxruntime with the PyTorch
+model's logits and argmax, at batch sizes and sequence lengths other than the traced
+example's; bad input is one clear error, and a failed check leaves nothing behind. The 4-bit
+MatMulNBits export has its own file, test_export_nbits.py."""
 import json
 import os
 
@@ -29,22 +30,26 @@ KINDS = {
                  {"method": "prune_ffn", "fraction": 0.5, "importance": "l1"},
                  {"method": "quantize", "bits": 4, "bucket_size": 32}],
     "bilstm": None,
+    "bilstm_pair": None,
 }
 # Sentences over the tiny vocabulary (plus unknown words), of different lengths.
 TEXTS = ["the film is great", "a boring , dull mess", "not very good but fun",
          "the plot and the acting and the story were brilliant and charming and funny",
          "awful", "slow movie", "was it good ? no", "the story is a mess but the acting is great"]
+# Sentence pairs of different lengths on both sides.
+PAIRS = list(zip(TEXTS, TEXTS[2:] + TEXTS[:2]))
 
 
 def student(tmp_path, kind):
     """A tiny saved student of ``kind`` with its tokenizer; returns its directory."""
     path = str(tmp_path / kind)
-    if kind == "bilstm":
+    if kind in ("bilstm", "bilstm_pair"):
         from distilkit.students.bilstm import build_bilstm_student
 
         model, tok = build_bilstm_student(None, None, TEXTS + [" ".join(WORDS)],
                                           embedding_init="random", seed=0, embedding_dim=12,
-                                          hidden_size=10, mlp_hidden_size=8, dropout=0.0)
+                                          hidden_size=10, mlp_hidden_size=8, dropout=0.0,
+                                          sentence_pair=kind == "bilstm_pair")
         model.eval().save_pretrained(path)
         tok.save_pretrained(path)
         return path
@@ -63,13 +68,28 @@ def ort_logits(onnx_file, enc):
     return s.run(None, {i.name: enc[i.name].astype(np.int64) for i in s.get_inputs()})[0]
 
 
+def encode(tok, texts, length):
+    """``texts`` padded to ``length`` as a user feeds the exported file: sentences as one
+    encoding, pairs each side on its own (``input_ids_b`` / ``attention_mask_b`` for the
+    second sentences, as a sentence-pair BiLSTM's file takes them)."""
+    if isinstance(texts[0], str):
+        return dict(tok(texts, padding="max_length", max_length=length, return_tensors="np"))
+    first = tok([a for a, _ in texts], padding="max_length", max_length=length,
+                return_tensors="np")
+    # The second sentences at another padded width: the two sequence axes are independent.
+    second = tok([b for _, b in texts], padding="max_length", max_length=length + 5,
+                 return_tensors="np")
+    return {**first, **{f"{k}_b": v for k, v in second.items()}}
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_export_matrix_fp32_equal_int8_agrees(tmp_path, kind):
     path = student(tmp_path, kind)
     if kind == "prune_heads":
         layers = load_compressed(path).bert.encoder.layer
         assert [l.attention.self.query.out_features // 8 for l in layers] == [4, 3, 1, 2]
-    res = ex.export_onnx(path, str(tmp_path / "onnx"), int8=True, check_data=TEXTS)
+    data = PAIRS if kind == "bilstm_pair" else TEXTS
+    res = ex.export_onnx(path, str(tmp_path / "onnx"), int8=True, check_data=data)
     out = tmp_path / "onnx"
     assert json.load(open(out / "export.json")) == json.loads(json.dumps(res))
     fp32, int8 = res["files"]["fp32"], res["files"]["int8"]
@@ -79,6 +99,10 @@ def test_export_matrix_fp32_equal_int8_agrees(tmp_path, kind):
     assert os.path.getsize(out / "model.onnx") == fp32["bytes"]
     assert os.path.getsize(out / "model_int8.onnx") == int8["bytes"]
     assert os.path.isfile(out / "config.json")
+    if kind == "bilstm_pair":
+        assert res["inputs"] == ["input_ids", "attention_mask", "input_ids_b", "attention_mask_b"]
+        sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.shape[1] for i in sess.get_inputs()] == ["sequence"] * 2 + ["sequence_b"] * 2
     # Checked here too, independently of the export's own check: the tokenizer saved beside
     # the ONNX file, a batch size and a padded length the trace never saw, the PyTorch model
     # loaded as a user loads it.
@@ -86,8 +110,8 @@ def test_export_matrix_fp32_equal_int8_agrees(tmp_path, kind):
 
     tok = AutoTokenizer.from_pretrained(str(out))
     model = load_compressed(path).eval()
-    for texts in (TEXTS[:3], TEXTS[3:4], TEXTS):
-        enc = tok(texts, padding="max_length", max_length=24, return_tensors="np")
+    for texts in (data[:3], data[3:4], data):
+        enc = encode(tok, texts, 24)
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in enc.items()
                            if k in res["inputs"]}).logits.numpy()
@@ -96,6 +120,34 @@ def test_export_matrix_fp32_equal_int8_agrees(tmp_path, kind):
         assert (got.argmax(-1) == ref.argmax(-1)).all()
         q = ort_logits(str(out / "model_int8.onnx"), enc)
         assert q.shape == ref.shape and np.isfinite(q).all()
+
+
+def test_pair_bilstm_export_matches_the_concatenated_pair_form(tmp_path):
+    """The file's two-input pair form gives the logits the student gives on the same pairs
+    fed the other way it accepts them, one concatenated sequence with token_type_ids (what
+    training fed it), so the export serves the trained function."""
+    from transformers import AutoTokenizer
+
+    path = student(tmp_path, "bilstm_pair")
+    ex.export_onnx(path, str(tmp_path / "onnx"), check_data=PAIRS)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = load_compressed(path).eval()
+    joint = tok([a for a, _ in PAIRS], [b for _, b in PAIRS], padding=True, return_tensors="pt")
+    assert (joint["token_type_ids"] == 1).any()
+    with torch.no_grad():
+        ref = model(**joint).logits.numpy()
+    got = ort_logits(str(tmp_path / "onnx" / "model.onnx"), encode(tok, PAIRS, 20))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=ex.TOLERANCE)
+
+
+def test_pairs_for_an_encoder_student_go_in_as_one_sequence(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = student(tmp_path, "plain")
+    batches = ex.check_batches(AutoTokenizer.from_pretrained(path), PAIRS)
+    assert (batches[0]["token_type_ids"] == 1).any() and "input_ids_b" not in batches[0]
+    res = ex.export_onnx(path, str(tmp_path / "onnx"), check_data=PAIRS)
+    assert res["files"]["fp32"]["argmax_agreement"] == 1.0 and res["check_rows"] == 8 + 4 + 1 + 1
 
 
 def test_fp32_only_and_default_out_dir(tmp_path):
@@ -124,19 +176,17 @@ def test_a_failed_check_writes_nothing_and_keeps_the_old_export(tmp_path, monkey
 def test_bad_inputs_are_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="holds no saved model"):
         ex.export_onnx(str(tmp_path))
-    from distilkit.students.bilstm import build_bilstm_student
-
-    pair = str(tmp_path / "pair")
-    model, tok = build_bilstm_student(None, None, TEXTS, embedding_init="random", seed=0,
-                                      embedding_dim=8, hidden_size=4, mlp_hidden_size=4,
-                                      sentence_pair=True)
-    model.save_pretrained(pair)
-    tok.save_pretrained(pair)
-    with pytest.raises(ValueError, match="sentence-pair BiLSTM student cannot be exported"):
-        ex.export_onnx(pair)
+    pair = student(tmp_path, "bilstm_pair")
+    with pytest.raises(ValueError, match="sentence-pair student; give .first, second. pairs"):
+        ex.export_onnx(pair, check_data=TEXTS)
+    with pytest.raises(ValueError, match="single-sentence BiLSTM student"):
+        ex.export_onnx(student(tmp_path, "bilstm"), check_data=PAIRS)
+    assert not os.path.exists(os.path.join(pair, "onnx"))
     plain = student(tmp_path, "plain")
     with pytest.raises(ValueError, match="check_data"):
         ex.export_onnx(plain, check_data=["", "x"])
+    with pytest.raises(ValueError, match="check_data"):
+        ex.export_onnx(plain, check_data=[("a", "b"), "c"])
     with pytest.raises(ValueError, match="tolerance=0"):
         ex.export_onnx(plain, tolerance=0)
     import builtins
@@ -176,3 +226,27 @@ def test_cli_exports_a_distilled_run(tiny_task, capsys):
         assert main(["export", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("distilkit export: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_checks_a_pair_student_on_a_pairs_file(tmp_path, capsys):
+    path = student(tmp_path, "bilstm_pair")
+    texts = tmp_path / "pairs.tsv"
+    texts.write_text("".join(f"{a}\t{b}\n" for a, b in PAIRS[:5]) + "\n")
+    out = str(tmp_path / "exported")
+    assert main(["export", path, "--int8", "--out", out, "--texts", str(texts)]) == 0
+    printed = capsys.readouterr().out
+    res = json.load(open(os.path.join(out, "export.json")))
+    assert res["check_rows"] == 5 + 2 + 1 + 1 and "input_ids_b" in printed
+    assert res["files"]["fp32"]["argmax_agreement"] == 1.0
+    assert ex.read_texts(str(texts)) == [tuple(p) for p in PAIRS[:5]]
+    # A pair with an empty side, pairs mixed with sentences, single sentences for a pair
+    # student: one error line each, nothing written.
+    for i, body in enumerate(["a fine film\t\n", f"{PAIRS[0][0]}\t{PAIRS[0][1]}\nawful\n",
+                              "\n".join(TEXTS[:3]) + "\n"]):
+        bad = tmp_path / f"bad{i}.txt"
+        bad.write_text(body)
+        assert main(["export", path, "--out", str(tmp_path / f"no{i}"), "--texts", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("distilkit export: error:") and len(err.strip().splitlines()) == 1
+        assert ("line 1" if i == 0 else "line 2" if i == 1 else "pairs") in err
+        assert not os.path.exists(tmp_path / f"no{i}")

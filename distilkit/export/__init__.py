@@ -48,12 +48,18 @@ def _is_encoder_decoder(model_dir: str) -> bool:
 
 
 def format_export(res: dict) -> str:
-    """The figures, one line per file, for the terminal."""
+    """The figures, one line per file (the 4-bit file's MatMulNBits count, bucket sizes and
+    accuracy level on its line), and the file to serve, for the terminal."""
     lines = [f"exported {res['model_dir']} -> {res['out_dir']} (inputs: {', '.join(res['inputs'])};"
-             f" checked on {res['check_rows']} rows, fp32 tolerance {res['tolerance']:g})"]
+             f" checked on {res['check_rows']} rows, tolerance {res['tolerance']:g})"]
     for kind, f in res["files"].items():
-        lines.append(f"{kind:<5} {f['file']:<16} {f['bytes'] / 1e6:8.2f} MB  max |logit diff| "
-                     f"{f['max_abs_diff']:.2e}  argmax agreement {f['argmax_agreement']:.3f}")
+        line = (f"{kind:<5} {f['file']:<16} {f['bytes'] / 1e6:8.2f} MB  max |logit diff| "
+                f"{f['max_abs_diff']:.2e}  argmax agreement {f['argmax_agreement']:.3f}")
+        if "matmulnbits_nodes" in f:
+            line += (f"  ({f['matmulnbits_nodes']} MatMulNBits, bucket "
+                     f"{'/'.join(map(str, f['bucket_sizes']))}, accuracy_level "
+                     f"{f['accuracy_level']})")
+        lines.append(line)
     lines.append(f"serve: {res['serve']}")
     return "\n".join(lines)
 
@@ -66,24 +72,48 @@ def add_export_arguments(p) -> None:
                    help="also write model_int8.onnx (onnxruntime dynamic int8 quantization)")
     p.add_argument("--4bit", dest="four_bit", action="store_true",
                    help="also write model_4bit.onnx: a 4-bit quantized student's packed codes and "
-                        "bucket scales in onnxruntime's MatMulNBits")
+                        "bucket scales in onnxruntime's MatMulNBits (bucket sizes: powers of two "
+                        ">= 16 dividing each layer's in_features); served when written")
     p.add_argument("--out", help="output directory (default MODEL_DIR/onnx)")
     p.add_argument("--tolerance", type=float, default=TOLERANCE,
-                   help=f"max |logit diff| allowed for the fp32 export (default {TOLERANCE:g})")
+                   help=f"max |logit diff| allowed for the fp32 and 4-bit exports (default "
+                        f"{TOLERANCE:g})")
     p.add_argument("--texts", metavar="FILE",
-                   help="check the export on these sentences, one a line (default: a few "
-                        "built-in ones)")
+                   help="check the export on these sentences, one a line, or sentence pairs as "
+                        "'first<TAB>second' lines (a sentence-pair student needs pairs); "
+                        "default: a few built-in ones")
 
 
-def read_texts(path: str) -> list[str]:
-    """The non-blank lines of text file ``path`` (the sentences to check an export on)."""
+def read_texts(path: str) -> list:
+    """The non-blank lines of text file ``path``, the sentences to check an export on: a
+    line with a tab is a sentence pair ``(first, second)`` split at its first tab. All lines
+    must be of one kind (sentences or pairs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--texts: {path!r} is not a file; give a text file with one "
-                                "sentence a line")
+                                "sentence a line (or 'first<TAB>second' pairs)")
+    rows: list = []  # (line number, sentence or pair)
     with open(path, encoding="utf-8") as f:
-        texts = [line.strip() for line in f if line.strip()]
-    if not texts:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if "\t" in line:
+                first, second = (x.strip() for x in line.split("\t", 1))
+                if not first or not second:
+                    raise ValueError(f"--texts: {path!r} line {number} is a pair with an empty "
+                                     "side; write 'first<TAB>second' with both sentences")
+                rows.append((number, (first, second)))
+            else:
+                rows.append((number, line.strip()))
+    if not rows:
         raise ValueError(f"--texts: {path!r} holds no sentence; give one sentence a line")
+    pairs = isinstance(rows[0][1], tuple)
+    odd = next((n for n, t in rows if isinstance(t, tuple) != pairs), None)
+    if odd is not None:
+        raise ValueError(f"--texts: {path!r} mixes sentence pairs ('first<TAB>second') and "
+                         f"single sentences (line {odd} is not like line {rows[0][0]}); use one "
+                         "kind in the whole file")
+    texts = [t for _, t in rows]
     return texts
 
 
