@@ -37,6 +37,9 @@ The check, before anything is written: on real sentences in batches of different
 do_sample=False)`` token for token, and the logits of every step (first and with-past) must be
 within ``tolerance`` of the PyTorch model's, run teacher-forced on the same tokens. ``int8``
 (onnxruntime's dynamic int8 quantization of each graph) reports its agreement, not enforced.
+``four_bit`` traces the three graphs again with a 4-bit quantized student's packed linears as
+``MatMulNBits`` (:mod:`distilkit.export.nbits`: its own codes and bucket scales, not a
+re-quantization), checked like fp32.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from distilkit.export.runtime import OPSET, REPORT_FILE, require_onnx, session
 
 TOLERANCE = 1e-4
 GRAPHS = ("encoder", "decoder", "decoder_with_past")
-VARIANTS = {"fp32": "", "int8": "_int8"}
+VARIANTS = {"fp32": "", "int8": "_int8", "4bit": "_4bit"}
 CHECK_NEW_TOKENS = 48
 # Sources of the kind the built-in truecasing task holds (lower-cased, unpunctuated), of
 # different lengths.
@@ -79,7 +82,7 @@ UNSUPPORTED_GENERATION = {
 
 
 def graph_files(variant: str) -> dict:
-    """File names of the three graphs of ``variant`` (``"fp32"`` or ``"int8"``)."""
+    """File names of the three graphs of ``variant`` (``"fp32"``, ``"int8"`` or ``"4bit"``)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: {variant!r} is not an export variant; use one of "
                          f"{sorted(VARIANTS)}")
@@ -167,24 +170,38 @@ class _NextStep(nn.Module):
 
 
 def _export(module: nn.Module, example: tuple, path: str, inputs: list, outputs: list,
-            axes: dict) -> None:
+            axes: dict, four_bit_of: Optional[nn.Module] = None) -> dict:
+    """Trace ``module`` on ``example`` to ``path``; with ``four_bit_of`` (the model inside
+    ``module``) its packed linears become MatMulNBits nodes. Returns the 4-bit figures, else
+    nothing."""
+    if four_bit_of is not None:
+        from distilkit.export.nbits import export_four_bit
+
+        return export_four_bit(four_bit_of, module, example, path, input_names=inputs,
+                               output_names=outputs, dynamic_axes=axes)
     with warnings.catch_warnings():
         # The tracer warns about every Python-level branch on a shape; whether the graphs
         # generalise is what the check measures, on other batch sizes, lengths and pasts.
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, path, input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    return {}
 
 
-def _export_graphs(model: nn.Module, batch: dict, out_dir: str, start_id: int) -> dict:
-    """Write the three fp32 graphs of ``model`` to ``out_dir``, traced on ``batch``; returns
-    their file names."""
-    files = graph_files("fp32")
+def _export_graphs(model: nn.Module, batch: dict, out_dir: str, start_id: int,
+                   variant: str = "fp32") -> tuple[dict, dict]:
+    """Write the three graphs of ``model`` to ``out_dir``, traced on ``batch``: fp32, or with
+    ``variant="4bit"`` the packed linears as MatMulNBits (:mod:`distilkit.export.nbits`).
+    Returns their file names and, for 4-bit, each graph's MatMulNBits figures."""
+    files = graph_files(variant)
+    nbits = model if variant == "4bit" else None
+    info = {}
     ids, mask = (torch.from_numpy(batch[k]) for k in ("input_ids", "attention_mask"))
     src = {0: "batch", 1: "source"}
-    _export(_Encoder(model).eval(), (ids, mask), os.path.join(out_dir, files["encoder"]),
-            ["input_ids", "attention_mask"], ["last_hidden_state"],
-            {"input_ids": src, "attention_mask": src, "last_hidden_state": src})
+    info["encoder"] = _export(
+        _Encoder(model).eval(), (ids, mask), os.path.join(out_dir, files["encoder"]),
+        ["input_ids", "attention_mask"], ["last_hidden_state"],
+        {"input_ids": src, "attention_mask": src, "last_hidden_state": src}, nbits)
 
     with torch.no_grad():
         hidden = _Encoder(model)(ids, mask)
@@ -197,9 +214,10 @@ def _export_graphs(model: nn.Module, batch: dict, out_dir: str, start_id: int) -
             "encoder_attention_mask": src, "logits": {0: "batch", 1: "target"}}
     axes.update({n: {0: "batch", 2: "source" if ".encoder." in n else "target"}
                  for n in presents})
-    _export(_FirstStep(model).eval(), (dec, hidden, mask), os.path.join(out_dir, files["decoder"]),
-            ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
-            ["logits"] + presents, axes)
+    info["decoder"] = _export(
+        _FirstStep(model).eval(), (dec, hidden, mask), os.path.join(out_dir, files["decoder"]),
+        ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+        ["logits"] + presents, axes, nbits)
 
     pasts = _past_names("past_key_values", layers)
     grown = _past_names("present", layers, cross=False)
@@ -208,10 +226,11 @@ def _export_graphs(model: nn.Module, batch: dict, out_dir: str, start_id: int) -
     axes.update({n: {0: "batch", 2: "source" if ".encoder." in n else "past"} for n in pasts})
     axes.update({n: {0: "batch", 2: "past_plus_one"} for n in grown})
     step = torch.full((ids.shape[0], 1), start_id, dtype=torch.long)
-    _export(_NextStep(model).eval(), (step, mask, *first[1:]),
-            os.path.join(out_dir, files["decoder_with_past"]),
-            ["decoder_input_ids", "encoder_attention_mask"] + pasts, ["logits"] + grown, axes)
-    return files
+    info["decoder_with_past"] = _export(
+        _NextStep(model).eval(), (step, mask, *first[1:]),
+        os.path.join(out_dir, files["decoder_with_past"]),
+        ["decoder_input_ids", "encoder_attention_mask"] + pasts, ["logits"] + grown, axes, nbits)
+    return files, (info if nbits is not None else {})
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,8 +270,8 @@ def _as_past(name: str) -> str:
 class OnnxSeq2SeqGenerator:
     """Greedy generation with an exported seq2seq model in onnxruntime (CPU).
 
-    ``onnx_dir`` is a directory written by :func:`export_seq2seq`; ``variant`` is ``"fp32"``
-    or ``"int8"`` (one of ``export.json``'s ``files``); ``threads`` sets onnxruntime's
+    ``onnx_dir`` is a directory written by :func:`export_seq2seq`; ``variant`` is ``"fp32"``,
+    ``"int8"`` or ``"4bit"`` (one of ``export.json``'s ``files``); ``threads`` sets onnxruntime's
     intra-op threads (default: onnxruntime's choice). The three sessions are the attributes
     ``encoder``, ``decoder`` and ``decoder_with_past``.
     """
@@ -442,15 +461,18 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
                    tolerance: float = TOLERANCE, max_new_tokens: int = CHECK_NEW_TOKENS) -> dict:
     """Export the seq2seq student in ``model_dir`` (a model directory, or a run directory with
     ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``): the three graphs (see the
-    module docstring), with ``int8`` also their ``*_int8.onnx`` dynamic int8 quantizations, the
-    tokenizer, ``config.json``, ``generation_config.json`` and ``export.json``.
+    module docstring), with ``int8`` also their ``*_int8.onnx`` dynamic int8 quantizations,
+    with ``four_bit`` also ``*_4bit.onnx`` (a 4-bit quantized student's packed linears as
+    MatMulNBits, :mod:`distilkit.export.nbits`; a student it cannot take is refused before
+    any work), the tokenizer, ``config.json``, ``generation_config.json`` and ``export.json``.
 
-    The fp32 export is checked on ``check_data`` (source sentences; default
+    The fp32 and 4-bit exports are checked on ``check_data`` (source sentences; default
     :data:`CHECK_TEXTS`) with ``max_new_tokens`` new tokens: greedy outputs equal to
     ``model.generate``'s on every row and logits within ``tolerance`` at every step, else
-    RuntimeError and nothing is written. Returns the figures written to ``export.json``;
-    ``serve_variant`` is ``"int8"`` when its outputs equalled PyTorch's on every check row,
-    else ``"fp32"`` (the ``variant`` to give :class:`OnnxSeq2SeqGenerator`).
+    RuntimeError and nothing is written; int8's agreement is reported. Returns the figures
+    written to ``export.json``; ``serve_variant`` (the ``variant`` to give
+    :class:`OnnxSeq2SeqGenerator`) is ``"4bit"`` when written, else ``"int8"`` when its outputs
+    equalled PyTorch's on every check row, else ``"fp32"``.
     """
     from transformers import AutoTokenizer
 
@@ -460,9 +482,6 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
     from distilkit.files import atomic_dir, atomic_write_json
 
     require_onnx()
-    if four_bit:
-        raise ValueError("four_bit: 4-bit MatMulNBits export is not available for seq2seq "
-                         "students yet; export them as fp32 (the default) or with --int8")
     if not (isinstance(tolerance, (int, float)) and tolerance > 0):
         raise ValueError(f"tolerance={tolerance!r}: use a positive number, e.g. {TOLERANCE}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -474,22 +493,30 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
     if not getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{model_dir}: a {model.config.model_type} model is not an "
                          "encoder-decoder; export it with export_classifier")
+    if four_bit:
+        from distilkit.export.nbits import check_four_bit
+
+        check_four_bit(model)
     ids = generation_ids(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask")}
                for b in check_batches(tokenizer, check_data or CHECK_TEXTS)]
     result: dict = {}
 
-    def fill(tmp: str) -> None:
-        fp32 = _export_graphs(model, batches[0], tmp, ids["decoder_start_token_id"])
-        check = compare_generation(OnnxSeq2SeqGenerator._from_files(tmp, fp32, ids), model,
+    def checked(tmp: str, graphs: dict, what: str) -> dict:
+        check = compare_generation(OnnxSeq2SeqGenerator._from_files(tmp, graphs, ids), model,
                                    batches, max_new_tokens)
         if not check["identical"] or check["max_abs_diff"] > tolerance:
             raise RuntimeError(
-                f"{model_dir}: the ONNX export does not generate what the PyTorch model does "
-                f"(outputs equal on {check['sequence_agreement']:.3f} of the rows, max |logit "
-                f"diff| {check['max_abs_diff']:.3g}, tolerance {tolerance:g}); nothing was "
-                "written")
+                f"{model_dir}: {what} does not generate what the PyTorch model does (outputs "
+                f"equal on {check['sequence_agreement']:.3f} of the rows, max |logit diff| "
+                f"{check['max_abs_diff']:.3g}, tolerance {tolerance:g}); nothing was written")
+        return check
+
+    def fill(tmp: str) -> None:
+        start = ids["decoder_start_token_id"]
+        fp32, _ = _export_graphs(model, batches[0], tmp, start)
+        check = checked(tmp, fp32, "the ONNX export")
         files = {"fp32": _describe(tmp, fp32, check)}
         if int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -500,10 +527,16 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
                                  weight_type=QuantType.QInt8)
             files["int8"] = _describe(tmp, q, compare_generation(
                 OnnxSeq2SeqGenerator._from_files(tmp, q, ids), model, batches, max_new_tokens))
+        if four_bit:
+            nb, info = _export_graphs(model, batches[0], tmp, start, variant="4bit")
+            files["4bit"] = {**_describe(tmp, nb, checked(tmp, nb, "the 4-bit (MatMulNBits) "
+                                                                   "export")),
+                             "nbits": info}
         tokenizer.save_pretrained(tmp)
         shutil.copy(os.path.join(model_dir, "config.json"), os.path.join(tmp, "config.json"))
         model.generation_config.save_pretrained(tmp)
-        serve = "int8" if int8 and files["int8"]["sequence_agreement"] == 1.0 else "fp32"
+        serve = ("4bit" if four_bit else
+                 "int8" if int8 and files["int8"]["sequence_agreement"] == 1.0 else "fp32")
         result.update({
             "model_dir": os.path.abspath(model_dir), "out_dir": os.path.abspath(out_dir),
             "format": "onnx", "task": "seq2seq", "opset": OPSET,
@@ -511,9 +544,10 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
             "check_rows": check["rows"], "check_max_new_tokens": max_new_tokens,
             "generation": ids, "files": files, "serve": files[serve]["file"],
             "serve_variant": serve,
-            "serve_rule": "int8 when its greedy outputs equalled PyTorch's on every check row, "
-                          "else fp32; load with distilkit.export.seq2seq.OnnxSeq2SeqGenerator("
-                          "out_dir, variant=serve_variant)",
+            "serve_rule": "4bit when written (checked like fp32), else int8 when its greedy "
+                          "outputs equalled PyTorch's on every check row, else fp32; load with "
+                          "distilkit.export.seq2seq.OnnxSeq2SeqGenerator(out_dir, "
+                          "variant=serve_variant)",
         })
         atomic_write_json(os.path.join(tmp, REPORT_FILE), result)
 
