@@ -17,7 +17,10 @@ graphs, each with dynamic batch, source-length and past-length axes:
 Two decoder graphs rather than one merged graph with an ``If`` on "is there a past": each is a
 plain graph that onnxruntime's dynamic quantization and graph optimizations handle as they
 handle any other, and the loop never feeds the empty past tensors a merged graph needs on its
-first step. The cost is the decoder weights stored twice (the files say how many bytes).
+first step. The cost is size on disk: the decoder's weights and the word embedding are in
+both decoder files (and the embedding in the encoder's). Measured on a truecasing-sized BART
+student (d_model 128, 2,000 pieces, 2 encoder + 1 decoder layers, 3.0 MB of safetensors): the
+three fp32 files are 2.2 + 3.0 + 2.8 MB, the int8 ones 0.6 + 0.8 + 0.8 MB.
 
 transformers 5 keeps the past in ``EncoderDecoderCache`` objects; the export wrappers
 (:class:`_FirstStep`, :class:`_NextStep`) build one from plain tensors inside the traced
@@ -497,10 +500,15 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
         from distilkit.export.nbits import check_four_bit
 
         check_four_bit(model)
+    texts = list(check_data) if check_data else list(CHECK_TEXTS)
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(f"check_data: {texts[:3]!r}...: a seq2seq student is checked on source "
+                         "sentences, one non-empty string each (with --texts: one a line, no "
+                         "'first<TAB>second' pairs)")
     ids = generation_ids(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask")}
-               for b in check_batches(tokenizer, check_data or CHECK_TEXTS)]
+               for b in check_batches(tokenizer, texts)]
     result: dict = {}
 
     def checked(tmp: str, graphs: dict, what: str) -> dict:
