@@ -1,8 +1,9 @@
-"""``distilkit export --format onnx [--int8]`` for seq2seq students: the encoder, first-step
-decoder and decoder-with-past graphs, and :class:`OnnxSeq2SeqGenerator`'s greedy loop over
-them, which must give ``model.generate``'s tokens for BART and T5 (relative position bias
-with a past), layer-dropped and 4-bit packed students, at batch sizes and source lengths other
-than the traced example's, rows finishing at different steps."""
+"""``distilkit export --format onnx [--int8] [--4bit]`` for seq2seq students: the encoder,
+first-step decoder and decoder-with-past graphs, and :class:`OnnxSeq2SeqGenerator`'s greedy
+loop over them, which must give ``model.generate``'s tokens for BART, T5 (relative position
+bias with a past) and Marian (sinusoidal positions), layer-dropped and 4-bit packed students,
+at batch sizes and source lengths other than the traced example's, rows finishing at
+different steps."""
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
-from conftest import tiny_bart, tiny_t5, tiny_tokenizer
+from conftest import tiny_bart, tiny_marian, tiny_t5, tiny_tokenizer
 
 from distilkit.cli import main
 from distilkit.compress import (CompressionContext, compress_, config_from_dict, finalize_,
@@ -25,7 +26,7 @@ TEXTS = ["the film is great", "a boring dull mess", "not very good but fun",
          "the plot and the acting and the story were brilliant and charming and funny",
          "awful", "slow movie", "the acting was very good and the story was fun"]
 NEW = 12  # new tokens per output, in the export's check and here
-FAMILIES = {"bart": tiny_bart, "t5": tiny_t5}
+FAMILIES = {"bart": tiny_bart, "t5": tiny_t5, "marian": tiny_marian}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,8 +159,8 @@ def test_bart_forced_eos_and_forced_bos(tmp_path):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_past_graph_is_used_one_token_a_step(exported, family):
     model_dir, res = exported[family]
-    layers = len(load_compressed(model_dir).get_decoder().layers
-                 if family == "bart" else load_compressed(model_dir).get_decoder().block)
+    decoder = load_compressed(model_dir).get_decoder()
+    layers = len(decoder.block if family == "t5" else decoder.layers)
     gen = OnnxSeq2SeqGenerator(res["out_dir"])
     past = {f"past_key_values.{i}.{k}.{kv}" for i in range(layers)
             for k in ("decoder", "encoder") for kv in ("key", "value")}
