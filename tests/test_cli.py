@@ -100,8 +100,12 @@ def test_two_process_accelerate_launch(tiny_task):
     assert res["processes"] == 2 and res["global_steps"] == 3
 
 
-@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(
-    os.path.dirname(__file__), "..", "recipes")) if f.endswith(".yaml")))
+RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
+
+
+@pytest.mark.parametrize("name", sorted(
+    os.path.join(d, f) for d in ("", "deploy")
+    for f in os.listdir(os.path.join(RECIPES, d)) if f.endswith(".yaml")))
 def test_shipped_recipes_are_valid(name):
     """Every recipe in recipes/ parses, passes validation, builds its DistilConfig and its
     compression configs: a typo in a shipped recipe fails here, not in a user's run."""
