@@ -302,16 +302,20 @@ def _runtimes_section(name: str, results: dict) -> list[str]:
     export = results.get("export") or {}
     if not export.get("serve"):
         return []
+    seq2seq = results.get("task") == "seq2seq"
     lines = ["", "## Runtimes", ""]
     if results.get("runtimes") and results.get("teacher"):
         from distilkit.report import runtime_rows, runtimes_table
 
+        how = (f"greedy generation of at most {(export.get('generation') or {}).get('max_new_tokens', '?')}"
+               " new tokens; agreement = share of sentences whose output equals the PyTorch "
+               "student's" if seq2seq else
+               f"sequence length {export.get('max_length', '?')}; agreement = share of rows on "
+               "which the runtime predicts what the student in PyTorch predicts")
         lines += [f"The student exported to ONNX (`{export.get('dir', 'onnx')}`), measured in "
                   f"every runtime on the `{export.get('split', '?')}` split "
                   f"({export.get('examples', '?')} examples) with {export.get('threads', '?')} "
-                  f"threads at sequence length {export.get('max_length', '?')}; the teacher in "
-                  "PyTorch fp32 is 1.00x. Agreement = share of rows on which the runtime "
-                  "predicts what the student in PyTorch predicts.", "",
+                  f"threads, {how}. The teacher in PyTorch fp32 is 1.00x.", "",
                   runtimes_table(runtime_rows([{**results, "name": name}])), ""]
     else:
         files = ", ".join(f"`{f}`" for f in (export.get("files") or {}).values())
@@ -320,6 +324,14 @@ def _runtimes_section(name: str, results: dict) -> list[str]:
     lines += [f"Serve: `{serve}`", ""]
     if export.get("serve_rule"):
         lines += [f"(The export's rule: {export['serve_rule']}.)", ""]
+    if seq2seq:
+        where = serve.rsplit("/", 1)[0] if "/" in serve else "."
+        return lines + [
+            "```python", "from distilkit.export.seq2seq import OnnxSeq2SeqGenerator", "",
+            f"gen = OnnxSeq2SeqGenerator(\"{where}\", variant=\"{export.get('serve_variant', 'fp32')}\")",
+            "enc = gen.tokenizer([\"a charming film\"], return_tensors=\"np\")",
+            "print(gen.decode(gen.generate(enc[\"input_ids\"], enc[\"attention_mask\"])))",
+            "```"]
     lines += ["```python", "import onnxruntime as ort", "from transformers import AutoTokenizer",
               "", f"tokenizer = AutoTokenizer.from_pretrained(\"{serve.rsplit('/', 1)[0]}\")"
               if "/" in serve else "tokenizer = AutoTokenizer.from_pretrained(\".\")",

@@ -99,21 +99,36 @@ def evaluate_runtimes(export_dir: str, data=None, *, recipe: Optional[str] = Non
     (:func:`~distilkit.export.measure.evaluate_export`, plus ``split``) are written to
     ``out_file`` (default ``EXPORT_DIR/evaluation.json``) and returned."""
     from distilkit.data import label_names, load_raw
-    from distilkit.export.measure import evaluate_export, export_model_dir, read_export
+    from distilkit.export.measure import (evaluate_export, evaluate_seq2seq_export,
+                                          export_model_dir, is_seq2seq, read_export)
     from distilkit.files import atomic_write_json
 
-    model_dir = export_model_dir(export_dir, read_export(export_dir))
+    export = read_export(export_dir)
+    model_dir = export_model_dir(export_dir, export)
     r = _load_recipe(recipe or _recipe_near(model_dir))
     spec = data or default_spec(model_dir, r)
-    max_length = max_length or (r.keys.max_length if r else None) or 128
-    raw = load_raw(spec, classes=True)
     split = split or spec.test_split or spec.eval_split
+    if is_seq2seq(export):
+        from distilkit.seq2seq.data import load_seq2seq_data
+        from distilkit.tasks.seq2seq import _builtin_settings
+
+        b = _builtin_settings(r)  # the built-in task's sentence-length limit, as evaluate_dir
+        raw = load_seq2seq_data(spec, b.max_words if b else None)
+    else:
+        raw = load_raw(spec, classes=True)
     if split not in raw:
         raise ValueError(f"split {split!r} is not in the dataset; it has {sorted(raw)}")
-    res = evaluate_export(export_dir, raw[split], text_column=spec.text_column,
-                          text_pair_column=spec.text_pair_column, label_column=spec.label_column,
-                          label_names=label_names(raw, spec), max_length=max_length,
-                          latency=latency, progress=progress)
+    if is_seq2seq(export):
+        res = evaluate_seq2seq_export(export_dir, raw[split], source_column=spec.text_column,
+                                      target_column=spec.label_column,
+                                      generation=r.keys.generation if r else None,
+                                      latency=latency, progress=progress)
+    else:
+        res = evaluate_export(export_dir, raw[split], text_column=spec.text_column,
+                              text_pair_column=spec.text_pair_column,
+                              label_column=spec.label_column, label_names=label_names(raw, spec),
+                              max_length=max_length or (r.keys.max_length if r else None) or 128,
+                              latency=latency, progress=progress)
     res["split"] = split
     atomic_write_json(out_file or os.path.join(export_dir, "evaluation.json"), res)
     return res

@@ -84,6 +84,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     for cfg in comp_cfgs:
         compress_(student, cfg, ctx)
         callbacks += get_method(cfg).callbacks(student, cfg, ctx)
+    if export is not None and export.four_bit:
+        check_four_bit_export(student)
     teacher_model = None
     if not prep.teacher_cached:
         models = teachers.models()
@@ -133,12 +135,51 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
     return results
 
 
+def check_four_bit_export(student) -> None:
+    """What ``export.four_bit`` needs of the student, checked before training from the
+    compression records of the prepared student (the packed layers they will become): linears
+    packed at 4 bits with the uniform scheme, in buckets onnxruntime's MatMulNBits takes for
+    their widths (:func:`distilkit.export.nbits.check_four_bit`'s rules, which the export
+    applies again to the packed student). A bucket size that does not fit the model fails now,
+    in one line with the sizes that do, not after training. (The prepared student cannot
+    simply be finalized on a copy: a copy shares its parametrized classes.)"""
+    from distilkit.compress.base import compression_records
+    from distilkit.export.nbits import BITS, MIN_BLOCK, block_sizes_for
+    from distilkit.recipe import QUANTIZE_METHODS
+
+    linears = [(name, layer["weights"]["weight"])
+               for rec in compression_records(student) if rec["method"] in QUANTIZE_METHODS
+               for name, layer in rec.get("layers", {}).items()
+               if layer.get("kind") == "linear" and "weight" in layer.get("weights", {})]
+    if not linears:
+        raise ValueError("export.four_bit: no linear layer of the student is quantized; "
+                         "quantize them (compression: [{method: quantize, bits: 4}]) or set "
+                         "four_bit: false")
+    works = block_sizes_for(spec["shape"][1] for _, spec in linears)
+    for name, spec in linears:
+        k, width = spec["bucket_size"], spec["shape"][1]
+        if spec["bits"] != BITS or spec["scheme"] != "uniform":
+            raise ValueError(f"export.four_bit: layer {name!r} is quantized with bits="
+                             f"{spec['bits']}, scheme {spec['scheme']!r}; MatMulNBits takes 4-bit "
+                             "uniform weights: quantize with bits: 4, scheme: uniform, or set "
+                             "four_bit: false")
+        if k < MIN_BLOCK or k & (k - 1) or width % k:
+            fix = (f"use one of bucket_size {works}, which work for every layer" if works else
+                   "no bucket size works for every layer; set four_bit: false")
+            raise ValueError(f"export.four_bit: layer {name!r} has bucket_size {k} and "
+                             f"in_features {width}; MatMulNBits needs a power of two >= "
+                             f"{MIN_BLOCK} that divides in_features: {fix}")
+
+
 def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str,
                        tmp: str, out_dir: str, teacher: dict, progress: bool) -> dict:
     """The recipe's ``export:`` step on the saved student in ``tmp`` (its temporary
     directory, later renamed to ``out_dir``): ``distilkit export`` into ``tmp/onnx``, checked
-    on the first sentences of the evaluation split; then, with ``settings.evaluate``, every
-    runtime measured on ``split`` (:func:`distilkit.export.measure.evaluate_export`).
+    on the first sentences (or pairs, or sources) of the evaluation split; then, with
+    ``settings.evaluate``, every runtime measured on ``split``
+    (:func:`distilkit.export.measure.evaluate_export`; a seq2seq student by greedy generation,
+    :func:`~distilkit.export.measure.evaluate_seq2seq_export`, against the teacher's batch-1
+    generation time).
 
     Returns what goes into ``results.json``: ``export`` (the export's directory relative to
     the run, ``serve``: the file to serve relative to the student directory, the measurement's
@@ -146,35 +187,51 @@ def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str
     runtimes' keys, the reference of every ratio) and ``runtimes`` (per runtime: ``file``
     relative to the student directory, accuracy, f1, agreement, latencies, size)."""
     from distilkit.export import REPORT_FILE, export_onnx
-    from distilkit.export.measure import PYTORCH, RUNTIME_TITLES, evaluate_export
+    from distilkit.export.measure import (PYTORCH, RUNTIME_TITLES, evaluate_export,
+                                          evaluate_seq2seq_export)
     from distilkit.files import atomic_write_json
 
     spec = recipe.data
     onnx_dir = os.path.join(tmp, EXPORT_DIR)
-    texts = [t for t in raw[split][spec.text_column][:CHECK_ROWS] if isinstance(t, str) and t.strip()]
+    # Real inputs of the evaluation split (pairs for sentence-pair data) to check the export on.
+    cols = [raw[split][c][:CHECK_ROWS] for c in (spec.text_column, spec.text_pair_column) if c]
+    texts = [t if len(t) > 1 else t[0] for t in zip(*cols)
+             if all(isinstance(x, str) and x.strip() for x in t)]
     made = export_onnx(tmp, onnx_dir, int8=settings.int8, four_bit=settings.four_bit,
                        check_data=texts or None)
     info: dict = {"dir": f"{STUDENT_DIR}/{EXPORT_DIR}", "format": settings.format,
                   "serve": f"{EXPORT_DIR}/{made['serve']}", "serve_rule": made.get("serve_rule"),
                   "files": {k: f"{EXPORT_DIR}/{f['file']}" for k, f in made["files"].items()}}
     out: dict = {"export": info}
+    if made.get("serve_variant"):  # seq2seq: the variant to give OnnxSeq2SeqGenerator
+        info["serve_variant"] = made["serve_variant"]
     if settings.evaluate:
-        m = evaluate_export(onnx_dir, raw[split], text_column=spec.text_column,
-                            text_pair_column=spec.text_pair_column,
-                            label_column=spec.label_column, max_length=recipe.keys.max_length,
-                            progress=progress)
+        size = teacher.get("size_on_disk_bytes")
+        t_fig = {"runtime_title": RUNTIME_TITLES[PYTORCH],
+                 "size_mb": round(size / 1e6, 3) if size else None, "size_bytes": size}
+        if recipe.keys.task == "seq2seq":
+            m = evaluate_seq2seq_export(onnx_dir, raw[split], source_column=spec.text_column,
+                                        target_column=spec.label_column,
+                                        generation=recipe.keys.generation, progress=progress)
+            # The teacher was timed generating one sentence at a time (batch 1 only).
+            t_fig.update({k: teacher.get(k) for k in ("bleu", "chrf", "exact_match")},
+                         latency_b1_ms=teacher.get("latency_ms"), latency_b32_ms=None)
+            info["generation"] = m["generation"]
+        else:
+            m = evaluate_export(onnx_dir, raw[split], text_column=spec.text_column,
+                                text_pair_column=spec.text_pair_column,
+                                label_column=spec.label_column,
+                                max_length=recipe.keys.max_length, progress=progress)
+            t_fig.update(accuracy=teacher.get("accuracy"), f1=teacher.get("macro_f1"),
+                         latency_b1_ms=teacher.get("latency_ms_batch1"),
+                         latency_b32_ms=teacher.get("latency_ms_batch32"),
+                         threads=teacher.get("threads"))
+            info["max_length"] = m["max_length"]
         for name, r in m["runtimes"].items():
             if name != PYTORCH:
                 r["file"] = f"{EXPORT_DIR}/{r['file']}"
-        size = teacher.get("size_on_disk_bytes")
-        info.update(split=split, examples=m["examples"], max_length=m["max_length"],
-                    threads=m["threads"], latency_protocol=m["latency_protocol"], teacher={
-                        "runtime_title": RUNTIME_TITLES[PYTORCH],
-                        "accuracy": teacher.get("accuracy"), "f1": teacher.get("macro_f1"),
-                        "latency_b1_ms": teacher.get("latency_ms_batch1"),
-                        "latency_b32_ms": teacher.get("latency_ms_batch32"),
-                        "size_mb": round(size / 1e6, 3) if size else None, "size_bytes": size,
-                        "threads": teacher.get("threads")})
+        info.update(split=split, examples=m["examples"], threads=m["threads"],
+                    latency_protocol=m["latency_protocol"], teacher=t_fig)
         out["runtimes"] = m["runtimes"]
     # export.json names the directories it was made in and from; those are temporary here.
     made.update(model_dir=os.path.abspath(out_dir),

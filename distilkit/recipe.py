@@ -47,7 +47,9 @@ class RecipeKeys:
     teacher_adapter: Optional[str] = None
     student: dict = field(default_factory=lambda: {"type": "from_teacher", "num_layers": 3})
     max_length: int = 64
-    teacher_cache: bool = False
+    # classification: true caches the teacher's logits (distilkit.teacher_cache); seq2seq:
+    # {top_k: N} caches its top-N distribution per target token (distilkit.seq2seq.topk_cache).
+    teacher_cache: Any = False
     cache_dir: Optional[str] = None
     augment: Optional[dict] = None
     compression: list = field(default_factory=list)
@@ -80,8 +82,9 @@ class ExportSettings:
         "help": "also write model_4bit.onnx from a 4-bit quantized student's packed codes "
                 "(needs compression: [{method: quantize, bits: 4, ...}])"})
     evaluate: bool = field(default=True, metadata={
-        "help": "measure PyTorch fp32 and every ONNX file on the test split (accuracy, "
-                "macro-F1, agreement, latency at batch 1 and 32, size) into results.json"})
+        "help": "measure PyTorch fp32 and every ONNX file on the test split (accuracy and "
+                "macro-F1, or BLEU by greedy generation for seq2seq; agreement with PyTorch, "
+                "latency at batch 1 and 32, size) into results.json"})
 
 
 def export_settings(value: Any, compression: Optional[list] = None,
@@ -108,9 +111,10 @@ def export_settings(value: Any, compression: Optional[list] = None,
     if s.format not in EXPORT_FORMATS:
         raise ValueError(f"export.format: {s.format!r} is not an export format; use "
                          f"{' or '.join(EXPORT_FORMATS)}")
-    if task != "classification":
-        raise ValueError(f"export: the export step handles task: classification students; "
-                         f"remove export: from this {task} recipe")
+    if s.four_bit and task == "seq2seq":
+        raise ValueError("export.four_bit: the 4-bit MatMulNBits export is for classification "
+                         "students; set four_bit: false for this seq2seq recipe (int8: true "
+                         "quantizes it)")
     if s.four_bit:
         from distilkit.compress.base import config_from_dict
 
@@ -173,6 +177,31 @@ def _distillation_defaults() -> dict:
     return out
 
 
+def teacher_cache_setting(value: Any, task: str) -> Any:
+    """A recipe's ``teacher_cache``: ``true``/``false`` (classification: cache the logits), or
+    for ``task: seq2seq`` a mapping ``{top_k: N}`` (cache the teacher's N most likely tokens
+    per target token), returned with its values as their types, or one ValueError naming the
+    field, the value and the fix."""
+    if not isinstance(value, dict):
+        try:
+            return bool(coerce("teacher_cache", value, bool))
+        except ValueError as e:
+            raise ValueError(f"{e} (or, for task: seq2seq, a mapping like {{top_k: 64}})") from None
+    if task != "seq2seq":
+        raise ValueError(f"teacher_cache: {value!r}: top_k is the token-level cache of task: "
+                         "seq2seq; a classification recipe caches the full logits with "
+                         "teacher_cache: true")
+    unknown = sorted(set(value) - {"top_k"})
+    if unknown or "top_k" not in value:
+        raise ValueError(f"teacher_cache: {value!r} must be a mapping with one key, top_k "
+                         f"(e.g. {{top_k: 64}}){f'; unknown key(s) {unknown}' if unknown else ''}")
+    k = coerce("teacher_cache.top_k", value["top_k"], int)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"teacher_cache.top_k: {value['top_k']!r} must be a whole number >= 1 "
+                         "(the teacher's most likely tokens kept per target token), e.g. 64")
+    return {"top_k": k}
+
+
 @dataclass
 class Recipe:
     """A parsed, validated recipe. ``keys``/``data``/``training`` hold the three kinds of
@@ -229,12 +258,14 @@ class Recipe:
             raise ValueError(f"task: {k.task!r} must be 'classification' or 'seq2seq'")
         if not isinstance(k.student, dict) or k.student.get("type", "from_teacher") not in STUDENT_TYPES:
             raise ValueError(f"student: {k.student!r} needs a 'type' among {STUDENT_TYPES}")
+        k.teacher_cache = teacher_cache_setting(k.teacher_cache, k.task)
         # Keys of the other task would be silently ignored: say so instead.
         if k.task == "seq2seq":
-            if k.teacher_cache:
+            if k.teacher_cache is True:
                 raise ValueError("teacher_cache: true applies to task: classification (cached "
-                                 "logits); a seq2seq recipe caches the teacher's generations "
-                                 "with sequence_kd: {...} instead. Remove teacher_cache")
+                                 "logits); a seq2seq recipe caches the teacher's top-k token "
+                                 "distribution with teacher_cache: {top_k: 64} (token-level KD) "
+                                 "and its generations with sequence_kd: {...}")
             if k.augment:
                 raise ValueError("augment: applies to task: classification (a BiLSTM transfer "
                                  "set); remove it from this seq2seq recipe")
@@ -263,10 +294,6 @@ class Recipe:
         # Resolved to every field, so recipe.yaml and the card say what was exported.
         settings = export_settings(k.export, k.compression, k.task)
         k.export = dataclasses.asdict(settings) if settings else None
-        if settings and isinstance(k.student, dict) and k.student.get("type") == "bilstm" \
-                and self.data.text_pair_column:
-            raise ValueError("export: a sentence-pair BiLSTM student cannot be exported to ONNX "
-                             "yet; remove export: or text_pair_column")
         if k.push_to_hub and not k.hub_repo_id:
             raise ValueError("push_to_hub: true needs hub_repo_id: ORG/NAME")
         self.distil_config()

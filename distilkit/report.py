@@ -146,51 +146,63 @@ def markdown_table(rows: Sequence[dict], metric: str = "accuracy") -> str:
 PYTORCH = "pytorch-fp32"  # the runtime name distilkit.export.measure gives PyTorch
 
 
+# The two scores the runtime table shows: classification, seq2seq (scored by generation).
+RUNTIME_SCORES = {"accuracy": ("accuracy", "f1", "Macro-F1"), "bleu": ("bleu", "chrf", "chrF")}
+
+
 def _teacher_runtime(res: dict) -> dict:
     """A run's teacher in PyTorch fp32, in the runtimes' keys: what the export step stored
-    (``export.teacher``), else converted from the run's teacher figures."""
+    (``export.teacher``), else converted from the run's teacher figures (a seq2seq run's
+    ``latency_ms`` is its batch-1 generation time)."""
     stored = (res.get("export") or {}).get("teacher")
     if stored:
         return stored
     t = res["teacher"]
     return {"runtime_title": "PyTorch fp32", "accuracy": t.get("accuracy"),
-            "f1": t.get("macro_f1"), "latency_b1_ms": t.get("latency_ms_batch1"),
+            "f1": t.get("macro_f1"), "bleu": t.get("bleu"), "chrf": t.get("chrf"),
+            "latency_b1_ms": t.get("latency_ms_batch1", t.get("latency_ms")),
             "latency_b32_ms": t.get("latency_ms_batch32"),
             "size_mb": t["size_on_disk_bytes"] / MB}
 
 
-def runtime_rows(results: Sequence[dict]) -> list[dict]:
+def runtime_rows(results: Sequence[dict], metric: Optional[str] = None) -> list[dict]:
     """The teacher in PyTorch fp32 first (every ratio 1.00x), then each run's student in each
-    runtime it was measured in (a run without an export: its PyTorch figures), with accuracy
-    retention, size ratio and speed-ups against that run's own teacher; ``serve`` marks the
+    runtime it was measured in (a run without an export: its PyTorch figures), with the
+    ``metric``'s retention (default :func:`default_metric`: BLEU for seq2seq runs, else
+    accuracy), size ratio and speed-ups against that run's own teacher; ``serve`` marks the
     file the run's export says to serve."""
     if not results:
         raise ValueError("no runs to report on")
+    metric = metric or default_metric(results)
+    if metric not in RUNTIME_SCORES:
+        raise ValueError(f"metric: {metric!r}; the runtime table shows "
+                         f"{' or '.join(RUNTIME_SCORES)}")
     spec = (results[0].get("recipe") or {}).get("teacher")
     teacher_name = os.path.basename(str(spec).rstrip("/")) if isinstance(spec, str) and spec \
         else "teacher"
     rows = [_runtime_row(teacher_name, PYTORCH, _teacher_runtime(results[0]),
-                         _teacher_runtime(results[0]), is_teacher=True)]
+                         _teacher_runtime(results[0]), metric, is_teacher=True)]
     for res in results:
         t = _teacher_runtime(res)
         runtimes = res.get("runtimes") or {PYTORCH: {**_teacher_runtime({"teacher": res["student"]}),
                                                      "agreement": 1.0}}
         serve = (res.get("export") or {}).get("serve")
         for name, m in runtimes.items():
-            rows.append(_runtime_row(res["name"], name, m, t,
+            rows.append(_runtime_row(res["name"], name, m, t, metric,
                                      serve=bool(serve) and m.get("file") == serve))
     return rows
 
 
-def _runtime_row(name: str, runtime: str, m: dict, t: dict, is_teacher: bool = False,
-                 serve: bool = False) -> dict:
+def _runtime_row(name: str, runtime: str, m: dict, t: dict, metric: str,
+                 is_teacher: bool = False, serve: bool = False) -> dict:
+    score, second, _ = RUNTIME_SCORES[metric]
     return {
         "name": name, "runtime": runtime, "runtime_title": m.get("runtime_title", runtime),
-        "file": m.get("file"), "is_teacher": is_teacher, "serve": serve,
-        "accuracy": m.get("accuracy"), "f1": m.get("f1"),
+        "file": m.get("file"), "is_teacher": is_teacher, "serve": serve, "metric": score,
+        score: m.get(score), second: m.get(second),
         "agreement": m.get("agreement"),
-        "retention_pct": (100 * _ratio(m.get("accuracy"), t.get("accuracy"))
-                          if m.get("accuracy") is not None and t.get("accuracy") else None),
+        "retention_pct": (100 * _ratio(m.get(score), t.get(score))
+                          if m.get(score) is not None and t.get(score) else None),
         "size_mb": m.get("size_mb"), "size_ratio": _ratio(t.get("size_mb"), m.get("size_mb")),
         "latency_b1_ms": m.get("latency_b1_ms"), "latency_b32_ms": m.get("latency_b32_ms"),
         "speedup_b1": _ratio(t.get("latency_b1_ms"), m.get("latency_b1_ms")),
@@ -200,7 +212,10 @@ def _runtime_row(name: str, runtime: str, m: dict, t: dict, is_teacher: bool = F
 
 def runtimes_table(rows: Sequence[dict]) -> str:
     """The runtime rows as a GitHub markdown table; the file to serve is marked."""
-    head = ["Model", "Runtime", "File", "Accuracy", "Macro-F1", "Agreement", "Retention",
+    score, second, title = RUNTIME_SCORES[rows[0]["metric"] if rows else "accuracy"]
+    fmt = ".2f" if score == "bleu" else ".4f"
+    head = ["Model", "Runtime", "File", score.upper() if score == "bleu" else "Accuracy", title,
+            "Agreement", "Retention",
             "Size (MB)", "Size ratio", "Latency b1 (ms)", "Latency b32 (ms)", "Speed-up b1",
             "Speed-up b32"]
     lines = ["| " + " | ".join(head) + " |",
@@ -209,7 +224,7 @@ def runtimes_table(rows: Sequence[dict]) -> str:
         name = f"**{r['name']}** (teacher)" if r["is_teacher"] else r["name"]
         file = f"`{r['file']}`" if r["file"] else "-"
         cells = [name, r["runtime_title"], file + (" (serve)" if r["serve"] else ""),
-                 _fmt(r["accuracy"], ".4f"), _fmt(r["f1"], ".4f"), _fmt(r["agreement"], ".4f"),
+                 _fmt(r[score], fmt), _fmt(r[second], fmt), _fmt(r["agreement"], ".4f"),
                  _fmt(r["retention_pct"], ".1f", " %"), _fmt(r["size_mb"], ".2f"),
                  _fmt(r["size_ratio"], ".2f", "x"), _fmt(r["latency_b1_ms"], ".2f"),
                  _fmt(r["latency_b32_ms"], ".1f"), _fmt(r["speedup_b1"], ".2f", "x"),
@@ -233,7 +248,9 @@ def plot_runtimes(rows: Sequence[dict], path: str, title: Optional[str] = None) 
         ax.barh([v + off for v in y], [r[key] or 0 for r in rows], height=0.38, color=color,
                 label=f"batch {key[len('speedup_b'):]}")
     for v, r in zip(y, rows):
-        ax.annotate(f"acc {_fmt(r['accuracy'], '.3f')}, {_fmt(r['size_mb'], '.2f')} MB",
+        score = r["metric"]
+        ax.annotate(f"{'acc' if score == 'accuracy' else score} {_fmt(r[score], '.3f')}, "
+                    f"{_fmt(r['size_mb'], '.2f')} MB",
                     (max(r["speedup_b1"] or 0, r["speedup_b32"] or 0), v),
                     textcoords="offset points", xytext=(4, -3), fontsize=7)
     ax.axvline(1.0, color="tab:red", lw=1, ls="--", label="teacher (1.00x)")
@@ -347,7 +364,8 @@ def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str]
               f"![{metric} vs size and latency]({os.path.basename(png)})", "",
               "## Runs", ""]
     lines += [_recipe_line(r) for r in results]
-    runtime = runtime_rows(results) if any(r.get("runtimes") for r in results) else None
+    runtime = (runtime_rows(results, metric if metric in RUNTIME_SCORES else None)
+               if any(r.get("runtimes") for r in results) else None)
     if runtime:
         rt_png = plot_runtimes(runtime, os.path.join(out_dir, "report_runtimes.png"), title)
         lines += ["", "## Runtimes", "",

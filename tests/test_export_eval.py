@@ -213,11 +213,10 @@ def test_export_settings_resolved_and_four_bit_with_a_4bit_student():
     with pytest.raises(ValueError, match="export.four_bit.*add {method: quantize, bits: 4}"):
         Recipe.from_dict({**base, "export": {"four_bit": True},
                           "compression": [{"method": "quantize", "bits": 2}]})
-    with pytest.raises(ValueError, match="export: the export step handles task: classification"):
-        Recipe.from_dict({**base, "task": "seq2seq", "export": True})
-    with pytest.raises(ValueError, match="sentence-pair BiLSTM"):
-        Recipe.from_dict({**base, "export": True, "text_pair_column": "b",
-                          "student": {"type": "bilstm"}})
+    with pytest.raises(ValueError, match="export.four_bit: the 4-bit MatMulNBits export is for "
+                                         "classification students; set four_bit: false"):
+        Recipe.from_dict({**base, "task": "seq2seq", "export": {"four_bit": True},
+                          "compression": [{"method": "quantize", "bits": 4}]})
 
 
 def test_export_step_without_onnxruntime_fails_before_training(tiny_task, capsys, monkeypatch):
@@ -253,3 +252,89 @@ def test_a_moved_export_finds_its_model_and_a_bad_dir_is_named(tiny_task, capsys
         evaluate_export(os.path.join(moved, "onnx"), _dataset(8), progress=False)
     with pytest.raises(FileNotFoundError, match="holds no export.json"):
         evaluate_export(str(tiny_task["tmp"]), _dataset(8), progress=False)
+
+
+def test_seq2seq_recipe_export_measures_generation_in_every_runtime(tmp_path, capsys):
+    """A seq2seq recipe with ``export:``: the three graphs exported, each variant's greedy
+    loop scored by generation (BLEU, agreement with PyTorch's outputs) into results.json, the
+    card (Serve line with the generator to load it) and the report (BLEU, teacher 1.00x)."""
+    from conftest import tiny_t5
+    from test_seq2seq import SENTENCES, _truecase_files, strip_case_and_punct
+
+    from distilkit.pipeline import run_recipe
+    from distilkit.recipe import Recipe
+    from distilkit.report import write_report
+    from distilkit.seq2seq.tokenizer import TokenizerSettings, build_tokenizer
+
+    tok = build_tokenizer(SENTENCES + [strip_case_and_punct(x) for x in SENTENCES],
+                          TokenizerSettings(vocab_size=300, min_frequency=1))
+    teacher_dir = tmp_path / "teacher"
+    tiny_t5(seed=5, vocab=len(tok)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    run = str(tmp_path / "run")
+    raw = {"name": "s2s", "task": "seq2seq", "teacher": str(teacher_dir),
+           "student": {"type": "from_teacher", "num_decoder_layers": 1}, "dataset": None,
+           "data_files": _truecase_files(tmp_path), "text_column": "src", "label_column": "tgt",
+           "max_length": 24, "generation": {"max_new_tokens": 6}, "output_dir": run,
+           "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
+           "export": {"int8": True}}
+    res = run_recipe(Recipe.from_dict(raw), progress=False)
+    capsys.readouterr()
+    rt = res["runtimes"]
+    assert list(rt) == [PYTORCH, "onnx-fp32", "onnx-int8"]
+    for r in rt.values():
+        assert {"bleu", "chrf", "exact_match", "agreement", "latency_b1_ms", "latency_b32_ms",
+                "size_mb", "file"} <= set(r)
+        assert r["latency_b1_ms"] > 0 and r["latency_b32_ms"] > 0
+    assert rt["onnx-fp32"]["agreement"] == 1.0 and rt["onnx-fp32"]["bleu"] == rt[PYTORCH]["bleu"]
+    assert rt[PYTORCH]["bleu"] == pytest.approx(res["student"]["bleu"])
+    student = os.path.join(run, "student")
+    graphs = json.load(open(os.path.join(student, "onnx", "export.json")))["files"]["fp32"]["graphs"]
+    assert rt["onnx-fp32"]["size_bytes"] == sum(
+        os.path.getsize(os.path.join(student, "onnx", f)) for f in graphs.values())
+    exp = res["export"]
+    assert exp["serve_variant"] in ("fp32", "int8") and exp["teacher"]["bleu"] == res["teacher"]["bleu"]
+    card = open(os.path.join(student, "README.md")).read()
+    assert "## Runtimes" in card and f"Serve: `{exp['serve']}`" in card
+    assert f'OnnxSeq2SeqGenerator("onnx", variant="{exp["serve_variant"]}")' in card
+    out = write_report([run], str(tmp_path / "report"))
+    assert [r["runtime"] for r in out["runtime_rows"]] == [PYTORCH, PYTORCH, "onnx-fp32", "onnx-int8"]
+    assert out["runtime_rows"][2]["bleu"] == rt["onnx-fp32"]["bleu"]
+    assert "| BLEU | chrF |" in open(out["markdown"]).read()
+    assert main(["evaluate", run, "--runtimes", "--no-latency", "--no-progress"]) == 0
+    again = json.load(open(os.path.join(student, "onnx", "evaluation.json")))
+    assert again["task"] == "seq2seq" and again["runtimes"]["onnx-fp32"]["bleu"] == rt["onnx-fp32"]["bleu"]
+
+
+def test_recipe_four_bit_export_serves_the_packed_codes(tiny_task, capsys):
+    """``export: {four_bit: true}`` on a 4-bit quantized-distilled student: model_4bit.onnx is
+    written, measured, predicts what the PyTorch quantized student predicts on the test split,
+    and is the file the card says to serve; a bucket size MatMulNBits cannot take for this
+    model fails before training, naming the sizes that work."""
+    q4 = [{"method": "quantize", "bits": 4, "bucket_size": 16}]
+    path, run = _recipe(tiny_task, export={"four_bit": True, "int8": False}, compression=q4)
+    assert main(["distill", path, "--no-progress"]) == 0
+    capsys.readouterr()
+    res = json.load(open(os.path.join(run, "results.json")))
+    rt = res["runtimes"]
+    assert list(rt) == [PYTORCH, "onnx-fp32", "onnx-4bit"]
+    assert rt["onnx-4bit"]["agreement"] == 1.0 and rt["onnx-4bit"]["file"] == "onnx/model_4bit.onnx"
+    assert rt["onnx-4bit"]["accuracy"] == rt[PYTORCH]["accuracy"]
+    assert rt["onnx-4bit"]["size_bytes"] < rt["onnx-fp32"]["size_bytes"]
+    assert res["export"]["serve"] == "onnx/model_4bit.onnx"
+    card = open(os.path.join(run, "student", "README.md")).read()
+    assert "Serve: `onnx/model_4bit.onnx`" in card and "ONNX Runtime 4-bit" in card
+
+    # 24 is no power of two: refused once the student is built, before training (no student,
+    # no run outputs).
+    bad = str(tiny_task["tmp"] / "bad")
+    path, _ = _recipe(tiny_task, export={"four_bit": True}, output_dir=bad,
+                      compression=[{"method": "quantize", "bits": 4, "bucket_size": 24}])
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("distilkit distill: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "export.four_bit: layer" in errors[0] and "bucket_size 24" in errors[0]
+    assert "use one of bucket_size [16, 32]" in errors[0]
+    assert not os.path.exists(os.path.join(bad, "student"))
+    assert not os.path.exists(os.path.join(bad, "results.json"))

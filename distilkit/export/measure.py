@@ -18,6 +18,11 @@ the student on one data split in each runtime: PyTorch fp32 (that model director
 * ``size_mb`` / ``size_bytes``: the file on disk (PyTorch: the saved model files, tokenizer
   excluded, as :func:`~distilkit.evaluate.model_files` counts them).
 
+A seq2seq export (:mod:`distilkit.export.seq2seq`: three graphs per variant and a greedy
+loop) is scored by generation instead, :func:`evaluate_seq2seq_export`: BLEU, chrF and exact
+match, agreement as the share of sentences generated exactly as PyTorch generates them, and
+generation time at batch 1 and 32.
+
 onnxruntime is imported only when an export is measured (importing distilkit never needs it).
 """
 from __future__ import annotations
@@ -43,8 +48,9 @@ class OrtClassifier(nn.Module):
     """An onnxruntime session behind a classifier's interface (``model(**batch)["logits"]``),
     so :func:`distilkit.evaluate.predict`, the latency helpers and a label view
     (:class:`~distilkit.tasks.classification.LabelMapped`) run it as they run a PyTorch model.
-    An input the graph takes but the batch lacks is filled as the tokenizer would: zeros for
-    ``token_type_ids``, ones for ``attention_mask``."""
+    The batch's tensors go to the graph's inputs by name (a sentence-pair BiLSTM's
+    ``input_ids_b`` / ``attention_mask_b`` too); an input the graph takes but the batch lacks
+    is filled as the tokenizer would: zeros for ``token_type_ids``, ones for a mask."""
 
     def __init__(self, path: str, config: Any, threads: Optional[int] = None):
         super().__init__()
@@ -52,25 +58,24 @@ class OrtClassifier(nn.Module):
         self.names = [i.name for i in self.session.get_inputs()]
         self.config = config
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        given = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "token_type_ids": token_type_ids}
+    def forward(self, **batch):
         feed = {}
         for name in self.names:
-            t = given.get(name)
-            if t is None:
-                t = (torch.zeros_like if name == "token_type_ids" else torch.ones_like)(input_ids)
+            t = batch.get(name)
+            if t is None:  # the other masks go with their own ids (a pair's second sentence)
+                like = batch["input_ids_b" if name.endswith("_b") else "input_ids"]
+                t = (torch.zeros_like if name.startswith("token_type_ids") else torch.ones_like)(like)
             feed[name] = t.numpy().astype(np.int64, copy=False)
         return {"logits": torch.from_numpy(self.session.run(None, feed)[0])}
 
 
 def is_export_dir(path: str) -> bool:
+    """Whether ``path`` is a directory ``distilkit export`` wrote (it holds ``export.json``)."""
     return os.path.isfile(os.path.join(path, REPORT_FILE))
 
 
 def read_export(export_dir: str) -> dict:
-    """``export.json`` of ``export_dir``, or a FileNotFoundError that says how to make one; a
-    seq2seq export is refused (its runtimes are not measured yet) with what to do instead."""
+    """``export.json`` of ``export_dir``, or a FileNotFoundError that says how to make one."""
     path = os.path.join(export_dir, REPORT_FILE)
     if not os.path.isfile(path):
         found = sorted(os.listdir(export_dir)) if os.path.isdir(export_dir) else None
@@ -82,11 +87,12 @@ def read_export(export_dir: str) -> dict:
             export = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); export again") from None
-    if export.get("task") == "seq2seq":
-        raise ValueError(f"{export_dir}: a seq2seq export; measuring exported seq2seq models "
-                         "(generation in onnxruntime) is not supported yet: evaluate the "
-                         "PyTorch model with `distilkit evaluate MODEL_DIR`")
     return export
+
+
+def is_seq2seq(export: dict) -> bool:
+    """Whether an ``export.json`` is a seq2seq export's (generation graphs)."""
+    return export.get("task") == "seq2seq"
 
 
 def export_model_dir(export_dir: str, export: dict) -> str:
@@ -127,7 +133,8 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
     does for a PyTorch model. ``threads``: for torch and onnxruntime alike (default torch's
     current count). ``latency=False`` skips the timing (its keys are then ``None``).
 
-    Returns ``{export_dir, model_dir, serve, examples, max_length, threads, latency_protocol,
+    Returns ``{export_dir, model_dir, task, serve, examples, max_length, threads,
+    latency_protocol,
     runtimes: {runtime: {runtime_title, file, accuracy, f1, agreement, latency_b1_ms,
     latency_b32_ms, size_mb, size_bytes}}}``; ONNX files are named relative to ``export_dir``,
     the PyTorch ones relative to ``model_dir``.
@@ -141,6 +148,9 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
     from distilkit.metrics import accuracy_f1
 
     export = read_export(export_dir)
+    if is_seq2seq(export):
+        raise ValueError(f"{export_dir}: a seq2seq export; measure it with "
+                         "evaluate_seq2seq_export (generation), not as a classifier")
     if len(dataset) == 0:
         raise ValueError("the evaluation split is empty")
     model_dir = export_model_dir(export_dir, export)
@@ -201,11 +211,128 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
         }
     return {
         "export_dir": os.path.abspath(export_dir), "model_dir": os.path.abspath(model_dir),
-        "serve": export.get("serve"), "examples": int(len(labels)), "max_length": max_length,
+        "task": "classification", "serve": export.get("serve"), "examples": int(len(labels)),
+        "max_length": max_length,
         "threads": threads,
         "latency_protocol": (f"median of {latency_runs[0]} (batch 1) / {latency_runs[1]} "
                              f"(batch 32) runs after {WARMUP} warm-up, one runtime after the "
                              f"other; {max_length} real tokens a row, no padding")
+                            if latency else None,
+        "runtimes": runtimes,
+    }
+
+
+class OrtSeq2Seq(nn.Module):
+    """An exported seq2seq model's greedy loop in onnxruntime
+    (:class:`~distilkit.export.seq2seq.OnnxSeq2SeqGenerator`) behind ``model.generate``, so
+    :mod:`distilkit.seq2seq.generate_eval` generates, scores and times it as it does a PyTorch
+    model. Rows that finished early are padded with ``pad_token_id`` when one is given, as
+    ``generate`` pads them; the other arguments ``generate_texts`` passes for transformers
+    (``do_sample=False``, a cache, the end id, which the export's generation config holds) do
+    not change the greedy loop."""
+
+    def __init__(self, export_dir: str, variant: str, config: Any, generation_config: Any,
+                 threads: Optional[int] = None):
+        super().__init__()
+        from distilkit.export.seq2seq import OnnxSeq2SeqGenerator
+
+        self.generator = OnnxSeq2SeqGenerator(export_dir, variant, threads)
+        self.config, self.generation_config = config, generation_config
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64,
+                 num_beams: int = 1, pad_token_id: Optional[int] = None, **_transformers_only):
+        mask = None if attention_mask is None else attention_mask.numpy()
+        out = self.generator.generate(input_ids.numpy(), mask, max_new_tokens, num_beams)
+        ids = self.generator.ids
+        if pad_token_id is not None and pad_token_id != ids["pad_token_id"]:
+            # Everything after a row's first end token is padding.
+            ended = np.cumsum(np.isin(out[:, 1:], ids["eos_token_id"]), axis=1) > 0
+            after = np.concatenate([np.zeros_like(ended[:, :1]), ended[:, :-1]], axis=1)
+            out[:, 1:][after] = pad_token_id
+        return torch.from_numpy(out)
+
+
+def evaluate_seq2seq_export(export_dir: str, dataset, *, source_column: str = "source",
+                            target_column: str = "target", generation: Optional[dict] = None,
+                            threads: Optional[int] = None, latency: bool = True,
+                            latency_samples: int = 16, runs: int = 3,
+                            progress: bool = True) -> dict:
+    """The seq2seq student exported to ``export_dir`` in each runtime (PyTorch fp32 and the
+    ONNX greedy loop on each exported variant), scored by generation on ``dataset``: ``bleu``,
+    ``chrf``, ``exact_match`` (:func:`~distilkit.seq2seq.generate_eval.score_texts`),
+    ``agreement`` (the share of sentences whose output equals PyTorch's), ``latency_b1_ms``
+    (median time to generate one sentence alone, over ``latency_samples`` sentences,
+    :func:`~distilkit.seq2seq.generate_eval.latency_ms`), ``latency_b32_ms`` (median of
+    ``runs`` generations of 32 sentences together) and ``size_mb`` (PyTorch: the saved model
+    files; ONNX: the variant's three graphs). Decoding is greedy in every runtime (the ONNX
+    loop is greedy only), with ``generation``'s other settings (``max_new_tokens``)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from distilkit.compress.base import load_compressed
+    from distilkit.evaluate import WEIGHT_SUFFIXES, model_files
+    from distilkit.seq2seq.data import check_seq2seq_columns
+    from distilkit.seq2seq.generate_eval import (GenerationSettings, generate_texts,
+                                                 latency_ms, score_texts)
+
+    export = read_export(export_dir)
+    if not is_seq2seq(export):
+        raise ValueError(f"{export_dir}: a classifier export; measure it with evaluate_export")
+    check_seq2seq_columns(dataset, source_column, target_column)
+    if len(dataset) == 0:
+        raise ValueError("the evaluation split is empty")
+    settings = GenerationSettings(**{**(generation or {}), "num_beams": 1})
+    model_dir = export_model_dir(export_dir, export)
+    threads = threads or torch.get_num_threads()
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    srcs, refs = list(dataset[source_column]), list(dataset[target_column])
+
+    reference = load_compressed(model_dir).float().eval()
+    saved = model_files(model_dir)
+    models: dict[str, nn.Module] = {PYTORCH: reference}
+    files = {PYTORCH: ", ".join(n for n in saved if n.endswith(WEIGHT_SUFFIXES))}
+    sizes = {PYTORCH: sum(saved.values())}
+    for kind, f in export.get("files", {}).items():
+        models[f"onnx-{kind}"] = OrtSeq2Seq(export_dir, kind, reference.config,
+                                            reference.generation_config, threads)
+        files[f"onnx-{kind}"], sizes[f"onnx-{kind}"] = f["file"], f["bytes"]
+
+    batch32 = [srcs[i % len(srcs)] for i in range(32)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bar = tqdm(total=len(models), desc="runtimes", unit="runtime", disable=not progress,
+               leave=False)
+    runtimes: dict = {}
+    try:
+        texts = {}
+        for name, m in models.items():
+            bar.set_postfix_str(name)
+            texts[name] = generate_texts(m, tokenizer, srcs, settings).texts
+            r = {"runtime_title": RUNTIME_TITLES.get(name, name), "file": files[name],
+                 **{k: v for k, v in score_texts(texts[name], refs).items() if k != "n"},
+                 "agreement": float(np.mean([a == b for a, b in zip(texts[name], texts[PYTORCH])])),
+                 "latency_b1_ms": None, "latency_b32_ms": None,
+                 "size_mb": round(sizes[name] / 1e6, 3), "size_bytes": sizes[name]}
+            if latency:
+                r["latency_b1_ms"] = round(latency_ms(m, tokenizer, srcs[:latency_samples],
+                                                      settings), 3)
+                wide = GenerationSettings(**{**settings.to_dict(), "batch_size": 32})
+                r["latency_b32_ms"] = round(1000 * float(np.median([
+                    generate_texts(m, tokenizer, batch32, wide).seconds
+                    for _ in range(runs)])), 3)
+            runtimes[name] = r
+            bar.update()
+    finally:
+        bar.close()
+        torch.set_num_threads(before)
+    return {
+        "export_dir": os.path.abspath(export_dir), "model_dir": os.path.abspath(model_dir),
+        "task": "seq2seq", "serve": export.get("serve"),
+        "serve_variant": export.get("serve_variant"), "examples": len(refs), "threads": threads,
+        "generation": settings.to_dict(),
+        "latency_protocol": (f"batch 1: median over {min(latency_samples, len(srcs))} sentences "
+                             f"generated alone; batch 32: median of {runs} generations of 32 "
+                             "sentences; greedy, one runtime after the other")
                             if latency else None,
         "runtimes": runtimes,
     }
@@ -222,10 +349,11 @@ def _in_data_order(model: nn.Module, names: list) -> nn.Module:
 
 def format_runtimes(res: dict) -> str:
     """The per-runtime figures as an aligned table, for the terminal."""
-    head = ("runtime", "file", "accuracy", "f1", "agreement", "b1 ms", "b32 ms", "size MB")
+    first, second = ("bleu", "chrf") if res.get("task") == "seq2seq" else ("accuracy", "f1")
+    head = ("runtime", "file", first, second, "agreement", "b1 ms", "b32 ms", "size MB")
     cells = [head]
     for name, r in res["runtimes"].items():
-        cells.append((name, r["file"], f"{r['accuracy']:.4f}", f"{r['f1']:.4f}",
+        cells.append((name, r["file"], f"{r[first]:.4f}", f"{r[second]:.4f}",
                       f"{r['agreement']:.4f}",
                       *(f"{r[k]:.2f}" if r[k] is not None else "n/a"
                         for k in ("latency_b1_ms", "latency_b32_ms")),
@@ -233,6 +361,8 @@ def format_runtimes(res: dict) -> str:
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(row, widths))) for row in cells]
-    lines.append(f"({res['examples']} examples, {res['threads']} threads, sequence length "
-                 f"{res['max_length']}; serve: {res['serve']})")
+    at = (f"sequence length {res['max_length']}" if res.get("max_length") else
+          f"greedy, at most {res['generation']['max_new_tokens']} new tokens")
+    lines.append(f"({res['examples']} examples, {res['threads']} threads, {at}; serve: "
+                 f"{res['serve']})")
     return "\n".join(lines)
