@@ -123,6 +123,8 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "push": (_lazy("distilkit.hub", "add_push_arguments"), _lazy("distilkit.hub", "run_push")),
     "export": (_lazy("distilkit.export", "add_export_arguments"),
                _lazy("distilkit.export", "run_export")),
+    "cache": (_lazy("distilkit.cache_admin", "add_cache_arguments"),
+              _lazy("distilkit.cache_admin", "run_cache")),
 }
 
 

@@ -19,7 +19,7 @@ STACK = [
     ["compress"],
     ["kernels", "students", "teachers"],
     ["teacher_cache", "augment"],
-    ["trainer"],
+    ["trainer", "cache_admin"],
     ["evaluate", "seq2seq", "finetune"],
     ["report"],
     ["card"],
