@@ -275,6 +275,8 @@ def test_bad_input_is_one_clear_error(exported, tmp_path):
     assert not os.path.exists(str(tmp_path / "x"))
     with pytest.raises(ValueError, match="check_data: .*source sentences.*no 'first<TAB>"):
         export_seq2seq(model_dir, str(tmp_path / "x"), check_data=[("the film", "is great")])
+    with pytest.raises(ValueError, match="check_data: 1 sentence; give at least 2"):
+        export_seq2seq(model_dir, str(tmp_path / "x"), check_data=["the film is great"])
     gen = OnnxSeq2SeqGenerator(res["out_dir"])
     ids = np.array([[5, 6, 7]])
     with pytest.raises(ValueError, match="num_beams: 2.*greedy"):

@@ -104,6 +104,8 @@ def _past_names(prefix: str, layers: int, cross: bool = True) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 class _Encoder(nn.Module):
+    """The encoder alone: its last hidden states."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -505,6 +507,11 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
         raise ValueError(f"check_data: {texts[:3]!r}...: a seq2seq student is checked on source "
                          "sentences, one non-empty string each (with --texts: one a line, no "
                          "'first<TAB>second' pairs)")
+    if len(texts) < 2:
+        # The graphs are traced on all of them together: a batch of one could be traced into
+        # graphs that only take one row, and the check would never see two.
+        raise ValueError(f"check_data: {len(texts)} sentence; give at least 2 (of different "
+                         "lengths) so the export is traced and checked on batches of several")
     ids = generation_ids(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     batches = [{k: b[k] for k in ("input_ids", "attention_mask")}
