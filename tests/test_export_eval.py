@@ -338,3 +338,37 @@ def test_recipe_four_bit_export_serves_the_packed_codes(tiny_task, capsys):
     assert "use one of bucket_size [16, 32]" in errors[0]
     assert not os.path.exists(os.path.join(bad, "student"))
     assert not os.path.exists(os.path.join(bad, "results.json"))
+
+
+def test_a_sentence_pair_bilstm_export_gets_its_two_sentences(tmp_path):
+    """The word tokenizer encodes a pair as one sequence (token_type_ids 1 on the second
+    sentence), which the PyTorch BiLSTM cuts in two itself; the ONNX graph takes the two
+    sentences as separate inputs, and OrtClassifier cuts them as the model does: the same
+    logits, so the same figures."""
+    from test_export import TEXTS
+
+    from distilkit.compress import load_compressed
+    from distilkit.export.measure import OrtClassifier
+    from distilkit.students.bilstm import build_bilstm_student
+
+    pair = str(tmp_path / "pair")
+    model, tok = build_bilstm_student(None, None, TEXTS, embedding_init="random", seed=0,
+                                      embedding_dim=8, hidden_size=6, mlp_hidden_size=6,
+                                      sentence_pair=True, dropout=0.0)
+    model.eval().save_pretrained(pair)
+    tok.save_pretrained(pair)
+    firsts, seconds = TEXTS, TEXTS[::-1]
+    ex.export_onnx(pair, check_data=list(zip(firsts, seconds)))
+    enc = tok(list(firsts), list(seconds), padding=True, return_tensors="pt")
+    reloaded = load_compressed(pair).eval()
+    with torch.no_grad():
+        ref = reloaded(**enc).logits
+    got = OrtClassifier(os.path.join(pair, "onnx", "model.onnx"), reloaded.config)(**enc)["logits"]
+    torch.testing.assert_close(got, ref, rtol=0, atol=ex.TOLERANCE)
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"a": firsts * 2, "b": seconds * 2, "label": [0, 1] * len(firsts)})
+    res = evaluate_export(os.path.join(pair, "onnx"), ds, text_column="a", text_pair_column="b",
+                          max_length=16, latency=False, progress=False)
+    assert res["runtimes"]["onnx-fp32"]["agreement"] == 1.0
+    assert res["runtimes"]["onnx-fp32"]["accuracy"] == res["runtimes"][PYTORCH]["accuracy"]

@@ -59,6 +59,8 @@ class OrtClassifier(nn.Module):
         self.config = config
 
     def forward(self, **batch):
+        if "input_ids_b" in self.names and "input_ids_b" not in batch:
+            batch = self._split_pair(batch)
         feed = {}
         for name in self.names:
             t = batch.get(name)
@@ -67,6 +69,23 @@ class OrtClassifier(nn.Module):
                 t = (torch.zeros_like if name.startswith("token_type_ids") else torch.ones_like)(like)
             feed[name] = t.numpy().astype(np.int64, copy=False)
         return {"logits": torch.from_numpy(self.session.run(None, feed)[0])}
+
+    def _split_pair(self, batch: dict) -> dict:
+        """A sentence pair encoded as one sequence (the word tokenizer's ``$A $B``,
+        ``token_type_ids`` 1 on ``$B``), cut into the graph's two inputs the way the PyTorch
+        BiLSTM cuts it (:func:`~distilkit.students.bilstm.compact_left` of each segment)."""
+        from distilkit.students.bilstm import compact_left
+
+        ids, tt = batch["input_ids"], batch.get("token_type_ids")
+        if tt is None:
+            raise ValueError("a sentence-pair export needs pairs: give the data's second text "
+                             "column (text_pair_column)")
+        pad = self.config.pad_token_id
+        real = batch.get("attention_mask", (ids != pad).long()).bool()
+        a, a_mask, _ = compact_left(ids, real & (tt == 0), pad)
+        b, b_mask, _ = compact_left(ids, real & (tt == 1), pad)
+        return {"input_ids": a, "attention_mask": a_mask, "input_ids_b": b,
+                "attention_mask_b": b_mask}
 
 
 def is_export_dir(path: str) -> bool:
