@@ -576,6 +576,9 @@ def run_cache(args, rest=None) -> int:
             print(f"{verb} {e.kind} {e.path} ({format_size(e.size)}): {why}")
         print(f"{'would free' if args.dry_run else 'freed'} {format_size(out['freed'])} in "
               f"{len(out['removed'])} entries; {format_size(out['left'])} left")
+        if size is not None and out["left"] > size:
+            print(f"still above --max-size {format_size(size)}: what is left is downloaded "
+                  "data or being written, which prune keeps")
         if older is None and size is None:
             print("(no --older-than or --max-size: only partial writes older than an hour go)")
         return 0

@@ -330,6 +330,13 @@ def test_cli_list_prune_clear(root, tok, capsys):
     assert capsys.readouterr().out.startswith("removed 1 entries")
     assert not os.path.exists(st2["namespace"]) and os.path.isdir(teacher)
 
+    os.makedirs(root / "data")
+    (root / "data" / "corpus.txt").write_text("built-in data")
+    assert main(["cache", "prune", "--max-size", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("removed fine-tuned teacher") and not os.path.exists(teacher)
+    assert lines[-1].startswith("still above --max-size 0 B: what is left is downloaded data")
+
 
 @pytest.mark.parametrize("argv, flag, value, fix", [
     (["prune", "--older-than", "7x"], "--older-than", "'7x'", "e.g. 7d"),
