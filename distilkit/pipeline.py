@@ -326,10 +326,21 @@ def format_plan(p: dict) -> str:
              f"labels   {p['labels'] if p['labels'] else '(as in the data)'}",
              f"training {p['steps']:,} steps of {p['examples_per_step']} examples",
              "compress " + (" -> ".join(c["method"] for c in p["compression"]) or "none"),
+             "export   " + _export_line(p["recipe"].get("export")),
              f"output   {p['output_dir']} (nothing written: dry run)", "",
              "# resolved recipe",
              yaml.safe_dump(p["recipe"], sort_keys=False).rstrip()]
     return "\n".join(lines)
+
+
+def _export_line(export: Optional[dict]) -> str:
+    """What the recipe's export step will write, for the dry run."""
+    if not export:
+        return "none"
+    files = ["model.onnx"] + (["int8"] if export["int8"] else []) + \
+        (["4-bit"] if export["four_bit"] else [])
+    return (f"{export['format']} into {STUDENT_DIR}/{EXPORT_DIR} ({' + '.join(files)})"
+            + ("; every runtime measured on the test split" if export["evaluate"] else ""))
 
 
 def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True,

@@ -372,3 +372,15 @@ def test_a_sentence_pair_bilstm_export_gets_its_two_sentences(tmp_path):
                           max_length=16, latency=False, progress=False)
     assert res["runtimes"]["onnx-fp32"]["agreement"] == 1.0
     assert res["runtimes"]["onnx-fp32"]["accuracy"] == res["runtimes"][PYTORCH]["accuracy"]
+
+
+def test_dry_run_says_what_the_export_step_will_write(tiny_task, capsys):
+    path, run = _recipe(tiny_task, export={"int8": True}, compression=[])
+    assert main(["distill", path, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert ("export   onnx into student/onnx (model.onnx + int8); every runtime measured on the "
+            "test split") in printed
+    assert not os.path.exists(run)
+    path, _ = _recipe(tiny_task, compression=[])
+    assert main(["distill", path, "--dry-run"]) == 0
+    assert "export   none" in capsys.readouterr().out
