@@ -35,6 +35,13 @@ from distilkit import losses as L
 # "hidden_states" at the [CLS] position (as cls_hidden), never "attentions" or "token_states".
 NEEDS = ("logits", "hidden_states", "attentions", "token_states")
 CACHE_SERVES = {"logits": "logits", "hidden_states": "cls_hidden"}
+# A token-level teacher cache (distilkit.seq2seq.topk_cache) serves the soft-target KL alone,
+# from these batch columns: per target token the teacher's k largest log-probabilities at the
+# run's temperature, their ids and the remaining mass (losses.topk_soft_target_kl). It holds
+# no full logits, so a logit MSE still needs the live teacher.
+TOPK_COLUMNS = {"log_probs": "teacher_topk_log_probs", "ids": "teacher_topk_ids",
+                "tail": "teacher_topk_tail"}
+TOPK_SERVES = ("kd",)
 # What a term's mean is over: every example, or only the examples with a label (-100 marks an
 # augmented, label-less row). Token-level (seq2seq) terms all count the label tokens.
 COUNTS = ("examples", "labelled")
@@ -69,6 +76,8 @@ class Step:
     token_mask: Optional[Tensor] = None  # (B, T) label tokens that count; token-level only
     teacher_logits: list = field(default_factory=list)  # one tensor per teacher
     teacher_cls: Optional[Tensor] = None  # cached [CLS] states (B, layers + 1, H)
+    # cached top-k teacher distribution (log_probs (B, T, k), ids (B, T, k), tail (B, T))
+    teacher_topk: Optional[tuple] = None
     student_hidden: dict = field(default_factory=dict)
     teacher_hidden: dict = field(default_factory=dict)  # the first teacher's
     student_attentions: dict = field(default_factory=dict)
@@ -164,6 +173,12 @@ def needs_live_teacher(args: Any) -> bool:
     return "token_states" in teacher_needs(args)
 
 
+def topk_unserved(args: Any) -> list:
+    """The positive weights of terms that read the teacher but that a top-k token cache
+    (:data:`TOPK_COLUMNS`) cannot serve: with none, the cache alone serves the teacher side."""
+    return [t.weight for t in active_terms(args) if t.needs and t.name not in TOPK_SERVES]
+
+
 def cached_outputs_needed(args: Any) -> tuple:
     """The teacher-cache outputs (``distilkit.teacher_cache`` kinds) that serve the terms:
     ``("logits",)``, or ``("logits", "cls_hidden")`` when a term reads [CLS] states."""
@@ -179,6 +194,9 @@ def cached_outputs_needed(args: Any) -> tuple:
           help="Weight of the soft-target KL loss (Hinton et al. 2015).")
 def _kd(step: Step) -> Tensor:
     a = step.args
+    if step.teacher_topk is not None:
+        return L.topk_soft_target_kl(step.student_logits, *step.teacher_topk, a.temperature,
+                                     step.token_mask)
     if len(step.teacher_logits) > 1:
         probs = L.ensemble_soft_targets(step.teacher_logits, a.temperature, a.ensemble_weights)
         return L.soft_target_kl(step.student_logits, None, a.temperature, step.token_mask,

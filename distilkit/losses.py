@@ -171,3 +171,85 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor,
                          f"{teacher_hidden.shape[-1]})")
     per = 1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)
     return _reduce(per, mask, reduction)
+
+
+def topk_soft_targets(teacher_logits: Tensor, k: int, temperature: float
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's distribution at ``temperature`` cut to its ``k`` most likely tokens plus
+    one tail bucket: ``(log_probs (..., k), ids (..., k), tail (...))``, with
+    ``log_probs = log softmax(z / T)`` at ``ids`` (largest first) and ``tail = 1 - sum of
+    those probabilities``, computed as ``exp(logsumexp)`` of the other tokens' log-probs, so
+    it is exactly 0 when ``k`` is the vocabulary size and keeps its precision when tiny.
+    The input of :func:`topk_soft_target_kl`, computed in fp32."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top_k: {k} must be between 1 and the vocabulary size {vocab}")
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    top, ids = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(-1, ids, float("-inf"))
+    return top, ids, torch.logsumexp(rest, dim=-1).exp()
+
+
+def topk_soft_target_kl(student_logits: Tensor, topk_log_probs: Tensor, topk_ids: Tensor,
+                        tail_mass: Tensor, temperature: float, mask: Optional[Tensor] = None,
+                        reduction: str = "mean") -> Tensor:
+    """Soft-target KL against a *cached top-k* teacher distribution, ``x T^2`` like
+    :func:`soft_target_kl`.
+
+    Per position, with ``S`` the ``k`` cached token ids, ``p_i = exp(topk_log_probs_i)`` the
+    teacher's probabilities at temperature ``T`` for ``i in S``, ``r = tail_mass`` its
+    remaining mass, ``q = softmax(z_s / T)`` the student's distribution and
+    ``q_r = 1 - sum_{i in S} q_i`` the student's own tail mass, the loss is the KL between
+    the two ``(k+1)``-way distributions (the top-k tokens, then the tail as one bucket)::
+
+        KD_k = T^2 * [ sum_{i in S} p_i (log p_i - log q_i)  +  r (log r - log q_r) ]
+
+    averaged over counted positions. ``q_r`` is computed as ``logsumexp`` of the student's
+    log-probabilities outside ``S`` (the same number as ``1 - sum q_i``, without the
+    cancellation when it is tiny); ``0 log 0`` is 0, so ``r = 0`` (``k`` = vocabulary size)
+    adds nothing and the loss equals :func:`soft_target_kl` on the full distributions.
+
+    How far it is from the full-vocabulary KD: merging the tokens outside ``S`` into one
+    bucket can only lower a KL (log-sum inequality), and the gap is exactly the tail's own KL
+    weighted by the tail mass. Per position, with ``p~ = p / r`` and ``q~ = q / q_r`` the two
+    distributions renormalised over the tokens outside ``S``::
+
+        0 <= KD_full - KD_k = T^2 * r * KL(p~ || q~)
+                            <= T^2 * r * log(q_r / min_{j not in S} q_j)
+                            <= T^2 * r * (log(V - k) + (max_j z_s,j - min_j z_s,j) / T)
+
+    so the cut costs nothing where the teacher's tail mass ``r`` is 0 and at most the tail
+    mass times the log of the tail's size plus the student's logit range over ``T``.
+    The gradient with respect to the student's logits is ``T (q_i - p_i)`` for ``i in S`` and
+    ``T q_j (1 - r / q_r)`` outside it: the student is pulled to put mass ``r`` on the tail,
+    spread as its own tail is.
+
+    Args:
+        student_logits: ``(..., V)``.
+        topk_log_probs: ``(..., k)`` the teacher's log-probabilities at ``temperature`` (any
+            float dtype; the cache stores fp16), from :func:`topk_soft_targets`.
+        topk_ids: ``(..., k)`` their token ids (integers in ``[0, V)``).
+        tail_mass: ``(...)`` the teacher's probability outside ``topk_ids``.
+        temperature: the temperature the cached values were computed at.
+        mask: positions that count (padding, e.g. labels -100, must be masked out).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if topk_log_probs.shape != topk_ids.shape or topk_ids.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(f"top-k teacher values {tuple(topk_log_probs.shape)} / ids "
+                         f"{tuple(topk_ids.shape)} do not match the student's logits "
+                         f"{tuple(student_logits.shape)} (same positions, k values each)")
+    ids = topk_ids.long()
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_top = log_q.gather(-1, ids)
+    # The student's tail: every token but the cached ones. A very negative finite fill (not
+    # -inf) keeps logsumexp and its gradient finite when the cached ids cover the vocabulary;
+    # scatter passes no gradient to the filled entries.
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, -1e30), dim=-1)
+    p = topk_log_probs.float().exp()
+    r = tail_mass.float().clamp_min(0)
+    kl = ((torch.xlogy(p, p) - p * log_q_top).sum(-1)
+          + torch.xlogy(r, r) - r * log_q_tail)
+    return _reduce(kl, mask, reduction) * (temperature ** 2)

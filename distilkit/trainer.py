@@ -11,7 +11,8 @@ full-vocabulary cross-entropy per token) would be work thrown away. Encoder-deco
 the ``decoder_input_ids`` they would have derived from the labels, derived once. When the
 batch already carries the teacher's outputs (columns ``teacher_logits`` /
 ``teacher_cls_hidden``, or ``teacher_ensemble_logits`` for an ensemble, from
-:mod:`distilkit.teacher_cache`) and no term needs more than they hold, the teacher is not run
+:mod:`distilkit.teacher_cache`; for token-level KD the top-k columns ``teacher_topk_*`` of
+:mod:`distilkit.seq2seq.topk_cache`) and no term needs more than they hold, the teacher is not run
 at all and need not even be loaded.
 
 Gradient accumulation is exact: every term is a mean over its own items in the micro-batch
@@ -31,14 +32,15 @@ from transformers import Trainer
 from distilkit.compress.base import unwrap
 from distilkit.config import DistilConfig, resolve_layer_map, teacher_torch_dtype
 from distilkit.device import model_device, to_device
-from distilkit.loss_terms import (COUNTS, Step, active_terms, projection_key, teacher_needs)
+from distilkit.loss_terms import (COUNTS, TOPK_COLUMNS, TOPK_SERVES, Step, active_terms,
+                                  projection_key, teacher_needs)
 from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN
 from distilkit.teachers import load_teacher
 
 TEACHER_INPUT_KEYS = ("teacher_input_ids", "teacher_attention_mask", "teacher_token_type_ids")
 # Every batch column the trainer reads besides the student's inputs: cached teacher outputs and
 # teacher-tokenized inputs. Any other ``teacher_*`` column is a mistake (e.g. a misspelling).
-TEACHER_COLUMNS = (*COLUMN.values(), ENSEMBLE_COLUMN, *TEACHER_INPUT_KEYS)
+TEACHER_COLUMNS = (*COLUMN.values(), ENSEMBLE_COLUMN, *TOPK_COLUMNS.values(), *TEACHER_INPUT_KEYS)
 PROJECTIONS_FILE = "distil_projections.safetensors"
 
 
@@ -340,8 +342,14 @@ class DistilTrainer(Trainer):
         the results moved to the student's."""
         has_logits = ENSEMBLE_COLUMN in cached or COLUMN["logits"] in cached
         has_cls = COLUMN["cls_hidden"] in cached
-        live = ("token_states" in needs or ("logits" in needs and not has_logits)
+        # A top-k token cache holds no full logits: it serves the soft-target KL alone.
+        topk = (not has_logits and TOPK_COLUMNS["ids"] in cached
+                and all(t.name in TOPK_SERVES for t in active_terms(self.args) if t.needs))
+        live = ("token_states" in needs or ("logits" in needs and not (has_logits or topk))
                 or ("hidden_states" in needs and not has_cls))
+        if not live and topk:
+            step.teacher_topk = tuple(cached[TOPK_COLUMNS[k]] for k in ("log_probs", "ids", "tail"))
+            return
         if not live:
             if ENSEMBLE_COLUMN in cached:  # (B, K, C): one row per teacher
                 members = list(cached[ENSEMBLE_COLUMN].unbind(1))
@@ -443,6 +451,8 @@ def _unserved(args, cached_columns) -> list[str]:
     for t in active_terms(args):
         if "token_states" in t.needs:
             out.append(f"{t.weight} reads per-token teacher states, never cached")
+        elif t.name in TOPK_SERVES and TOPK_COLUMNS["ids"] in has:
+            continue
         elif "logits" in t.needs and not has & {COLUMN["logits"], ENSEMBLE_COLUMN}:
             out.append(f"{t.weight} reads the teacher's logits (column {COLUMN['logits']})")
         elif "hidden_states" in t.needs and COLUMN["cls_hidden"] not in has:
