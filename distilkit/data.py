@@ -112,6 +112,11 @@ class DataSpec:
     training split (seeded by ``split_seed``) when the data has no such split. Rows whose
     text is empty, missing or not text, or whose label is missing, are dropped (counted in
     the notes) or refused, as ``bad_rows`` (``drop`` / ``error``) says.
+
+    ``streaming``: the training split is never loaded whole. It is read as a stream
+    (:func:`train_stream`), cleaned and tokenized on the fly; only its first
+    :data:`STREAM_HEAD` rows are read up front, to check its columns and classes. The
+    evaluation and test splits, which must then be splits of their own, load as usual.
     """
 
     dataset: Optional[str] = BUILTIN_NAME
@@ -129,6 +134,7 @@ class DataSpec:
     test_fraction: Optional[float] = None
     split_seed: int = 42
     bad_rows: str = "drop"
+    streaming: bool = False
 
     def __post_init__(self):
         for name in ("validation_fraction", "test_fraction"):
@@ -147,6 +153,16 @@ class DataSpec:
             raise ValueError(f"bad_rows: {self.bad_rows!r} is not one of {', '.join(BAD_ROWS)} "
                              "(drop: skip rows with empty text or a missing label, counted; "
                              "error: refuse them)")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"streaming: {self.streaming!r} is not true or false")
+        if self.streaming:
+            for name in ("validation_fraction", "test_fraction"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: {getattr(self, name)} carves a split out of the "
+                                     "training split, but streaming: true never holds the "
+                                     "training split; give that split as its own file "
+                                     f"(data_files: {{{self.train_split}: ..., "
+                                     f"{self.eval_split}: ...}}) and remove {name}")
 
 
 _LOCAL_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}
@@ -171,7 +187,15 @@ def load_raw(spec: DataSpec, notes: Optional[list] = None, *, classes: bool = Fa
     from datasets import DatasetDict
 
     notes = [] if notes is None else notes
+    if spec.streaming and not classes:
+        raise ValueError("streaming: true applies to task: classification (a transfer set read "
+                         "as a stream); remove it from this recipe")
     ds, sources = _load(spec)
+    if spec.streaming:
+        notes.append(f"split {spec.train_split!r} ({sources[spec.train_split]}): read as a "
+                     f"stream, cleaned and tokenized on the fly; its first "
+                     f"{len(ds[spec.train_split]):,} rows were read up front to check its "
+                     "columns and classes")
     for split in (spec.train_split, spec.eval_split, spec.test_split):
         if split and split in ds and len(ds[split]) == 0:
             raise ValueError(f"split {split!r} is empty: it needs at least one example")
@@ -197,13 +221,20 @@ def load_raw(spec: DataSpec, notes: Optional[list] = None, *, classes: bool = Fa
 
 def _load(spec: DataSpec):
     """The dataset as a ``DatasetDict``, and per split where its rows come from (for
-    messages: the files, or the dataset's name)."""
-    from datasets import DatasetDict, load_dataset
+    messages: the files, or the dataset's name). With ``streaming`` the training split is
+    its first :data:`STREAM_HEAD` rows, read from the stream (:func:`_stream_head`)."""
+    from datasets import DatasetDict, get_dataset_split_names, load_dataset
 
+    streamed = spec.train_split if spec.streaming else None
     if spec.data_files:
-        ds, sources = _load_files(spec)
+        ds, sources = _load_files(spec, streamed)
     elif spec.dataset == BUILTIN_NAME:
         ds = builtin_dataset()
+    elif spec.dataset and streamed:  # only the evaluation splits are loaded
+        have = get_dataset_split_names(spec.dataset, spec.dataset_config)
+        ds = DatasetDict({s: load_dataset(spec.dataset, spec.dataset_config, split=s)
+                          for s in dict.fromkeys((spec.eval_split, spec.test_split))
+                          if s and s in have and s != streamed})
     elif spec.dataset:
         ds = load_dataset(spec.dataset, spec.dataset_config)
     else:
@@ -212,19 +243,30 @@ def _load(spec: DataSpec):
         ds = DatasetDict({spec.train_split: ds})
     if not spec.data_files:
         sources = {split: f"{spec.dataset or ''} {split}".strip() for split in ds}
+    if streamed:
+        sources[streamed] = f"{sources.get(streamed) or f'{spec.dataset} {streamed}'}, streamed"
+        ds[streamed] = _stream_head(spec, sources[streamed])
     return ds, sources
 
 
-def _load_files(spec: DataSpec):
-    """Local files: each split is loaded on its own (splits may differ in columns they do
-    not use); the files of one split must have the same columns."""
-    from datasets import DatasetDict, load_dataset
-
+def _files_by_split(spec: DataSpec):
+    """``data_files`` as ``{split: [paths]}``, and whether it was one path (or list) for the
+    training split."""
     files = spec.data_files
     single = not isinstance(files, dict)  # `data_files: my.csv`: the training split
     files = {spec.train_split: files} if single else dict(files)
-    files = {split: [os.fspath(f) for f in (fs if isinstance(fs, (list, tuple)) else [fs])]
-             for split, fs in files.items()}
+    return ({split: [os.fspath(f) for f in (fs if isinstance(fs, (list, tuple)) else [fs])]
+             for split, fs in files.items()}, single)
+
+
+def _load_files(spec: DataSpec, streamed: Optional[str] = None):
+    """Local files: each split is loaded on its own (splits may differ in columns they do
+    not use); the files of one split must have the same columns. The ``streamed`` split is
+    checked (files present, one type, csv / tsv / parquet headers that agree) but not
+    loaded."""
+    from datasets import DatasetDict, load_dataset
+
+    files, single = _files_by_split(spec)
 
     def key(split):  # the recipe key the user wrote
         return "data_files" if single else f"data_files.{split}"
@@ -238,7 +280,9 @@ def _load_files(spec: DataSpec):
         raise ValueError(f"data_files: use one of {sorted(_LOCAL_TYPES)} for all splits, got {sorted(exts)}")
     ext = next(iter(exts))
     for split, fs in files.items():
-        if all(_file_has_no_rows(one, ext) for one in fs):
+        if split == streamed and ext in (".json", ".jsonl"):
+            continue  # a json file's columns are read from its rows: the stream checks them
+        if split != streamed and all(_file_has_no_rows(one, ext) for one in fs):
             raise ValueError(f"split {split!r} is empty ({', '.join(fs)}): it needs at least one example")
         cols = {f: c for f in fs if (c := _file_columns(f, ext)) is not None}
         if len({frozenset(c) for c in cols.values()}) > 1:
@@ -247,17 +291,112 @@ def _load_files(spec: DataSpec):
                              f"columns ({listed}); give every file of a split the same header")
     from datasets.exceptions import DatasetGenerationError
 
-    kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
     ds = DatasetDict()
     for split, fs in files.items():
+        if split == streamed:
+            continue
         try:
-            ds[split] = load_dataset(_LOCAL_TYPES[ext], data_files={split: fs}, **kwargs)[split]
+            ds[split] = load_dataset(_LOCAL_TYPES[ext], data_files={split: fs}, **_reader_kwargs(ext))[split]
         except DatasetGenerationError as e:  # the reader's own words say what is wrong
             cause = e.__cause__ or e.__context__ or e
             why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
             raise ValueError(f"{key(split)}: {', '.join(fs)} cannot be read as "
                              f"{ext.lstrip('.')} ({why}); fix the file") from None
     return ds, {split: ", ".join(fs) for split, fs in files.items()}
+
+
+def _reader_kwargs(ext: str) -> dict:
+    return {"delimiter": "\t"} if ext == ".tsv" else {}
+
+
+# ------------------------------------------------------------------ streaming
+
+STREAM_HEAD = 256  # rows of a streamed training split read up front (columns, classes)
+
+
+def _open_stream(spec: DataSpec):
+    """The training split as a ``datasets.IterableDataset``, as the source gives it (local
+    files and hub datasets through datasets' streaming readers; the built-in data, which is
+    small and in memory anyway, through ``to_iterable_dataset``)."""
+    from datasets import load_dataset
+
+    split = spec.train_split
+    if spec.data_files:
+        fs = _files_by_split(spec)[0][split]
+        ext = os.path.splitext(fs[0])[1].lower()
+        return load_dataset(_LOCAL_TYPES[ext], data_files={split: fs}, streaming=True,
+                            **_reader_kwargs(ext))[split]
+    if spec.dataset == BUILTIN_NAME:
+        return builtin_dataset()[split].to_iterable_dataset()
+    return load_dataset(spec.dataset, spec.dataset_config, split=split, streaming=True)
+
+
+def _stream_head(spec: DataSpec, source: str):
+    """The first :data:`STREAM_HEAD` rows of the streamed training split as a ``Dataset``:
+    what :func:`load_raw` checks (columns, bad rows) and reads the classes from."""
+    from itertools import islice
+
+    from datasets import Dataset
+
+    stream = _open_stream(spec)
+    rows = list(islice(iter(stream), STREAM_HEAD))
+    if not rows:
+        raise ValueError(f"split {spec.train_split!r} is empty ({source}): it needs at least "
+                         "one example")
+    return Dataset.from_list(rows, features=stream.features)
+
+
+def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str = ""):
+    """The training split as a ``datasets.IterableDataset``, cleaned row by row as
+    :func:`load_raw` cleans a loaded split: rows with empty, missing or non-text text (or
+    pair) cells, or a missing label, are skipped (``bad_rows: drop``) or refused with their
+    row number (``bad_rows: error``); labels become ids of ``class_names`` (the classes
+    ``load_raw`` read, :func:`label_names`), and a label outside them is an error, since
+    the classes cannot change once training has started. Without ``class_names`` (a
+    transfer set, ``label_column: null``) rows carry no label. ``max_train_samples`` keeps
+    the first rows."""
+    stream = _open_stream(spec)
+    where = where or f"split {spec.train_split!r}"
+    texts = [("text_column", spec.text_column)] + (
+        [("text_pair_column", spec.text_pair_column)] if spec.text_pair_column else [])
+    col = spec.label_column if class_names else None
+    index = {n: i for i, n in enumerate(class_names or [])}
+    own = getattr((stream.features or {}).get(col), "names", None) if col else None
+
+    def clean(batch, idx):
+        keep = []
+        for j, i in enumerate(idx):
+            bad = [(fname, f"{c!r} is empty, missing or not text") for fname, c in texts
+                   if not (isinstance(batch[c][j], str) and batch[c][j].strip())]
+            if col:
+                v = batch[col][j]
+                if _missing_label(v) or (own is not None and v < 0):
+                    bad.append(("label_column", f"{col!r} is missing"))
+            if bad and spec.bad_rows == "error":
+                raise ValueError(f"{bad[0][0]}: row {i + 1} of {where} has "
+                                 f"{'; '.join(w for _, w in bad)}; fill it in, or set "
+                                 "bad_rows: drop to skip such rows")
+            if not bad:
+                keep.append(j)
+        out = {k: [v[j] for j in keep] for k, v in batch.items()}
+        if col:
+            ids = []
+            for j, v in zip(keep, out[col]):
+                name = own[v] if own is not None else _label_key(v, where, col)
+                if name not in index:
+                    raise ValueError(
+                        f"label_column: row {idx[j] + 1} of {where} has label {name!r}, which "
+                        f"is not among the classes {class_names} read from its first "
+                        f"{STREAM_HEAD} rows and the evaluation splits; put an example of "
+                        "every class among the first rows (or in the evaluation split)")
+                ids.append(index[name])
+            out[col] = ids
+        return out
+
+    stream = stream.map(clean, batched=True, with_indices=True)
+    if spec.max_train_samples:
+        stream = stream.take(spec.max_train_samples)
+    return stream
 
 
 def _file_columns(path: str, ext: str) -> Optional[list]:
@@ -316,7 +455,9 @@ def check_columns(ds, spec: DataSpec, sources: Optional[dict] = None) -> None:
                 raise ValueError(f"{fname}: column {col!r} is not in {where(split)}; its "
                                  f"columns are {cols}{others(col)} (rename the column, or set "
                                  f"{fname})")
-        if spec.label_column and spec.label_column not in cols and split == spec.train_split:
+        # A streamed training split may be a transfer set: the label column is the evaluation's.
+        if spec.label_column and spec.label_column not in cols and split == spec.train_split \
+                and not spec.streaming:
             raise ValueError(f"label_column: column {spec.label_column!r} is not in "
                              f"{where(split)}; its columns are {cols}{others(spec.label_column)} "
                              "(set label_column: null to distil on a transfer set without labels)")
@@ -467,6 +608,11 @@ def _carve_splits(ds, spec: DataSpec, sources: dict, notes: list, stratify: bool
             raise ValueError(f"{fname}: {frac} would carve split {split!r} out of {train!r}, "
                              f"but the data already has a {split!r} split ({len(ds[split]):,} "
                              f"rows); remove {fname}")
+        if split not in ds and spec.streaming:
+            raise ValueError(f"{split_field}: split {split!r} is not in the dataset; it has "
+                             f"{sorted(ds)}; with streaming: true it cannot be carved out of "
+                             f"{train!r}: give it as its own split (data_files: {{{train}: ..., "
+                             f"{split}: ...}}), or set {alt}")
         if split not in ds and not frac:
             raise ValueError(f"{split_field}: split {split!r} is not in the dataset; it has "
                              f"{sorted(ds)} (set {fname}: 0.1 to carve it out of {train!r}, or "
@@ -548,15 +694,24 @@ def _encode_labels(ds, spec: DataSpec, sources: dict, notes: list) -> None:
     from datasets import ClassLabel
 
     col, train = spec.label_column, spec.train_split
-    if not col or col not in ds[train].column_names:
+    source = _labelled_split(ds, spec)
+    if source is None:
         return
-    feat = ds[train].features[col]
+    feat = ds[source].features[col]
     given = isinstance(feat, ClassLabel)
     if given:
         names = list(feat.names)
     else:
-        where = f"split {train!r} ({sources[train]})"
-        names = class_names(_label_key(v, where, col) for v in _label_values(ds[train], col))
+        where = f"split {source!r} ({sources[source]})"
+        keys = {_label_key(v, where, col) for v in _label_values(ds[source], col)}
+        if spec.streaming:  # the stream's first rows may lack a class the evaluation has
+            for split in (spec.eval_split, spec.test_split):
+                d = ds.get(split) if split else None
+                if d is not None and col in d.column_names:
+                    own = getattr(d.features[col], "names", None)
+                    keys |= {own[v] if own else _label_key(v, f"split {split!r}", col)
+                             for v in _label_values(d, col)}
+        names = class_names(keys)
     if len(names) < 2:
         raise ValueError(f"label_column: {col!r} of split {train!r} ({sources[train]}) has one "
                          f"class ({names}); classification needs at least two (check "
@@ -595,11 +750,27 @@ def label_names(ds, spec: DataSpec) -> Optional[list]:
     ``ClassLabel``), or ``None`` when the data has no labels or they are not classes."""
     from datasets import ClassLabel
 
-    col = spec.label_column
-    if not col or col not in ds[spec.train_split].column_names:
+    source = _labelled_split(ds, spec)
+    if source is None:
         return None
-    feat = ds[spec.train_split].features[col]
+    feat = ds[source].features[spec.label_column]
     return list(feat.names) if isinstance(feat, ClassLabel) else None
+
+
+def _labelled_split(ds, spec: DataSpec) -> Optional[str]:
+    """The split whose labels name the classes: the training split; with ``streaming``, a
+    training split without the label column is a transfer set and the evaluation (else
+    test) split's labels name them. None when no such split has labels."""
+    col = spec.label_column
+    if not col:
+        return None
+    if col in ds[spec.train_split].column_names:
+        return spec.train_split
+    if spec.streaming:
+        for split in (spec.eval_split, spec.test_split):
+            if split and split in ds and col in ds[split].column_names:
+                return split
+    return None
 
 
 _PLACEHOLDER = re.compile(r"LABEL_\d+")  # transformers' id2label when a model has no names
@@ -661,8 +832,9 @@ def num_labels_of(ds, spec: DataSpec) -> Optional[int]:
     return len(set(ds[spec.train_split][spec.label_column]))
 
 
-def tokenize(ds, tokenizer, spec: DataSpec, max_length: int = 64):
-    """Tokenize every split (no padding: the collator pads per batch) and keep ``labels``."""
+def _tokenize_fn(tokenizer, spec: DataSpec, max_length: int):
+    """One batch of rows to the model's inputs (no padding: the collator pads per batch),
+    with ``labels`` where the rows have them."""
     def fn(batch):
         args = (batch[spec.text_column],)
         if spec.text_pair_column:
@@ -671,10 +843,23 @@ def tokenize(ds, tokenizer, spec: DataSpec, max_length: int = 64):
         if spec.label_column and spec.label_column in batch:
             enc["labels"] = batch[spec.label_column]
         return enc
+    return fn
 
+
+def tokenize(ds, tokenizer, spec: DataSpec, max_length: int = 64):
+    """Tokenize every split (no padding: the collator pads per batch) and keep ``labels``."""
+    fn = _tokenize_fn(tokenizer, spec, max_length)
     out = {}
     for split, d in ds.items():
         out[split] = d.map(fn, batched=True, remove_columns=d.column_names,
                            desc=f"tokenizing {split}")
     from datasets import DatasetDict
     return DatasetDict(out)
+
+
+def tokenize_stream(stream, tokenizer, spec: DataSpec, columns: list, max_length: int = 64):
+    """A stream (:func:`train_stream`) tokenized on the fly, as :func:`tokenize` tokenizes a
+    split; ``columns`` are the stream's columns, dropped (a cleaned stream does not always
+    know them itself)."""
+    return stream.map(_tokenize_fn(tokenizer, spec, max_length), batched=True,
+                      remove_columns=list(columns))

@@ -45,6 +45,31 @@ def _resolve_teachers(recipe, raw, progress: bool) -> list:
 class ClassificationTask(Task):
     name = "classification"
 
+    def validate(self, recipe) -> None:
+        k, spec = recipe.keys, recipe.data
+        if not spec.streaming:
+            return
+        steps = recipe.training.get("max_steps", -1)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise ValueError(f"max_steps: {steps!r}, but streaming: true reads the training split "
+                             "as a stream of unknown length, so the run is as long as max_steps "
+                             "says; set max_steps: N (e.g. max_steps: 1000)")
+        if k.augment:
+            raise ValueError("augment: makes new sentences from the whole training split, which "
+                             "streaming: true never holds; remove augment, or set streaming: false")
+        if isinstance(k.student, dict) and k.student.get("type") == "bilstm":
+            raise ValueError("student: type bilstm builds its word vocabulary from the whole "
+                             "training split, which streaming: true never holds; use a "
+                             "transformer student (type: from_teacher or config), or set "
+                             "streaming: false")
+        from distilkit.finetune import parse_teacher_spec
+        for t in k.teacher if isinstance(k.teacher, list) else [k.teacher]:
+            if parse_teacher_spec(t):
+                raise ValueError("teacher: {base: ..., finetune: ...} fine-tunes the teacher on "
+                                 "the training split, which streaming: true never holds; "
+                                 "fine-tune it in a run without streaming (or with distilkit "
+                                 "finetune) and give its directory as teacher")
+
     def load_data(self, recipe):
         from distilkit.data import load_raw
 
@@ -122,6 +147,8 @@ class ClassificationTask(Task):
         from distilkit.metrics import classification_metrics
 
         k, spec = recipe.keys, recipe.data
+        if spec.streaming:
+            return self._prepare_stream(recipe, args, raw, teachers, tokenizer)
         train_raw = raw[spec.train_split]
         if k.augment:
             from distilkit.augment import augment_dataset
@@ -147,6 +174,42 @@ class ClassificationTask(Task):
                         collator=DistilCollator(tokenizer),
                         importance_dataset=ds[spec.train_split],
                         compute_metrics=classification_metrics, teacher_cached=cached)
+
+    def _prepare_stream(self, recipe, args, raw, teachers: Teachers, tokenizer) -> Prepared:
+        """``streaming: true``: the training split as a stream tokenized on the fly, the teacher
+        run live every step (no cache: the stream's rows are never all there to key and fill
+        it), evaluation on the splits loaded as usual. ``raw``'s training split is the
+        stream's first rows (:data:`distilkit.data.STREAM_HEAD`): they score importance-based
+        compression."""
+        from distilkit.collate import DistilCollator
+        from distilkit.data import label_names, tokenize, tokenize_stream, train_stream
+        from distilkit.metrics import classification_metrics
+
+        k, spec = recipe.keys, recipe.data
+        if tokenizer is not teachers.tokenizer:
+            raise ValueError("student: it reads its own tokens, so the teacher's outputs would "
+                             "have to come from the cache, which streaming: true does not fill; "
+                             "use a student with the teacher's tokenizer, or streaming: false")
+        if k.teacher_cache:
+            print("[distilkit] teacher_cache: not used for the streamed training split (its "
+                  "rows are never all at hand to cache); the teacher runs every step",
+                  file=sys.stderr)
+        head = raw[spec.train_split]
+        # A training split without the label column is a transfer set: KD terms only.
+        labelled = spec.label_column in head.column_names
+        stream = train_stream(spec, label_names(raw, spec) if labelled else None)
+        train_ds = tokenize_stream(stream, tokenizer, spec, head.column_names, k.max_length)
+        # Every process reads the stream and keeps its own slice of each global batch
+        # (accelerate's IterableDatasetShard; a stream of several files is split by file
+        # instead), so one process's batches are the same as N processes' together.
+        # Dispatching (process 0 reads, then sends) would concatenate batches padded to
+        # different lengths, which fails.
+        args.accelerator_config.dispatch_batches = False
+        ds = tokenize(raw, tokenizer, spec, max_length=k.max_length)
+        return Prepared(train_dataset=train_ds, eval_dataset=ds[spec.eval_split],
+                        collator=DistilCollator(tokenizer), importance_dataset=ds[spec.train_split],
+                        compute_metrics=classification_metrics, teacher_cached=False,
+                        stats={"streaming": {"head_rows": len(head)}})
 
     def _attach_teacher_outputs(self, recipe, args, teachers, train_raw, train_ds, progress):
         from distilkit.data import tokenize
