@@ -135,7 +135,16 @@ class DistilTrainer(Trainer):
         for t in teachers:
             t.eval()
             t.requires_grad_(False)
+            if getattr(self.accelerator, "is_fsdp2", False) and self.accelerator.num_processes > 1:
+                # FSDP2: sharded across the processes for inference (distilkit.sharding).
+                from distilkit.sharding import shard_for_accelerator
+                self.teachers.append(shard_for_accelerator(t, self.accelerator, t_dtype))
+                continue
+            # Else replicated: accelerate in evaluation mode never wraps it in DDP (it has
+            # no gradients to reduce). Under FSDP it does not place models itself.
             t = self.accelerator.prepare_model(t, evaluation_mode=True)
+            if self.is_fsdp_enabled:
+                t.to(self.accelerator.device)
             if t_dtype is not None:
                 # Cast once, after accelerate has placed it: the teacher only infers, and every
                 # loss upcasts its outputs to fp32 (distilkit.losses).

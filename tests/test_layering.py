@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "distilkit")
 # Bottom to top. A module may import modules of its own level or below. A package entry
 # ("compress") covers its submodules unless a submodule is listed itself.
 STACK = [
-    ["files", "device", "metrics", "losses", "shard_store", "values"],
+    ["files", "device", "metrics", "losses", "shard_store", "values", "sharding"],
     ["loss_terms", "modeling", "collate", "students.word_vocab", "students.bilstm"],
     ["config"],
     ["data"],
