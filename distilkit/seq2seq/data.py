@@ -180,8 +180,10 @@ def tokenize_seq2seq(ds, tokenizer, source_column: str = SOURCE_COLUMN,
 @dataclass
 class Seq2SeqCollator:
     """Pads a list of tokenized examples into a batch: ``input_ids`` with ``pad_token_id``,
-    ``attention_mask`` with 0, ``labels`` with ``-100`` (ignored by every loss). Other
-    list-valued features of equal length are stacked as they are."""
+    ``attention_mask`` with 0, ``labels`` with ``-100`` (ignored by every loss), and the
+    per-target-token teacher columns of :mod:`distilkit.seq2seq.topk_cache` with zeros to the
+    labels' width (their padded positions are masked by the labels). Other list-valued
+    features of equal length are stacked as they are."""
 
     pad_token_id: int = 0
     label_pad_token_id: int = -100
@@ -201,14 +203,34 @@ class Seq2SeqCollator:
             raise ValueError("Seq2SeqCollator: empty batch")
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0,
                 "labels": self.label_pad_token_id}
+        from distilkit.loss_terms import TOPK_COLUMNS
+
+        per_token = set(TOPK_COLUMNS.values())
         batch = {}
         for key in features[0]:
             rows = [f[key] for f in features]
             if key in pads:
                 batch[key] = self._pad(rows, pads[key])
-            else:
+            elif key not in per_token:
                 batch[key] = torch.as_tensor(rows)
+        for key in [k for k in features[0] if k in per_token]:
+            if "labels" not in batch:
+                raise ValueError(f"Seq2SeqCollator: column {key!r} is per target token and "
+                                 "needs the 'labels' column beside it")
+            batch[key] = self._pad_tokens([f[key] for f in features], batch["labels"].shape[1])
         return batch
+
+    @staticmethod
+    def _pad_tokens(rows, width: int) -> torch.Tensor:
+        """Per-target-token arrays ``(L_i, ...)`` as one ``(B, width, ...)`` tensor, zeros after
+        each row's end."""
+        import numpy as np
+
+        arrs = [np.asarray(r) for r in rows]
+        out = np.zeros((len(arrs), width, *arrs[0].shape[1:]), dtype=arrs[0].dtype)
+        for i, a in enumerate(arrs):
+            out[i, :len(a)] = a
+        return torch.from_numpy(out)
 
 
 def seq2seq_collator(tokenizer, pad_to_multiple_of: Optional[int] = None) -> Seq2SeqCollator:

@@ -28,7 +28,7 @@ import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -112,10 +112,13 @@ class GenerationCache(ShardStore):
 def teacher_generations(teacher, tokenizer, sources: Sequence[str],
                         settings: Optional[SequenceKDSettings] = None,
                         cache_dir: Optional[str] = None, max_source_length: int = 96,
-                        stats: Optional[dict] = None, progress: bool = False) -> list[dict]:
+                        stats: Optional[dict] = None, progress: bool = False,
+                        teacher_loader: Optional[Callable[[str], Any]] = None) -> list[dict]:
     """The teacher's output (``{"ids": [...], "text": "..."}``, ids ending with ``</s>``)
     for every source, from the cache where possible; the rest are decoded and cached.
-    ``stats`` is filled with ``examples``, ``hits``, ``computed``, ``seconds``, ``namespace``."""
+    ``teacher`` is a model, or a saved directory (keyed by its files) loaded with
+    ``teacher_loader`` only when some source misses. ``stats`` is filled with ``examples``,
+    ``hits``, ``computed``, ``seconds``, ``namespace``."""
     t0 = time.perf_counter()
     s = settings or SequenceKDSettings()
     sources = list(sources)
@@ -133,7 +136,13 @@ def teacher_generations(teacher, tokenizer, sources: Sequence[str],
         if progress:
             print(f"[distilkit] sequence-level KD: the teacher decodes {len(todo)} inputs "
                   f"(beam {s.num_beams}); {len(sources) - len(todo)} cached")
-        res = generate_texts(teacher, tokenizer, list(todo.values()), s.generation(),
+        model = teacher
+        if isinstance(teacher, (str, os.PathLike)):
+            if teacher_loader is None:
+                from distilkit.seq2seq.teacher import load_seq2seq_teacher
+                teacher_loader = lambda p: load_seq2seq_teacher(p)[0]  # noqa: E731
+            model = teacher_loader(os.fspath(teacher))
+        res = generate_texts(model, tokenizer, list(todo.values()), s.generation(),
                              max_source_length)
         new = {k: {"ids": list(ids), "text": text} for k, ids, text in zip(todo, res.ids, res.texts)}
         cache.add(fp, list(new), list(new.values()))
@@ -185,13 +194,15 @@ def sequence_kd_dataset(teacher, tokenizer, raw, settings: Optional[SequenceKDSe
                         source_column: str = "source", target_column: Optional[str] = "target",
                         student_tokenizer=None, cache_dir: Optional[str] = None,
                         max_source_length: int = 96, max_target_length: int = 96,
-                        stats: Optional[dict] = None, progress: bool = False):
+                        stats: Optional[dict] = None, progress: bool = False,
+                        teacher_loader: Optional[Callable[[str], Any]] = None):
     """Decode ``raw``'s inputs with the teacher (cached) and return the student's tokenized
     training set with the teacher's outputs as labels. ``student_tokenizer`` defaults to the
-    teacher's; a different one (different vocabulary) re-tokenizes the teacher's text."""
+    teacher's; a different one (different vocabulary) re-tokenizes the teacher's text.
+    ``teacher`` / ``teacher_loader``: as :func:`teacher_generations`."""
     s = settings or SequenceKDSettings()
     gens = teacher_generations(teacher, tokenizer, raw[source_column], s, cache_dir,
-                               max_source_length, stats, progress)
+                               max_source_length, stats, progress, teacher_loader)
     s_tok = student_tokenizer or tokenizer
     same = student_tokenizer is None or s_tok.get_vocab() == tokenizer.get_vocab()
     return with_teacher_targets(raw, gens, s_tok, source_column, target_column,

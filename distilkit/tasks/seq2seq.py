@@ -7,18 +7,29 @@ with ``num_layers`` / ``num_decoder_layers`` / ``keep_decoder_layers``, ``config
 ``pretrained``). ``sequence_kd:`` trains on the teacher's (cached) generations for the
 training inputs (Kim & Rush 2016); with ``label_column: null`` the student can only learn
 from them, so ``sequence_kd`` is then required. Token-level KD on decoder logits, label CE
-and the layer losses with ``layer_map`` / ``decoder_layer_map`` are the trainer's. Teacher and
-student are evaluated by generation (BLEU, chrF, exact match, parameters, size, latency).
+and the layer losses with ``layer_map`` / ``decoder_layer_map`` are the trainer's.
+``teacher_cache: {top_k: N}`` computes the token-level KD targets once, on the targets the
+student trains on: the teacher's N most likely tokens per target token at the run's
+temperature (:mod:`distilkit.seq2seq.topk_cache`); the trainer then reads them instead of
+running the teacher. Teacher and student are evaluated by generation (BLEU, chrF, exact match,
+parameters, size, latency).
+
+The teacher (without an adapter) is loaded lazily: its tokenizer and config up front, its
+weights only when a cache misses (generations, top-k distributions, and with the top-k cache
+its evaluation figures, cached in that cache's namespace) or a term runs it live; the student
+is built from its directory. A rerun with everything cached never reads its weights.
 """
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
                                   ratios)
 
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
+FIGURES_VERSION = 1
 
 
 def _builtin_settings(recipe):
@@ -30,14 +41,11 @@ def _builtin_settings(recipe):
             if recipe is None or recipe.keys.teacher == BUILTIN_S2S_TEACHER else None)
 
 
-def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool = True,
-                            raw=None, data=None):
-    """``(teacher model, tokenizer, directory)`` for a teacher path, the built-in one, or a
+def seq2seq_teacher_dir(spec, progress: bool = True, raw=None, data=None) -> str:
+    """The directory of a teacher path, the built-in one (trained here or cached), or a
     ``{base, finetune}`` teacher fine-tuned on ``raw`` (columns named by ``data``)."""
-    from distilkit.seq2seq.teacher import (builtin_truecase_settings, load_seq2seq_teacher,
-                                           truecase_teacher)
-
     from distilkit.finetune import resolve_teacher
+    from distilkit.seq2seq.teacher import builtin_truecase_settings, truecase_teacher
 
     if spec == BUILTIN_S2S_TEACHER:
         path = truecase_teacher(builtin_truecase_settings(), progress=progress)
@@ -52,6 +60,16 @@ def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool 
             raise FileNotFoundError(f"teacher: {spec!r} is not a local directory; a seq2seq "
                                     "recipe needs one saved with save_pretrained (model and "
                                     f"tokenizer) or '{BUILTIN_S2S_TEACHER}'")
+    return path
+
+
+def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool = True,
+                            raw=None, data=None):
+    """``(teacher model, tokenizer, directory)`` for a teacher spec (see
+    :func:`seq2seq_teacher_dir`)."""
+    from distilkit.seq2seq.teacher import load_seq2seq_teacher
+
+    path = seq2seq_teacher_dir(spec, progress, raw, data)
     model, tok = load_seq2seq_teacher(path, adapter=adapter)
     if not getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"teacher: {path!r} is a {type(model).__name__}, not an "
@@ -90,6 +108,10 @@ class Seq2SeqTask(Task):
         GenerationSettings(**(recipe.keys.generation or {}))
         if recipe.keys.sequence_kd:
             sequence_kd_settings(recipe.keys.sequence_kd)
+        if recipe.keys.teacher_cache and recipe.distil_config().alpha_kd <= 0:
+            raise ValueError(f"teacher_cache: {recipe.keys.teacher_cache} caches the targets of "
+                             "token-level KD, but alpha_kd is 0; set alpha_kd > 0 or remove "
+                             "teacher_cache")
 
     def load_data(self, recipe):
         from distilkit.seq2seq.data import load_seq2seq_data
@@ -100,15 +122,40 @@ class Seq2SeqTask(Task):
 
     def load_teachers(self, recipe, raw, progress: bool) -> Teachers:
         k = recipe.keys
-        model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress,
-                                                   raw=raw, data=recipe.data)
-        check_max_length(k.max_length, model.config)
-        # Generation needs the teacher itself, so it is loaded up front.
-        return Teachers(specs=[path], tokenizer=tok, config=model.config,
-                        loader=lambda s: model, adapter=k.teacher_adapter, _models=[model])
+        if k.teacher_adapter:  # the merged model is the teacher: built up front
+            model, tok, path = resolve_seq2seq_teacher(k.teacher, k.teacher_adapter, progress,
+                                                       raw=raw, data=recipe.data)
+            check_max_length(k.max_length, model.config)
+            return Teachers(specs=[path], tokenizer=tok, config=model.config,
+                            loader=lambda s: model, adapter=k.teacher_adapter, _models=[model])
+        # Its tokenizer and config now, its weights only when something misses a cache (the
+        # generations, the top-k distributions, its evaluation figures) or a term runs it.
+        from transformers import AutoConfig, AutoTokenizer
+
+        from distilkit.modeling import ensure_registered
+        from distilkit.seq2seq.teacher import load_seq2seq_teacher
+
+        path = seq2seq_teacher_dir(k.teacher, progress, raw=raw, data=recipe.data)
+        ensure_registered()
+        config = AutoConfig.from_pretrained(path)
+        if not getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"teacher: {path!r} holds a {type(config).__name__}, not an "
+                             "encoder-decoder model; use task: classification for it")
+        check_max_length(k.max_length, config)
+        return Teachers(specs=[path], tokenizer=AutoTokenizer.from_pretrained(path),
+                        config=config, loader=lambda s: load_seq2seq_teacher(s)[0])
 
     def build_student(self, recipe, raw, teachers: Teachers):
-        student, tok = build_student(recipe, teachers.models()[0], teachers.tokenizer)
+        kind = recipe.keys.student.get("type", "from_teacher")
+        # From the teacher's layers the student reads the teacher's directory (only the kept
+        # tensors); a fresh config needs only its config: neither builds the teacher.
+        if kind == "from_teacher" and teachers.first_dir and not teachers.loaded:
+            teacher = teachers.first_dir
+        elif kind == "config":
+            teacher = teachers.config
+        else:
+            teacher = teachers.models()[0]
+        student, tok = build_student(recipe, teacher, teachers.tokenizer)
         if not getattr(student.config, "is_encoder_decoder", False):
             raise ValueError(f"student: {type(student).__name__} is not an encoder-decoder model")
         return student, tok
@@ -126,12 +173,22 @@ class Seq2SeqTask(Task):
         stats: dict = {}
         if k.sequence_kd:
             cache = os.path.join(k.cache_dir, "generations") if k.cache_dir else None
-            train_ds = sequence_kd_dataset(teachers.models()[0], tokenizer, raw[spec.train_split],
+            stats["sequence_kd"] = {}
+            # Keyed by the saved files when there are some (loaded only on a miss); a teacher
+            # with an adapter is the merged model, keyed by its weights.
+            by_path = teachers.first_dir is not None and not teachers.adapter
+            teacher = teachers.first_dir if by_path else teachers.models()[0]
+            train_ds = sequence_kd_dataset(teacher, tokenizer, raw[spec.train_split],
                                            sequence_kd_settings(k.sequence_kd), src, tgt,
                                            cache_dir=cache, max_source_length=n,
-                                           max_target_length=n, stats=stats, progress=progress)
+                                           max_target_length=n, stats=stats["sequence_kd"],
+                                           progress=progress,
+                                           teacher_loader=lambda _: teachers.models()[0])
         else:
             train_ds = tokenize_seq2seq(raw[spec.train_split], tokenizer, src, tgt, n, n)
+        cached = False
+        if k.teacher_cache:
+            train_ds, cached = self._attach_topk(recipe, args, teachers, train_ds, stats, progress)
         callbacks = []
         if spec.eval_split and args.eval_strategy != "no":
             callbacks.append(GenerationEvalCallback(
@@ -139,7 +196,40 @@ class Seq2SeqTask(Task):
                 spec.max_eval_samples or 200))
         return Prepared(train_dataset=train_ds, eval_dataset=data.get(spec.eval_split),
                         collator=seq2seq_collator(tokenizer), importance_dataset=train_ds,
-                        callbacks=callbacks, stats={"sequence_kd": stats or None})
+                        callbacks=callbacks, teacher_cached=cached,
+                        stats={"sequence_kd": stats.get("sequence_kd") or None,
+                               "topk_cache": stats.get("topk_cache")})
+
+    @staticmethod
+    def _attach_topk(recipe, args, teachers: Teachers, train_ds, stats: dict, progress: bool):
+        """The training set with the teacher's cached top-k distribution of every target token
+        (the targets it trains on: the teacher's generations under sequence_kd), and whether
+        that cache serves every teacher-based term (then the trainer needs no teacher)."""
+        from distilkit.loss_terms import topk_unserved
+        from distilkit.seq2seq.topk_cache import attach_topk
+
+        k = recipe.keys
+        unserved = topk_unserved(args)
+        if unserved:
+            print(f"[distilkit] teacher_cache: not used, because {', '.join(unserved)} read(s) "
+                  "more of the teacher than its top-k token distribution; the teacher runs "
+                  "every step", file=sys.stderr)
+            return train_ds, False
+        # By path the key is the saved files (the teacher already loaded serves a miss); a
+        # teacher with an adapter is the merged model, keyed by its weights.
+        by_path = teachers.first_dir is not None and not teachers.adapter
+        info: dict = {}
+        train_ds = attach_topk(
+            train_ds, teachers.first_dir if by_path else teachers.models()[0],
+            top_k=k.teacher_cache["top_k"], temperature=args.temperature,
+            tokenizer_name_or_path=teachers.first_dir if by_path else teachers.tokenizer,
+            max_length=k.max_length,
+            cache_dir=os.path.join(k.cache_dir, "topk") if k.cache_dir else None,
+            teacher_loader=lambda _: teachers.models()[0], teacher_dtype=args.teacher_dtype,
+            stats=info, progress=progress)
+        stats["topk_cache"] = info
+        teachers.cache_namespace = info["namespace"]
+        return train_ds, True
 
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
                  progress: bool) -> tuple[dict, dict, str]:
@@ -149,8 +239,13 @@ class Seq2SeqTask(Task):
         split = spec.test_split or spec.eval_split
         common = dict(source_column=spec.text_column, target_column=spec.label_column,
                       generation=k.generation, max_samples=spec.max_eval_samples)
-        t_m = evaluate_seq2seq_model(teachers.models()[0], teachers.tokenizer, raw[split],
-                                     teachers.first_dir, **common)
+
+        def teacher_figures():
+            return evaluate_seq2seq_model(teachers.models()[0], teachers.tokenizer, raw[split],
+                                          teachers.first_dir, **common)
+        t_m = (_cached_teacher_figures(teachers.cache_namespace, raw[split], common,
+                                       teacher_figures)
+               if teachers.cache_namespace else teacher_figures())
         s_m = evaluate_seq2seq_model(load_compressed(student_dir), teachers.tokenizer, raw[split],
                                      student_dir, **common)
         return t_m, s_m, split
@@ -171,7 +266,7 @@ class Seq2SeqTask(Task):
             f"BLEU retention {100 * results['bleu_retention']:.1f}%   size "
             f"{results['size_ratio']:.2f}x smaller   parameters {results['parameter_ratio']:.2f}x "
             f"fewer   speed-up (batch 1) {results['speedup_batch1']:.2f}x   "
-            f"time {results['train_seconds']:.0f}s"])
+            f"time {results['train_seconds']:.0f}s", *_topk_line(results.get("topk_cache"))])
 
     def default_spec(self):
         from distilkit.seq2seq.data import default_seq2seq_spec
@@ -200,3 +295,40 @@ class Seq2SeqTask(Task):
                                      latency_samples=16 if latency else 0)
         res.update(split=split, task="seq2seq")
         return res
+
+
+def _topk_line(info: Optional[dict]) -> list:
+    """The summary's line on the top-k teacher cache (none without one)."""
+    if not info:
+        return []
+    return [f"top-k teacher cache: k={info['top_k']} at T={info['temperature']:g}, "
+            f"{info['bytes_per_token']} bytes per cached token, {info['tokens']:,} target tokens "
+            f"({info['hits']}/{info['examples']} examples were cached, {info['computed']} computed)"]
+
+
+def _cached_teacher_figures(namespace: str, split_ds, common: dict, compute) -> dict:
+    """The teacher's generation figures, computed once per top-k cache namespace (teacher
+    weights, tokenizer, ...) and evaluation setting (split contents, generation settings,
+    sample limit, threads), then read back: the teacher is loaded only on a miss
+    (``compute``). One JSON file per key beside the cached shards."""
+    import hashlib
+    import json
+
+    import torch
+
+    from distilkit.files import atomic_write_json
+
+    h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
+    h.update(json.dumps({k: v for k, v in common.items()}, sort_keys=True, default=str).encode())
+    for c in (common["source_column"], common["target_column"]):
+        h.update(json.dumps(list(split_ds[c]), default=str).encode())
+    path = os.path.join(namespace, f"teacher_figures-{h.hexdigest()[:24]}.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return {**json.load(f), "figures_source": f"cached ({path})"}
+        except (OSError, ValueError):
+            pass  # unreadable: measure again, and overwrite it
+    figures = compute()
+    atomic_write_json(path, figures)
+    return figures
