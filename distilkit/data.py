@@ -232,6 +232,9 @@ def _load(spec: DataSpec):
         ds = builtin_dataset()
     elif spec.dataset and streamed:  # only the evaluation splits are loaded
         have = get_dataset_split_names(spec.dataset, spec.dataset_config)
+        if streamed not in have:
+            raise ValueError(f"train_split: split {streamed!r} is not in {spec.dataset!r}; it has "
+                             f"{sorted(have)} (set train_split to the split to train on)")
         ds = DatasetDict({s: load_dataset(spec.dataset, spec.dataset_config, split=s)
                           for s in dict.fromkeys((spec.eval_split, spec.test_split))
                           if s and s in have and s != streamed})

@@ -180,6 +180,8 @@ def test_a_dataset_directory_streams_like_a_hub_dataset(stream_task):
     assert len(raw["validation"]) == 16 and len(raw["train"]) == 64
     rows = list(train_stream(spec, ["0", "1"]))
     assert len(rows) == 64 and {r["label"] for r in rows} == {0, 1}
+    with pytest.raises(ValueError, match=r"train_split: split 'big' is not in"):
+        load_raw(DataSpec(dataset=str(d), streaming=True, train_split="big"), classes=True)
     path, out = _recipe(stream_task, dataset=str(d), data_files=None, max_steps=2)
     assert main(["distill", path, "--no-progress"]) == 0
     res, losses = _losses(out)
