@@ -12,6 +12,9 @@
   :func:`distilkit.card.model_card` from the run's results;
 * from the run directory (the parent of ``student/``): ``results.json`` and ``recipe.yaml``,
   so the Hub copy records how the model was made;
+* the ONNX export in ``onnx/`` when the model directory holds one (``distilkit export``'s
+  default place, written by a recipe's ``export:`` step): the card's Serve line names a file
+  there;
 * never: training checkpoints, optimizer state, distillation projections, temporary files.
 
 Bad input gives huggingface_hub's own errors and wording (``HFValidationError`` for a
@@ -34,6 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "sentencepiece.bpe.model", "source.spm", "target.spm", "chat_template.jinja")
 EXTRA_MODEL_FILES = ("README.md", "evaluation.json")
 RUN_FILES = ("results.json", "recipe.yaml")
+EXPORT_DIR = "onnx"  # where distilkit export (and a recipe's export: step) writes by default
 
 
 def resolve_dirs(path: str) -> tuple[str, Optional[str]]:
@@ -72,6 +76,13 @@ def prepare_upload(path: str, staging_dir: str, repo_id: Optional[str] = None) -
     os.makedirs(staging_dir, exist_ok=True)
     for n in upload_files(model_dir):
         _link_or_copy(os.path.join(model_dir, n), os.path.join(staging_dir, n))
+    export_dir = os.path.join(model_dir, EXPORT_DIR)
+    if os.path.isfile(os.path.join(export_dir, "export.json")):
+        os.makedirs(os.path.join(staging_dir, EXPORT_DIR), exist_ok=True)
+        for n in sorted(os.listdir(export_dir)):
+            f = os.path.join(export_dir, n)
+            if os.path.isfile(f) and not n.startswith("."):
+                _link_or_copy(f, os.path.join(staging_dir, EXPORT_DIR, n))
     if run_dir:
         for n in RUN_FILES:
             f = os.path.join(run_dir, n)
@@ -100,7 +111,8 @@ def prepare_upload(path: str, staging_dir: str, repo_id: Optional[str] = None) -
         text = model_card(results, recipe, methods=records or None, repo_id=repo_id)
         with open(readme, "w") as f:
             f.write(text)
-    return sorted(os.listdir(staging_dir))
+    return sorted(os.path.relpath(os.path.join(d, n), staging_dir)
+                  for d, _, files in os.walk(staging_dir) for n in files)
 
 
 def resolve_token(token: Optional[str] = None) -> str:

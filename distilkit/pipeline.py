@@ -25,12 +25,12 @@ from typing import Callable, Optional
 
 import yaml
 
+from distilkit.hub import EXPORT_DIR  # the export's place in the student directory
 from distilkit.recipe import ExportSettings, Recipe, export_settings
 from distilkit.tasks import get_task
 
 STUDENT_DIR = "student"
 RESULTS_FILE = "results.json"
-EXPORT_DIR = "onnx"  # the export's place in the student directory, distilkit export's default
 CHECK_ROWS = 32      # sentences of the evaluation split the export is checked on
 
 
@@ -139,36 +139,19 @@ def check_four_bit_export(student) -> None:
     """What ``export.four_bit`` needs of the student, checked before training from the
     compression records of the prepared student (the packed layers they will become): linears
     packed at 4 bits with the uniform scheme, in buckets onnxruntime's MatMulNBits takes for
-    their widths (:func:`distilkit.export.nbits.check_four_bit`'s rules, which the export
-    applies again to the packed student). A bucket size that does not fit the model fails now,
+    their widths (:func:`distilkit.export.nbits.check_layer_specs`, which the export applies
+    again to the packed student). A bucket size that does not fit the model fails now,
     in one line with the sizes that do, not after training. (The prepared student cannot
     simply be finalized on a copy: a copy shares its parametrized classes.)"""
     from distilkit.compress.base import compression_records
-    from distilkit.export.nbits import BITS, MIN_BLOCK, block_sizes_for
+    from distilkit.export.nbits import check_layer_specs
     from distilkit.recipe import QUANTIZE_METHODS
 
     linears = [(name, layer["weights"]["weight"])
                for rec in compression_records(student) if rec["method"] in QUANTIZE_METHODS
                for name, layer in rec.get("layers", {}).items()
                if layer.get("kind") == "linear" and "weight" in layer.get("weights", {})]
-    if not linears:
-        raise ValueError("export.four_bit: no linear layer of the student is quantized; "
-                         "quantize them (compression: [{method: quantize, bits: 4}]) or set "
-                         "four_bit: false")
-    works = block_sizes_for(spec["shape"][1] for _, spec in linears)
-    for name, spec in linears:
-        k, width = spec["bucket_size"], spec["shape"][1]
-        if spec["bits"] != BITS or spec["scheme"] != "uniform":
-            raise ValueError(f"export.four_bit: layer {name!r} is quantized with bits="
-                             f"{spec['bits']}, scheme {spec['scheme']!r}; MatMulNBits takes 4-bit "
-                             "uniform weights: quantize with bits: 4, scheme: uniform, or set "
-                             "four_bit: false")
-        if k < MIN_BLOCK or k & (k - 1) or width % k:
-            fix = (f"use one of bucket_size {works}, which work for every layer" if works else
-                   "no bucket size works for every layer; set four_bit: false")
-            raise ValueError(f"export.four_bit: layer {name!r} has bucket_size {k} and "
-                             f"in_features {width}; MatMulNBits needs a power of two >= "
-                             f"{MIN_BLOCK} that divides in_features: {fix}")
+    check_layer_specs(linears, field="export.four_bit", off="set four_bit: false")
 
 
 def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str,

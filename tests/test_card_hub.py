@@ -204,3 +204,19 @@ def test_card_loss_rows_come_from_the_registry():
         assert f"| {t.title} | 1.0 | {t.matches} |" in card, t.name
         assert all(r in card for r in t.references(recipe)), t.name
     assert "TinyBERT" in card and "MiniLM: Deep Self-Attention" not in card  # MSE attention
+
+
+def test_the_onnx_export_goes_up_with_the_model(run, tmp_path):
+    """The card's Serve line names a file in student/onnx: the export is uploaded too (and a
+    folder there without export.json, or a hidden file, is not)."""
+    onnx = run / "student" / "onnx"
+    onnx.mkdir()
+    for n, data in (("export.json", "{}"), ("model.onnx", "graph"), ("model_int8.onnx", "q"),
+                    (".tmp-x", "partial")):
+        (onnx / n).write_text(data)
+    (run / "student" / "scratch").mkdir()
+    (run / "student" / "scratch" / "model.onnx").write_text("not an export")
+    files = prepare_upload(str(run), str(tmp_path / "s"))
+    assert {"onnx/export.json", "onnx/model.onnx", "onnx/model_int8.onnx"} <= set(files)
+    assert not any(f.startswith(("onnx/.tmp", "scratch")) for f in files)
+    assert (tmp_path / "s" / "onnx" / "model_int8.onnx").read_text() == "q"

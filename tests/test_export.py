@@ -250,3 +250,16 @@ def test_cli_checks_a_pair_student_on_a_pairs_file(tmp_path, capsys):
         assert err.startswith("distilkit export: error:") and len(err.strip().splitlines()) == 1
         assert ("line 1" if i == 0 else "line 2" if i == 1 else "pairs") in err
         assert not os.path.exists(tmp_path / f"no{i}")
+
+
+def test_int8_export_prints_no_onnxruntime_advice(tmp_path, capfd, caplog):
+    """The int8 step is silent (onnxruntime's pre-processing advice is not for our graphs) and
+    leaves the root logger's level as it found it."""
+    import logging
+
+    path = student(tmp_path, "plain")
+    level = logging.getLogger().level
+    ex.export_onnx(path, str(tmp_path / "onnx"), int8=True, check_data=TEXTS)
+    captured = capfd.readouterr()
+    assert "pre-processing" not in captured.err + captured.out + caplog.text
+    assert logging.getLogger().level == level

@@ -335,7 +335,7 @@ def test_recipe_four_bit_export_serves_the_packed_codes(tiny_task, capsys):
     errors = [ln for ln in err.splitlines() if ln.startswith("distilkit distill: error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert "export.four_bit: layer" in errors[0] and "bucket_size 24" in errors[0]
-    assert "use one of bucket_size [16, 32]" in errors[0]
+    assert "one of bucket_size [16, 32]" in errors[0]
     assert not os.path.exists(os.path.join(bad, "student"))
     assert not os.path.exists(os.path.join(bad, "results.json"))
 

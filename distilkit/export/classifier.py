@@ -38,7 +38,7 @@ from torch import nn
 
 from distilkit.evaluate import find_model_dir
 from distilkit.export.runtime import (FP32_FILE, INT8_FILE, NBITS_FILE, OPSET, REPORT_FILE,
-                                      require_onnx, session)
+                                      quantize_int8, require_onnx, session)
 
 TOLERANCE = 1e-4
 # Sentences of the kind the built-in sentiment data holds, of different lengths.
@@ -287,10 +287,8 @@ def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool 
             raise RuntimeError(failed)
         files = {"fp32": {"file": FP32_FILE, "bytes": os.path.getsize(fp32), **check}}
         if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             q = os.path.join(tmp, INT8_FILE)
-            quantize_dynamic(fp32, q, weight_type=QuantType.QInt8)
+            quantize_int8(fp32, q)
             files["int8"] = {"file": INT8_FILE, "bytes": os.path.getsize(q),
                              **compare(session(q), model, names, batches)}
         if four_bit:

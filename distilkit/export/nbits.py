@@ -113,38 +113,44 @@ def block_sizes_for(in_features: Iterable[int]) -> list[int]:
 
 def check_four_bit(model: nn.Module) -> None:
     """Raise one ValueError, before any work, when ``model`` cannot be exported to
-    MatMulNBits: no packed linear at all, a packed linear of other than 4 bits or of the
-    non-uniform scheme, or a bucket size the operator cannot take for a layer (it must be a
-    power of two >= 16 dividing the layer's ``in_features``). The message names the layer
-    and lists the bucket sizes that would work for every packed linear of this model."""
-    layers = packed_linears(model)
+    MatMulNBits (the rules of :func:`check_layer_specs`, on its packed linears)."""
+    check_layer_specs([(name, mod.packed_specs["weight"]) for name, mod in packed_linears(model)])
+
+
+def check_layer_specs(layers: Sequence[tuple[str, dict]], field: str = "--4bit",
+                      off: str = "export without --4bit") -> None:
+    """The one home of what MatMulNBits can take, for linears described by their packed
+    weight specs (``{"shape": [out, in], "bits", "bucket_size", "scheme"}``, as the packed
+    modules and the compression records hold them): at least one, each 4-bit, uniform, and
+    in buckets of a power of two >= 16 dividing its ``in_features`` (no bucket may straddle
+    two rows). One ValueError naming ``field``, the layer, and the fix (the bucket sizes that
+    work for every layer, else ``off``)."""
     if not layers:
         raise ValueError(
-            "--4bit: the model has no packed 4-bit linear layer (it was not trained with "
+            f"{field}: the model has no packed 4-bit linear layer (it was not trained with "
             "quantized distillation); distil it with compression: [{method: quantize, bits: 4, "
-            "bucket_size: 64}], or export without --4bit (--int8 quantizes any student)")
-    for name, mod in layers:
-        spec = mod.packed_specs["weight"]
+            f"bucket_size: 64}}], or {off} (int8 quantizes any student)")
+    for name, spec in layers:
         if spec["bits"] != BITS:
             raise ValueError(
-                f"--4bit: layer {name!r} is packed with bits={spec['bits']}; MatMulNBits export "
-                f"takes 4-bit students only: distil with quantize bits: 4, or export without "
-                f"--4bit")
+                f"{field}: layer {name!r} is packed with bits={spec['bits']}; MatMulNBits export "
+                f"takes 4-bit students only: distil with quantize bits: 4, or {off}")
         if spec["scheme"] != "uniform":
             raise ValueError(
-                f"--4bit: layer {name!r} uses the {spec['scheme']!r} scheme (a table of learned "
+                f"{field}: layer {name!r} uses the {spec['scheme']!r} scheme (a table of learned "
                 f"points), which MatMulNBits cannot express (it computes (code - zero_point) * "
-                f"scale); distil with scheme: uniform, or export without --4bit")
-    works = block_sizes_for(m.in_features for _, m in layers)
-    for name, mod in layers:
-        k = mod.packed_specs["weight"]["bucket_size"]
-        if k < MIN_BLOCK or k & (k - 1) or mod.in_features % k:
+                f"scale); distil with scheme: uniform, or {off}")
+    widths = [spec["shape"][1] for _, spec in layers]
+    works = block_sizes_for(widths)
+    for (name, spec), width in zip(layers, widths):
+        k = spec["bucket_size"]
+        if k < MIN_BLOCK or k & (k - 1) or width % k:
             fix = (f"distil with one of bucket_size {works}, which work for every layer of this "
                    "model" if works else
-                   "no bucket size works for every layer of this model (in_features "
-                   f"{sorted({m.in_features for _, m in layers})}); export without --4bit")
+                   f"no bucket size works for every layer of this model (in_features "
+                   f"{sorted(set(widths))}); {off}")
             raise ValueError(
-                f"--4bit: layer {name!r} has bucket_size {k} and in_features {mod.in_features}; "
+                f"{field}: layer {name!r} has bucket_size {k} and in_features {width}; "
                 f"MatMulNBits needs a power of two >= {MIN_BLOCK} that divides in_features (no "
                 f"bucket may straddle two rows): {fix}")
 

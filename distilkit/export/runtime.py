@@ -29,3 +29,22 @@ def session(path: str, threads: Optional[int] = None):
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def quantize_int8(src: str, dst: str) -> None:
+    """onnxruntime's dynamic int8 quantization of the graph ``src`` into ``dst``: weights
+    int8, activations quantized per call (uint8), the scheme every ``--int8`` file uses.
+    Its advice to run onnxruntime's pre-processing first (a root-logger warning on every call)
+    is silenced: the graphs distilkit exports carry their shapes already."""
+    import logging
+
+    require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilkit.export.runtime import OPSET, REPORT_FILE, require_onnx, session
+from distilkit.export.runtime import OPSET, REPORT_FILE, quantize_int8, require_onnx, session
 
 TOLERANCE = 1e-4
 GRAPHS = ("encoder", "decoder", "decoder_with_past")
@@ -534,12 +534,9 @@ def export_seq2seq(model_dir: str, out_dir: Optional[str] = None, int8: bool = F
         check = checked(tmp, fp32, "the ONNX export")
         files = {"fp32": _describe(tmp, fp32, check)}
         if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
             q = graph_files("int8")
             for g in GRAPHS:
-                quantize_dynamic(os.path.join(tmp, fp32[g]), os.path.join(tmp, q[g]),
-                                 weight_type=QuantType.QInt8)
+                quantize_int8(os.path.join(tmp, fp32[g]), os.path.join(tmp, q[g]))
             files["int8"] = _describe(tmp, q, compare_generation(
                 OnnxSeq2SeqGenerator._from_files(tmp, q, ids), model, batches, max_new_tokens))
         if four_bit:
