@@ -9,7 +9,8 @@ token-level KD at T=2, alpha_kd = alpha_ce = 0.5).
 
 ``--teacher-steps`` trains the built-in truecasing teacher for fewer steps than its 2000 (a
 weaker teacher, cached under its own key); ``--train-samples`` / ``--eval-samples`` cut the
-training windows / test sentences (max_train_samples / max_eval_samples).
+training windows / test sentences (max_train_samples / max_eval_samples);
+``--no-sequence-kd`` trains on the references (a weak teacher's generations can be empty).
 
 Part 1, quality: the recipe run end to end (``distilkit.pipeline.run_recipe``) once with the
 live teacher and once per k (``teacher_cache: {top_k: k}``, k = 8, 32, 128), every run with
@@ -49,6 +50,8 @@ def _overrides(args, work: str, name: str, top_k) -> dict:
     o = {"name": f"bench_topk_{name}", "max_steps": args.max_steps,
          "output_dir": os.path.join(work, "runs", name), "cache_dir": os.path.join(work, "cache"),
          "teacher_cache": {"top_k": top_k} if top_k else False, "logging_steps": 50}
+    if args.no_sequence_kd:
+        o["sequence_kd"] = None
     if args.train_samples:
         o["max_train_samples"] = args.train_samples
     if args.eval_samples:
@@ -95,6 +98,8 @@ def quality_runs(args, work: str) -> dict:
             row = {"bleu": round(s["bleu"], 2), "chrf": round(s["chrf"], 2),
                    "exact_match": round(s["exact_match"], 4),
                    "train_s_per_step": round(runtimes[-1] / res["global_steps"], 4),
+                   # the last logged label CE: a quality signal where BLEU is still 0
+                   "final_loss_ce": (res["train_log"] or [{}])[-1].get("loss_ce"),
                    "run_seconds": round(time.perf_counter() - t0, 1)}
             if k:
                 c = res["topk_cache"]
@@ -178,6 +183,8 @@ def main() -> int:
     p.add_argument("--train-samples", type=int, default=None, help="training windows used")
     p.add_argument("--eval-samples", type=int, default=None, help="test sentences scored "
                    "(the recipe: 400)")
+    p.add_argument("--no-sequence-kd", action="store_true", help="token-level KD on the "
+                   "references (sequence_kd: null) instead of on the teacher's generations")
     p.add_argument("--quick", action="store_true", help="64 sentences, a few steps")
     p.add_argument("--keep", default=None, help="keep the runs and caches in this directory")
     args = p.parse_args()
@@ -190,7 +197,7 @@ def main() -> int:
     try:
         fig = {"recipe": os.path.relpath(RECIPE, ROOT), "max_steps": args.max_steps,
                "teacher_steps": args.teacher_steps or 2000, "train_samples": args.train_samples,
-               "eval_samples": args.eval_samples,
+               "eval_samples": args.eval_samples, "sequence_kd": not args.no_sequence_kd,
                "threads": torch.get_num_threads(), "quick": args.quick}
         fig["runs"] = quality_runs(args, work)
         fig.update(step_times(args, work))
