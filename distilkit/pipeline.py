@@ -273,6 +273,7 @@ def _finetune_plan(recipe: Recipe, raw, task: str):
     finetune}``), worked out without training; None for a teacher that needs none."""
     from distilkit import finetune as ft
     from distilkit.data import DataSpec, load_raw
+    from distilkit.tasks.seq2seq import BUILTIN_S2S_TEACHER
     from distilkit.teachers import BUILTIN_TEACHER, minilm_path
 
     t = recipe.keys.teacher
@@ -282,6 +283,13 @@ def _finetune_plan(recipe: Recipe, raw, task: str):
     elif ft.parse_teacher_spec(t):
         base, cfg = ft.parse_teacher_spec(t)
         p = ft.plan_finetune(base, raw, recipe.data, cfg, task=task)
+    elif task == "seq2seq" and t == BUILTIN_S2S_TEACHER:
+        from distilkit.seq2seq.teacher import builtin_truecase_settings, truecase_teacher_dir
+
+        s = builtin_truecase_settings()
+        out, cached = truecase_teacher_dir(s)
+        return {"base": f"{t} (BART from a config)", "steps": s.max_steps, "labels": None,
+                "out": out, "cached": cached}
     else:
         return None
     return {"base": p.base, "steps": p.steps, "labels": p.labels, "out": p.out,

@@ -243,6 +243,24 @@ def test_dry_run_checks_and_prints_the_plan_without_training(tiny_task, capsys, 
     assert "columns are" in capsys.readouterr().err
 
 
+def test_dry_run_of_the_seq2seq_recipe_trains_no_teacher(capsys, monkeypatch, tmp_path):
+    """Was: the dry run of recipes/seq2seq_truecase.yaml trained the built-in BART teacher (a
+    long job) when it was not cached yet. Now it says it would, and trains nothing."""
+    import distilkit.seq2seq.teacher as st
+
+    def refuse(*a, **k):
+        raise AssertionError("a dry run trains no teacher")
+    monkeypatch.setattr(st, "_train_and_save", refuse)
+    monkeypatch.setattr(st, "is_trained", lambda out: False)
+    recipe = os.path.join(RECIPES, "seq2seq_truecase.yaml")
+    out = str(tmp_path / "s2s")
+    assert main(["distill", recipe, "--dry-run", "--output_dir", out]) == 0
+    printed = capsys.readouterr().out
+    assert "builtin:truecase-bart (BART from a config)" in printed
+    assert "not trained yet (2,000 steps)" in printed and "built from the teacher" in printed
+    assert not os.path.exists(out)
+
+
 def test_a_non_finite_loss_stops_the_run_and_saves_no_student(tiny_task, capsys):
     """Was: Trainer's NaN filter replaced the NaN loss by the running mean, and the run saved
     and reported a student trained on garbage."""

@@ -128,20 +128,37 @@ def truecase_teacher(settings: Optional[Seq2SeqTeacherSettings] = None, force: b
                      progress: bool = True, eval_samples: int = 300) -> str:
     """Path of the truecasing teacher for ``settings``: trained and cached the first time
     (a few minutes on 2 CPU cores with the defaults), reused afterwards."""
+    s = settings or Seq2SeqTeacherSettings()
+    out, ds, tok = _truecase_teacher_place(s)
+    if is_trained(out) and not force:
+        return out
+    _train_and_save(s, ds, tok, out, progress, eval_samples)
+    return out
+
+
+def truecase_teacher_dir(settings: Optional[Seq2SeqTeacherSettings] = None) -> tuple[str, bool]:
+    """Where :func:`truecase_teacher` keeps the teacher for ``settings``, and whether it is
+    trained there already: what ``distilkit distill --dry-run`` reports, training nothing."""
+    out, _, _ = _truecase_teacher_place(settings or Seq2SeqTeacherSettings())
+    return out, is_trained(out)
+
+
+def is_trained(out: str) -> bool:
+    return os.path.isfile(os.path.join(out, "teacher_info.json"))
+
+
+def _truecase_teacher_place(s: Seq2SeqTeacherSettings):
+    """``(directory, dataset, tokenizer)`` of the truecasing teacher for ``s``: the directory
+    is keyed by the settings and the tokenizer (built once from the data and cached)."""
     from distilkit.data import cache_root
     from distilkit.seq2seq.data import truecase_dataset, truecase_tokenizer
     from distilkit.seq2seq.tokenizer import TokenizerSettings
 
-    s = settings or Seq2SeqTeacherSettings()
     ds = truecase_dataset(max_words=s.max_words, train_windows=s.train_windows)
     tok, tok_path = truecase_tokenizer(ds, TokenizerSettings(vocab_size=s.vocab_size))
     key = hashlib.sha256(json.dumps({"s": s.fingerprint(), "tok": os.path.basename(tok_path),
                                      "data": "truecase-1234-v2"}).encode()).hexdigest()[:12]
-    out = os.path.join(cache_root(), "teachers", f"truecase-{s.arch}-{key}")
-    if os.path.isfile(os.path.join(out, "teacher_info.json")) and not force:
-        return out
-    _train_and_save(s, ds, tok, out, progress, eval_samples)
-    return out
+    return os.path.join(cache_root(), "teachers", f"truecase-{s.arch}-{key}"), ds, tok
 
 
 def _train_and_save(s: Seq2SeqTeacherSettings, ds, tok, out: str, progress: bool,
