@@ -260,12 +260,7 @@ def plot_runtimes(rows: Sequence[dict], path: str, title: Optional[str] = None) 
     ax.margins(x=0.25)
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "every runtime against the teacher", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def _recipe_line(res: dict) -> str:
@@ -329,12 +324,7 @@ def plot_tradeoffs(rows: Sequence[dict], path: str, metric: str = "accuracy",
         if any(r["is_teacher"] for r in pts):
             ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(title or f"{metric.replace('_', ' ')} trade-offs", fontsize=11)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return _save_png(fig, path)
 
 
 def write_report(run_dirs: Sequence[str], out_dir: str, *, metric: Optional[str] = None,
@@ -406,3 +396,15 @@ def run_report(args, rest=None) -> int:
         print(runtimes_table(out["runtime_rows"]))
     print(f"(written: {out['markdown']}, {out['plot']})")
     return 0
+
+
+def _save_png(fig, path: str) -> str:
+    """Write matplotlib figure ``fig`` to ``path`` as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -212,6 +212,15 @@ class ShardStore:
         return total
 
 
+def distinct_missing(keys: Sequence[bytes], found: np.ndarray) -> list[int]:
+    """The index of the first occurrence of each distinct key that ``lookup`` did not find:
+    what a client computes (once per example, however often it repeats) and then stores."""
+    first: dict[bytes, int] = {}
+    for i in np.flatnonzero(~found):
+        first.setdefault(keys[i], int(i))
+    return list(first.values())
+
+
 def _pack(keys: list[bytes], arrays: dict[str, ArrayValue]
           ) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The safetensors dict of one shard and the manifest's description of each array."""

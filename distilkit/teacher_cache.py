@@ -52,7 +52,7 @@ import numpy as np
 from distilkit.compress.base import compression_records
 from distilkit.config import teacher_torch_dtype
 from distilkit.files import sha256_file
-from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore  # noqa: F401 - the layout
+from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore, distinct_missing  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -391,11 +391,7 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
     missing = np.flatnonzero(~found)
     loaded = False
     if len(missing):
-        # Each distinct missing example is computed once, however often it repeats.
-        first: dict[bytes, int] = {}
-        for i in missing:
-            first.setdefault(keys[i], int(i))
-        uniq = list(first.values())
+        uniq = distinct_missing(keys, found)
         model = teacher
         if path is not None:
             model = (teacher_loader or _default_loader)(path)

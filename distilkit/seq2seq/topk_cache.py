@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from distilkit.loss_terms import TOPK_COLUMNS
-from distilkit.shard_store import SHARD_FILE, ShardStore  # noqa: F401 - the layout
+from distilkit.shard_store import SHARD_FILE, ShardStore, distinct_missing  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,7 @@ def attach_topk(dataset, teacher, *, top_k: int, temperature: float,
     missing = np.flatnonzero(~found)
     loaded = False
     if len(missing):
-        first: dict[bytes, int] = {}
-        for i in missing:
-            first.setdefault(keys[i], int(i))
-        uniq = list(first.values())
+        uniq = distinct_missing(keys, found)
         model, owned = teacher, False
         if path is not None:
             if teacher_loader is None:

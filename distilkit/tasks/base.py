@@ -178,3 +178,25 @@ def build_student(recipe, teacher, tokenizer, train_texts=None):
         from peft import LoraConfig, get_peft_model
         student = get_peft_model(student, LoraConfig(**lora))
     return student, tokenizer
+
+
+def cached_figures(namespace: str, key: str, compute: Callable[[], dict]) -> dict:
+    """The teacher's evaluation figures stored as ``teacher_figures-<key>.json`` in the
+    teacher's cache ``namespace`` directory (beside its cached outputs): read back when there
+    (marked ``figures_source: cached (...)``), else ``compute()``d and written atomically. An
+    unreadable file is measured again and overwritten. The caller's ``key`` names everything
+    the figures depend on (the evaluation data's contents, settings, threads)."""
+    import json
+
+    from distilkit.files import atomic_write_json
+
+    path = os.path.join(namespace, f"teacher_figures-{key[:24]}.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return {**json.load(f), "figures_source": f"cached ({path})"}
+        except (OSError, ValueError):
+            pass  # unreadable: measure again, and overwrite it
+    figures = compute()
+    atomic_write_json(path, figures)
+    return figures

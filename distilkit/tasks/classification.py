@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from distilkit.loss_terms import cached_outputs_needed, needs_live_teacher
-from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
-                                  ratios)
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, cached_figures,
+                                  check_max_length, ratios)
 
 FIGURES_VERSION = 1
 
@@ -327,24 +327,13 @@ def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
     JSON file per key in the namespace directory, beside the cached outputs."""
     import torch
 
-    from distilkit.files import atomic_write_json
-
     spec = recipe.data
     h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
     for c in (spec.text_column, spec.text_pair_column, spec.label_column):
         if c:
             h.update(f"{c}:".encode())
             h.update(json.dumps(list(split_ds[c]), default=str).encode())
-    path = os.path.join(namespace, f"teacher_figures-{h.hexdigest()[:24]}.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                return {**json.load(f), "figures_source": f"cached ({path})"}
-        except (OSError, ValueError):
-            pass  # unreadable: measure again, and overwrite it
-    figures = compute()
-    atomic_write_json(path, figures)
-    return figures
+    return cached_figures(namespace, h.hexdigest(), compute)
 
 
 class LabelMapped(nn.Module):

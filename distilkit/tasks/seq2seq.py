@@ -25,8 +25,8 @@ import os
 import sys
 from typing import Optional
 
-from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, check_max_length,
-                                  ratios)
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, cached_figures,
+                                  check_max_length, ratios)
 
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
 FIGURES_VERSION = 1
@@ -316,19 +316,8 @@ def _cached_teacher_figures(namespace: str, split_ds, common: dict, compute) -> 
 
     import torch
 
-    from distilkit.files import atomic_write_json
-
     h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
     h.update(json.dumps({k: v for k, v in common.items()}, sort_keys=True, default=str).encode())
     for c in (common["source_column"], common["target_column"]):
         h.update(json.dumps(list(split_ds[c]), default=str).encode())
-    path = os.path.join(namespace, f"teacher_figures-{h.hexdigest()[:24]}.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                return {**json.load(f), "figures_source": f"cached ({path})"}
-        except (OSError, ValueError):
-            pass  # unreadable: measure again, and overwrite it
-    figures = compute()
-    atomic_write_json(path, figures)
-    return figures
+    return cached_figures(namespace, h.hexdigest(), compute)
