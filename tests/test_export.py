@@ -263,3 +263,59 @@ def test_int8_export_prints_no_onnxruntime_advice(tmp_path, capfd, caplog):
     captured = capfd.readouterr()
     assert "pre-processing" not in captured.err + captured.out + caplog.text
     assert logging.getLogger().level == level
+
+
+def _op_types(path):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_int8_is_made_from_the_fused_graph_with_per_channel_scales(tmp_path):
+    """An encoder's int8 file comes from onnxruntime's fused graph (QAttention, fused layer
+    norms), checked first against PyTorch; head-pruned layers are fused as far as the check
+    allows."""
+    res = ex.export_onnx(student(tmp_path, "plain"), str(tmp_path / "plain"), int8=True,
+                         check_data=TEXTS)
+    assert res["files"]["int8"]["graph"] == "fused" and res["files"]["int8"]["per_channel"]
+    ops = _op_types(tmp_path / "plain" / "model_int8.onnx")
+    assert {"QAttention", "SkipLayerNormalization"} <= ops
+    assert "QAttention" not in _op_types(tmp_path / "plain" / "model.onnx")  # fp32 as traced
+    assert not (tmp_path / "plain" / ".fused.onnx").exists()
+    res = ex.export_onnx(student(tmp_path, "prune_heads"), str(tmp_path / "heads"), int8=True,
+                         check_data=TEXTS)
+    # (these tiny layers' own head counts happen to fuse; MiniLM's 50%-pruned ones do not,
+    # and keep the other fusions: docs/RESULTS.md #15)
+    assert res["files"]["int8"]["graph"] in ("fused", "fused except attention")
+    assert "SkipLayerNormalization" in _op_types(tmp_path / "heads" / "model_int8.onnx")
+
+
+def test_a_fused_graph_that_is_wrong_is_not_quantized(tmp_path, monkeypatch):
+    """Was possible: a fusion that changes the function would have been quantized silently.
+    The fused graph is checked like an export and, when it differs, the traced graph is used."""
+    import distilkit.export.int8 as i8
+
+    real = i8.fused_graph
+
+    def wrong(model, wrapper, *a, **k):
+        class Off(torch.nn.Module):  # the model's logits shifted: another function
+            def __init__(self, m):
+                super().__init__()
+                self.m = wrapper(m)
+
+            def forward(self, *x):
+                return self.m(*x) + 1.0
+        return real(model, Off, *a, **k)
+    monkeypatch.setattr(i8, "fused_graph", wrong)
+    res = ex.export_onnx(student(tmp_path, "plain"), str(tmp_path / "o"), int8=True,
+                         check_data=TEXTS)
+    assert res["files"]["int8"]["graph"] == "traced"
+    assert res["files"]["int8"]["argmax_agreement"] >= 0.75
+    # only the attention fusion wrong: the graph with the other fusions is used
+    def wrong_attention(model, wrapper, example, names, axes, path, attention=True):
+        return (wrong if attention else real)(model, wrapper, example, names, axes, path,
+                                              attention)
+    monkeypatch.setattr(i8, "fused_graph", wrong_attention)
+    res = ex.export_onnx(student(tmp_path, "plain"), str(tmp_path / "o2"), int8=True,
+                         check_data=TEXTS)
+    assert res["files"]["int8"]["graph"] == "fused except attention"

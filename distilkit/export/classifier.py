@@ -38,7 +38,7 @@ from torch import nn
 
 from distilkit.evaluate import find_model_dir
 from distilkit.export.runtime import (FP32_FILE, INT8_FILE, NBITS_FILE, OPSET, REPORT_FILE,
-                                      quantize_int8, require_onnx, session)
+                                      require_onnx, session)
 
 TOLERANCE = 1e-4
 # Sentences of the kind the built-in sentiment data holds, of different lengths.
@@ -225,6 +225,17 @@ def _check_failed(model_dir: str, what: str, check: dict, tolerance: float) -> O
             f"{check['argmax_agreement']:.3f} < 1); nothing was written")
 
 
+def _fused_ok(path: str, model: nn.Module, names, batches, tolerance: float) -> bool:
+    """Whether the fused graph at ``path`` loads and computes the model's function. A layout
+    the optimizer mis-fuses (e.g. layers with their own head counts after head pruning, given
+    one count) fails to load or to match, and the traced graph is quantized instead."""
+    try:
+        check = compare(session(path), model, names, batches)
+    except Exception:  # onnxruntime refuses the graph: its own error type, not ours to name
+        return False
+    return _check_failed("", "", check, tolerance) is None
+
+
 def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
                       four_bit: bool = False, check_data: Optional[Sequence] = None,
                       tolerance: float = TOLERANCE) -> dict:
@@ -287,9 +298,22 @@ def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool 
             raise RuntimeError(failed)
         files = {"fp32": {"file": FP32_FILE, "bytes": os.path.getsize(fp32), **check}}
         if int8:
+            from distilkit.export.int8 import fused_graph, int8_from, remove
+
             q = os.path.join(tmp, INT8_FILE)
-            quantize_int8(fp32, q)
+            src, graph, fused = fp32, "traced", None
+            if isinstance(module, _LogitsOnly):  # an encoder: the fused graphs, best first
+                for attention, label in ((True, "fused"), (False, "fused except attention")):
+                    fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names,
+                                        axes, os.path.join(tmp, ".fused.onnx"), attention)
+                    if fused and _fused_ok(fused, model, names, batches, tolerance):
+                        src, graph = fused, label
+                        break
+            encoder = isinstance(module, _LogitsOnly)
+            int8_from(src, q, per_channel=encoder)
+            remove(fused)
             files["int8"] = {"file": INT8_FILE, "bytes": os.path.getsize(q),
+                             "graph": graph, "per_channel": encoder,
                              **compare(session(q), model, names, batches)}
         if four_bit:
             from distilkit.export.nbits import export_four_bit

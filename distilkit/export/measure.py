@@ -52,9 +52,10 @@ class OrtClassifier(nn.Module):
     ``input_ids_b`` / ``attention_mask_b`` too); an input the graph takes but the batch lacks
     is filled as the tokenizer would: zeros for ``token_type_ids``, ones for a mask."""
 
-    def __init__(self, path: str, config: Any, threads: Optional[int] = None):
+    def __init__(self, path: str, config: Any, threads: Optional[int] = None,
+                 spin: bool = True):
         super().__init__()
-        self.session = session(path, threads)
+        self.session = session(path, threads, spin=spin)
         self.names = [i.name for i in self.session.get_inputs()]
         self.config = config
 

@@ -20,20 +20,26 @@ def require_onnx():
     return onnxruntime
 
 
-def session(path: str, threads: Optional[int] = None):
+def session(path: str, threads: Optional[int] = None, spin: bool = True):
     """A CPU inference session on ``path`` (``threads`` intra-op threads, else onnxruntime's
-    default), with onnxruntime's own log quiet below errors."""
+    default), with onnxruntime's own log quiet below errors. ``spin=False`` stops its worker
+    threads from busy-waiting after each run: onnxruntime's default, good for a server, but a
+    PyTorch model timed right after it would share the cores with those spinning threads and
+    look slower than it is, so side-by-side timings turn it off."""
     ort = require_onnx()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def quantize_int8(src: str, dst: str) -> None:
+def quantize_int8(src: str, dst: str, per_channel: bool = False) -> None:
     """onnxruntime's dynamic int8 quantization of the graph ``src`` into ``dst``: weights
-    int8, activations quantized per call (uint8), the scheme every ``--int8`` file uses.
+    int8 (one scale per tensor, or per output channel), activations quantized per call
+    (uint8), the scheme every ``--int8`` file uses.
     Its advice to run onnxruntime's pre-processing first (a root-logger warning on every call)
     is silenced: the graphs distilkit exports carry their shapes already."""
     import logging
@@ -45,6 +51,9 @@ def quantize_int8(src: str, dst: str) -> None:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        # DefaultTensorType: the types of fused contrib ops' outputs, which onnx's shape
+        # inference does not know, are float.
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=per_channel,
+                         extra_options={"DefaultTensorType": 1})
     finally:
         root.setLevel(level)
