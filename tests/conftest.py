@@ -127,3 +127,16 @@ def tiny_task(tmp_path):
             w.writerows(tiny_sentences(n, seed))
         files[split] = str(p)
     return {"teacher": str(tmp_path / "teacher"), "data_files": files, "tmp": tmp_path}
+
+
+class ForbiddenTeacher(torch.nn.Module):
+    """A 'teacher' that fails the test if it is ever run (``why``: what should have made
+    running it unnecessary)."""
+
+    def __init__(self, config, why="no loss term needs it"):
+        super().__init__()
+        self.config, self.why = config, why
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, **kw):
+        raise AssertionError(f"the teacher was run although {self.why}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_bart, tiny_marian, tiny_t5
+from conftest import ForbiddenTeacher, tiny_bart, tiny_marian, tiny_t5
 from distilkit import losses as L
 from distilkit.config import DistilConfig
 from distilkit.seq2seq.data import (Seq2SeqCollator, strip_case_and_punct, tokenize_seq2seq)
@@ -242,16 +242,6 @@ def test_sequence_kd_through_the_cache(tok, tmp_path):
     assert len(both) == 2 * len(raw)
 
 
-class _Forbidden(nn.Module):
-    """A 'teacher' that fails if it is ever run."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.w = nn.Parameter(torch.zeros(1))
-
-    def forward(self, **kw):
-        raise AssertionError("the teacher was run although no loss term needs it")
 
 
 def test_student_trains_on_teacher_generations(tok, tmp_path):
@@ -263,7 +253,7 @@ def test_student_trains_on_teacher_generations(tok, tmp_path):
     student = student_from_teacher(teacher, num_decoder_layers=1)
     collate = Seq2SeqCollator(pad_token_id=tok.pad_token_id)
     # Sequence-level KD alone: cross-entropy on the generations, the teacher is never run.
-    tr = DistilTrainer(model=student, teacher_model=_Forbidden(teacher.config), train_dataset=ds,
+    tr = DistilTrainer(model=student, teacher_model=ForbiddenTeacher(teacher.config), train_dataset=ds,
                        data_collator=collate, args=_args(tmp_path, alpha_kd=0.0, alpha_ce=1.0))
     tr.train()
     assert any("loss_ce" in h for h in tr.state.log_history)

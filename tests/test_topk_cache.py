@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_bart, tiny_t5
+from conftest import ForbiddenTeacher, tiny_bart, tiny_t5
 from distilkit import losses as L
 from distilkit.config import DistilConfig
 from distilkit.loss_terms import TOPK_COLUMNS
@@ -269,14 +269,6 @@ def test_values_do_not_depend_on_batching(tmp_path):
 
 
 # ------------------------------------------------------------------ the trainer
-class _Forbidden(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.w = nn.Parameter(torch.zeros(1))
-
-    def forward(self, **kw):
-        raise AssertionError("the teacher was run although its top-k outputs are cached")
 
 
 def _no_dropout(model):
@@ -309,7 +301,8 @@ def test_trainer_reads_the_cache_instead_of_the_teacher(family, tmp_path):
                                 progress=False)
         batch = collate([cached_ds[i] for i in range(5)])
         assert batch[TOPK_COLUMNS["ids"]].shape == (*plain["labels"].shape, k)
-        tr = DistilTrainer(model=student, teacher_model=_Forbidden(teacher.config),
+        forbidden = ForbiddenTeacher(teacher.config, "its top-k outputs are cached")
+        tr = DistilTrainer(model=student, teacher_model=forbidden,
                            train_dataset=cached_ds, args=args)
         got = tr.compute_loss(student, dict(batch))
         assert torch.isfinite(got)
