@@ -260,7 +260,10 @@ def plan(recipe: Recipe) -> dict:
     feat = raw[spec.train_split].features.get(label) if label else None
     return {
         "name": recipe.keys.name, "task": task.name, "teacher": teacher, "student": student_plan,
-        "data": {split: len(d) for split, d in raw.items()},
+        # A streamed training split is not counted: only its first rows were read.
+        "data": {split: (f"streamed (first {len(d):,} rows read to check it)"
+                         if spec.streaming and split == spec.train_split else len(d))
+                 for split, d in raw.items()},
         "labels": list(getattr(feat, "names", None) or []) or None,
         "steps": steps, "examples_per_step": per_step,
         "compression": comp, "output_dir": args.output_dir,
@@ -313,7 +316,8 @@ def format_plan(p: dict) -> str:
     else:
         lines.append(f"student  {json.dumps(s['spec'], sort_keys=True)}: built from the teacher "
                      "once it is fine-tuned")
-    lines += ["data     " + ", ".join(f"{k}: {v:,}" for k, v in p["data"].items()),
+    lines += ["data     " + ", ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v}"
+                                      for k, v in p["data"].items()),
              f"labels   {p['labels'] if p['labels'] else '(as in the data)'}",
              f"training {p['steps']:,} steps of {p['examples_per_step']} examples",
              "compress " + (" -> ".join(c["method"] for c in p["compression"]) or "none"),

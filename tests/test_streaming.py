@@ -191,3 +191,13 @@ def test_a_dataset_directory_streams_like_a_hub_dataset(stream_task):
 def test_streaming_is_refused_for_seq2seq():
     with pytest.raises(ValueError, match="streaming: true applies to task: classification"):
         load_raw(DataSpec(streaming=True))
+
+
+def test_the_dry_run_does_not_count_the_stream_as_its_first_rows(stream_task, capsys):
+    """Was: the dry run printed the rows read up front (64 here) as the training split's size."""
+    path, out = _recipe(stream_task)
+    assert main(["distill", path, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "train: streamed (first 64 rows read to check it)" in printed
+    assert "validation: 16" in printed and "6 steps of 8 examples" in printed
+    assert not os.path.exists(out)
