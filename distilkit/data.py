@@ -370,7 +370,7 @@ def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str 
         keep = []
         for j, i in enumerate(idx):
             bad = [(fname, f"{c!r} is empty, missing or not text") for fname, c in texts
-                   if not (isinstance(batch[c][j], str) and batch[c][j].strip())]
+                   if _bad_text_cell(batch[c][j])]
             if col:
                 v = batch[col][j]
                 if _missing_label(v) or (own is not None and v < 0):
@@ -488,9 +488,15 @@ def _bad_text(d, col: str, fname: str, where: str) -> "np.ndarray":
         bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_trim_whitespace(arr), ""))
         return bad.fill_null(True).to_numpy(zero_copy_only=False)
     if isinstance(feat, Json):  # mixed cell types (json files): keep the strings
-        return np.array([not (isinstance(v, str) and v.strip()) for v in d[col]], dtype=bool)
+        return np.array([_bad_text_cell(v) for v in d[col]], dtype=bool)
     raise ValueError(f"{fname}: column {col!r} of {where} holds {feat}, not text; set {fname} "
                      f"to the column with the text (the columns are {d.column_names})")
+
+
+def _bad_text_cell(v) -> bool:
+    """One cell that cannot be used as text: missing, not a string, or only spaces (the rule
+    :func:`_bad_text` applies column-wise, for a row read from a stream)."""
+    return not (isinstance(v, str) and v.strip())
 
 
 def _missing_label(v) -> bool:

@@ -33,7 +33,7 @@ from distilkit.compress.base import unwrap
 from distilkit.config import DistilConfig, resolve_layer_map, teacher_torch_dtype
 from distilkit.device import model_device, to_device
 from distilkit.loss_terms import (COUNTS, TOPK_COLUMNS, TOPK_SERVES, Step, active_terms,
-                                  projection_key, teacher_needs)
+                                  projection_key, teacher_needs, topk_unserved)
 from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN
 from distilkit.teachers import load_teacher
 
@@ -353,7 +353,7 @@ class DistilTrainer(Trainer):
         has_cls = COLUMN["cls_hidden"] in cached
         # A top-k token cache holds no full logits: it serves the soft-target KL alone.
         topk = (not has_logits and TOPK_COLUMNS["ids"] in cached
-                and all(t.name in TOPK_SERVES for t in active_terms(self.args) if t.needs))
+                and not topk_unserved(self.args))
         live = ("token_states" in needs or ("logits" in needs and not (has_logits or topk))
                 or ("hidden_states" in needs and not has_cls))
         if not live and topk:

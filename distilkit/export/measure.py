@@ -193,7 +193,9 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
         models[name] = OrtClassifier(path, reference.config, threads)
         files[name], sizes[name] = file, os.path.getsize(path)
     if label_names:
-        models = {k: _in_data_order(m, list(label_names)) for k, m in models.items()}
+        from distilkit.tasks.classification import in_data_order
+
+        models = {k: in_data_order(m, list(label_names)) for k, m in models.items()}
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -356,15 +358,6 @@ def evaluate_seq2seq_export(export_dir: str, dataset, *, source_column: str = "s
                             if latency else None,
         "runtimes": runtimes,
     }
-
-
-def _in_data_order(model: nn.Module, names: list) -> nn.Module:
-    """``model`` answering in the data's class order (by name), or itself when it already does."""
-    from distilkit.data import match_teacher_labels
-    from distilkit.tasks.classification import LabelMapped
-
-    index = match_teacher_labels(names, model.config.id2label)
-    return model if index == list(range(model.config.num_labels)) else LabelMapped(model, index, names)
 
 
 def format_runtimes(res: dict) -> str:

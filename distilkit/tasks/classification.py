@@ -297,7 +297,7 @@ class ClassificationTask(Task):
         from transformers import AutoTokenizer
 
         from distilkit.compress.base import load_compressed
-        from distilkit.data import label_names, load_raw, match_teacher_labels
+        from distilkit.data import label_names, load_raw
         from distilkit.evaluate import evaluate_model
 
         max_length = max_length or (recipe.keys.max_length if recipe else None) or 128
@@ -308,9 +308,7 @@ class ClassificationTask(Task):
         model = load_compressed(model_dir)
         names = label_names(raw, spec)
         if names:  # the model's answers read in the data's label order, by name
-            index = match_teacher_labels(names, model.config.id2label)
-            if index != list(range(model.config.num_labels)):
-                model = LabelMapped(model, index, names)
+            model = in_data_order(model, names)
         res = evaluate_model(model, AutoTokenizer.from_pretrained(model_dir),
                              raw[split], text_column=spec.text_column,
                              text_pair_column=spec.text_pair_column,
@@ -334,6 +332,16 @@ def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
             h.update(f"{c}:".encode())
             h.update(json.dumps(list(split_ds[c]), default=str).encode())
     return cached_figures(namespace, h.hexdigest(), compute)
+
+
+def in_data_order(model: nn.Module, names: list) -> nn.Module:
+    """``model`` answering in the data's class order (matched by name), or itself when it
+    already does."""
+    from distilkit.data import match_teacher_labels
+
+    index = match_teacher_labels(names, model.config.id2label)
+    return model if index == list(range(model.config.num_labels)) else \
+        LabelMapped(model, index, names)
 
 
 class LabelMapped(nn.Module):
