@@ -283,9 +283,13 @@ class Recipe:
         if not isinstance(k.compression, list):
             raise ValueError(f"compression: must be a list of {{method: NAME, ...}} entries, got {k.compression!r}")
         if k.compression:
+            from distilkit.budget import split_auto
             from distilkit.compress.base import check_order, config_from_dict
-            # Each entry raises naming the method or field; then an order that cannot work.
-            check_order([config_from_dict(entry) for entry in k.compression])
+            # A leading {method: auto, target: ...} is the budget search's (distilkit.budget);
+            # each other entry raises naming the method or field; then an order that cannot work.
+            _, rest = split_auto(k.compression, k.max_length, k.task, k.student,
+                                 self.data.streaming)
+            check_order([config_from_dict(entry) for entry in rest])
         if k.compression and isinstance(k.student, dict) and k.student.get("lora") \
                 and not k.save_merged_adapter:
             raise ValueError("save_merged_adapter: false keeps the LoRA adapter unmerged, but "

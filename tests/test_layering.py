@@ -14,7 +14,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "distilkit")
 STACK = [
     ["files", "device", "metrics", "losses", "shard_store", "values", "sharding"],
     ["loss_terms", "modeling", "collate", "students.word_vocab", "students.bilstm"],
-    ["config"],
+    ["config", "budget"],
     ["data"],
     ["compress"],
     ["kernels", "students", "teachers"],

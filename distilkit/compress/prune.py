@@ -16,7 +16,8 @@ Three methods, each physical (weights are removed, not masked) and each reloadab
     importance (a gate on each layer's residual branch). A stack is never emptied.
 ``prune_ffn``
     Remove intermediate FFN neurons (rows of the up projection, columns of the down
-    projection), by gradient importance or L1 norm (Li et al. 2017), globally or per layer.
+    projection), by gradient importance or L1 norm (Li et al. 2017), globally or per layer;
+    or name them with ``neurons={ffn: [neuron, ...]}`` (what the budget search writes).
 
 What is removed is recorded (heads kept per block, layers kept per stack, neurons kept per
 FFN), and ``restore`` replays the same surgery on a freshly built model before its tensors
@@ -344,6 +345,9 @@ class PruneFFNConfig:
         "help": "Fraction of intermediate neurons to remove, in [0, 1)."})
     count: Optional[int] = field(default=None, metadata={
         "help": "Number of neurons to remove (in total for 'global', per FFN for 'per_layer')."})
+    neurons: Optional[dict] = field(default=None, metadata={
+        "help": "Explicit neurons to remove: {ffn: [neuron, ...]}, ffn = index into the FFN "
+                "blocks (layer by layer) or its module name (what the budget search writes)."})
     scope: str = field(default="per_layer", metadata={"help": "'global' or 'per_layer'."})
     importance: str = field(default="auto", metadata={
         "help": "'gradient' (gate on each neuron; needs a data loader), 'l1' (L1 norm of the "
@@ -353,7 +357,7 @@ class PruneFFNConfig:
     exclude: list = field(default_factory=list, metadata={"help": "Globs to leave alone."})
 
     def __post_init__(self):
-        _check_amount("prune_ffn", self.fraction, self.count)
+        _check_amount("prune_ffn", self.fraction, self.count, self.neurons, "neurons")
         _check_choice("prune_ffn", "scope", self.scope, ("global", "per_layer"))
         _check_choice("prune_ffn", "importance", self.importance, ("auto", "gradient", "l1"))
 
@@ -377,17 +381,30 @@ class PruneFFN(Method):
         blocks = {b.name: b for b in adapter.ffn_blocks()}
         names = _filter(list(blocks), cfg.include, cfg.exclude, "prune_ffn.include")
         before = sum(p.numel() for p in model.parameters())
-        kind = _importance_kind(cfg.importance, ctx, "l1")
-        scores = ffn_importance(adapter, ctx, kind)
-        scores = {n: scores[n] for n in names}
-        remove = lowest_in_scope(scores, cfg.scope, cfg.fraction, cfg.count, "neurons")
+        width = {n: model.get_submodule(blocks[n].down).in_features for n in names}
+        if cfg.neurons is not None:
+            kind = "explicit"
+            given = _resolve_keys(cfg.neurons, list(blocks), "prune_ffn", "FFN")
+            remove = {n: sorted(set(int(i) for i in given.get(n, []))) for n in names}
+            for n in names:  # everything checked before anything is cut
+                bad = [i for i in remove[n] if not 0 <= i < width[n]]
+                if bad:
+                    raise ValueError(f"prune_ffn: {n} has neurons 0..{width[n] - 1}; got {bad[:8]}")
+                if len(remove[n]) >= width[n]:
+                    raise ValueError(f"prune_ffn: removing every one of the {width[n]} neurons of "
+                                     f"{n} is refused; keep some, or drop the layer with "
+                                     "prune_layers")
+        else:
+            kind = _importance_kind(cfg.importance, ctx, "l1")
+            scores = ffn_importance(adapter, ctx, kind)
+            scores = {n: scores[n] for n in names}
+            remove = lowest_in_scope(scores, cfg.scope, cfg.fraction, cfg.count, "neurons")
         adapter.check_sliceable([x for n in names if remove[n]
                                  for x in (*blocks[n].up, blocks[n].down)], self.name)
         kept = {}
         for n in names:
             gone = set(remove[n])
-            keep = torch.tensor([i for i in range(len(scores[n])) if i not in gone],
-                                dtype=torch.long)
+            keep = torch.tensor([i for i in range(width[n]) if i not in gone], dtype=torch.long)
             _keep_neurons(model, blocks[n], keep)
             kept[n] = len(keep)
         return {"importance": kind, "neurons_kept": kept,

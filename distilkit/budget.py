@@ -1,0 +1,233 @@
+"""Compression to a budget: the recipe's ``{method: auto, target: {...}}`` entry, validated.
+
+``compression: [{method: auto, target: {speedup: 4}, ...}]`` asks the search
+(:mod:`distilkit.search.netadapt`) for the student structure (attention heads, FFN neurons,
+layers) that meets one target, measured in one runtime at one batch size and length. This
+module is the entry's config and its checks, which need neither models nor data, so that
+:mod:`distilkit.recipe` refuses a bad entry in one line before any work:
+
+* exactly one target: ``latency_ms`` (the student's measured latency), ``speedup`` (the
+  teacher's latency / the student's, both measured in the same runtime spec), ``size_mb``
+  (fp32 weights, 4 bytes per parameter) or ``parameters``;
+* the runtime spec: ``runtime`` (pytorch, onnx, onnx_int8), ``batch``, ``seq_len`` (default:
+  the recipe's ``max_length``), ``threads`` (0: as many as torch uses);
+* the search settings: ``step_fraction`` (NetAdapt's per-step cut of the current figure),
+  ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
+  unit may go), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
+  ``eval_examples`` (validation examples scored after each step), ``importance_batches``.
+
+``auto`` must be the first compression entry, and only non-structural methods (quantize,
+ptq, prune_vocab, magnitude) may follow it: the search decides the structure, and a
+structural method after it would change what it measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from distilkit.values import coerce
+
+AUTO = "auto"
+TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
+# The runtimes a latency target is measured in (distilkit.search.latency.RUNTIMES, which sits
+# far above this module; tests/test_search.py checks that the two agree).
+RUNTIMES = ("pytorch", "onnx", "onnx_int8")
+UNITS = ("heads", "ffn", "layers")
+# Methods that change the shapes the search chose and measured: not allowed after ``auto``.
+STRUCTURAL = ("prune_heads", "prune_ffn", "prune_layers", "low_rank", "lstm_projection")
+LATENCY_TARGETS = ("latency_ms", "speedup")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """A validated ``{method: auto, ...}`` entry (module docstring)."""
+
+    target: str = field(metadata={"help": "latency_ms, speedup, size_mb or parameters"})
+    value: float = field(metadata={"help": "the target's figure"})
+    runtime: str = field(default="pytorch", metadata={
+        "help": "where latency is measured: pytorch, onnx (ONNX Runtime fp32), onnx_int8"})
+    batch: int = field(default=32, metadata={"help": "batch size latency is measured at"})
+    seq_len: Optional[int] = field(default=None, metadata={
+        "help": "sequence length latency is measured at (default: the recipe's max_length)"})
+    threads: int = field(default=0, metadata={
+        "help": "intra-op threads latency is measured with (0: torch's current count)"})
+    step_fraction: float = field(default=0.1, metadata={
+        "help": "each step removes units worth this fraction of the current figure (NetAdapt)"})
+    steps_between: int = field(default=30, metadata={
+        "help": "distillation steps after each step (0: none)"})
+    units: tuple = field(default=UNITS, metadata={"help": "kinds of unit that may be removed"})
+    ffn_block: int = field(default=64, metadata={"help": "FFN neurons removed together"})
+    max_iterations: int = field(default=40, metadata={"help": "at most this many steps"})
+    eval_examples: int = field(default=256, metadata={
+        "help": "validation examples scored after each step (0: none)"})
+    importance_batches: int = field(default=8, metadata={
+        "help": "training batches the gradient importance of each step is averaged over"})
+
+    @property
+    def latency(self) -> bool:
+        """Whether the target is a measured latency (else a size, computed exactly)."""
+        return self.target in LATENCY_TARGETS
+
+    def label(self) -> str:
+        """A short name of the target, e.g. ``speedup_4`` (the directory ``distilkit search``
+        writes it to)."""
+        v = int(self.value) if float(self.value).is_integer() else self.value
+        return f"{self.target}_{v}"
+
+    def describe(self) -> str:
+        """The target and where it is measured, for the dry run and the logs."""
+        what = {"latency_ms": f"latency <= {self.value:g} ms",
+                "speedup": f"speed-up >= {self.value:g}x over the teacher",
+                "size_mb": f"size <= {self.value:g} MB (fp32 weights)",
+                "parameters": f"parameters <= {int(self.value):,}"}[self.target]
+        if self.latency:
+            what += (f" ({self.runtime}, batch {self.batch}, length {self.seq_len}, "
+                     f"{self.threads or 'torch default'} threads)")
+        return what
+
+    def to_entry(self) -> dict:
+        """Back to the recipe entry this config was read from (every setting resolved)."""
+        d = dataclasses.asdict(self)
+        target = {d.pop("target"): d.pop("value")}
+        return {"method": AUTO, "target": target, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in d.items()}}
+
+
+_SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("target", "value")]
+KEYS = ("method", "target", *(f.name for f in _SETTINGS))
+_TYPES = {"runtime": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
+          "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
+          "importance_batches": int}
+
+
+def _where(i: int) -> str:
+    return f"compression[{i}] (auto)"
+
+
+def _unknown(where: str, key: Any, valid, noun: str = "key") -> ValueError:
+    close = difflib.get_close_matches(str(key), list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"{where}: unknown {noun} {key!r}{hint} (valid {noun}s: {', '.join(valid)})")
+
+
+def _target(where: str, value: Any) -> tuple[str, float]:
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: target: {value!r} must be a mapping with one of "
+                         f"{', '.join(TARGETS)}, e.g. target: {{speedup: 4}}")
+    for k in value:
+        if k not in TARGETS:
+            raise _unknown(f"{where}: target", k, TARGETS, "target")
+    if len(value) != 1:
+        raise ValueError(f"{where}: target: give exactly one of {', '.join(TARGETS)}, got "
+                         f"{', '.join(value)}; search for one budget at a time (distilkit "
+                         "search --target ... runs several)")
+    (kind, raw), = value.items()
+    num = coerce(f"{where}: target.{kind}", raw, int if kind == "parameters" else float)
+    if isinstance(num, bool) or not isinstance(num, (int, float)) or not num > 0 \
+            or not math.isfinite(num):
+        raise ValueError(f"{where}: target.{kind}: {raw!r} must be a number > 0 "
+                         + {"latency_ms": "(milliseconds per batch), e.g. 20",
+                            "speedup": "(teacher latency / student latency), e.g. 4",
+                            "size_mb": "(megabytes of fp32 weights), e.g. 30",
+                            "parameters": "(a whole number), e.g. 10000000"}[kind])
+    return kind, num
+
+
+def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetConfig:
+    """The :class:`BudgetConfig` of a recipe's ``{method: auto, ...}`` entry (the
+    ``index``-th compression entry), every value of its type, or one ValueError naming the
+    key, the value and the fix."""
+    where = _where(index)
+    for k in entry:
+        if k not in KEYS:
+            raise _unknown(where, k, KEYS)
+    if "target" not in entry:
+        raise ValueError(f"{where}: needs a target: one of {', '.join(TARGETS)}, e.g. "
+                         "{method: auto, target: {speedup: 4}}")
+    kind, value = _target(where, entry["target"])
+    kw: dict = {}
+    for f in _SETTINGS:
+        if f.name not in entry:
+            continue
+        v = entry[f.name]
+        if f.name == "units":
+            kw["units"] = _units(where, v)
+            continue
+        v = coerce(f"{where}: {f.name}", v, _TYPES[f.name])
+        if isinstance(v, bool):
+            raise ValueError(f"{where}: {f.name}: {v!r} must be a number")
+        kw[f.name] = v
+    b = BudgetConfig(target=kind, value=value, **kw)
+    if b.runtime not in RUNTIMES:
+        close = difflib.get_close_matches(str(b.runtime), RUNTIMES, n=1)
+        raise ValueError(f"{where}: runtime: {b.runtime!r} is not a runtime; use one of "
+                         f"{', '.join(RUNTIMES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),
+                      ("steps_between", 0), ("threads", 0), ("eval_examples", 0),
+                      ("importance_batches", 1)):
+        v = getattr(b, name)
+        if v is not None and v < low:
+            raise ValueError(f"{where}: {name}: {v!r} must be a whole number >= {low}")
+    if not 0 < b.step_fraction < 1:
+        raise ValueError(f"{where}: step_fraction: {b.step_fraction!r} must be in (0, 1): the "
+                         "share of the current figure each step removes, e.g. 0.1")
+    return dataclasses.replace(b, seq_len=b.seq_len or max_length)
+
+
+def _units(where: str, value: Any) -> tuple:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"{where}: units: {value!r} must be a non-empty list of "
+                         f"{', '.join(UNITS)}")
+    for u in items:
+        if u not in UNITS:
+            raise _unknown(f"{where}: units", u, UNITS, "unit")
+    return tuple(u for u in UNITS if u in items)  # one canonical order
+
+
+def is_auto(entry: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("method") == AUTO
+
+
+def split_auto(compression: list, max_length: int, task: str = "classification",
+               student: Optional[dict] = None, streaming: bool = False
+               ) -> tuple[Optional[BudgetConfig], list]:
+    """``(budget, the entries after it)`` of a recipe's ``compression:`` list, or ``(None,
+    the whole list)`` without ``auto``; refuses ``auto`` anywhere but first, twice, for a task
+    or student the search does not handle, or followed by a structural method."""
+    autos = [i for i, e in enumerate(compression) if is_auto(e)]
+    if not autos:
+        return None, list(compression)
+    if autos[0] != 0:
+        raise ValueError(f"compression[{autos[0]}]: method auto must be the first compression "
+                         "entry (it chooses the structure the methods after it work on); move "
+                         "it first")
+    if len(autos) > 1:
+        raise ValueError(f"compression[{autos[1]}]: method auto is given twice; keep one")
+    if task != "classification":
+        raise ValueError(f"{_where(0)}: the budget search handles task: classification "
+                         f"(encoder classifiers); task: {task} is not supported yet: give its "
+                         "structure with prune_heads / prune_layers / prune_ffn instead")
+    student = student or {}
+    if student.get("type") == "bilstm" or student.get("lora"):
+        what = "a BiLSTM student" if student.get("type") == "bilstm" else "a LoRA student"
+        raise ValueError(f"{_where(0)}: the budget search prunes a transformer student's heads, "
+                         f"FFN neurons and layers, not {what}; use student: {{type: "
+                         "from_teacher}, config or pretrained, without lora")
+    if streaming:
+        raise ValueError(f"{_where(0)}: the budget search scores and distils on the training "
+                         "split between its steps, which streaming: true never holds; set "
+                         "streaming: false")
+    budget = budget_from_entry(compression[0], max_length, 0)
+    rest = list(compression[1:])
+    for j, e in enumerate(rest, start=1):
+        m = e.get("method") if isinstance(e, dict) else None
+        if m in STRUCTURAL:
+            raise ValueError(f"compression[{j}]: {m} after method auto cannot work: the search "
+                             f"chooses the heads, FFN neurons and layers itself and measures "
+                             f"that structure; remove {m}, or use {m} without auto (only "
+                             "quantize, ptq, prune_vocab or magnitude may follow auto)")
+    return budget, rest
