@@ -26,7 +26,7 @@ STACK = [
     ["hub"],
     ["recipe"],
     ["tasks"],
-    ["pipeline", "evaluate_run", "export"],
+    ["pipeline", "evaluate_run", "export", "search"],
     ["cli", "__main__", "__init__"],
 ]
 LEVEL = {name: i for i, names in enumerate(STACK) for name in names}

@@ -1,0 +1,186 @@
+"""The structure of an encoder classifier as the budget search sees it, and what it weighs.
+
+A :class:`Structure` is what structured pruning can change: per kept encoder layer, the
+attention heads and FFN neurons it keeps, and the rows of the word-embedding table. A
+:class:`BaseShape` is what it cannot: the unpruned widths of the model family, read from the
+config (pruning heads or neurons leaves the config's counts as they were; dropping layers
+changes only the depth, which a Structure holds). Latency tables are keyed by the BaseShape.
+
+Parameters are counted, not estimated: a kept layer with ``h`` heads of width ``d`` and ``f``
+FFN neurons in a model of width ``H`` holds
+
+* attention: Q, K, V (``H x hd`` weights and ``hd`` biases each), the output projection
+  (``hd x H`` and ``H``) and its LayerNorm (``2 H``);
+* FFN: the up projection (``H x f`` and ``f``), the down projection (``f x H`` and ``H``) and
+  its LayerNorm (``2 H``),
+
+the same for every family the :class:`~distilkit.compress.families.FamilyAdapter` knows
+(BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT), and everything outside the layers is the word
+table (``vocab x embed_dim``) plus ``other_params``: position and token-type tables, the
+embedding LayerNorm (and ELECTRA's projection), the pooler and the classifier head, read off
+the model once (:func:`base_shape_of`), so that each family's own head is counted exactly.
+:func:`parameters` therefore equals ``sum(p.numel() for p in model.parameters())`` of the
+pruned model (tested). Encoder-decoder models are out of scope here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from torch import nn
+
+from distilkit.compress.families import get_adapter
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Heads and FFN neurons kept per kept encoder layer (in order), and word-table rows.
+
+    Every layer keeps at least one head and one neuron: no supported attention class can
+    express zero heads, and an empty FFN is refused by ``prune_ffn``; a layer with nothing
+    left is a dropped layer (``prune_layers``), i.e. absent from the tuples."""
+
+    heads: tuple[int, ...]
+    ffn: tuple[int, ...]
+    vocab: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        object.__setattr__(self, "ffn", tuple(int(f) for f in self.ffn))
+        if len(self.heads) != len(self.ffn):
+            raise ValueError(f"Structure: heads has {len(self.heads)} layers but ffn has "
+                             f"{len(self.ffn)}; give one entry per kept layer in both")
+        bad = [x for x in self.heads + self.ffn if x < 1]
+        if bad:
+            raise ValueError(f"Structure: heads={self.heads}, ffn={self.ffn}: every kept layer "
+                             "keeps at least 1 head and 1 neuron; drop the layer instead")
+        if int(self.vocab) < 1:
+            raise ValueError(f"Structure: vocab={self.vocab!r} must be a positive row count")
+
+    def num_layers(self) -> int:
+        return len(self.heads)
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """The unpruned shapes of a model (module docstring); ``key()`` identifies a table."""
+
+    family: str          # config.model_type, e.g. "bert"
+    hidden: int
+    num_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int           # config.vocab_size (a vocabulary-pruned and saved model: its kept rows)
+    num_labels: int
+    max_positions: int
+    embed_dim: int = 0   # width of a word-table row; 0: ``hidden`` (ELECTRA may differ)
+    # Parameters outside the layers and the word table; None: BERT's (positions, two token
+    # types, embedding LayerNorm, pooler, classifier).
+    other_params: Optional[int] = None
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d["embed_dim"] = self.row_width()
+        d["other_params"] = self.other()
+        return d
+
+    def row_width(self) -> int:
+        return self.embed_dim or self.hidden
+
+    def other(self) -> int:
+        if self.other_params is not None:
+            return int(self.other_params)
+        h = self.hidden
+        return (self.max_positions + 2) * h + 2 * h + (h * h + h) + (h * self.num_labels
+                                                                    + self.num_labels)
+
+    def full_structure(self, num_layers: int) -> Structure:
+        """``num_layers`` unpruned layers and the whole word table."""
+        return Structure((self.num_heads,) * num_layers, (self.intermediate,) * num_layers,
+                         self.vocab)
+
+
+def _check_encoder(model: nn.Module, what: str) -> None:
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in ENCODER_TYPES or getattr(cfg, "is_encoder_decoder", False) \
+            or getattr(cfg, "add_cross_attention", False):
+        raise ValueError(f"{what}: model_type {model_type!r} ({type(model).__name__}) is not an "
+                         f"encoder classifier of a supported family; supported: "
+                         f"{', '.join(ENCODER_TYPES)} (seq2seq models are out of scope)")
+
+
+def _word_rows(model: nn.Module) -> int:
+    # A vocabulary-pruned model's PrunedEmbedding exposes its kept rows as ``weight``.
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def structure_of(model: nn.Module) -> Structure:
+    """The heads and FFN neurons each encoder layer of ``model`` keeps now, and its word rows."""
+    _check_encoder(model, "structure_of")
+    adapter = get_adapter(model, "structure_of")
+    heads = {b.layer: adapter.num_heads(b) for b in adapter.attention_blocks() if b.kind == "self"}
+    ffn = {b.layer: int(model.get_submodule(b.down).in_features) for b in adapter.ffn_blocks()}
+    layers = adapter.layers()
+    return Structure(tuple(heads[n] for n in layers), tuple(ffn[n] for n in layers),
+                     _word_rows(model))
+
+
+def _cfg(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return int(v)
+    raise ValueError(f"base_shape_of: the config has none of {names}")
+
+
+def base_shape_of(model: nn.Module) -> BaseShape:
+    """The config's (unpruned) shapes of ``model``, and its parameters outside the layers."""
+    _check_encoder(model, "base_shape_of")
+    adapter = get_adapter(model, "base_shape_of")
+    cfg = model.config
+    hidden = _cfg(cfg, "hidden_size", "dim")
+    heads = _cfg(cfg, "num_attention_heads", "n_heads")
+    blocks = [b for b in adapter.attention_blocks() if b.kind == "self"]
+    head_dim = adapter.head_dim(blocks[0]) if blocks else hidden // heads
+    in_layers = {id(p) for s in adapter.stacks()
+                 for p in model.get_submodule(s).parameters()}
+    word = model.get_input_embeddings().weight
+    other = sum(p.numel() for p in model.parameters()
+                if id(p) not in in_layers and p is not word)
+    return BaseShape(family=cfg.model_type, hidden=hidden, num_heads=heads, head_dim=head_dim,
+                     intermediate=_cfg(cfg, "intermediate_size", "hidden_dim"),
+                     vocab=int(cfg.vocab_size), num_labels=int(cfg.num_labels),
+                     max_positions=_cfg(cfg, "max_position_embeddings"),
+                     embed_dim=int(word.shape[1]), other_params=int(other))
+
+
+def attention_parameters(heads: int, shape: BaseShape) -> int:
+    """Q/K/V/O weights and biases of ``heads`` heads, and the attention LayerNorm."""
+    hd, h = heads * shape.head_dim, shape.hidden
+    return 3 * (h * hd + hd) + (hd * h + h) + 2 * h
+
+
+def ffn_parameters(neurons: int, shape: BaseShape) -> int:
+    """Up and down projections of ``neurons`` neurons, with biases, and the FFN LayerNorm."""
+    h = shape.hidden
+    return (h * neurons + neurons) + (neurons * h + h) + 2 * h
+
+
+def parameters(structure: Structure, shape: BaseShape) -> int:
+    """The exact parameter count of a model of ``shape`` pruned to ``structure``."""
+    layers = sum(attention_parameters(a, shape) + ffn_parameters(f, shape)
+                 for a, f in zip(structure.heads, structure.ffn))
+    return layers + structure.vocab * shape.row_width() + shape.other()
+
+
+def size_mb(structure: Structure, shape: BaseShape, bytes_per_param: float = 4.0) -> float:
+    """The saved weights in MB (10^6 bytes) at ``bytes_per_param`` (4: fp32): an estimate of
+    the file, which adds a small header (and, after vocabulary pruning in id-map form, the
+    int32 id map)."""
+    if not bytes_per_param > 0:
+        raise ValueError(f"size_mb: bytes_per_param={bytes_per_param!r} must be positive, "
+                         "e.g. 4.0 for fp32, 1.0 for int8")
+    return parameters(structure, shape) * float(bytes_per_param) / 1e6
