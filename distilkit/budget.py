@@ -88,6 +88,14 @@ class BudgetConfig:
                      f"{self.threads or 'torch default'} threads)")
         return what
 
+    def plan_line(self) -> str:
+        """What the search will do, in one line (``distilkit distill --dry-run``)."""
+        return (f"{self.describe()}: NetAdapt-style steps of {self.step_fraction:g} of the "
+                f"current figure over {', '.join(self.units)}"
+                + (f" (FFN blocks of {self.ffn_block})" if "ffn" in self.units else "")
+                + f", {self.steps_between} distillation steps after each, at most "
+                f"{self.max_iterations} steps; then the training below on the structure found")
+
     def to_entry(self) -> dict:
         """Back to the recipe entry this config was read from (every setting resolved)."""
         d = dataclasses.asdict(self)

@@ -105,6 +105,15 @@ def _finetune_run(args, rest) -> int:
     return 0
 
 
+def _search_run(args, rest) -> int:
+    """``distilkit search RECIPE [--target K=V ...] [--compare RUN_DIR ...] [--field value]``."""
+    from distilkit.search.pareto import run_search_command
+
+    if args.no_progress:
+        _hide_library_progress()
+    return run_search_command(args, _parse_overrides(rest))
+
+
 def _lazy(module: str, name: str) -> Callable:
     """``module.name``, imported when called (each command's own module stays unloaded)."""
     def call(*args, **kwargs):
@@ -125,6 +134,7 @@ COMMANDS: dict[str, tuple[Callable, Callable]] = {
                _lazy("distilkit.export", "run_export")),
     "cache": (_lazy("distilkit.cache_admin", "add_cache_arguments"),
               _lazy("distilkit.cache_admin", "run_cache")),
+    "search": (_lazy("distilkit.search.pareto", "add_search_arguments"), _search_run),
 }
 
 
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("distill", "finetune"):
+    if rest and args.command not in ("distill", "finetune", "search"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[args.command][1](args, rest) or 0

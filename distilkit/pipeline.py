@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -56,45 +57,95 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
                              "or set HF_TOKEN, or set push_to_hub: false")
 
 
-def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
-    """Run one recipe end to end and return its results (also written to ``results.json``)."""
-    from distilkit.card import model_card
-    from distilkit.compress.base import CompressionContext, compress_, config_from_dict, get_method
-    from distilkit.files import atomic_write_text
-    from distilkit.teachers import read_teacher_info
-    from distilkit.trainer import DistilTrainer
+@dataclass
+class RunParts:
+    """A run up to its training, as :func:`prepare_run` leaves it: the task, the training
+    arguments, the data, the teachers, the (uncompressed) student with its tokenizer and what
+    the trainer trains on. The budget search (:mod:`distilkit.search`) starts from these too."""
 
-    t0 = time.time()
+    task: Any
+    args: Any
+    raw: Any
+    teachers: Any
+    student: Any
+    tokenizer: Any
+    prep: Any
+
+    def context(self, max_batches: int = 16, dataset=None, loss_fn=None):
+        """The compression context of the run: importance batches of the training split
+        (or of ``dataset``), scored against the task loss (or ``loss_fn``)."""
+        from distilkit.compress.base import CompressionContext
+
+        ds = self.prep.importance_dataset if dataset is None else dataset
+        return CompressionContext(dataloader=_loader(ds, self.prep.collator,
+                                                     self.args.per_device_train_batch_size),
+                                  loss_fn=loss_fn or (lambda m, b: m(**b).loss),
+                                  max_batches=max_batches, tokenizer=self.tokenizer)
+
+    def trainer(self, student, args=None, callbacks=(), **kwargs):
+        """A :class:`~distilkit.trainer.DistilTrainer` of ``student`` on the run's data, with
+        the run's teacher (none when every term reads cached outputs) and loss."""
+        from distilkit.trainer import DistilTrainer
+
+        teacher_model = None
+        if not self.prep.teacher_cached:
+            models = self.teachers.models()
+            teacher_model = models if len(models) > 1 else models[0]
+        return DistilTrainer(model=student, teacher_model=teacher_model,
+                             teacher_config=self.teachers.config, args=args or self.args,
+                             train_dataset=self.prep.train_dataset,
+                             eval_dataset=self.prep.eval_dataset,
+                             data_collator=self.prep.collator, processing_class=self.tokenizer,
+                             callbacks=list(self.prep.callbacks) + list(callbacks),
+                             compute_metrics=self.prep.compute_metrics, **kwargs)
+
+
+def prepare_run(recipe: Recipe, progress: bool = True, args=None) -> RunParts:
+    """The start of every run: the checks that need no data, then data, teachers, student and
+    training data (teacher outputs attached or cached), in this order."""
     task = get_task(recipe.keys.task)
-    args = recipe.distil_config(disable_tqdm=not progress)
-    comp_cfgs = [config_from_dict(e) for e in recipe.keys.compression]
-    export = export_settings(recipe.keys.export, recipe.keys.compression, recipe.keys.task)
+    args = args if args is not None else recipe.distil_config(disable_tqdm=not progress)
     task.validate(recipe)
     _preflight(recipe, args)
     raw = task.load_data(recipe)
     teachers = task.load_teachers(recipe, raw, progress)
     student, tokenizer = task.build_student(recipe, raw, teachers)
     prep = task.prepare(recipe, args, raw, teachers, student, tokenizer, progress)
+    return RunParts(task, args, raw, teachers, student, tokenizer, prep)
 
-    ctx = CompressionContext(dataloader=_loader(prep.importance_dataset, prep.collator,
-                                                args.per_device_train_batch_size),
-                             loss_fn=lambda m, b: m(**b).loss, max_batches=16,
-                             tokenizer=tokenizer)
-    callbacks = list(prep.callbacks)
+
+def run_recipe(recipe: Recipe, progress: bool = True,
+               extra: Optional[Callable[[str], dict]] = None) -> dict:
+    """Run one recipe end to end and return its results (also written to ``results.json``).
+    A recipe whose compression starts with ``{method: auto, ...}`` is searched first
+    (:func:`distilkit.search.run.search_and_run`). ``extra(student_dir)``, when given, adds its
+    figures of the saved student to the results (and the card)."""
+    from distilkit.budget import is_auto
+
+    if recipe.keys.compression and is_auto(recipe.keys.compression[0]):
+        from distilkit.search.run import search_and_run
+
+        return search_and_run(recipe, progress)
+    from distilkit.card import model_card
+    from distilkit.compress.base import compress_, config_from_dict, get_method
+    from distilkit.files import atomic_write_text
+    from distilkit.teachers import read_teacher_info
+
+    t0 = time.time()
+    args = recipe.distil_config(disable_tqdm=not progress)
+    comp_cfgs = [config_from_dict(e) for e in recipe.keys.compression]
+    export = export_settings(recipe.keys.export, recipe.keys.compression, recipe.keys.task)
+    parts = prepare_run(recipe, progress, args)
+    task, raw, teachers, student, tokenizer, prep = (parts.task, parts.raw, parts.teachers,
+                                                     parts.student, parts.tokenizer, parts.prep)
+    ctx = parts.context()
+    callbacks = []
     for cfg in comp_cfgs:
         compress_(student, cfg, ctx)
         callbacks += get_method(cfg).callbacks(student, cfg, ctx)
     if export is not None and export.four_bit:
         check_four_bit_export(student)
-    teacher_model = None
-    if not prep.teacher_cached:
-        models = teachers.models()
-        teacher_model = models if len(models) > 1 else models[0]
-    trainer = DistilTrainer(model=student, teacher_model=teacher_model,
-                            teacher_config=teachers.config, args=args,
-                            train_dataset=prep.train_dataset, eval_dataset=prep.eval_dataset,
-                            data_collator=prep.collator, processing_class=tokenizer,
-                            callbacks=callbacks, compute_metrics=prep.compute_metrics)
+    trainer = parts.trainer(student, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results: dict = {}
     if trainer.is_world_process_zero():
@@ -121,6 +172,8 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
             if export is not None:
                 results.update(export_and_measure(recipe, export, raw, split, tmp, out_dir,
                                                   t_m, progress))
+            if extra is not None:
+                results.update(extra(tmp))
             atomic_write_text(os.path.join(tmp, "README.md"), model_card(results, recipe.to_dict()))
 
         save_student(trainer.model, tokenizer, args.output_dir, recipe.keys.save_merged_adapter,
@@ -138,8 +191,9 @@ def run_recipe(recipe: Recipe, progress: bool = True) -> dict:
 def check_four_bit_export(student) -> None:
     """What ``export.four_bit`` needs of the student, checked before training from the
     compression records of the prepared student (the packed layers they will become): linears
-    packed at 4 bits with the uniform scheme, in buckets onnxruntime's MatMulNBits takes for
-    their widths (:func:`distilkit.export.nbits.check_layer_specs`, which the export applies
+    and embeddings packed at 4 bits with the uniform scheme, in buckets onnxruntime's
+    MatMulNBits and GatherBlockQuantized take for their widths
+    (:func:`distilkit.export.nbits.check_layer_specs`, which the export applies
     again to the packed student). A bucket size that does not fit the model fails now,
     in one line with the sizes that do, not after training. (The prepared student cannot
     simply be finalized on a copy: a copy shares its parametrized classes.)"""
@@ -147,11 +201,14 @@ def check_four_bit_export(student) -> None:
     from distilkit.export.nbits import check_layer_specs
     from distilkit.recipe import QUANTIZE_METHODS
 
-    linears = [(name, layer["weights"]["weight"])
-               for rec in compression_records(student) if rec["method"] in QUANTIZE_METHODS
-               for name, layer in rec.get("layers", {}).items()
-               if layer.get("kind") == "linear" and "weight" in layer.get("weights", {})]
-    check_layer_specs(linears, field="export.four_bit", off="set four_bit: false")
+    def packed(kind: str) -> list:
+        return [(name, layer["weights"]["weight"])
+                for rec in compression_records(student) if rec["method"] in QUANTIZE_METHODS
+                for name, layer in rec.get("layers", {}).items()
+                if layer.get("kind") == kind and "weight" in layer.get("weights", {})]
+
+    check_layer_specs(packed("linear"), field="export.four_bit", off="set four_bit: false",
+                      embeddings=packed("embedding"))
 
 
 def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str,
@@ -230,12 +287,16 @@ def plan(recipe: Recipe) -> dict:
     The teacher's weights are not loaded where the run itself would not need them."""
     import math
 
+    from distilkit.budget import split_auto
     from distilkit.compress.base import config_from_dict, config_to_dict
     from distilkit.evaluate import count_parameters, saved_parameters
 
     task = get_task(recipe.keys.task)
     args = recipe.distil_config(disable_tqdm=True)
-    comp = [config_to_dict(config_from_dict(e)) for e in recipe.keys.compression]
+    budget, rest = split_auto(recipe.keys.compression, recipe.keys.max_length, recipe.keys.task,
+                              recipe.keys.student, recipe.data.streaming)
+    comp = ([budget.to_entry()] if budget else []) + \
+        [config_to_dict(config_from_dict(e)) for e in rest]
     task.validate(recipe)
     _preflight(recipe, args, create=False)
     raw = task.load_data(recipe)
@@ -267,6 +328,7 @@ def plan(recipe: Recipe) -> dict:
         "labels": list(getattr(feat, "names", None) or []) or None,
         "steps": steps, "examples_per_step": per_step,
         "compression": comp, "output_dir": args.output_dir,
+        "search": budget.plan_line() if budget else None,
         "recipe": recipe.to_dict(),
     }
 
@@ -321,6 +383,7 @@ def format_plan(p: dict) -> str:
              f"labels   {p['labels'] if p['labels'] else '(as in the data)'}",
              f"training {p['steps']:,} steps of {p['examples_per_step']} examples",
              "compress " + (" -> ".join(c["method"] for c in p["compression"]) or "none"),
+             *([f"search   {p['search']}"] if p.get("search") else []),
              "export   " + _export_line(p["recipe"].get("export")),
              f"output   {p['output_dir']} (nothing written: dry run)", "",
              "# resolved recipe",

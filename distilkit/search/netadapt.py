@@ -1,0 +1,299 @@
+"""NetAdapt-style greedy shrinking of a student to a budget (Yang et al. 2018, "NetAdapt:
+Platform-Aware Neural Network Adaptation for Mobile Applications").
+
+NetAdapt shrinks a network one step at a time: each step must cut the resource (latency, or
+size) by a fixed share of what is left, chooses where to cut by how little accuracy the cut
+costs, and fine-tunes briefly before the next step. Here, per step:
+
+1. every candidate unit of the current student is *scored* by the gradient importance of
+   the distillation loss that distilkit's structured pruning already computes
+   (:mod:`distilkit.compress.importance`): each attention head, each block of ``ffn_block``
+   FFN neurons (the least important neurons of a layer, taken together: their summed
+   scores), each whole layer;
+2. every candidate is *costed* by what removing it saves: milliseconds from the latency
+   table (:class:`~distilkit.search.latency.LatencyTable`, measured once per shape and
+   runtime), or parameters / bytes for a size target (exact);
+3. units are removed greedily, least importance per unit of saving first, the saving of
+   each recomputed on the structure left by the previous ones (the cost of a head depends on
+   how many its layer keeps), until the step's cut (``step_fraction`` of the current
+   predicted figure, or what is left to the target when that is less) is reached; a layer
+   keeps at least one head and one FFN block, the model at least one layer;
+4. the chosen units are removed physically (``prune_heads`` / ``prune_ffn`` /
+   ``prune_layers`` with explicit units), the student is distilled ``steps_between`` steps,
+   then measured and scored on the validation split.
+
+The search stops when the *measured* figure meets the target. Predicted and measured
+latency differ by the table's error, so the predicted goal of each step is the target scaled
+by the current measured/predicted ratio. What is removed is tracked in the original student's
+indices (:class:`Tracker`), so the result is an ordinary list of compression entries applying
+the same surgery to a fresh copy of the recipe's student (:meth:`Tracker.entries`).
+
+The selection (:func:`plan_step`) is a pure function of the structure, the scores and a cost
+function; :func:`search` is the loop, its model-facing steps passed in as callables
+(:mod:`distilkit.search.run` wires them to a real run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+UNITS = ("heads", "ffn", "layers")
+
+
+@dataclass
+class Scores:
+    """Importance of every unit of the current student, by current position: ``heads[l][h]``,
+    ``neurons[l][i]`` and ``layers[l]`` (an expected |dL/d gate|, comparable across kinds: the
+    first-order change of the loss when the unit is removed)."""
+
+    heads: list
+    neurons: list
+    layers: list
+
+
+@dataclass
+class Removal:
+    """Units one step removes, by position in the current student: ``heads`` and ``neurons``
+    per layer position, ``layers`` the positions of whole layers dropped."""
+
+    heads: dict = field(default_factory=dict)
+    neurons: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (any(self.heads.values()) or any(self.neurons.values()) or self.layers)
+
+    def counts(self) -> dict:
+        return {"heads": sum(len(v) for v in self.heads.values()),
+                "ffn_neurons": sum(len(v) for v in self.neurons.values()),
+                "layers": len(self.layers)}
+
+
+def _reshape(structure, heads: Sequence[int], ffn: Sequence[int]):
+    return dataclasses.replace(structure, heads=tuple(int(h) for h in heads),
+                               ffn=tuple(int(f) for f in ffn))
+
+
+def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64):
+    """The smallest structure the search may reach from ``structure``: one layer (with
+    ``layers`` among the units), one head per layer, one FFN block per layer."""
+    n = 1 if "layers" in units else len(structure.heads)
+    heads = [1 if "heads" in units else h for h in structure.heads[:n]]
+    ffn = [min(f, ffn_block) if "ffn" in units else f for f in structure.ffn[:n]]
+    return _reshape(structure, heads, ffn)
+
+
+def plan_step(structure, scores: Scores, cost: Callable, cut: float,
+              units: Sequence[str] = UNITS, ffn_block: int = 64) -> Removal:
+    """The units to remove from ``structure`` so that ``cost`` falls by at least ``cut``
+    (or as far as the floors allow), least importance per unit of saving first.
+
+    A candidate is a layer's least important remaining head, its next ``ffn_block`` least
+    important neurons (fewer when that would leave less than one block), or a whole layer.
+    Each pick's saving is ``cost(now) - cost(now without it)``, recomputed after every pick;
+    a candidate that saves nothing is never picked. Ties go to the earlier kind (heads, ffn,
+    layers) and the earlier layer, so the plan is deterministic."""
+    n = len(structure.heads)
+    heads, ffn = list(structure.heads), list(structure.ffn)
+    alive = list(range(n))
+    # Per layer, its units in removal order (least important first); a pointer per layer.
+    head_order = [sorted(range(len(s)), key=lambda h, s=s: (float(s[h]), h)) for s in scores.heads]
+    neuron_order = [sorted(range(len(s)), key=lambda i, s=s: (float(s[i]), i))
+                    for s in scores.neurons]
+    head_next, neuron_next = [0] * n, [0] * n
+    out = Removal()
+
+    def shape(hs, fs, keep):
+        return _reshape(structure, [hs[i] for i in keep], [fs[i] for i in keep])
+
+    start = now = float(cost(structure))
+    while now > start - cut:
+        best = None
+        for rank, l in enumerate(alive):
+            options = []
+            if "heads" in units and heads[l] > 1:
+                h = head_order[l][head_next[l]]
+                trial = list(heads)
+                trial[l] -= 1
+                options.append((0, float(scores.heads[l][h]), shape(trial, ffn, alive), 1))
+            if "ffn" in units and ffn[l] > ffn_block:
+                k = min(ffn_block, ffn[l] - ffn_block)
+                idx = neuron_order[l][neuron_next[l]:neuron_next[l] + k]
+                trial = list(ffn)
+                trial[l] -= k
+                options.append((1, sum(float(scores.neurons[l][i]) for i in idx),
+                                shape(heads, trial, alive), k))
+            if "layers" in units and len(alive) > 1:
+                options.append((2, float(scores.layers[l]),
+                                shape(heads, ffn, [x for x in alive if x != l]), 0))
+            for kind, imp, trial, k in options:
+                saving = now - float(cost(trial))
+                if saving <= 0:
+                    continue
+                key = (max(imp, 0.0) / saving, kind, rank)
+                if best is None or key < best[0]:
+                    best = (key, kind, l, k)
+        if best is None:
+            break
+        _, kind, l, k = best
+        if kind == 0:
+            out.heads.setdefault(l, []).append(head_order[l][head_next[l]])
+            head_next[l] += 1
+            heads[l] -= 1
+        elif kind == 1:
+            out.neurons.setdefault(l, []).extend(neuron_order[l][neuron_next[l]:neuron_next[l] + k])
+            neuron_next[l] += k
+            ffn[l] -= k
+        else:
+            alive.remove(l)
+            out.layers.append(l)
+            out.heads.pop(l, None)   # the layer goes whole: its other cuts are moot
+            out.neurons.pop(l, None)
+        now = float(cost(shape(heads, ffn, alive)))
+    out.heads = {l: sorted(v) for l, v in out.heads.items() if v}
+    out.neurons = {l: sorted(v) for l, v in out.neurons.items() if v}
+    out.layers = sorted(out.layers)
+    return out
+
+
+@dataclass
+class Tracker:
+    """What is left of the original student, in its own indices: ``layers`` the original
+    index of each current layer, ``heads[o]`` / ``neurons[o]`` the original heads and FFN
+    neurons layer ``o`` keeps (current position i = the i-th of them)."""
+
+    layers: list
+    heads: dict
+    neurons: dict
+    total_heads: dict = field(default_factory=dict)
+    total_neurons: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, structure) -> "Tracker":
+        n = len(structure.heads)
+        return cls(layers=list(range(n)),
+                   heads={o: list(range(structure.heads[o])) for o in range(n)},
+                   neurons={o: list(range(structure.ffn[o])) for o in range(n)},
+                   total_heads={o: structure.heads[o] for o in range(n)},
+                   total_neurons={o: structure.ffn[o] for o in range(n)})
+
+    def apply(self, removal: Removal) -> None:
+        """Record ``removal`` (current positions), as the physical surgery applies it."""
+        for pos, gone in removal.heads.items():
+            o = self.layers[pos]
+            self.heads[o] = [h for i, h in enumerate(self.heads[o]) if i not in set(gone)]
+        for pos, gone in removal.neurons.items():
+            o = self.layers[pos]
+            self.neurons[o] = [x for i, x in enumerate(self.neurons[o]) if i not in set(gone)]
+        dropped = set(removal.layers)
+        self.layers = [o for i, o in enumerate(self.layers) if i not in dropped]
+
+    def structure(self, like):
+        """The current structure (``like``'s type and vocabulary, these counts)."""
+        return _reshape(like, [len(self.heads[o]) for o in self.layers],
+                        [len(self.neurons[o]) for o in self.layers])
+
+    def entries(self) -> list:
+        """The compression entries that cut the same units out of a fresh copy of the
+        original student: ``prune_heads`` (heads removed per attention block) and
+        ``prune_ffn`` (neurons removed per FFN), both in the original indices, then
+        ``prune_layers`` (the original layers dropped); an entry that removes nothing is left
+        out. Layers that are dropped get no head or neuron cuts."""
+        heads = {o: [h for h in range(self.total_heads[o]) if h not in set(self.heads[o])]
+                 for o in self.layers}
+        neurons = {o: [i for i in range(self.total_neurons[o]) if i not in set(self.neurons[o])]
+                   for o in self.layers}
+        dropped = [o for o in sorted(self.total_heads) if o not in set(self.layers)]
+        out = []
+        if any(heads.values()):
+            out.append({"method": "prune_heads", "heads": {o: v for o, v in heads.items() if v}})
+        if any(neurons.values()):
+            out.append({"method": "prune_ffn",
+                        "neurons": {o: v for o, v in neurons.items() if v}})
+        if dropped:
+            out.append({"method": "prune_layers", "layers": dropped})
+        return out
+
+
+@dataclass
+class Goal:
+    """The target as the search works with it: ``figure(model)`` is the measured figure
+    (ms, parameters or MB) and the target is met when it is at most ``limit``; ``cost`` is
+    the figure predicted for a structure (the latency table, or the exact size)."""
+
+    limit: float
+    unit: str
+    figure: Callable
+    cost: Callable
+    exact: bool = False   # the prediction is the figure (size targets): no calibration
+
+
+def step_cut(predicted: float, measured: float, limit: float, step_fraction: float,
+             exact: bool) -> float:
+    """How much predicted cost the next step removes: ``step_fraction`` of the current
+    prediction, or less when the (calibrated) goal is nearer. The goal in predicted terms is
+    the limit scaled by predicted/measured (the table's error on this very model). When the
+    prediction says the goal is met but the measurement does not, a small cut (a quarter of a
+    step) goes on."""
+    goal = limit if exact else limit * predicted / max(measured, 1e-12)
+    need = predicted - goal
+    full = step_fraction * predicted
+    return min(full, need) if need > 0 else 0.25 * full
+
+
+def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
+           distil: Callable, units: Sequence[str] = UNITS, ffn_block: int = 64,
+           step_fraction: float = 0.1, max_iterations: int = 40, progress: bool = True,
+           log: Optional[Callable[[str], None]] = None) -> dict:
+    """Shrink ``model`` (whose structure is ``structure``) until ``goal`` is met.
+
+    ``score(model) -> Scores``; ``prune(model, removal) -> model`` (physically, by current
+    positions); ``distil(model, step) -> dict`` (a few distillation steps, then validation
+    figures, e.g. ``accuracy``, ``eval_loss``, ``train_loss``). Returns ``{"met", "stopped",
+    "history", "tracker", "model", "structure"}``; the history has one row per step (step 0
+    is the starting student)."""
+    log = log or (lambda line: print(line, file=sys.stderr))
+    tracker = Tracker.of(structure)
+    t0 = time.time()
+    measured = float(goal.figure(model))
+    predicted = float(goal.cost(structure))
+    history = [{"step": 0, "removed": Removal().counts(), "heads": list(structure.heads),
+                "ffn": list(structure.ffn), "predicted": predicted, "measured": measured,
+                "seconds": 0.0}]
+    stopped = "met" if measured <= goal.limit else "max_iterations"
+    for it in range(1, max_iterations + 1):
+        if measured <= goal.limit:
+            stopped = "met"
+            break
+        t_step = time.time()
+        cut = step_cut(predicted, measured, goal.limit, step_fraction, goal.exact)
+        removal = plan_step(structure, score(model), goal.cost, cut, units, ffn_block)
+        if removal.empty():
+            stopped = "floor"   # one layer, one head, one FFN block: nothing more can go
+            break
+        model = prune(model, removal)
+        tracker.apply(removal)
+        structure = tracker.structure(structure)
+        figures = distil(model, it)
+        measured, predicted = float(goal.figure(model)), float(goal.cost(structure))
+        row = {"step": it, "removed": removal.counts(), "heads": list(structure.heads),
+               "ffn": list(structure.ffn), "predicted": predicted, "measured": measured,
+               **figures, "seconds": round(time.time() - t_step, 2)}
+        history.append(row)
+        if progress:
+            c = row["removed"]
+            acc = f", accuracy {row['accuracy']:.4f}" if row.get("accuracy") is not None else ""
+            log(f"[distilkit] search step {it}/{max_iterations}: -{c['heads']} heads, "
+                f"-{c['ffn_neurons']} FFN neurons, -{c['layers']} layers -> "
+                f"{structure.num_layers()} layers, predicted {predicted:,.4g} {goal.unit}, "
+                f"measured {measured:,.4g} {goal.unit} (target <= {goal.limit:,.4g}){acc} "
+                f"({row['seconds']:.0f} s)")
+    else:
+        if measured <= goal.limit:
+            stopped = "met"
+    return {"met": measured <= goal.limit, "stopped": stopped, "history": history,
+            "tracker": tracker, "model": model, "structure": structure,
+            "seconds": round(time.time() - t0, 1)}

@@ -1,0 +1,231 @@
+"""``distilkit search RECIPE [--target speedup=2 --target speedup=4 ...] [--compare RUN_DIR ...]``:
+one budget search plus distillation per target, then a Pareto report.
+
+Each target runs :func:`distilkit.search.run.search_and_run` on the recipe with its ``auto``
+entry's target replaced, into ``output_dir/<target>/`` (e.g. ``runs/search/speedup_4``). Then
+every student (each searched one, and the student of each ``--compare`` run directory, e.g. a
+hand-designed 3-layer student) and the teacher are measured side by side in the recipe's
+runtime spec (runtime, batch, length, threads), and
+
+* ``output_dir/pareto.md``: one row per model: accuracy on its run's test split, measured
+  latency, speed-up over the teacher, size on disk, parameters, the target and whether it was
+  met, and whether the model is on the accuracy/latency Pareto front (no other model is at
+  least as accurate and at least as fast, one of them strictly);
+* ``output_dir/pareto.png``: accuracy against measured latency and against size, searched
+  students, compared students and the teacher marked apart;
+* ``output_dir/pareto.json``, and one JSON line of the figures printed last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+PARETO = "pareto"
+
+
+def parse_target(text: str) -> dict:
+    """``speedup=4`` -> ``{"speedup": 4.0}`` (checked later with the recipe's entry)."""
+    from distilkit.budget import TARGETS
+    from distilkit.recipe import parse_value
+
+    kind, sep, value = str(text).partition("=")
+    if not sep or kind not in TARGETS:
+        raise ValueError(f"--target {text!r}: give KIND=VALUE with KIND one of "
+                         f"{', '.join(TARGETS)}, e.g. --target speedup=4")
+    return {kind: parse_value(value)}
+
+
+def _with_target(raw: dict, target: dict, out_dir: str) -> dict:
+    entry = dict(raw["compression"][0], target=target)
+    return {**raw, "compression": [entry, *raw["compression"][1:]], "output_dir": out_dir}
+
+
+def on_front(rows: Sequence[dict], x: str = "latency_ms", y: str = "accuracy") -> list[bool]:
+    """Per row: no other row has ``y`` at least as high and ``x`` at least as low, one of the
+    two strictly (rows without both figures are never on it)."""
+    def has(r):
+        return r.get(x) is not None and r.get(y) is not None
+
+    out = []
+    for r in rows:
+        out.append(has(r) and not any(
+            has(o) and o is not r and o[y] >= r[y] and o[x] <= r[x]
+            and (o[y] > r[y] or o[x] < r[x]) for o in rows))
+    return out
+
+
+def write_pareto(rows: list[dict], out_dir: str, spec_line: str) -> dict:
+    """``pareto.md``, ``pareto.png`` and ``pareto.json`` of measured ``rows`` (each with
+    ``name``, ``kind`` (searched / compared / teacher), ``accuracy``, ``latency_ms``,
+    ``size_mb``, ``parameters``, and for searched rows ``target`` and ``met``)."""
+    from distilkit.files import atomic_write_json, atomic_write_text
+
+    teacher = next((r for r in rows if r["kind"] == "teacher"), None)
+    for r, front in zip(rows, on_front(rows)):
+        r["pareto"] = front
+        if teacher and teacher.get("latency_ms") and r.get("latency_ms"):
+            r["speedup"] = round(teacher["latency_ms"] / r["latency_ms"], 3)
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot_pareto(rows, os.path.join(out_dir, f"{PARETO}.png"), spec_line)
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    lines = ["# Compression to a budget: accuracy against measured latency and size", "",
+             f"Latency measured side by side in one process: {spec_line}. Accuracy on each "
+             "run's test split. Size = the saved model files. Pareto = no other model is at "
+             "least as accurate and at least as fast (one strictly).", "",
+             "| model | kind | target | met | accuracy | latency ms | speed-up | size MB | "
+             "parameters | Pareto |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['kind']} | {r.get('target') or '-'} | "
+                     f"{'-' if r.get('met') is None else ('yes' if r['met'] else 'no')} | "
+                     f"{f(r.get('accuracy'), '.4f')} | {f(r.get('latency_ms'), '.2f')} | "
+                     f"{f(r.get('speedup'), '.2f')}x | {f(r.get('size_mb'), '.2f')} | "
+                     f"{f(r.get('parameters'), ',')} | {'yes' if r['pareto'] else ''} |")
+    lines += ["", f"![accuracy against latency and size]({os.path.basename(png)})", ""]
+    md = os.path.join(out_dir, f"{PARETO}.md")
+    atomic_write_text(md, "\n".join(lines))
+    js = os.path.join(out_dir, f"{PARETO}.json")
+    clean = [{k: v for k, v in r.items() if k != "model_dir"} for r in rows]
+    atomic_write_json(js, {"spec": spec_line, "rows": clean})
+    return {"markdown": md, "plot": png, "json": js, "rows": clean}
+
+
+def plot_pareto(rows: Sequence[dict], path: str, spec_line: str) -> str:
+    """Accuracy against measured latency (left) and size on disk (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    from distilkit.report import _save_png
+
+    style = {"searched": dict(marker="o", color="tab:blue", s=60),
+             "compared": dict(marker="s", color="tab:orange", s=60),
+             "teacher": dict(marker="*", color="tab:red", s=240)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (key, label) in zip(axes, (("latency_ms", f"measured latency (ms), {spec_line}"),
+                                       ("size_mb", "size on disk (MB)"))):
+        seen = set()
+        for r in rows:
+            if r.get(key) is None or r.get("accuracy") is None:
+                continue
+            kind = r["kind"]
+            ax.scatter(r[key], r["accuracy"], zorder=3,
+                       label=kind if kind not in seen else None, **style[kind])
+            seen.add(kind)
+            ax.annotate(r["name"], (r[key], r["accuracy"]), textcoords="offset points",
+                        xytext=(6, 5), fontsize=8)
+        front = sorted((r for r in rows if r.get("pareto") and key == "latency_ms"),
+                       key=lambda r: r[key])
+        if len(front) > 1:
+            ax.plot([r[key] for r in front], [r["accuracy"] for r in front], "--",
+                    color="grey", alpha=0.6, zorder=1)
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("accuracy")
+        ax.margins(x=0.2, y=0.12)
+        ax.grid(True, alpha=0.3)
+        if seen:
+            ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("budget search: searched students, compared students, teacher", fontsize=11)
+    return _save_png(fig, path)
+
+
+def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
+                   compare: Sequence[str], progress: bool = True) -> dict:
+    """The whole ``distilkit search`` (module docstring); returns the Pareto report."""
+    from distilkit.budget import is_auto
+    from distilkit.evaluate import find_model_dir
+    from distilkit.recipe import Recipe
+    from distilkit.report import load_results
+    from distilkit.search.latency import RuntimeSpec, measure_model_ms
+    from distilkit.search.run import SEARCH_FILE, search_and_run
+
+    base = Recipe.load(recipe_path, overrides)
+    comp = base.keys.compression
+    if not comp or not is_auto(comp[0]):
+        raise ValueError(f"{recipe_path}: distilkit search needs compression: [{{method: auto, "
+                         "target: {speedup: 4}}, ...}] as the recipe's first entry (see "
+                         "recipes/search_budget.yaml)")
+    raw = base.to_dict()
+    chosen = [parse_target(t) for t in targets] or [comp[0]["target"]]
+    root = base.distil_config().output_dir
+    for r in compare:  # checked before any search runs
+        load_results(r)
+        find_model_dir(r)
+    # Every recipe checked (the targets with it) before the first search starts.
+    recipes = []
+    for t in chosen:
+        from distilkit.budget import budget_from_entry
+
+        label = budget_from_entry({**comp[0], "target": t}, base.keys.max_length).label()
+        recipes.append((label, Recipe.from_dict(_with_target(raw, t, os.path.join(root, label)),
+                                                source=recipe_path)))
+    rows, spec, teacher_dir, teacher_res = [], None, None, None
+    for label, recipe in recipes:
+        res = search_and_run(recipe, progress)
+        out = recipe.distil_config().output_dir
+        with open(os.path.join(out, SEARCH_FILE)) as f:
+            record = json.load(f)
+        spec = spec or record["spec"]
+        teacher_dir = teacher_dir or record.get("teacher_dir")
+        teacher_res = teacher_res or res
+        s = res.get("search") or {}
+        rows.append({"name": label, "kind": "searched", "target": label, "met": s.get("met"),
+                     "accuracy": res["student"].get("accuracy"),
+                     "size_mb": round(res["student"]["size_on_disk_bytes"] / 1e6, 4),
+                     "parameters": res["student"]["parameters"],
+                     "model_dir": os.path.join(out, "student"), "run_dir": out})
+    for r in compare:
+        res = load_results(r)
+        rows.append({"name": os.path.basename(os.path.abspath(r)), "kind": "compared",
+                     "accuracy": res["student"].get("accuracy"),
+                     "size_mb": round(res["student"]["size_on_disk_bytes"] / 1e6, 4),
+                     "parameters": res["student"]["parameters"],
+                     "model_dir": find_model_dir(r), "run_dir": r})
+    rspec = RuntimeSpec(**spec)
+    t = teacher_res["teacher"]
+    teacher = {"name": "teacher", "kind": "teacher", "accuracy": t.get("accuracy"),
+               "size_mb": round(t["size_on_disk_bytes"] / 1e6, 4), "parameters": t["parameters"],
+               "model_dir": teacher_dir}
+    rows.append(teacher)
+    if teacher_dir is None:  # a hub teacher: its figure from the last search
+        teacher["latency_ms"] = round(record["teacher_ms"], 3)
+    for r in rows:
+        if r.get("model_dir"):
+            from distilkit.compress.base import load_compressed
+
+            r["latency_ms"] = round(measure_model_ms(load_compressed(r["model_dir"]), rspec), 3)
+    spec_line = (f"{spec['runtime']}, batch {spec['batch']}, length {spec['seq_len']}, "
+                 f"{spec['threads'] or 'default'} threads")
+    report = write_pareto(rows, root, spec_line)
+    return report
+
+
+def add_search_arguments(p) -> None:
+    """Arguments of ``distilkit search`` (wired by :mod:`distilkit.cli`)."""
+    p.add_argument("recipe", help="a recipe whose compression starts with {method: auto, ...}")
+    p.add_argument("--target", action="append", default=[], metavar="KIND=VALUE",
+                   help="a target to search for (repeatable), e.g. speedup=4, latency_ms=20, "
+                        "size_mb=30, parameters=10000000; default: the recipe's")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN_DIR",
+                   help="a run directory whose student joins the report, re-measured in the "
+                        "same runtime spec (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_search_command(args, overrides: dict) -> int:
+    """``distilkit search``: the searches, the Pareto report, its table, one JSON line."""
+    report = search_targets(args.recipe, overrides, args.target, args.compare,
+                            progress=not args.no_progress)
+    with open(report["markdown"]) as f:
+        print(f.read())
+    print(f"(written: {report['markdown']}, {report['plot']})", file=sys.stderr)
+    print(json.dumps({"pareto": [{k: r.get(k) for k in ("name", "kind", "target", "met",
+                                                        "accuracy", "latency_ms", "speedup",
+                                                        "size_mb", "parameters", "pareto")}
+                                 for r in report["rows"]]}))
+    return 0

@@ -1,0 +1,318 @@
+"""A recipe with ``compression: [{method: auto, target: {...}}, ...]`` run end to end: the
+budget search (:mod:`distilkit.search.netadapt`) on the recipe's own student, teacher and
+data, then the ordinary distillation run of the structure it found.
+
+1. The run is prepared exactly as :func:`distilkit.pipeline.run_recipe` prepares it
+   (:func:`~distilkit.pipeline.prepare_run`: checks, data, teachers, student, teacher outputs).
+2. For a latency target the latency table of the student's shape is built (or read from its
+   cache) and the teacher measured in the same runtime spec; the smallest student the search
+   may reach is measured (size targets: counted), and an unreachable target is refused in one
+   line naming the smallest reachable figure, before any student is trained.
+3. The search shrinks the student step by step, each step scored with the distillation loss
+   (the run's own ``DistilTrainer.compute_loss``), pruned physically, distilled
+   ``steps_between`` steps with the run's loss, measured and scored on the validation split.
+4. The structure found becomes ordinary compression entries (``prune_heads`` with explicit
+   ``heads``, ``prune_ffn`` with explicit ``neurons``, ``prune_layers`` with explicit
+   ``layers``, in the original student's indices), followed by the recipe's entries after
+   ``auto``; :func:`~distilkit.pipeline.run_recipe` runs that resolved recipe from the
+   recipe's student as any recipe, so ``output_dir/recipe.yaml`` reproduces the structure
+   without searching. ``output_dir/search.json`` keeps the search's history, and
+   ``results.json`` a ``search`` entry: the target, whether it is met, the final student's
+   measured latency, speed-up, parameters and size.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from torch import nn
+
+SEARCH_FILE = "search.json"
+
+
+class _AsTraining(nn.Module):
+    """``model`` as :meth:`DistilTrainer.compute_loss` sees a model in training (it returns
+    the distillation loss only then), while the model itself stays in eval mode (dropout off)
+    for the importance scores."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+def _mini_args(recipe, budget, step: int, out_dir: str, progress: bool):
+    """Training arguments of the short distillation after a search step: the recipe's own
+    (loss weights, learning rate, batch size), ``steps_between`` steps at a constant rate, a
+    seed per step (each step sees other batches), nothing saved or evaluated by the Trainer."""
+    seed = int(recipe.training.get("seed", 42)) + step
+    return recipe.distil_config(
+        disable_tqdm=True, max_steps=max(1, budget.steps_between), lr_scheduler_type="constant",
+        warmup_steps=0, seed=seed, data_seed=seed, output_dir=out_dir,
+        logging_steps=max(1, budget.steps_between), eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, report_to=[])
+
+
+def _remove_all_but_smallest(structure, units, ffn_block):
+    """The removal (current positions) that leaves :func:`smallest_structure`."""
+    from distilkit.search.netadapt import Removal
+
+    n = len(structure.heads)
+    keep = 1 if "layers" in units else n
+    return Removal(
+        heads={l: list(range(1, structure.heads[l])) for l in range(keep)
+               if "heads" in units and structure.heads[l] > 1},
+        neurons={l: list(range(ffn_block, structure.ffn[l])) for l in range(keep)
+                 if "ffn" in units and structure.ffn[l] > ffn_block},
+        layers=list(range(keep, n)))
+
+
+def prune_removal(model: nn.Module, removal) -> nn.Module:
+    """Remove ``removal``'s units (current positions) physically with the explicit forms of
+    ``prune_heads`` / ``prune_ffn`` / ``prune_layers`` (cuts inside layers first, then the
+    layers, so each method sees the positions the removal names)."""
+    from distilkit.compress.base import compress_
+    from distilkit.compress.families import get_adapter
+    from distilkit.compress.prune import PruneFFNConfig, PruneHeadsConfig, PruneLayersConfig
+
+    adapter = get_adapter(model, "method auto")
+    layers = adapter.layers()
+    holders = {b.layer: b.holder for b in adapter.attention_blocks() if b.kind == "self"}
+    ffns = {b.layer: b.name for b in adapter.ffn_blocks()}
+    if removal.heads:
+        compress_(model, PruneHeadsConfig(heads={holders[layers[p]]: v
+                                                 for p, v in removal.heads.items()}))
+    if removal.neurons:
+        compress_(model, PruneFFNConfig(neurons={ffns[layers[p]]: v
+                                                 for p, v in removal.neurons.items()}))
+    if removal.layers:
+        compress_(model, PruneLayersConfig(layers=list(removal.layers)))
+    return model
+
+
+def _describe(structure) -> str:
+    n, hs, fs = structure.num_layers(), set(structure.heads), set(structure.ffn)
+    if n == 1:
+        h, f = structure.heads[0], structure.ffn[0]
+        return f"1 layer, {h} head{'s' * (h > 1)}, {f} FFN neurons"
+    heads = f"{hs.pop()} head{'s' * (max(structure.heads) > 1)}" if len(hs) == 1 else \
+        f"{min(structure.heads)}-{max(structure.heads)} heads"
+    ffn = f"{fs.pop()}" if len(fs) == 1 else f"{min(structure.ffn)}-{max(structure.ffn)}"
+    return f"{n} layers, {heads} and {ffn} FFN neurons each"
+
+
+def unreachable_message(budget, smallest_desc: str, figure: float,
+                        teacher_ms: Optional[float]) -> str:
+    """The one line refusing a target the smallest reachable student misses (``figure``: its
+    measured ms, or its parameters / MB)."""
+    where = f"compression[0] (auto): target.{budget.target}: {budget.value:g} cannot be reached"
+    spec = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
+    if budget.target == "speedup":
+        best = teacher_ms / figure
+        return (f"{where}: the smallest student ({smallest_desc}) is {best:.1f}x the teacher "
+                f"({figure:.1f} ms vs {teacher_ms:.1f} ms, {spec}); ask for at most "
+                f"{math.floor(best * 10) / 10:g}")
+    if budget.target == "latency_ms":
+        return (f"{where}: the smallest student ({smallest_desc}) takes {figure:.2f} ms "
+                f"({spec}); ask for at least {math.ceil(figure * 100) / 100:g}")
+    if budget.target == "parameters":
+        return (f"{where}: the smallest student ({smallest_desc}) has {int(figure):,} "
+                f"parameters (the word embeddings count: prune_vocab after auto shrinks them "
+                f"later, the search does not); ask for at least {int(figure)}")
+    return (f"{where}: the smallest student ({smallest_desc}) is {figure:.3f} MB of fp32 "
+            f"weights (the word embeddings count); ask for at least "
+            f"{math.ceil(figure * 1000) / 1000:g}")
+
+
+class _Searcher:
+    """The model-facing steps of :func:`distilkit.search.netadapt.search` for one run."""
+
+    def __init__(self, recipe, parts, budget, work_dir: str, progress: bool):
+        self.recipe, self.parts, self.budget = recipe, parts, budget
+        self.work_dir, self.progress = work_dir, progress
+        self.trainer = None
+        ev = parts.prep.eval_dataset
+        self.eval_ds = ev.select(range(min(len(ev), budget.eval_examples))) \
+            if budget.eval_examples and ev is not None else None
+
+    def _trainer(self, model, step: int):
+        args = _mini_args(self.recipe, self.budget, step, self.work_dir, self.progress)
+        self.trainer = self.parts.trainer(model, args=args)
+        return self.trainer
+
+    def score(self, model):
+        """Gradient importance of every head, FFN neuron and layer against the run's
+        distillation loss, on a fresh sample of training batches each step."""
+        import torch
+
+        from distilkit.compress.families import get_adapter
+        from distilkit.compress.importance import ffn_importance, head_importance, layer_importance
+        from distilkit.search.netadapt import Scores
+
+        trainer = self.trainer or self._trainer(model, 0)
+        step = getattr(self, "_scored", 0)
+        self._scored = step + 1
+        bs = self.parts.args.per_device_train_batch_size
+        ds = self.parts.prep.train_dataset.shuffle(seed=int(self.parts.args.seed) + step)
+        ds = ds.select(range(min(len(ds), bs * self.budget.importance_batches)))
+        ctx = self.parts.context(max_batches=self.budget.importance_batches, dataset=ds,
+                                 loss_fn=lambda m, b: trainer.compute_loss(_AsTraining(m), b))
+        adapter = get_adapter(model, "method auto")
+        layers = adapter.layers()
+        units = self.budget.units
+        blocks = [b for b in adapter.attention_blocks() if b.kind == "self"]
+        ffns = adapter.ffn_blocks()
+        heads = head_importance(adapter, ctx) if "heads" in units else \
+            {b.holder: torch.zeros(adapter.num_heads(b)) for b in blocks}
+        neurons = ffn_importance(adapter, ctx, "gradient") if "ffn" in units else \
+            {b.name: torch.zeros(model.get_submodule(b.down).in_features) for b in ffns}
+        lay = layer_importance(adapter, ctx) if "layers" in units else dict.fromkeys(layers, 0.0)
+        by_layer_h = {b.layer: heads[b.holder].tolist() for b in blocks}
+        by_layer_f = {b.layer: neurons[b.name].tolist() for b in ffns}
+        return Scores(heads=[by_layer_h[n] for n in layers],
+                      neurons=[by_layer_f[n] for n in layers], layers=[lay[n] for n in layers])
+
+    def distil(self, model, step: int) -> dict:
+        """``steps_between`` distillation steps of the pruned student, then its validation
+        figures on the first ``eval_examples`` examples."""
+        trainer = self._trainer(model, step)
+        out: dict = {}
+        if self.budget.steps_between > 0:
+            trainer.train()
+            logs = [h for h in trainer.state.log_history if "loss" in h]
+            if logs:
+                out["train_loss"] = round(float(logs[-1]["loss"]), 6)
+        if self.eval_ds is not None and len(self.eval_ds):
+            m = trainer.evaluate(eval_dataset=self.eval_ds)
+            out.update({k[len("eval_"):]: round(float(v), 6) for k, v in m.items()
+                        if k in ("eval_accuracy", "eval_macro_f1", "eval_loss")})
+        model.eval()
+        return out
+
+
+def _teacher_module(teachers):
+    m = teachers.models()[0]
+    return getattr(m, "inner", m)   # a label view computes what its teacher computes
+
+
+def search_and_run(recipe, progress: bool = True) -> dict:
+    """Search the structure for the recipe's ``auto`` target, then run the resolved recipe
+    (module docstring). Returns the final run's results."""
+    from distilkit.budget import split_auto
+    from distilkit.files import atomic_write_json
+    from distilkit.pipeline import prepare_run, run_recipe
+    from distilkit.recipe import Recipe
+    from distilkit.search.latency import LatencyTable, RuntimeSpec, measure_model_ms
+    from distilkit.search.netadapt import Goal, search, smallest_structure
+    from distilkit.search.structure import base_shape_of, parameters, size_mb, structure_of
+
+    t0 = time.time()
+    k = recipe.keys
+    budget, rest = split_auto(k.compression, k.max_length, k.task, k.student,
+                              recipe.data.streaming)
+    args = recipe.distil_config(disable_tqdm=not progress)
+    bare = Recipe.from_dict({**recipe.to_dict(), "compression": []}, source=recipe.source)
+    parts = prepare_run(bare, progress, args)
+    student = parts.student
+    structure, shape = structure_of(student), base_shape_of(student)
+    spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
+                       threads=budget.threads)
+    teacher_ms = measure_model_ms(_teacher_module(parts.teachers), spec)
+    smallest = smallest_structure(structure, budget.units, budget.ffn_block)
+    table = None
+    if budget.latency:
+        table = LatencyTable.for_model(student, spec, progress=progress)
+        limit = budget.value if budget.target == "latency_ms" else teacher_ms / budget.value
+        goal = Goal(limit, "ms", figure=table.measure_ms, cost=table.predict_ms)
+        tiny = prune_removal(copy.deepcopy(student),
+                             _remove_all_but_smallest(structure, budget.units, budget.ffn_block))
+        floor = float(table.measure_ms(tiny))
+        del tiny
+    else:
+        count = parameters if budget.target == "parameters" else size_mb
+        goal = Goal(float(budget.value), "parameters" if budget.target == "parameters" else "MB",
+                    figure=lambda m: count(structure_of(m), shape),
+                    cost=lambda s: count(s, shape), exact=True)
+        floor = float(goal.cost(smallest))
+    if floor > goal.limit:
+        raise ValueError(unreachable_message(budget, _describe(smallest), floor, teacher_ms))
+    if progress:
+        print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
+              f"({goal.figure(student):,.4g} {goal.unit}) to <= {goal.limit:,.4g} {goal.unit}"
+              + (f"; teacher {teacher_ms:.2f} ms" if budget.latency else ""), file=sys.stderr)
+
+    with tempfile.TemporaryDirectory(prefix="distilkit-search-") as work:
+        searcher = _Searcher(recipe, parts, budget, work, progress)
+
+        def prune(model, removal):
+            model = prune_removal(model, removal)
+            return model
+
+        found = search(student, structure, goal, score=searcher.score, prune=prune,
+                       distil=searcher.distil, units=budget.units, ffn_block=budget.ffn_block,
+                       step_fraction=budget.step_fraction, max_iterations=budget.max_iterations,
+                       progress=progress)
+    got = structure_of(found["model"])
+    if got != found["structure"]:  # the bookkeeping must describe the pruned model exactly
+        raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
+                           f"tracked one {found['structure']}")
+    if not found["met"]:
+        print(f"[distilkit] search: target not met ({found['stopped']}): the structure found "
+              f"measures {found['history'][-1]['measured']:,.4g} {goal.unit} against "
+              f"<= {goal.limit:,.4g}; training it anyway", file=sys.stderr)
+    entries = found["tracker"].entries()
+    resolved = Recipe.from_dict({**recipe.to_dict(), "compression": entries + rest},
+                                source=recipe.source)
+    record = {
+        "target": {budget.target: budget.value}, "budget": budget.to_entry(),
+        "spec": {"runtime": spec.runtime, "batch": spec.batch, "seq_len": spec.seq_len,
+                 "threads": spec.threads},
+        "limit": goal.limit, "unit": goal.unit, "teacher_ms": teacher_ms,
+        "teacher_dir": parts.teachers.first_dir, "smallest": {"structure": _describe(smallest),
+                                                              "figure": floor},
+        "table_tolerance": getattr(table, "tolerance", None),
+        "met": found["met"], "stopped": found["stopped"], "history": found["history"],
+        "structure": {"heads": list(got.heads), "ffn": list(got.ffn)},
+        "compression": entries + rest, "search_seconds": round(time.time() - t0, 1),
+    }
+    out_dir = args.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(os.path.join(out_dir, SEARCH_FILE), record)
+    del found, student, parts   # the final run builds its own student (and keeps its teacher)
+
+    def final_figures(student_dir: str) -> dict:
+        """The search's figures of the saved final student, measured in the same spec."""
+        from distilkit.compress.base import load_compressed
+
+        model = load_compressed(student_dir)
+        ms = measure_model_ms(model, spec)
+        try:
+            st = structure_of(model)
+            params, mb = parameters(st, shape), size_mb(st, shape)
+        except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
+            st, params, mb = None, sum(p.numel() for p in model.parameters()), None
+        figure = {"latency_ms": ms, "speedup": ms, "parameters": params,
+                  "size_mb": mb}[budget.target]
+        met = figure is not None and figure <= goal.limit
+        return {"search": {
+            "target": {budget.target: budget.value}, "limit": goal.limit, "unit": goal.unit,
+            "met": bool(met), "search_met": record["met"], "spec": record["spec"],
+            "measured_ms": round(ms, 3), "teacher_ms": round(teacher_ms, 3),
+            "speedup": round(teacher_ms / max(ms, 1e-9), 3), "parameters": params,
+            "size_mb": round(mb, 4) if mb is not None else None,
+            "structure": record["structure"], "steps": len(record["history"]) - 1,
+            "search_seconds": record["search_seconds"], "table_tolerance": record["table_tolerance"],
+        }}
+
+    results = run_recipe(resolved, progress, extra=final_figures)
+    if results.get("search"):
+        record["final"] = results["search"]
+        atomic_write_json(os.path.join(out_dir, SEARCH_FILE), record)
+    return results
