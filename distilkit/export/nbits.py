@@ -41,17 +41,39 @@ accuracy_level 0 15.3 ms (max |logit diff| 7e-7), at level 4 9.1 ms (2e-3), floa
 20.9 ms. Batch 32: 441, 421, 395 and 494 ms. File: 51.8 MB against 69.6 MB (the fp32 word
 embedding table is most of both). So level 4 is faster but not exact; level 0 is the default.
 
-Only linears are exported this way. Other packed weights (a packed word embedding with
-``quantize_embeddings``, packed LSTM matrices with ``quantize_lstm``) stay in the graph as
-their dequantized fp32 copy; :func:`export_four_bit` lists them.
+Packed embeddings (``quantize_embeddings``) become ``GatherBlockQuantized`` (``com.microsoft``),
+which gathers rows of a blocked 4-bit table and dequantizes them as ``(code - zero_point) *
+scale``. The table ``W [V, D]`` is stored like a linear's weight (row-major codes, low nibble
+first, buckets of ``k`` consecutive values); when ``k`` divides ``D`` every bucket lies inside
+one row, so the buckets are the operator's blocks along the embedding axis (``gather_axis=0``,
+``quantize_axis=1``, ``block_size=k``) and again nothing is reordered:
+
+* ``data [V, D/2]`` (uint8) is ``weight_packed`` reshaped;
+* ``scales [V, D/k]`` is ``alpha / 15`` reshaped;
+* ``zero_points [V, ceil(D/k / 2)]`` (uint8, packed like the data) are all 0. They must be
+  given: without them the operator takes 8 (the middle of the unsigned 4-bit range), checked
+  on onnxruntime 1.32;
+* ``beta`` cannot be a zero point (that would be ``-15 beta / alpha`` in the table's own
+  uint4 type), so it comes back exactly as a second, plain ``Gather`` of the ``[V, D/k]``
+  offset table with the same ids, broadcast over each block's ``k`` values: the gathered
+  ``[..., D]`` rows are viewed as ``[..., D/k, k]``, ``beta [..., D/k, 1]`` is added, and the
+  view is undone. The offsets cost as much as the scales (32 bits a bucket), no fp32 table
+  is left.
+
+A constant bucket is exact here too (scale 0, offset ``beta``). The operator takes block sizes
+that are powers of two >= 16 (its shape inference refuses others); a bucket must also divide
+``D`` (a bucket across two rows is no block), the same rule as for linears with ``D`` in the
+place of ``in_features``, so one :func:`check_layer_specs` holds both. Embeddings whose class
+has a forward of its own (a scaled embedding) and packed LSTM matrices (``quantize_lstm``)
+stay in the graph as their dequantized fp32 copy; :func:`export_four_bit` lists them.
 
 Entry points are model-agnostic (any ``nn.Module`` holding packed linears, any callable the
 exporter traces; the seq2seq exporter can use them for an encoder or a decoder):
 
 * :func:`check_four_bit` (refuses a model that cannot be exported, before any work);
-* :func:`export_four_bit` (``torch.onnx.export`` of a traced module with the MatMulNBits
-  forms swapped in, then the graph's MatMulNBits inputs checked byte for byte against the
-  packed buffers and stored as named initializers);
+* :func:`export_four_bit` (``torch.onnx.export`` of a traced module with the MatMulNBits and
+  GatherBlockQuantized forms swapped in, then the graph's operator inputs checked byte for
+  byte against the packed buffers and stored as named initializers);
 * lower level, for a custom export call: :func:`nbits_forwards` (the swap, as a context
   manager) and :func:`finish_graph` (the check and the naming).
 """
@@ -75,6 +97,8 @@ DEFAULT_ACCURACY_LEVEL = 0
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # Names of the initializers each exported layer gets, after the layer's module name.
 SUFFIXES = ("weight_packed", "weight_scales", "weight_zero_points")  # inputs 1, 2, 3
+# The same for an embedding's GatherBlockQuantized: data, scales, zero points (inputs 0, 2, 3).
+GATHER_INPUTS = ((0, "weight_packed"), (2, "weight_scales"), (3, "weight_zero_points"))
 
 
 def _is_packed_linear(module: nn.Module) -> bool:
@@ -85,17 +109,34 @@ def _is_packed_linear(module: nn.Module) -> bool:
             and type(module).forward in (packing.PackedLinear.forward, nn.Linear.forward))
 
 
+def _is_packed_embedding(module: nn.Module) -> bool:
+    """A packed ``nn.Embedding`` that computes a plain row lookup (``nn.Embedding``'s own
+    forward: a subclass that scales its rows computes something else; ``max_norm`` renormalises
+    the table on every lookup, which no gather of fixed codes can do)."""
+    return (isinstance(module, packing.PackedMixin) and isinstance(module, nn.Embedding)
+            and "weight" in module.packed_specs and type(module).forward is nn.Embedding.forward
+            and module.max_norm is None)
+
+
 def packed_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every packed linear of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if _is_packed_linear(m)]
 
 
+def packed_embeddings(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every packed embedding of ``model`` that exports as
+    GatherBlockQuantized, in module order."""
+    return [(n, m) for n, m in model.named_modules() if _is_packed_embedding(m)]
+
+
 def dequantized_weights(model: nn.Module) -> list[str]:
-    """The packed weights that are not a 4-bit-exportable linear's (a packed embedding, LSTM
-    matrices): in the ONNX graph they are their dequantized fp32 copy."""
+    """The packed weights that are neither a 4-bit-exportable linear's nor an exportable
+    embedding's (LSTM matrices, a scaled embedding): in the ONNX graph they are their
+    dequantized fp32 copy."""
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, packing.PackedMixin) and not _is_packed_linear(mod):
+        if isinstance(mod, packing.PackedMixin) and not (_is_packed_linear(mod)
+                                                         or _is_packed_embedding(mod)):
             out += [f"{name}.{w}" if name else w for w in mod.packed_specs]
     return out
 
@@ -113,45 +154,53 @@ def block_sizes_for(in_features: Iterable[int]) -> list[int]:
 
 def check_four_bit(model: nn.Module) -> None:
     """Raise one ValueError, before any work, when ``model`` cannot be exported to
-    MatMulNBits (the rules of :func:`check_layer_specs`, on its packed linears)."""
-    check_layer_specs([(name, mod.packed_specs["weight"]) for name, mod in packed_linears(model)])
+    MatMulNBits and GatherBlockQuantized (the rules of :func:`check_layer_specs`, on its
+    packed linears and embeddings)."""
+    check_layer_specs([(name, mod.packed_specs["weight"]) for name, mod in packed_linears(model)],
+                      embeddings=[(name, mod.packed_specs["weight"])
+                                  for name, mod in packed_embeddings(model)])
 
 
 def check_layer_specs(layers: Sequence[tuple[str, dict]], field: str = "--4bit",
-                      off: str = "export without --4bit") -> None:
-    """The one home of what MatMulNBits can take, for linears described by their packed
-    weight specs (``{"shape": [out, in], "bits", "bucket_size", "scheme"}``, as the packed
-    modules and the compression records hold them): at least one, each 4-bit, uniform, and
-    in buckets of a power of two >= 16 dividing its ``in_features`` (no bucket may straddle
-    two rows). One ValueError naming ``field``, the layer, and the fix (the bucket sizes that
-    work for every layer, else ``off``)."""
-    if not layers:
+                      off: str = "export without --4bit",
+                      embeddings: Sequence[tuple[str, dict]] = ()) -> None:
+    """The one home of what MatMulNBits (linears, ``layers``) and GatherBlockQuantized
+    (``embeddings``) can take, described by their packed weight specs (``{"shape": [out, in]``
+    or ``[vocab, dim], "bits", "bucket_size", "scheme"}``, as the packed modules and the
+    compression records hold them): at least one of either, each 4-bit, uniform, and in
+    buckets of a power of two >= 16 dividing its row width (``in_features``, or the
+    embedding's ``embedding_dim``: no bucket may straddle two rows; both operators block along
+    that axis). One ValueError naming ``field``, the layer, and the fix (the bucket sizes that
+    work for every layer and embedding, else ``off``)."""
+    every = [(name, spec, "MatMulNBits", "in_features") for name, spec in layers] + \
+        [(name, spec, "GatherBlockQuantized", "embedding_dim") for name, spec in embeddings]
+    if not every:
         raise ValueError(
-            f"{field}: the model has no packed 4-bit linear layer (it was not trained with "
-            "quantized distillation); distil it with compression: [{method: quantize, bits: 4, "
-            f"bucket_size: 64}}], or {off} (int8 quantizes any student)")
-    for name, spec in layers:
+            f"{field}: the model has no packed 4-bit linear layer or embedding (it was not "
+            "trained with quantized distillation); distil it with compression: [{method: "
+            f"quantize, bits: 4, bucket_size: 64}}], or {off} (int8 quantizes any student)")
+    for name, spec, op, _ in every:
         if spec["bits"] != BITS:
             raise ValueError(
-                f"{field}: layer {name!r} is packed with bits={spec['bits']}; MatMulNBits export "
+                f"{field}: layer {name!r} is packed with bits={spec['bits']}; {op} export "
                 f"takes 4-bit students only: distil with quantize bits: 4, or {off}")
         if spec["scheme"] != "uniform":
             raise ValueError(
                 f"{field}: layer {name!r} uses the {spec['scheme']!r} scheme (a table of learned "
-                f"points), which MatMulNBits cannot express (it computes (code - zero_point) * "
+                f"points), which {op} cannot express (it computes (code - zero_point) * "
                 f"scale); distil with scheme: uniform, or {off}")
-    widths = [spec["shape"][1] for _, spec in layers]
+    widths = [spec["shape"][1] for _, spec, _, _ in every]
     works = block_sizes_for(widths)
-    for (name, spec), width in zip(layers, widths):
+    for (name, spec, op, axis), width in zip(every, widths):
         k = spec["bucket_size"]
         if k < MIN_BLOCK or k & (k - 1) or width % k:
             fix = (f"distil with one of bucket_size {works}, which work for every layer of this "
                    "model" if works else
-                   f"no bucket size works for every layer of this model (in_features "
+                   f"no bucket size works for every layer of this model (row widths "
                    f"{sorted(set(widths))}); {off}")
             raise ValueError(
-                f"{field}: layer {name!r} has bucket_size {k} and in_features {width}; "
-                f"MatMulNBits needs a power of two >= {MIN_BLOCK} that divides in_features (no "
+                f"{field}: layer {name!r} has bucket_size {k} and {axis} {width}; "
+                f"{op} needs a power of two >= {MIN_BLOCK} that divides {axis} (no "
                 f"bucket may straddle two rows): {fix}")
 
 
@@ -195,20 +244,67 @@ class _MatMulNBitsLinear(torch.autograd.Function):
         return y if bias is None else g.op("Add", y, bias)
 
 
+def gather_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The GatherBlockQuantized inputs of packed embedding ``module`` (the mapping in the
+    module docstring): ``weight_packed`` (data ``[V, D/2]``), ``weight_scales`` (``alpha /
+    15``, ``[V, D/k]``), ``weight_zero_points`` (0, ``[V, ceil(D/k / 2)]``) and
+    ``weight_offsets`` (``beta``, ``[V, D/k]``) for the second gather. Reshapes of the packed
+    buffers, no re-quantization."""
+    v, d = module.num_embeddings, module.embedding_dim
+    nb = d // module.packed_specs["weight"]["bucket_size"]
+    return {
+        "weight_packed": module.weight_packed.detach().reshape(v, d * BITS // 8).cpu(),
+        "weight_scales": (module.weight_scale.detach().float() / 15).reshape(v, nb).cpu(),
+        "weight_zero_points": torch.zeros(v, -(-nb * BITS // 8), dtype=torch.uint8),
+        "weight_offsets": module.weight_offset.detach().float().reshape(v, nb).cpu(),
+    }
+
+
+class _GatherBlockQuantized(torch.autograd.Function):
+    """``F.embedding(ids, weight)`` in PyTorch (the packed table's dequantized copy: the
+    trace carries the student's values; ``padding_idx`` only shapes gradients); in the ONNX
+    graph, GatherBlockQuantized of the codes plus the gathered per-bucket offsets."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, data, scales, zero_points, offsets, dim, block):
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def symbolic(g, ids, weight, data, scales, zero_points, offsets, dim, block):
+        y = g.op(f"{DOMAIN}::GatherBlockQuantized", data, ids, scales, zero_points,
+                 gather_axis_i=0, quantize_axis_i=1, block_size_i=block, bits_i=BITS)
+        rank = ids.type().dim()
+        if rank is None:
+            raise RuntimeError("GatherBlockQuantized export: the ids' rank is unknown to the "
+                               "tracer")
+
+        def shape(*tail):  # 0 copies each of the ids' (dynamic) axes
+            return g.op("Constant", value_t=torch.tensor([0] * rank + list(tail)))
+
+        # [..., D] -> [..., D/k, k], + beta [..., D/k, 1], -> [..., D].
+        beta = g.op("Unsqueeze", g.op("Gather", offsets, ids, axis_i=0),
+                    g.op("Constant", value_t=torch.tensor([-1])))
+        y = g.op("Add", g.op("Reshape", y, shape(dim // block, block)), beta)
+        return g.op("Reshape", y, shape(dim))
+
+
 @contextlib.contextmanager
 def nbits_forwards(model: nn.Module, accuracy_level: int = DEFAULT_ACCURACY_LEVEL
                    ) -> Iterator[list[str]]:
     """While active, each packed linear of ``model`` (checked by :func:`check_four_bit`)
-    runs its MatMulNBits form: the same values in PyTorch, MatMulNBits nodes when traced by
-    ``torch.onnx.export(..., dynamo=False, custom_opsets={"com.microsoft": 1})``. Yields the
-    list of layer names in the order the trace called them, which :func:`finish_graph` pairs
-    with the graph's MatMulNBits nodes. The forwards are restored on exit."""
+    runs its MatMulNBits form and each packed embedding its GatherBlockQuantized form: the
+    same values in PyTorch, those nodes when traced by ``torch.onnx.export(..., dynamo=False,
+    custom_opsets={"com.microsoft": 1})``. Yields the list of layer names in the order the
+    trace called them, which :func:`finish_graph` pairs with the graph's nodes (linears with
+    MatMulNBits, embeddings with GatherBlockQuantized, each in order). The forwards are
+    restored on exit."""
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level={accuracy_level!r}: use one of {ACCURACY_LEVELS} "
                          "(0: fp32 activations, exact; 4: int8 activations, approximate)")
     check_four_bit(model)
     calls: list[str] = []
     layers = packed_linears(model)
+    tables = packed_embeddings(model)
 
     def swapped(name: str, mod: nn.Module):
         t = nbits_tensors(mod)
@@ -222,24 +318,40 @@ def nbits_forwards(model: nn.Module, accuracy_level: int = DEFAULT_ACCURACY_LEVE
             return _MatMulNBitsLinear.apply(x, mod.weight, mod.bias, *args)
         return forward
 
+    def gathered(name: str, mod: nn.Module):
+        t = gather_tensors(mod)
+        args = (t["weight_packed"], t["weight_scales"], t["weight_zero_points"],
+                t["weight_offsets"], mod.embedding_dim, mod.packed_specs["weight"]["bucket_size"])
+
+        def forward(ids):
+            if torch.jit.is_tracing():
+                calls.append(name)
+            return _GatherBlockQuantized.apply(ids, mod.weight, *args)
+        return forward
+
     try:
         for name, mod in layers:
             # An instance attribute: nn.Module.__call__ looks up self.forward.
             mod.__dict__["forward"] = swapped(name, mod)
+        for name, mod in tables:
+            mod.__dict__["forward"] = gathered(name, mod)
         yield calls
     finally:
-        for _, mod in layers:
+        for _, mod in layers + tables:
             mod.__dict__.pop("forward", None)
 
 
 def finish_graph(path: str, model: nn.Module, calls: Sequence[str]) -> dict:
-    """Check the MatMulNBits nodes of the ONNX file ``path`` against ``model``'s packed
-    buffers and store their inputs as initializers named ``<layer>.weight_packed`` (B),
-    ``.weight_scales``, ``.weight_zero_points`` and, for the offset term's MatMul,
-    ``.weight_offsets_t`` (the exporter leaves them as Constant nodes). ``calls`` are the
-    layer names :func:`nbits_forwards` recorded: the i-th node is the i-th call. A tensor that
-    is not byte for byte the layer's (B its packed codes, the scales its ``alpha / 15``, the
-    offsets its ``beta``) is a RuntimeError. Returns ``{"matmulnbits_nodes", "bucket_sizes"}``."""
+    """Check the MatMulNBits and GatherBlockQuantized nodes of the ONNX file ``path`` against
+    ``model``'s packed buffers and store their inputs as initializers named
+    ``<layer>.weight_packed`` (B, or the embedding's data), ``.weight_scales``,
+    ``.weight_zero_points`` and, for the offset term, ``.weight_offsets_t`` (a linear's
+    MatMul) or ``.weight_offsets`` (an embedding's second Gather); the exporter leaves them as
+    Constant nodes. ``calls`` are the layer names :func:`nbits_forwards` recorded: the i-th
+    MatMulNBits node is the i-th linear called, the i-th GatherBlockQuantized node the i-th
+    embedding. A tensor that is not byte for byte the layer's (the codes its packed bytes, the
+    scales its ``alpha / 15``, the offsets its ``beta``) is a RuntimeError. Returns
+    ``{"matmulnbits_nodes", "gatherblockquantized_nodes", "bucket_sizes"}``."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -253,14 +365,20 @@ def finish_graph(path: str, model: nn.Module, calls: Sequence[str]) -> dict:
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    nodes = [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == DOMAIN]
-    if len(nodes) != len(calls):
-        raise RuntimeError(f"MatMulNBits export: {len(nodes)} nodes in the graph but the trace "
-                           f"called {len(calls)} packed linears")
     modules = dict(model.named_modules())
+    linear_calls = [c for c in calls if not isinstance(modules[c], nn.Embedding)]
+    table_calls = [c for c in calls if isinstance(modules[c], nn.Embedding)]
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits" and n.domain == DOMAIN]
+    gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.domain == DOMAIN]
+    for op, found, called, what in (("MatMulNBits", nodes, linear_calls, "packed linears"),
+                                    ("GatherBlockQuantized", gathers, table_calls,
+                                     "packed embeddings")):
+        if len(found) != len(called):
+            raise RuntimeError(f"{op} export: {len(found)} nodes in the graph but the trace "
+                               f"called {len(called)} {what}")
     new: dict[str, object] = {}
 
-    def adopt(node, idx: int, name: str, suffix: str, want) -> None:
+    def adopt(node, idx: int, name: str, suffix: str, want, op: str) -> None:
         # The tensor behind node.input[idx] must be ``want`` byte for byte; it becomes the
         # initializer ``<layer>.<suffix>``.
         src = node.input[idx]
@@ -269,22 +387,39 @@ def finish_graph(path: str, model: nn.Module, calls: Sequence[str]) -> dict:
         want = want.numpy()
         if got is None or got.dtype != want.dtype or got.shape != want.shape or \
                 got.tobytes() != want.tobytes():
-            raise RuntimeError(f"MatMulNBits export: node {node.name!r} input {idx} ({suffix}) "
+            raise RuntimeError(f"{op} export: node {node.name!r} input {idx} ({suffix}) "
                                f"differs from the packed buffers of layer {name!r}")
         key = f"{name}.{suffix}"
         new.setdefault(key, numpy_helper.from_array(np.ascontiguousarray(got), key))
         node.input[idx] = key
 
-    for node, name in zip(nodes, calls):
+    def next_op(output: str, op_type: str):
+        return next((c for c in consumers.get(output, []) if c.op_type == op_type), None)
+
+    for node, name in zip(nodes, linear_calls):
         expected = nbits_tensors(modules[name])
         for idx, suffix in enumerate(SUFFIXES, start=1):
-            adopt(node, idx, name, suffix, expected[suffix])
+            adopt(node, idx, name, suffix, expected[suffix], "MatMulNBits")
         # The offset term: Add(MatMulNBits, MatMul(bucket sums, offsets_t)).
-        add = next((c for c in consumers.get(node.output[0], []) if c.op_type == "Add"), None)
+        add = next_op(node.output[0], "Add")
         other = add and producer.get(next(i for i in add.input if i != node.output[0]))
         if other is None or other.op_type != "MatMul":
             raise RuntimeError(f"MatMulNBits export: node {node.name!r} has no offset term")
-        adopt(other, 1, name, "weight_offsets_t", expected["offsets_t"])
+        adopt(other, 1, name, "weight_offsets_t", expected["offsets_t"], "MatMulNBits")
+    for node, name in zip(gathers, table_calls):
+        expected = gather_tensors(modules[name])
+        for idx, suffix in GATHER_INPUTS:
+            adopt(node, idx, name, suffix, expected[suffix], "GatherBlockQuantized")
+        # The offset term: Add(Reshape(GatherBlockQuantized), Unsqueeze(Gather(offsets, ids))).
+        view = next_op(node.output[0], "Reshape")
+        add = view and next_op(view.output[0], "Add")
+        other = add and producer.get(next(i for i in add.input if i != view.output[0]))
+        source = other and other.op_type == "Unsqueeze" and producer.get(other.input[0])
+        if not source or source.op_type != "Gather" or source.input[1] != node.input[1]:
+            raise RuntimeError(f"GatherBlockQuantized export: node {node.name!r} has no offset "
+                               "term")
+        adopt(source, 0, name, "weight_offsets", expected["weight_offsets"],
+              "GatherBlockQuantized")
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] not in used)]
     del graph.node[:]
@@ -292,7 +427,7 @@ def finish_graph(path: str, model: nn.Module, calls: Sequence[str]) -> dict:
     graph.initializer.extend(new.values())
     onnx.save(proto, path)
     modules_done = {modules[n] for n in calls}
-    return {"matmulnbits_nodes": len(nodes),
+    return {"matmulnbits_nodes": len(nodes), "gatherblockquantized_nodes": len(gathers),
             "bucket_sizes": sorted({m.packed_specs["weight"]["bucket_size"] for m in modules_done})}
 
 
@@ -302,12 +437,14 @@ def export_four_bit(model: nn.Module, traced: nn.Module, args: tuple, path: str,
                     accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
     """Export ``traced`` (a module whose forward runs ``model``, e.g. a wrapper that returns
     the logits) called on ``args`` to ``path`` with every packed linear of ``model`` as a
-    MatMulNBits node, then check the nodes against the packed buffers (:func:`finish_graph`).
-    Refuses an unexportable model first (:func:`check_four_bit`). The file is not checked
-    against PyTorch here: the caller runs it on its own inputs.
+    MatMulNBits node and every packed embedding as GatherBlockQuantized, then check the nodes
+    against the packed buffers (:func:`finish_graph`). Refuses an unexportable model first
+    (:func:`check_four_bit`). The file is not checked against PyTorch here: the caller runs
+    it on its own inputs.
 
-    Returns ``matmulnbits_nodes``, ``bucket_sizes``, ``accuracy_level`` and
-    ``dequantized_in_graph`` (packed weights that are not linears', kept as fp32)."""
+    Returns ``matmulnbits_nodes``, ``gatherblockquantized_nodes``, ``bucket_sizes``,
+    ``accuracy_level`` and ``dequantized_in_graph`` (packed weights exported as neither,
+    kept as fp32)."""
     import warnings
 
     with nbits_forwards(model, accuracy_level) as calls, warnings.catch_warnings():
