@@ -93,8 +93,9 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
 
     A candidate is a layer's least important remaining head, its next ``ffn_block`` least
     important neurons (fewer when that would leave less than one block), or a whole layer.
-    Each pick's saving is ``cost(now) - cost(now without it)``, recomputed after every pick;
-    a candidate that saves nothing is never picked. Ties go to the earlier kind (heads, ffn,
+    Each pick's saving is ``cost(now) - cost(now without it)``, recomputed after every pick,
+    and counted only up to what the step still needs; a candidate that saves nothing is never
+    picked. Ties go to the earlier kind (heads, ffn,
     layers) and the earlier layer, so the plan is deterministic."""
     n = len(structure.heads)
     heads, ffn = list(structure.heads), list(structure.ffn)
@@ -129,11 +130,14 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
             if "layers" in units and len(alive) > 1:
                 options.append((2, float(scores.layers[l]),
                                 shape(heads, ffn, [x for x in alive if x != l]), 0))
+            # A saving beyond what the step still needs is worth nothing: near the target a
+            # whole layer is not taken where a head would do.
+            remaining = now - (start - cut)
             for kind, imp, trial, k in options:
                 saving = now - float(cost(trial))
                 if saving <= 0:
                     continue
-                key = (max(imp, 0.0) / saving, kind, rank)
+                key = (max(imp, 0.0) / min(saving, remaining), kind, rank)
                 if best is None or key < best[0]:
                     best = (key, kind, l, k)
         if best is None:

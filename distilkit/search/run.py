@@ -191,7 +191,8 @@ class _Searcher:
                 out["train_loss"] = round(float(logs[-1]["loss"]), 6)
         if self.eval_ds is not None and len(self.eval_ds):
             m = trainer.evaluate(eval_dataset=self.eval_ds)
-            out.update({k[len("eval_"):]: round(float(v), 6) for k, v in m.items()
+            out.update({k if k == "eval_loss" else k[len("eval_"):]: round(float(v), 6)
+                        for k, v in m.items()
                         if k in ("eval_accuracy", "eval_macro_f1", "eval_loss")})
         model.eval()
         return out
@@ -200,6 +201,17 @@ class _Searcher:
 def _teacher_module(teachers):
     m = teachers.models()[0]
     return getattr(m, "inner", m)   # a label view computes what its teacher computes
+
+
+def _teacher_ms(teacher: nn.Module, spec, repeats: int = 3) -> float:
+    """The teacher's latency in ``spec``: the median of ``repeats`` measurements, after the
+    process is warm (a first measurement in a fresh process runs slow), so that one noisy
+    figure does not set every speed-up target's limit."""
+    import statistics
+
+    from distilkit.search.latency import measure_model_ms
+
+    return float(statistics.median(measure_model_ms(teacher, spec) for _ in range(repeats)))
 
 
 def search_and_run(recipe, progress: bool = True) -> dict:
@@ -224,11 +236,12 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
                        threads=budget.threads)
-    teacher_ms = measure_model_ms(_teacher_module(parts.teachers), spec)
     smallest = smallest_structure(structure, budget.units, budget.ffn_block)
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress)
+    teacher_ms = _teacher_ms(_teacher_module(parts.teachers), spec)
+    if budget.latency:
         limit = budget.value if budget.target == "latency_ms" else teacher_ms / budget.value
         goal = Goal(limit, "ms", figure=table.measure_ms, cost=table.predict_ms)
         tiny = prune_removal(copy.deepcopy(student),
