@@ -9,8 +9,9 @@ copy) exports the function it computes in PyTorch. ``int8`` adds onnxruntime's d
 quantization of the same graph (weights int8, activations quantized per call). ``four_bit``
 adds ``model_4bit.onnx`` for a student trained with 4-bit quantized distillation: its packed
 linears become onnxruntime ``MatMulNBits`` nodes fed with the student's own codes and bucket
-scales (:mod:`distilkit.export.nbits`), so the file computes the quantized student's own
-function; other packed weights (a packed embedding) stay as their dequantized fp32 copy.
+scales and its packed embeddings (``quantize_embeddings``) ``GatherBlockQuantized`` nodes
+(:mod:`distilkit.export.nbits`), so the file computes the quantized student's own function;
+other packed weights (packed LSTM matrices) stay as their dequantized fp32 copy.
 
 The check: the tokenizer encodes real sentences (or sentence pairs) in batches of different
 lengths (batch 1 included), PyTorch and onnxruntime both run them, and the fp32 and 4-bit
@@ -242,7 +243,8 @@ def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool 
     """Export the classification student in ``model_dir`` (a model directory, or a run directory
     with ``student/``) to ``out_dir`` (default ``MODEL_DIR/onnx``): ``model.onnx``, with
     ``int8`` also ``model_int8.onnx``, with ``four_bit`` also ``model_4bit.onnx`` (the 4-bit
-    student's packed linears as MatMulNBits, :mod:`distilkit.export.nbits`; a model it cannot
+    student's packed linears as MatMulNBits and packed embeddings as GatherBlockQuantized,
+    :mod:`distilkit.export.nbits`; a model it cannot
     take is refused before any work), the tokenizer, ``config.json`` and ``export.json``.
 
     ``check_data``: sentences, or ``(first, second)`` pairs; default :data:`CHECK_TEXTS`, and
