@@ -88,3 +88,186 @@ def test_seq2seq_is_out_of_scope():
                                                  encoder_ffn_dim=16, decoder_ffn_dim=16))
     with pytest.raises(ValueError, match="model_type 'bart'.*seq2seq"):
         structure_of(m)
+
+
+# ---------------------------------------------------------------------------------------
+# The latency table
+# ---------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+
+from distilkit.search import latency  # noqa: E402
+from distilkit.search.latency import (RUNTIMES, LatencyTable, RuntimeSpec,  # noqa: E402
+                                      measure_model_ms)
+
+# Timed on the process's CPU clock with one thread: other people's work on this shared 2-core
+# machine does not inflate it (a wall clock under their load varied 40x from run to run).
+SPEC = RuntimeSpec("pytorch", batch=8, seq_len=32, threads=1, clock="cpu")
+
+
+def _timing_bert(intermediate: int = 512):
+    return _tiny_bert(vocab_size=1000, hidden_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, intermediate_size=intermediate,
+                      max_position_embeddings=64, num_labels=2)
+
+
+def _pruned_models(model) -> dict:
+    out = {"full": model}
+    m = copy.deepcopy(model)
+    compress_(m, PruneHeadsConfig(heads={0: [0, 1], 1: [3], 3: [1, 2, 3]}))
+    out["heads"] = m
+    m = copy.deepcopy(model)
+    compress_(m, PruneFFNConfig(neurons={0: list(range(300)), 2: list(range(100))}))
+    out["ffn"] = m
+    m = copy.deepcopy(model)
+    compress_(m, PruneLayersConfig(layers=[1, 2]))
+    out["layers"] = m
+    m = copy.deepcopy(out["ffn"])
+    compress_(m, PruneHeadsConfig(heads={0: [0, 1, 2], 2: [0]}))
+    compress_(m, PruneLayersConfig(layers=[3]))
+    out["mixed"] = m  # heads (1, 4, 3), neurons (212, 512, 412): off the grid
+    return out
+
+
+@pytest.fixture(scope="module")
+def timed(tmp_path_factory):
+    model = _timing_bert()
+    cache = str(tmp_path_factory.mktemp("latency"))
+    return model, LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False), cache
+
+
+def _measured(table, model, times: int = 3) -> float:
+    """The median of several medians: one burst of noise cannot decide the comparison."""
+    return sorted(table.measure_ms(model) for _ in range(times))[times // 2]
+
+
+def test_table_predicts_measured_latency_of_pruned_models(timed):
+    model, table, _ = timed
+    assert table.measured and table.tolerance == latency.TOLERANCE
+    assert table.heads == [1, 2, 3, 4] and table.ffn[0] == 1 and table.ffn[-1] == 512
+    assert table.base_ms() > 0
+    errors = {}
+    for name, m in _pruned_models(model).items():
+        predicted, measured = table.predict_ms(structure_of(m)), _measured(table, m)
+        errors[name] = (round(predicted, 2), round(measured, 2), predicted / measured - 1)
+    assert all(abs(e) <= table.tolerance for _, _, e in errors.values()), errors
+    # and the figures order the structures as their sizes do
+    assert errors["layers"][0] < errors["full"][0] and errors["mixed"][0] < errors["full"][0]
+
+
+def test_onnx_int8_table_predicts_a_pruned_model(tmp_path):
+    model = _timing_bert()
+    spec = RuntimeSpec("onnx_int8", batch=8, seq_len=32, threads=1, clock="cpu")
+    table = LatencyTable.for_model(model, spec, cache_dir=str(tmp_path), progress=False, grid=2)
+    mixed = _pruned_models(model)["mixed"]
+    # one export, timed as a median of MEASURE_REPEATS runs (each measure exports again)
+    predicted, measured = table.predict_ms(structure_of(mixed)), _measured(table, mixed, 1)
+    assert abs(predicted / measured - 1) <= table.tolerance, (predicted, measured)
+
+
+def _fake_ms(model, spec, repeats=latency.MEASURE_REPEATS):
+    """A latency linear in heads and neurons per layer: bilinear interpolation is exact on it."""
+    s = structure_of(model)
+    return 1.0 + spec.batch + sum(0.5 * h + 0.01 * f for h, f in zip(s.heads, s.ffn))
+
+
+def test_table_adds_base_and_interpolated_layers(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency, "_time_model", _fake_ms)
+    model = _timing_bert()
+    table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3)
+    assert table.heads == [1, 3, 4] and table.ffn == [1, 257, 512]
+    assert table.base_ms() == pytest.approx(1.0 + SPEC.batch)
+    assert table.layer_ms(2, 300) == pytest.approx(0.5 * 2 + 0.01 * 300)
+    for m in _pruned_models(model).values():
+        assert table.predict_ms(structure_of(m)) == pytest.approx(_fake_ms(m, SPEC))
+    with pytest.raises(ValueError, match="heads=5, ffn=10 outside this table's shape"):
+        table.layer_ms(5, 10)
+
+
+def test_cache_serves_the_second_call_and_keys_shape_and_spec(tmp_path, monkeypatch):
+    calls = []
+
+    def counting(model, spec, repeats=latency.MEASURE_REPEATS):
+        calls.append(spec)
+        return _fake_ms(model, spec)
+
+    monkeypatch.setattr(latency, "_time_model", counting)
+    model, cache = _timing_bert(), str(tmp_path)
+    first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
+    assert first.measured and len(calls) == 5  # the base and 2 x 2 one-layer models
+
+    def refuse(*a, **k):
+        raise AssertionError("measured although the table is cached")
+
+    monkeypatch.setattr(latency, "_time_model", refuse)
+    again = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
+    assert not again.measured and again.path == first.path
+    assert again.predict_ms(Structure((2, 3), (100, 400), 1000)) == \
+        first.predict_ms(Structure((2, 3), (100, 400), 1000))
+    # a pruned model of the same base shape is served by the same table
+    pruned = _pruned_models(model)["mixed"]
+    assert LatencyTable.for_model(pruned, SPEC, cache_dir=cache, progress=False,
+                                  grid=2).path == first.path
+
+    monkeypatch.setattr(latency, "_time_model", counting)
+    other_spec = LatencyTable.for_model(model, RuntimeSpec("pytorch", 4, 32, 1, "cpu"),
+                                        cache_dir=cache, progress=False, grid=2)
+    other_shape = LatencyTable.for_model(_timing_bert(intermediate=256), SPEC, cache_dir=cache,
+                                         progress=False, grid=2)
+    assert other_spec.measured and other_shape.measured and len(calls) == 15
+    assert len({first.path, other_spec.path, other_shape.path}) == 3
+    assert other_spec.base_ms() == pytest.approx(1.0 + 4)
+
+
+@pytest.mark.parametrize("damage", ["not json {", '{"key": {"other": 1}, "base_ms": 1}',
+                                    "truncated"])
+def test_a_damaged_cache_file_is_measured_again(tmp_path, monkeypatch, damage, caplog):
+    monkeypatch.setattr(latency, "_time_model", _fake_ms)
+    model, cache = _timing_bert(), str(tmp_path)
+    first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
+    text = open(first.path).read()
+    with open(first.path, "w") as f:
+        f.write(text[: len(text) // 2] if damage == "truncated" else damage)
+    again = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
+    assert again.measured and "measuring it again" in caplog.text
+    assert json.load(open(first.path))["base_ms"] == pytest.approx(first.base_ms())
+
+
+def test_bad_input_is_refused_before_any_work(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(latency, "_time_model", refuse)
+    with pytest.raises(ValueError) as e:
+        RuntimeSpec(runtime="tensorrt")
+    msg = str(e.value)
+    assert "runtime='tensorrt'" in msg and all(r in msg for r in RUNTIMES)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch="):
+            RuntimeSpec(batch=bad)
+    with pytest.raises(ValueError, match="seq_len="):
+        RuntimeSpec(seq_len=0)
+    with pytest.raises(ValueError, match="threads="):
+        RuntimeSpec(threads=-1)
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        RuntimeSpec(clock="gpu")
+    model = _tiny_bert()
+    with pytest.raises(ValueError, match="seq_len=64 is longer than the model's "
+                                         "max_position_embeddings \\(40\\)"):
+        LatencyTable.for_model(model, RuntimeSpec(seq_len=64), progress=False)
+    with pytest.raises(ValueError, match="grid=1"):
+        LatencyTable.for_model(model, RuntimeSpec(seq_len=16), progress=False, grid=1)
+    with pytest.raises(ValueError, match="seq2seq"):
+        from transformers import BartConfig, BartForSequenceClassification
+
+        measure_model_ms(BartForSequenceClassification(BartConfig(
+            vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+            decoder_ffn_dim=16)), RuntimeSpec(seq_len=8))
+
+
+def test_spec_key_resolves_threads():
+    assert RuntimeSpec().key()["threads"] == torch.get_num_threads()
+    assert RuntimeSpec(threads=3).key() == {"runtime": "pytorch", "batch": 32, "seq_len": 64,
+                                            "threads": 3, "clock": "wall"}

@@ -1,0 +1,427 @@
+"""What a pruned encoder classifier costs in a runtime: a latency table measured once per model
+shape, runtime spec and machine, cached on disk.
+
+Design. The table is built from whole small models served the way the final student is
+served, so the table and the student's final figure are measured the same way:
+
+* ``base``: the model with 0 encoder layers (embeddings, pooler, classifier head);
+* on a grid of head counts ``h`` (every count 1..num_heads, or ``grid`` of them) and FFN
+  widths ``f`` (``grid`` points from 1 to the intermediate size, evenly spaced), the model
+  with 1 layer keeping ``h`` heads and ``f`` neurons; its cost minus ``base`` is the cost of
+  one such layer.
+
+A layer of any ``(h, f)`` is interpolated bilinearly on that grid, and a structure costs
+``base + sum of its layers``: a transformer runs its layers one after the other on tensors of
+the same shape, so their costs add. The word-table size does not enter (one row gather per
+token, whatever the table's size); it only enters the size (:mod:`~distilkit.search.structure`).
+
+Runtimes (:data:`RUNTIMES`): ``pytorch`` (eager fp32, ``torch.set_num_threads(threads)``),
+``onnx`` (the graph ``distilkit export`` traces, in onnxruntime fp32) and ``onnx_int8`` (as
+``distilkit export --int8`` makes it: onnxruntime's fused graph, checked against PyTorch, with
+the fallbacks of :func:`distilkit.export.classifier.export_classifier`, then dynamic int8 with
+per-channel scales). Every small model is exported in a temporary directory; onnxruntime
+sessions take ``threads`` intra-op threads and do not spin after a run (``spin=False``), so
+nothing else competes for the cores while a model is timed.
+
+Measurement (:func:`measure_model_ms`): random token ids and an all-ones attention mask (and
+zero token types where the family has them) at ``(batch, seq_len)``, ``WARMUP`` untimed runs,
+then the median of ``REPEATS`` timed runs (the protocol of :func:`distilkit.evaluate.latency_ms`),
+on the spec's ``clock``: ``wall`` (the latency as served) or ``cpu`` (the process's CPU time,
+which other processes sharing the cores do not inflate: with ``threads=1`` the latency of the
+machine left idle; the tests use it, as several people share this 2-core machine; with more
+threads it also counts time spent waiting for a preempted peer).
+
+Cache. ``<cache root>/latency/<family>-<hash>.json`` (cache root: ``$DISTILKIT_CACHE``, as
+:func:`distilkit.data.cache_root`; or ``cache_dir``), keyed by the shape
+(:meth:`~distilkit.search.structure.BaseShape.key`), the spec (threads resolved), the grid,
+the protocol and the machine (CPU model, core count, platform, torch version and, for the
+onnx runtimes, onnxruntime's). The file holds its key; one that does not parse or does not
+hold its key is measured again and replaced (atomically, :mod:`distilkit.files`).
+
+Accuracy (:data:`TOLERANCE`): on a loaded 2-core machine the tests require predictions within
+25% of the measured latency of pruned models (median of repeats); timing noise of a few
+percent per small model is summed over the layers, and a model served in one piece gains or
+loses a little against the sum of its layers (cache effects).
+
+Build time: the built-in MiniLM shape (12 heads, 1536 neurons) at batch 32, length 64 in
+pytorch is 12 x 7 one-layer models plus the base, about 2-3 minutes on 2 cores; the onnx
+runtimes export each model first (about 2 s each for int8), so a coarser ``grid`` suits them.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from distilkit.compress.families import get_adapter, slice_cols, slice_rows
+from distilkit.search.structure import BaseShape, Structure, base_shape_of, structure_of
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("pytorch", "onnx", "onnx_int8")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+WARMUP = 2
+REPEATS = 5            # timed runs per small model of the table
+MEASURE_REPEATS = 7    # timed runs of a whole model (measure_ms)
+DEFAULT_GRID = 7       # FFN widths on the grid (1 .. intermediate); heads: every count
+TOLERANCE = 0.25
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Where and at what shape latency is measured."""
+
+    runtime: str = "pytorch"
+    batch: int = 32
+    seq_len: int = 64
+    threads: int = 0  # 0: torch.get_num_threads()
+    # "wall": latency as served (perf_counter); "cpu": the process's CPU time over the run
+    # (time.process_time), which other work on a shared machine does not inflate; with
+    # threads=1 it is the latency of the same machine left idle.
+    clock: str = "wall"
+
+    def __post_init__(self):
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock={self.clock!r} is not one of {list(CLOCKS)}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r} is not one of {list(RUNTIMES)}; "
+                             "e.g. runtime: onnx_int8")
+        for name in ("batch", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1, e.g. {name}: "
+                                 f"{32 if name == 'batch' else 64}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads={self.threads!r} must be an integer >= 0 (0: as many as "
+                             "torch uses)")
+
+    def resolved_threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+    def key(self) -> dict:
+        return {**asdict(self), "threads": self.resolved_threads()}
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring one model
+# ---------------------------------------------------------------------------------------
+
+def _input_names(model: nn.Module) -> list[str]:
+    """The inputs a served model gets: ids, mask, and token types where the family has more
+    than one (what its tokenizer returns)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0) > 1:
+        names.append("token_type_ids")
+    return names
+
+
+def _batch(model: nn.Module, batch: int, seq_len: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, int(model.config.vocab_size), (batch, seq_len), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in _input_names(model):
+        out["token_type_ids"] = torch.zeros_like(ids)
+    return out
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _onnx_file(model: nn.Module, runtime: str, tmp: str) -> str:
+    """``model`` exported as ``distilkit export`` serves it (``runtime``: onnx or onnx_int8),
+    in ``tmp``: the same trace, and for int8 the same fused graphs and fallbacks, checked
+    against the model on small random batches."""
+    import warnings
+
+    from distilkit.export.classifier import TOLERANCE as EXPORT_TOLERANCE
+    from distilkit.export.classifier import _fused_ok, _LogitsOnly
+    from distilkit.export.runtime import FP32_FILE, INT8_FILE, OPSET, require_onnx
+
+    require_onnx()
+    names = _input_names(model)
+    example = tuple(_batch(model, 2, 8)[n] for n in names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["logits"] = {0: "batch"}
+    fp32 = os.path.join(tmp, FP32_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings, as the exporter silences them
+        torch.onnx.export(_LogitsOnly(model, names).eval(), example, fp32, input_names=names,
+                          output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
+                          dynamo=False)
+    if runtime == "onnx":
+        return fp32
+    from distilkit.export.int8 import fused_graph, int8_from
+
+    checks = [{n: t.numpy() for n, t in _batch(model, b, s, seed=b).items() if n in names}
+              for b, s in ((1, 5), (3, 11))]
+    src = fp32
+    for attention in (True, False):
+        fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names, axes,
+                            os.path.join(tmp, "fused.onnx"), attention)
+        if fused and _fused_ok(fused, model, names, checks, EXPORT_TOLERANCE):
+            src = fused
+            break
+    q = os.path.join(tmp, INT8_FILE)
+    int8_from(src, q, per_channel=True)
+    return q
+
+
+def _median_ms(fn, clock: str, repeats: int) -> float:
+    """Median ms of ``fn()`` on ``clock`` over ``repeats`` runs after ``WARMUP`` untimed ones
+    (:func:`distilkit.evaluate.latency_ms`'s protocol, on either clock)."""
+    now = CLOCKS[clock]
+    times = []
+    with torch.inference_mode():
+        for i in range(WARMUP + repeats):
+            t0 = now()
+            fn()
+            if i >= WARMUP:
+                times.append((now() - t0) * 1000)
+    return float(statistics.median(times))
+
+
+def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPEATS) -> float:
+    """Median ms of one forward pass of ``model`` at ``spec`` (module docstring)."""
+    model = model.float().eval()
+    batch = _batch(model, spec.batch, spec.seq_len)
+    threads = spec.resolved_threads()
+    if spec.runtime == "pytorch":
+        with _torch_threads(threads):
+            return _median_ms(lambda: model(**batch), spec.clock, repeats)
+    from distilkit.export.measure import OrtClassifier
+
+    with tempfile.TemporaryDirectory(prefix="distilkit-latency-") as tmp:
+        path = _onnx_file(model, spec.runtime, tmp)
+        served = OrtClassifier(path, model.config, threads, spin=False)
+        return _median_ms(lambda: served(**batch), spec.clock, repeats)
+
+
+def _check_model(model: nn.Module, spec: RuntimeSpec) -> None:
+    structure_of(model)  # refuses a family or kind the table cannot model
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and spec.seq_len > limit:
+        raise ValueError(f"seq_len={spec.seq_len} is longer than the model's "
+                         f"max_position_embeddings ({limit}); give seq_len <= {limit}")
+
+
+def measure_model_ms(model: nn.Module, spec: RuntimeSpec) -> float:
+    """The whole ``model`` measured in ``spec``'s runtime: the median of ``MEASURE_REPEATS``
+    runs after ``WARMUP`` (ground truth for a table's predictions)."""
+    _check_model(model, spec)
+    return _time_model(model, spec)
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+def grid_points(total: int, n: int) -> list[int]:
+    """``n`` (at most ``total``) distinct counts evenly spaced from 1 to ``total``."""
+    n = max(2, min(int(n), total)) if total > 1 else 1
+    if n == 1:
+        return [1]
+    return sorted({1 + round(i * (total - 1) / (n - 1)) for i in range(n)})
+
+
+def _interp(points: Sequence[int], x: float) -> tuple[int, int, float]:
+    """Indices of the grid points around ``x`` and the weight of the upper one."""
+    if len(points) == 1:
+        return 0, 0, 0.0
+    j = min(max(bisect_right(points, x), 1), len(points) - 1)
+    lo, hi = points[j - 1], points[j]
+    return j - 1, j, (x - lo) / (hi - lo)
+
+
+def machine_key(runtime: str) -> dict:
+    """What makes timings of one machine comparable: CPU model, cores, platform, versions."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.lower().startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+           "python": platform.python_version(), "torch": torch.__version__}
+    if runtime != "pytorch":
+        from distilkit.export.runtime import require_onnx
+
+        out["onnxruntime"] = require_onnx().__version__
+    return out
+
+
+def _empty_stack_model(model: nn.Module, layers: int) -> nn.Module:
+    """A fresh model of ``model``'s class and config with ``layers`` unpruned encoder layers
+    (random weights: timing does not depend on their values)."""
+    cfg = copy.deepcopy(model.config)
+    adapter = get_adapter(model, "latency table")
+    for attr in adapter.depths():
+        setattr(cfg, attr, layers)
+    torch.manual_seed(0)
+    return type(model)(cfg).float().eval()
+
+
+def _pruned_layer(layer: nn.Module, model: nn.Module, heads: int, ffn: int) -> None:
+    """Prune the only layer of ``model`` (a deep copy of ``layer`` put in its place) to its
+    first ``heads`` heads and ``ffn`` neurons."""
+    adapter = get_adapter(model, "latency table")
+    stack = adapter.stacks()[0]
+    model.get_submodule(stack)[0] = copy.deepcopy(layer)
+    block = next(b for b in adapter.attention_blocks() if b.kind == "self")
+    adapter.prune_heads(block, list(range(heads)))
+    f = adapter.ffn_blocks()[0]
+    keep = torch.arange(ffn)
+    for up in f.up:
+        slice_rows(model, up, keep)
+    slice_cols(model, f.down, keep)
+
+
+def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads: list[int],
+                   ffn: list[int], progress: bool) -> dict:
+    """Measure the base and every grid point (module docstring)."""
+    from tqdm.auto import tqdm
+
+    base_model = _empty_stack_model(model, 0)
+    one = _empty_stack_model(model, 1)
+    full_layer = one.get_submodule(get_adapter(one).stacks()[0])[0]
+    bar = tqdm(total=1 + len(heads) * len(ffn), desc=f"latency table ({spec.runtime})",
+               unit="model", disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        base = _time_model(base_model, spec, REPEATS)
+        bar.update()
+        grid = []
+        for h in heads:
+            row = []
+            for f in ffn:
+                _pruned_layer(full_layer, one, h, f)
+                row.append(_time_model(one, spec, REPEATS) - base)
+                bar.update()
+            grid.append(row)
+    finally:
+        bar.close()
+    return {"base_ms": base, "layer_ms": grid, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+class LatencyTable:
+    """The measured cost of every structure of one base shape in one runtime spec."""
+
+    tolerance: float = TOLERANCE
+
+    def __init__(self, shape: BaseShape, spec: RuntimeSpec, heads: Sequence[int],
+                 ffn: Sequence[int], base_ms: float, layer_ms: Sequence[Sequence[float]],
+                 path: Optional[str] = None, measured: bool = False):
+        self.shape, self.spec = shape, spec
+        self.heads, self.ffn = list(heads), list(ffn)
+        self._base, self._layer = float(base_ms), [list(map(float, r)) for r in layer_ms]
+        self.path, self.measured = path, measured
+
+    # -- building -------------------------------------------------------------------------
+    @classmethod
+    def for_model(cls, model: nn.Module, spec: RuntimeSpec, cache_dir: Optional[str] = None,
+                  progress: bool = True, grid: Optional[int] = None) -> "LatencyTable":
+        """The table of ``model``'s base shape in ``spec``: read from the cache, else measured
+        and cached. ``grid``: points per axis (default every head count and
+        :data:`DEFAULT_GRID` FFN widths); at least 2."""
+        if not isinstance(spec, RuntimeSpec):
+            raise ValueError(f"spec={spec!r}: give a RuntimeSpec(runtime, batch, seq_len, "
+                             "threads)")
+        if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int)
+                                 or grid < 2):
+            raise ValueError(f"grid={grid!r} must be an integer >= 2 (points per axis)")
+        _check_model(model, spec)
+        shape = base_shape_of(model)
+        heads = grid_points(shape.num_heads, grid or shape.num_heads)
+        ffn = grid_points(shape.intermediate, grid or DEFAULT_GRID)
+        key = {"version": TABLE_VERSION, "shape": shape.key(), "spec": spec.key(),
+               "machine": machine_key(spec.runtime), "heads": heads, "ffn": ffn,
+               "protocol": {"warmup": WARMUP, "repeats": REPEATS}}
+        path = cls.cache_path(key, cache_dir)
+        cached = cls._load(path, key, shape, spec)
+        if cached is not None:
+            return cached
+        figures = _measure_table(model, shape, spec, heads, ffn, progress)
+        from distilkit.files import atomic_write_json
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_json(path, {"key": key, **figures})
+        return cls(shape, spec, heads, ffn, figures["base_ms"], figures["layer_ms"], path,
+                   measured=True)
+
+    @staticmethod
+    def cache_path(key: dict, cache_dir: Optional[str] = None) -> str:
+        if cache_dir is None:
+            from distilkit.data import cache_root
+
+            cache_dir = os.path.join(cache_root(), "latency")
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(cache_dir, f"{key['shape']['family']}-{digest}.json")
+
+    @classmethod
+    def _load(cls, path: str, key: dict, shape: BaseShape, spec: RuntimeSpec
+              ) -> Optional["LatencyTable"]:
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data["key"] != key:
+                raise ValueError("it holds another table's key")
+            grid = data["layer_ms"]
+            if len(grid) != len(key["heads"]) or any(len(r) != len(key["ffn"]) for r in grid):
+                raise ValueError("its grid does not match its key")
+            return cls(shape, spec, key["heads"], key["ffn"], float(data["base_ms"]), grid,
+                       path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("latency table %s cannot be read (%s): measuring it again", path, e)
+            return None
+
+    # -- predicting -----------------------------------------------------------------------
+    def base_ms(self) -> float:
+        """Embeddings, pooler and classifier head: the model with no encoder layer."""
+        return self._base
+
+    def layer_ms(self, heads: int, ffn: int) -> float:
+        """One encoder layer keeping ``heads`` heads and ``ffn`` neurons (bilinear on the
+        grid)."""
+        if not 1 <= heads <= self.shape.num_heads or not 1 <= ffn <= self.shape.intermediate:
+            raise ValueError(f"layer_ms: heads={heads}, ffn={ffn} outside this table's shape "
+                             f"(heads 1..{self.shape.num_heads}, ffn 1..{self.shape.intermediate})")
+        i0, i1, wh = _interp(self.heads, heads)
+        j0, j1, wf = _interp(self.ffn, ffn)
+        g = self._layer
+        return ((1 - wh) * ((1 - wf) * g[i0][j0] + wf * g[i0][j1])
+                + wh * ((1 - wf) * g[i1][j0] + wf * g[i1][j1]))
+
+    def predict_ms(self, structure: Structure) -> float:
+        """The latency of a model of this shape pruned to ``structure``."""
+        return self._base + sum(self.layer_ms(h, f)
+                                for h, f in zip(structure.heads, structure.ffn))
+
+    def measure_ms(self, model: nn.Module) -> float:
+        """``model`` measured whole in this table's runtime spec (ground truth)."""
+        return measure_model_ms(model, self.spec)
