@@ -40,6 +40,9 @@ quickstart-sized 3-layer student (hidden 384, FFN 1536, bucket 64), random token
 accuracy_level 0 15.3 ms (max |logit diff| 7e-7), at level 4 9.1 ms (2e-3), float zero points
 20.9 ms. Batch 32: 441, 421, 395 and 494 ms. File: 51.8 MB against 69.6 MB (the fp32 word
 embedding table is most of both). So level 4 is faster but not exact; level 0 is the default.
+With the embeddings packed too (GatherBlockQuantized, same day, an untrained student of that
+shape, bucket 128): 10.5 MB against 51.4 MB with the full 30,522-row table, 6.8 MB against
+24.3 MB after prune_vocab (12,857 rows kept); max |logit diff| 1.1e-6 either way.
 
 Packed embeddings (``quantize_embeddings``) become ``GatherBlockQuantized`` (``com.microsoft``),
 which gathers rows of a blocked 4-bit table and dequantizes them as ``(code - zero_point) *
