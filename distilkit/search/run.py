@@ -204,14 +204,25 @@ def _teacher_module(teachers):
 
 
 def _teacher_ms(teacher: nn.Module, spec, repeats: int = 3) -> float:
-    """The teacher's latency in ``spec``: the median of ``repeats`` measurements, after the
-    process is warm (a first measurement in a fresh process runs slow), so that one noisy
-    figure does not set every speed-up target's limit."""
+    """The teacher's latency in ``spec``: the median of ``repeats`` measurements (a first
+    measurement in a fresh process runs slow)."""
     import statistics
 
     from distilkit.search.latency import measure_model_ms
 
     return float(statistics.median(measure_model_ms(teacher, spec) for _ in range(repeats)))
+
+
+def paired_ms(model: nn.Module, teacher: nn.Module, spec) -> tuple[float, float]:
+    """``(model ms, teacher ms)`` measured back to back in ``spec`` (teacher, model, teacher;
+    the teacher's figure the mean of its two): on a machine that other work slows now and
+    then, both are slowed alike, so their ratio, the speed-up, stays what it is."""
+    from distilkit.search.latency import measure_model_ms
+
+    t1 = measure_model_ms(teacher, spec)
+    m = measure_model_ms(model, spec)
+    t2 = measure_model_ms(teacher, spec)
+    return float(m), (t1 + t2) / 2
 
 
 def search_and_run(recipe, progress: bool = True) -> dict:
@@ -221,7 +232,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     from distilkit.files import atomic_write_json
     from distilkit.pipeline import prepare_run, run_recipe
     from distilkit.recipe import Recipe
-    from distilkit.search.latency import LatencyTable, RuntimeSpec, measure_model_ms
+    from distilkit.search.latency import LatencyTable, RuntimeSpec
     from distilkit.search.netadapt import Goal, search, smallest_structure
     from distilkit.search.structure import base_shape_of, parameters, size_mb, structure_of
 
@@ -240,13 +251,28 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress)
-    teacher_ms = _teacher_ms(_teacher_module(parts.teachers), spec)
+    teacher = _teacher_module(parts.teachers)
+    teacher_ms = _teacher_ms(teacher, spec)
+    floor_pair = None
+    if budget.target == "speedup":
+        # Each figure is the student's latency over the teacher's measured beside it, put in
+        # the teacher's reference milliseconds: met when teacher / student >= the speed-up.
+        limit = teacher_ms / budget.value
+
+        def figure(m):
+            ms, t = paired_ms(m, teacher, spec)
+            return ms * teacher_ms / t
+    elif budget.target == "latency_ms":
+        limit, figure = budget.value, table.measure_ms
     if budget.latency:
-        limit = budget.value if budget.target == "latency_ms" else teacher_ms / budget.value
-        goal = Goal(limit, "ms", figure=table.measure_ms, cost=table.predict_ms)
+        goal = Goal(limit, "ms", figure=figure, cost=table.predict_ms)
         tiny = prune_removal(copy.deepcopy(student),
                              _remove_all_but_smallest(structure, budget.units, budget.ffn_block))
-        floor = float(table.measure_ms(tiny))
+        if budget.target == "speedup":
+            floor_pair = paired_ms(tiny, teacher, spec)
+            floor = floor_pair[0] * teacher_ms / floor_pair[1]
+        else:
+            floor = float(table.measure_ms(tiny))
         del tiny
     else:
         count = parameters if budget.target == "parameters" else size_mb
@@ -255,10 +281,11 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                     cost=lambda s: count(s, shape), exact=True)
         floor = float(goal.cost(smallest))
     if floor > goal.limit:
-        raise ValueError(unreachable_message(budget, _describe(smallest), floor, teacher_ms))
+        raise ValueError(unreachable_message(budget, _describe(smallest),
+                                             *(floor_pair or (floor, teacher_ms))))
     if progress:
         print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
-              f"({goal.figure(student):,.4g} {goal.unit}) to <= {goal.limit:,.4g} {goal.unit}"
+              f"to <= {goal.limit:,.4g} {goal.unit}"
               + (f"; teacher {teacher_ms:.2f} ms" if budget.latency else ""), file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="distilkit-search-") as work:
@@ -298,27 +325,28 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     out_dir = args.output_dir
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_json(os.path.join(out_dir, SEARCH_FILE), record)
-    del found, student, parts   # the final run builds its own student (and keeps its teacher)
+    # The final run builds its own student; the teacher stays, to be measured beside it.
+    del found, student, parts
 
     def final_figures(student_dir: str) -> dict:
         """The search's figures of the saved final student, measured in the same spec."""
         from distilkit.compress.base import load_compressed
 
         model = load_compressed(student_dir)
-        ms = measure_model_ms(model, spec)
+        ms, t_ms = paired_ms(model, teacher, spec)
         try:
             st = structure_of(model)
             params, mb = parameters(st, shape), size_mb(st, shape)
         except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
             st, params, mb = None, sum(p.numel() for p in model.parameters()), None
-        figure = {"latency_ms": ms, "speedup": ms, "parameters": params,
+        figure = {"latency_ms": ms, "speedup": ms * teacher_ms / t_ms, "parameters": params,
                   "size_mb": mb}[budget.target]
         met = figure is not None and figure <= goal.limit
         return {"search": {
             "target": {budget.target: budget.value}, "limit": goal.limit, "unit": goal.unit,
             "met": bool(met), "search_met": record["met"], "spec": record["spec"],
-            "measured_ms": round(ms, 3), "teacher_ms": round(teacher_ms, 3),
-            "speedup": round(teacher_ms / max(ms, 1e-9), 3), "parameters": params,
+            "measured_ms": round(ms, 3), "teacher_ms": round(t_ms, 3),
+            "speedup": round(t_ms / max(ms, 1e-9), 3), "parameters": params,
             "size_mb": round(mb, 4) if mb is not None else None,
             "structure": record["structure"], "steps": len(record["history"]) - 1,
             "search_seconds": record["search_seconds"], "table_tolerance": record["table_tolerance"],
