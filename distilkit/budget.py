@@ -10,7 +10,8 @@ module is the entry's config and its checks, which need neither models nor data,
   teacher's latency / the student's, both measured in the same runtime spec), ``size_mb``
   (fp32 weights, 4 bytes per parameter) or ``parameters``;
 * the runtime spec: ``runtime`` (pytorch, onnx, onnx_int8), ``batch``, ``seq_len`` (default:
-  the recipe's ``max_length``), ``threads`` (0: as many as torch uses);
+  the recipe's ``max_length``), ``threads`` (0: as many as torch uses), ``clock`` (wall, or
+  cpu: process CPU time, which other work on a shared machine does not inflate);
 * the search settings: ``step_fraction`` (NetAdapt's per-step cut of the current figure),
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
   unit may go), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
@@ -36,6 +37,7 @@ TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
 # far above this module; tests/test_search.py checks that the two agree).
 RUNTIMES = ("pytorch", "onnx", "onnx_int8")
 UNITS = ("heads", "ffn", "layers")
+CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the tests too)
 # Methods that change the shapes the search chose and measured: not allowed after ``auto``.
 STRUCTURAL = ("prune_heads", "prune_ffn", "prune_layers", "low_rank", "lstm_projection")
 LATENCY_TARGETS = ("latency_ms", "speedup")
@@ -54,6 +56,9 @@ class BudgetConfig:
         "help": "sequence length latency is measured at (default: the recipe's max_length)"})
     threads: int = field(default=0, metadata={
         "help": "intra-op threads latency is measured with (0: torch's current count)"})
+    clock: str = field(default="wall", metadata={
+        "help": "wall (the latency as served) or cpu (process CPU time: what other work on "
+                "a shared machine does not inflate)"})
     step_fraction: float = field(default=0.1, metadata={
         "help": "each step removes units worth this fraction of the current figure (NetAdapt)"})
     steps_between: int = field(default=30, metadata={
@@ -85,7 +90,8 @@ class BudgetConfig:
                 "parameters": f"parameters <= {int(self.value):,}"}[self.target]
         if self.latency:
             what += (f" ({self.runtime}, batch {self.batch}, length {self.seq_len}, "
-                     f"{self.threads or 'torch default'} threads)")
+                     f"{self.threads or 'torch default'} threads"
+                     + (", CPU clock)" if self.clock == "cpu" else ")"))
         return what
 
     def plan_line(self) -> str:
@@ -106,7 +112,7 @@ class BudgetConfig:
 
 _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("target", "value")]
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
-_TYPES = {"runtime": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
+_TYPES = {"runtime": str, "clock": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
           "importance_batches": int}
 
@@ -173,6 +179,8 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
         close = difflib.get_close_matches(str(b.runtime), RUNTIMES, n=1)
         raise ValueError(f"{where}: runtime: {b.runtime!r} is not a runtime; use one of "
                          f"{', '.join(RUNTIMES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if b.clock not in CLOCKS:
+        raise ValueError(f"{where}: clock: {b.clock!r} must be one of {', '.join(CLOCKS)}")
     for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),
                       ("steps_between", 0), ("threads", 0), ("eval_examples", 0),
                       ("importance_batches", 1)):

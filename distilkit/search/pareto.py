@@ -200,7 +200,7 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
 
             r["latency_ms"] = round(measure_model_ms(load_compressed(r["model_dir"]), rspec), 3)
     spec_line = (f"{spec['runtime']}, batch {spec['batch']}, length {spec['seq_len']}, "
-                 f"{spec['threads'] or 'default'} threads")
+                 f"{spec['threads'] or 'default'} threads, {spec.get('clock', 'wall')} clock")
     report = write_pareto(rows, root, spec_line)
     return report
 

@@ -246,7 +246,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     student = parts.student
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
-                       threads=budget.threads)
+                       threads=budget.threads, clock=budget.clock)
     smallest = smallest_structure(structure, budget.units, budget.ffn_block)
     table = None
     if budget.latency:
@@ -313,7 +313,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     record = {
         "target": {budget.target: budget.value}, "budget": budget.to_entry(),
         "spec": {"runtime": spec.runtime, "batch": spec.batch, "seq_len": spec.seq_len,
-                 "threads": spec.threads},
+                 "threads": spec.threads, "clock": spec.clock},
         "limit": goal.limit, "unit": goal.unit, "teacher_ms": teacher_ms,
         "teacher_dir": parts.teachers.first_dir, "smallest": {"structure": _describe(smallest),
                                                               "figure": floor},
