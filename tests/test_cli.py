@@ -116,8 +116,10 @@ def test_shipped_recipes_are_valid(name):
     args = r.distil_config()
     assert (args.max_steps > 0 or args.num_train_epochs > 0) and \
         (args.alpha_kd or args.alpha_ce or args.alpha_mse)
+    from distilkit.budget import budget_from_entry, is_auto
     for entry in r.keys.compression:
-        config_from_dict(entry)
+        # {method: auto, ...} is the budget search's entry (distilkit.budget), not a method
+        budget_from_entry(entry, r.keys.max_length) if is_auto(entry) else config_from_dict(entry)
 
 
 def _student_params(run_dir):
