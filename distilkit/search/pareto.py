@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 PARETO = "pareto"
 
