@@ -158,7 +158,8 @@ def test_table_predicts_measured_latency_of_pruned_models(timed):
 
 def test_onnx_int8_table_predicts_a_pruned_model(tmp_path):
     model = _timing_bert()
-    spec = RuntimeSpec("onnx_int8", batch=8, seq_len=32, threads=1, clock="cpu")
+    # batch 32: int8 layers of this width take ~1 ms at batch 8, mostly per-op overhead
+    spec = RuntimeSpec("onnx_int8", batch=32, seq_len=32, threads=1, clock="cpu")
     table = LatencyTable.for_model(model, spec, cache_dir=str(tmp_path), progress=False, grid=2)
     mixed = _pruned_models(model)["mixed"]
     # one export, timed as a median of MEASURE_REPEATS runs (each measure exports again)
@@ -271,3 +272,12 @@ def test_spec_key_resolves_threads():
     assert RuntimeSpec().key()["threads"] == torch.get_num_threads()
     assert RuntimeSpec(threads=3).key() == {"runtime": "pytorch", "batch": 32, "seq_len": 64,
                                             "threads": 3, "clock": "wall"}
+
+
+def test_measuring_leaves_a_training_model_as_it_was():
+    model = _tiny_bert().train()
+    ms = measure_model_ms(model, RuntimeSpec(batch=2, seq_len=8, threads=1))
+    assert ms > 0 and model.training
+    half = _tiny_bert().to(torch.bfloat16)
+    assert measure_model_ms(half, RuntimeSpec(batch=2, seq_len=8, threads=1)) > 0
+    assert next(half.parameters()).dtype == torch.bfloat16
