@@ -175,3 +175,16 @@ def test_evaluation_feeds_the_model_on_its_own_device(saved, tok):
                          latency_runs=(1, 1), warmup=0, batch_size=5)
     assert res["examples"] == 12 and res["latency_ms_batch32"] > 0
     assert model.calls == 3 + 2 + 1   # 3 prediction batches, 2 timed runs, 1 memory pass
+
+
+def test_interleaved_timing_varies_who_runs_after_whom():
+    """Each callable is timed after every other one (a fixed order timed the model after a
+    PyTorch forward always on cores its OpenMP threads were still spinning on)."""
+    from distilkit.evaluate import interleaved_latency_ms
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    out = interleaved_latency_ms(fns, runs=40, warmup=0)
+    assert set(out) == set("abc")
+    follows = {(calls[i - 1], calls[i]) for i in range(1, len(calls))}
+    assert {(x, y) for x in "abc" for y in "abc" if x != y} <= follows
