@@ -237,6 +237,42 @@ def _fused_ok(path: str, model: nn.Module, names, batches, tolerance: float) -> 
     return _check_failed("", "", check, tolerance) is None
 
 
+def trace(module: nn.Module, example: tuple, path: str, names: Sequence[str],
+          axes: dict) -> None:
+    """``module`` traced into ``path`` (inputs ``names``, output ``logits``, ``axes``
+    dynamic), as every classifier export and the budget search's latency table trace it."""
+    with warnings.catch_warnings():
+        # The tracer warns about every Python-level branch on a shape; whether the graph
+        # generalises is what the checks measure, on other batch sizes and lengths.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, path, input_names=list(names),
+                          output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
+                          dynamo=False)
+
+
+def int8_file(model: nn.Module, names: Sequence[str], example: tuple, axes: dict,
+              batches: list[dict], fp32: str, dst: str, tolerance: float = TOLERANCE,
+              encoder: bool = True) -> str:
+    """The ``--int8`` file of ``model`` (traced already into ``fp32``) written to ``dst``; the
+    graph it was made from is returned: for an encoder the fused graphs, best first ("fused",
+    then "fused except attention"), the first that checks out against the model on
+    ``batches``, else the traced one ("traced"). Per-channel scales for encoders."""
+    from distilkit.export.int8 import fused_graph, int8_from, remove
+
+    src, graph, fused = fp32, "traced", None
+    if encoder:
+        tmp = os.path.dirname(os.path.abspath(dst))
+        for attention, label in ((True, "fused"), (False, "fused except attention")):
+            fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names,
+                                axes, os.path.join(tmp, ".fused.onnx"), attention)
+            if fused and _fused_ok(fused, model, names, batches, tolerance):
+                src, graph = fused, label
+                break
+    int8_from(src, dst, per_channel=encoder)
+    remove(fused)
+    return graph
+
+
 def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
                       four_bit: bool = False, check_data: Optional[Sequence] = None,
                       tolerance: float = TOLERANCE) -> dict:
@@ -287,33 +323,17 @@ def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool 
         axes = {n: {0: "batch", 1: "sequence_b" if n.endswith("_b") else "sequence"}
                 for n in names}
         axes["logits"] = {0: "batch"}
-        with warnings.catch_warnings():
-            # The tracer warns about every Python-level branch on a shape; whether the graph
-            # generalises is what the check below measures, on other batch sizes and lengths.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, fp32, input_names=names,
-                              output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
-                              dynamo=False)
+        trace(module, example, fp32, names, axes)
         check = compare(session(fp32), model, names, batches)
         failed = _check_failed(model_dir, "the ONNX export", check, tolerance)
         if failed:
             raise RuntimeError(failed)
         files = {"fp32": {"file": FP32_FILE, "bytes": os.path.getsize(fp32), **check}}
         if int8:
-            from distilkit.export.int8 import fused_graph, int8_from, remove
-
             q = os.path.join(tmp, INT8_FILE)
-            src, graph, fused = fp32, "traced", None
-            if isinstance(module, _LogitsOnly):  # an encoder: the fused graphs, best first
-                for attention, label in ((True, "fused"), (False, "fused except attention")):
-                    fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names,
-                                        axes, os.path.join(tmp, ".fused.onnx"), attention)
-                    if fused and _fused_ok(fused, model, names, batches, tolerance):
-                        src, graph = fused, label
-                        break
             encoder = isinstance(module, _LogitsOnly)
-            int8_from(src, q, per_channel=encoder)
-            remove(fused)
+            graph = int8_file(model, names, example, axes, batches, fp32, q, tolerance,
+                              encoder=encoder)
             files["int8"] = {"file": INT8_FILE, "bytes": os.path.getsize(q),
                              "graph": graph, "per_channel": encoder,
                              **compare(session(q), model, names, batches)}

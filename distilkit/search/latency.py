@@ -163,11 +163,8 @@ def _onnx_file(model: nn.Module, runtime: str, tmp: str) -> str:
     """``model`` exported as ``distilkit export`` serves it (``runtime``: onnx or onnx_int8),
     in ``tmp``: the same trace, and for int8 the same fused graphs and fallbacks, checked
     against the model on small random batches."""
-    import warnings
-
-    from distilkit.export.classifier import TOLERANCE as EXPORT_TOLERANCE
-    from distilkit.export.classifier import _fused_ok, _LogitsOnly
-    from distilkit.export.runtime import FP32_FILE, INT8_FILE, OPSET, require_onnx
+    from distilkit.export.classifier import _LogitsOnly, int8_file, trace
+    from distilkit.export.runtime import FP32_FILE, INT8_FILE, require_onnx
 
     require_onnx()
     names = _input_names(model)
@@ -175,26 +172,13 @@ def _onnx_file(model: nn.Module, runtime: str, tmp: str) -> str:
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes["logits"] = {0: "batch"}
     fp32 = os.path.join(tmp, FP32_FILE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings, as the exporter silences them
-        torch.onnx.export(_LogitsOnly(model, names).eval(), example, fp32, input_names=names,
-                          output_names=["logits"], dynamic_axes=axes, opset_version=OPSET,
-                          dynamo=False)
+    trace(_LogitsOnly(model, names).eval(), example, fp32, names, axes)
     if runtime == "onnx":
         return fp32
-    from distilkit.export.int8 import fused_graph, int8_from
-
     checks = [{n: t.numpy() for n, t in _batch(model, b, s, seed=b).items() if n in names}
               for b, s in ((1, 5), (3, 11))]
-    src = fp32
-    for attention in (True, False):
-        fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names, axes,
-                            os.path.join(tmp, "fused.onnx"), attention)
-        if fused and _fused_ok(fused, model, names, checks, EXPORT_TOLERANCE):
-            src = fused
-            break
     q = os.path.join(tmp, INT8_FILE)
-    int8_from(src, q, per_channel=True)
+    int8_file(model, names, example, axes, checks, fp32, q)
     return q
 
 
