@@ -281,3 +281,30 @@ def test_measuring_leaves_a_training_model_as_it_was():
     half = _tiny_bert().to(torch.bfloat16)
     assert measure_model_ms(half, RuntimeSpec(batch=2, seq_len=8, threads=1)) > 0
     assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_a_cached_table_that_mispredicts_the_model_now_is_measured_again(tmp_path, monkeypatch):
+    """The cache key names the machine, not its load: with ``validate`` a table measured while
+    the machine was busy (here: every figure 3x what the model now measures) is measured
+    again instead of steering the search."""
+    from distilkit.search import latency
+
+    model, cache = _timing_bert(), str(tmp_path)
+    first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
+    now = first.predict_ms(structure_of(model))
+    with open(first.path) as f:
+        data = json.load(f)
+    data["base_ms"] *= 3
+    data["layer_ms"] = [[3 * v for v in row] for row in data["layer_ms"]]
+    with open(first.path, "w") as f:
+        json.dump(data, f)
+    monkeypatch.setattr(latency, "_time_model", lambda m, spec, repeats=None: now)
+    assert not LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False,
+                                      grid=2).measured  # without validate: the stale table
+    again = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2,
+                                   validate=True)
+    assert again.measured and again.predict_ms(structure_of(model)) == pytest.approx(now)
+    # a table that still predicts the model is kept
+    kept = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2,
+                                  validate=True)
+    assert not kept.measured

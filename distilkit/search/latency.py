@@ -347,10 +347,14 @@ class LatencyTable:
     # -- building -------------------------------------------------------------------------
     @classmethod
     def for_model(cls, model: nn.Module, spec: RuntimeSpec, cache_dir: Optional[str] = None,
-                  progress: bool = True, grid: Optional[int] = None) -> "LatencyTable":
+                  progress: bool = True, grid: Optional[int] = None,
+                  validate: bool = False) -> "LatencyTable":
         """The table of ``model``'s base shape in ``spec``: read from the cache, else measured
         and cached. ``grid``: points per axis (default every head count and
-        :data:`DEFAULT_GRID` FFN widths); at least 2."""
+        :data:`DEFAULT_GRID` FFN widths); at least 2. ``validate``: time ``model`` itself
+        once and measure a cached table again when it mispredicts it by more than
+        :attr:`tolerance`: the cache key names the machine, not how busy it was, and a table
+        measured under load predicted 946 ms for a student a quiet machine ran in 418."""
         if not isinstance(spec, RuntimeSpec):
             raise ValueError(f"spec={spec!r}: give a RuntimeSpec(runtime, batch, seq_len, "
                              "threads)")
@@ -367,6 +371,13 @@ class LatencyTable:
                             "min_timed_ms": MIN_TIMED_MS, "max_repeats": MAX_REPEATS}}
         path = cls.cache_path(key, cache_dir)
         cached = cls._load(path, key, shape, spec)
+        if cached is not None and validate:
+            predicted, measured = cached.predict_ms(structure_of(model)), _time_model(model, spec)
+            if abs(predicted - measured) > cached.tolerance * measured:
+                logger.warning("latency table %s predicts %.1f ms for a model measured now at "
+                               "%.1f ms (the machine's load has changed since): measuring it "
+                               "again", path, predicted, measured)
+                cached = None
         if cached is not None:
             return cached
         figures = _measure_table(model, shape, spec, heads, ffn, progress)

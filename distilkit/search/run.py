@@ -250,7 +250,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     smallest = smallest_structure(structure, budget.units, budget.ffn_block)
     table = None
     if budget.latency:
-        table = LatencyTable.for_model(student, spec, progress=progress)
+        table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
     teacher = _teacher_module(parts.teachers)
     teacher_ms = _teacher_ms(teacher, spec)
     floor_pair = None
