@@ -15,7 +15,10 @@ module is the entry's config and its checks, which need neither models nor data,
 * the search settings: ``step_fraction`` (NetAdapt's per-step cut of the current figure),
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
   unit may go), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
-  ``eval_examples`` (validation examples scored after each step), ``importance_batches``.
+  ``eval_examples`` (validation examples scored after each step), ``importance_batches``,
+  ``tolerance`` (how far past the target the search may land: a step removes no unit that
+  would take the predicted figure below ``limit / (1 + tolerance)`` while a smaller unit is
+  left, so a 4x target ends between 4x and 4.2x rather than a whole layer beyond it).
 
 ``auto`` must be the first compression entry, and only non-structural methods (quantize,
 ptq, prune_vocab, magnitude) may follow it: the search decides the structure, and a
@@ -70,6 +73,9 @@ class BudgetConfig:
         "help": "validation examples scored after each step (0: none)"})
     importance_batches: int = field(default=8, metadata={
         "help": "training batches the gradient importance of each step is averaged over"})
+    tolerance: float = field(default=0.05, metadata={
+        "help": "land within this share of the target: no unit is removed that would take "
+                "the predicted figure below limit / (1 + tolerance) while a smaller unit is left"})
 
     @property
     def latency(self) -> bool:
@@ -114,7 +120,7 @@ _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("targ
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
 _TYPES = {"runtime": str, "clock": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
-          "importance_batches": int}
+          "importance_batches": int, "tolerance": float}
 
 
 def _where(i: int) -> str:
@@ -190,6 +196,9 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
     if not 0 < b.step_fraction < 1:
         raise ValueError(f"{where}: step_fraction: {b.step_fraction!r} must be in (0, 1): the "
                          "share of the current figure each step removes, e.g. 0.1")
+    if not 0 <= b.tolerance < 1:
+        raise ValueError(f"{where}: tolerance: {b.tolerance!r} must be in [0, 1): how far past "
+                         "the target the search may land, e.g. 0.05")
     return dataclasses.replace(b, seq_len=b.seq_len or max_length)
 
 

@@ -41,6 +41,7 @@ BAD = [
                                                           "fraction": 0.5}],
      "prune_heads after method auto cannot work"),
     ("twice", [_auto(target={"speedup": 2}), _auto(target={"speedup": 3})], "given twice"),
+    ("tolerance", [_auto(target={"speedup": 2}, tolerance=1.5)], "tolerance: 1.5 must be in"),
 ]
 
 
@@ -107,6 +108,34 @@ def test_plan_step_takes_the_least_importance_per_saving_and_respects_the_floors
     # Units that may not go are never proposed.
     r = plan_step(st, scores, cost, cut=10 ** 9, units=("heads",), ffn_block=16)
     assert not r.neurons and not r.layers and all(len(v) == 3 for v in r.heads.values())
+
+
+def test_plan_step_near_the_target_does_not_overshoot_with_a_whole_layer():
+    """The 4x budget's last step went from 2 layers (3.6x) to 1 (6.55x): a whole layer, cheap
+    per ms when its saving is capped at what the step needs, was taken where heads would land
+    within 5%. With the floor (limit / 1.05 in predicted terms), picks that stay above it
+    come first; with no floor the plan is the old one."""
+    from distilkit.search.netadapt import Scores, plan_step, step_floor
+    from distilkit.search.structure import parameters
+
+    shape, st = _shape_and_structure(tiny_bert(layers=2, heads=4, inter=64))
+    cost = lambda s: parameters(s, shape)  # noqa: E731
+    start = cost(st)
+    # Heads matter a little, the second layer hardly at all (per saved unit).
+    scores = Scores(heads=[[1.0] * 4, [1.0] * 4], neurons=[[9.0] * 64] * 2, layers=[9.0, 0.5])
+    cut = 2000  # two heads' worth (1056 each)
+    old = plan_step(st, scores, cost, cut=cut, ffn_block=16)
+    assert old.layers == [1]  # the old plan: a layer, far past the goal
+    floor = step_floor(start, start, start - cut, 0.05, exact=True)
+    assert floor == pytest.approx((start - cut) / 1.05)
+    new = plan_step(st, scores, cost, cut=cut, ffn_block=16, floor=floor)
+    assert not new.layers and new.counts()["heads"] == 2
+    after = cost(__import__("dataclasses").replace(
+        st, heads=tuple(h - len(new.heads.get(i, [])) for i, h in enumerate(st.heads))))
+    assert floor <= after <= start - cut
+    # Where only an overshooting pick is left, it is still made (the target comes first).
+    only = plan_step(st, scores, cost, cut=cut, units=("layers",), floor=floor)
+    assert only.layers == [1]
 
 
 def test_step_cut_calibrates_the_goal_by_the_tables_error():

@@ -87,9 +87,14 @@ def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int =
 
 
 def plan_step(structure, scores: Scores, cost: Callable, cut: float,
-              units: Sequence[str] = UNITS, ffn_block: int = 64) -> Removal:
+              units: Sequence[str] = UNITS, ffn_block: int = 64,
+              floor: Optional[float] = None) -> Removal:
     """The units to remove from ``structure`` so that ``cost`` falls by at least ``cut``
     (or as far as the floors allow), least importance per unit of saving first.
+
+    ``floor``: a pick that would take ``cost`` below it (past the target by more than the
+    budget's tolerance) is made only when no pick above it is left: near the target a layer
+    two heads' worth too big would overshoot by the rest of itself.
 
     A candidate is a layer's least important remaining head, its next ``ffn_block`` least
     important neurons (fewer when that would leave less than one block), or a whole layer.
@@ -134,10 +139,13 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
             # whole layer is not taken where a head would do.
             remaining = now - (start - cut)
             for kind, imp, trial, k in options:
-                saving = now - float(cost(trial))
+                after = float(cost(trial))
+                saving = now - after
                 if saving <= 0:
                     continue
-                key = (max(imp, 0.0) / min(saving, remaining), kind, rank)
+                # Overshooting picks rank after every pick that stays above the floor.
+                over = floor is not None and after < floor
+                key = (over, max(imp, 0.0) / min(saving, remaining), kind, rank)
                 if best is None or key < best[0]:
                     best = (key, kind, l, k)
         if best is None:
@@ -235,6 +243,14 @@ class Goal:
     exact: bool = False   # the prediction is the figure (size targets): no calibration
 
 
+def step_floor(predicted: float, measured: float, limit: float, tolerance: float,
+               exact: bool) -> float:
+    """The predicted figure below which a step should not go: ``limit / (1 + tolerance)``,
+    in predicted terms (scaled like the goal of :func:`step_cut`)."""
+    goal = limit if exact else limit * predicted / max(measured, 1e-12)
+    return goal / (1.0 + tolerance)
+
+
 def step_cut(predicted: float, measured: float, limit: float, step_fraction: float,
              exact: bool) -> float:
     """How much predicted cost the next step removes: ``step_fraction`` of the current
@@ -251,14 +267,15 @@ def step_cut(predicted: float, measured: float, limit: float, step_fraction: flo
 def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
            distil: Callable, units: Sequence[str] = UNITS, ffn_block: int = 64,
            step_fraction: float = 0.1, max_iterations: int = 40, progress: bool = True,
-           log: Optional[Callable[[str], None]] = None) -> dict:
+           log: Optional[Callable[[str], None]] = None, tolerance: float = 0.05) -> dict:
     """Shrink ``model`` (whose structure is ``structure``) until ``goal`` is met.
 
     ``score(model) -> Scores``; ``prune(model, removal) -> model`` (physically, by current
     positions); ``distil(model, step) -> dict`` (a few distillation steps, then validation
     figures, e.g. ``accuracy``, ``eval_loss``, ``train_loss``). Returns ``{"met", "stopped",
     "history", "tracker", "model", "structure"}``; the history has one row per step (step 0
-    is the starting student)."""
+    is the starting student); ``within_tolerance``: the measured figure is no further past
+    the limit than ``tolerance`` (at least ``limit / (1 + tolerance)``)."""
     log = log or (lambda line: print(line, file=sys.stderr))
     tracker = Tracker.of(structure)
     t0 = time.time()
@@ -274,7 +291,8 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
             break
         t_step = time.time()
         cut = step_cut(predicted, measured, goal.limit, step_fraction, goal.exact)
-        removal = plan_step(structure, score(model), goal.cost, cut, units, ffn_block)
+        floor = step_floor(predicted, measured, goal.limit, tolerance, goal.exact)
+        removal = plan_step(structure, score(model), goal.cost, cut, units, ffn_block, floor)
         if removal.empty():
             stopped = "floor"   # one layer, one head, one FFN block: nothing more can go
             break
@@ -299,5 +317,6 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
         if measured <= goal.limit:
             stopped = "met"
     return {"met": measured <= goal.limit, "stopped": stopped, "history": history,
+            "within_tolerance": goal.limit / (1.0 + tolerance) <= measured <= goal.limit,
             "tracker": tracker, "model": model, "structure": structure,
             "seconds": round(time.time() - t0, 1)}

@@ -298,7 +298,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         found = search(student, structure, goal, score=searcher.score, prune=prune,
                        distil=searcher.distil, units=budget.units, ffn_block=budget.ffn_block,
                        step_fraction=budget.step_fraction, max_iterations=budget.max_iterations,
-                       progress=progress)
+                       progress=progress, tolerance=budget.tolerance)
     got = structure_of(found["model"])
     if got != found["structure"]:  # the bookkeeping must describe the pruned model exactly
         raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
@@ -319,6 +319,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                                                               "figure": floor},
         "table_tolerance": getattr(table, "tolerance", None),
         "met": found["met"], "stopped": found["stopped"], "history": found["history"],
+        "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
         "structure": {"heads": list(got.heads), "ffn": list(got.ffn)},
         "compression": entries + rest, "search_seconds": round(time.time() - t0, 1),
     }
@@ -342,9 +343,11 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         figure = {"latency_ms": ms, "speedup": ms * teacher_ms / t_ms, "parameters": params,
                   "size_mb": mb}[budget.target]
         met = figure is not None and figure <= goal.limit
+        within = bool(met) and figure >= goal.limit / (1.0 + budget.tolerance)
         return {"search": {
             "target": {budget.target: budget.value}, "limit": goal.limit, "unit": goal.unit,
             "met": bool(met), "search_met": record["met"], "spec": record["spec"],
+            "within_tolerance": within, "tolerance": budget.tolerance,
             "measured_ms": round(ms, 3), "teacher_ms": round(t_ms, 3),
             "speedup": round(t_ms / max(ms, 1e-9), 3), "parameters": params,
             "size_mb": round(mb, 4) if mb is not None else None,
