@@ -105,6 +105,10 @@ def test_4bit_file_is_the_quantized_student(tmp_path, kind):
     dequantized = (sorted(f"lstm.{w}" for w in model.lstm.packed_specs)
                    if kind == "bilstm_pair" else [])
     assert sorted(four["dequantized_in_graph"]) == dequantized
+    # The terminal line counts both 4-bit operators (the packed embeddings too).
+    line = next(x for x in ex.format_export(res).splitlines() if x.startswith("4bit"))
+    assert (f"({len(layers)} MatMulNBits, {lookups} GatherBlockQuantized, bucket "
+            f"{'/'.join(map(str, four['bucket_sizes']))}, accuracy_level 0)") in line, line
 
     # The operator is fed the student's own bytes: codes, alpha / 15, zero points 0, and
     # the offsets beta for the bucket-sum term; nothing re-quantized.
@@ -375,6 +379,18 @@ def test_refusals_are_one_clear_error_before_any_work(tmp_path, monkeypatch):
             pass
 
 
+def test_quantized_ops_sums_a_seq2seq_exports_graphs():
+    """A seq2seq 4-bit entry keeps its figures per graph (``nbits``): the line sums them."""
+    per = {"encoder": {"matmulnbits_nodes": 8, "gatherblockquantized_nodes": 1,
+                       "bucket_sizes": [32], "accuracy_level": 0},
+           "decoder": {"matmulnbits_nodes": 9, "gatherblockquantized_nodes": 2,
+                       "bucket_sizes": [16, 32], "accuracy_level": 0}}
+    assert ex.quantized_ops({"nbits": per}) == {
+        "matmulnbits_nodes": 17, "gatherblockquantized_nodes": 3, "bucket_sizes": [16, 32],
+        "accuracy_level": 0}
+    assert ex.quantized_ops({"file": "model_int8.onnx"}) is None
+
+
 def test_block_sizes_for():
     assert nbits.block_sizes_for([32, 64]) == [16, 32]
     assert nbits.block_sizes_for([384, 1536]) == [16, 32, 64, 128]
@@ -393,7 +409,7 @@ def test_cli_4bit_on_a_quantized_distilled_run(tiny_task, capsys):
     printed = capsys.readouterr().out
     res = json.load(open(os.path.join(out, "export.json")))
     n = len(nbits.packed_linears(load_compressed(os.path.join(run, "student"))))
-    assert f"{n} MatMulNBits, bucket 16, accuracy_level 0" in printed
+    assert f"{n} MatMulNBits, 0 GatherBlockQuantized, bucket 16, accuracy_level 0" in printed
     assert "serve: model_4bit.onnx" in printed and res["serve"] == "model_4bit.onnx"
     assert sorted(res["files"]) == ["4bit", "fp32", "int8"]
     # A run without quantization: --4bit is one error line, nothing written.

@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 from distilkit.export.classifier import CHECK_TEXTS, TOLERANCE, check_batches, compare
 from distilkit.export.runtime import FP32_FILE, INT8_FILE, REPORT_FILE
 
-__all__ = ["export_onnx", "format_export", "CHECK_TEXTS", "TOLERANCE", "check_batches",
-           "compare", "FP32_FILE", "INT8_FILE", "REPORT_FILE"]
+__all__ = ["export_onnx", "format_export", "quantized_ops", "CHECK_TEXTS", "TOLERANCE",
+           "check_batches", "compare", "FP32_FILE", "INT8_FILE", "REPORT_FILE"]
 
 
 def export_onnx(model_dir: str, out_dir: Optional[str] = None, int8: bool = False,
@@ -47,18 +47,39 @@ def _is_encoder_decoder(model_dir: str) -> bool:
         return bool(json.load(f).get("is_encoder_decoder", False))
 
 
+def quantized_ops(entry: dict) -> Optional[dict]:
+    """The 4-bit operator figures of one ``export.json`` file entry: ``matmulnbits_nodes``
+    (packed linears), ``gatherblockquantized_nodes`` (packed embeddings), ``bucket_sizes`` and
+    ``accuracy_level``, summed over a seq2seq export's three graphs (its ``nbits`` holds them
+    per graph); None for an entry without 4-bit operators (fp32, int8)."""
+    if "matmulnbits_nodes" in entry:
+        per_graph = [entry]
+    elif entry.get("nbits"):
+        per_graph = list(entry["nbits"].values())
+    else:
+        return None
+    return {"matmulnbits_nodes": sum(g["matmulnbits_nodes"] for g in per_graph),
+            "gatherblockquantized_nodes": sum(g.get("gatherblockquantized_nodes", 0)
+                                              for g in per_graph),
+            "bucket_sizes": sorted({b for g in per_graph for b in g.get("bucket_sizes", [])}),
+            "accuracy_level": per_graph[0].get("accuracy_level")}
+
+
 def format_export(res: dict) -> str:
-    """The figures, one line per file (the 4-bit file's MatMulNBits count, bucket sizes and
-    accuracy level on its line), and the file to serve, for the terminal."""
+    """The figures, one line per file (the 4-bit file's MatMulNBits and GatherBlockQuantized
+    counts, bucket sizes and accuracy level on its line: a count of 0 GatherBlockQuantized says
+    the embeddings stayed fp32), and the file to serve, for the terminal."""
     lines = [f"exported {res['model_dir']} -> {res['out_dir']} (inputs: {', '.join(res['inputs'])};"
              f" checked on {res['check_rows']} rows, tolerance {res['tolerance']:g})"]
     for kind, f in res["files"].items():
         line = (f"{kind:<5} {f['file']:<16} {f['bytes'] / 1e6:8.2f} MB  max |logit diff| "
                 f"{f['max_abs_diff']:.2e}  argmax agreement {f['argmax_agreement']:.3f}")
-        if "matmulnbits_nodes" in f:
-            line += (f"  ({f['matmulnbits_nodes']} MatMulNBits, bucket "
-                     f"{'/'.join(map(str, f['bucket_sizes']))}, accuracy_level "
-                     f"{f['accuracy_level']})")
+        ops = quantized_ops(f)
+        if ops:
+            line += (f"  ({ops['matmulnbits_nodes']} MatMulNBits, "
+                     f"{ops['gatherblockquantized_nodes']} GatherBlockQuantized, bucket "
+                     f"{'/'.join(map(str, ops['bucket_sizes'])) or 'n/a'}, accuracy_level "
+                     f"{ops['accuracy_level']})")
         lines.append(line)
     lines.append(f"serve: {res['serve']}")
     return "\n".join(lines)
