@@ -117,6 +117,12 @@ class DataSpec:
     (:func:`train_stream`), cleaned and tokenized on the fly; only its first
     :data:`STREAM_HEAD` rows are read up front, to check its columns and classes. The
     evaluation and test splits, which must then be splits of their own, load as usual.
+
+    ``shuffle_buffer``: with ``streaming``, the stream is shuffled through a buffer of that
+    many rows (datasets' ``IterableDataset.shuffle``, seeded by the run's ``seed``, so a
+    seed gives one order, in every process alike); ``0`` (the default) keeps the source's
+    order, as a stream of an already shuffled corpus wants. A loaded split needs none: it
+    is shuffled whole every epoch.
     """
 
     dataset: Optional[str] = BUILTIN_NAME
@@ -135,6 +141,7 @@ class DataSpec:
     split_seed: int = 42
     bad_rows: str = "drop"
     streaming: bool = False
+    shuffle_buffer: int = 0
 
     def __post_init__(self):
         for name in ("validation_fraction", "test_fraction"):
@@ -155,6 +162,14 @@ class DataSpec:
                              "error: refuse them)")
         if not isinstance(self.streaming, bool):
             raise ValueError(f"streaming: {self.streaming!r} is not true or false")
+        v = self.shuffle_buffer
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"shuffle_buffer: {v!r} is not a whole number >= 0; give the rows "
+                             "held to shuffle the stream (e.g. 1000), or 0 for its own order")
+        if v and not self.streaming:
+            raise ValueError(f"shuffle_buffer: {v} shuffles a streamed training split, but "
+                             "streaming is false (a loaded split is shuffled whole every "
+                             "epoch); remove shuffle_buffer, or set streaming: true")
         if self.streaming:
             for name in ("validation_fraction", "test_fraction"):
                 if getattr(self, name):
@@ -349,7 +364,8 @@ def _stream_head(spec: DataSpec, source: str):
     return Dataset.from_list(rows, features=stream.features)
 
 
-def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str = ""):
+def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str = "",
+                 seed: int = 0):
     """The training split as a ``datasets.IterableDataset``, cleaned row by row as
     :func:`load_raw` cleans a loaded split: rows with empty, missing or non-text text (or
     pair) cells, or a missing label, are skipped (``bad_rows: drop``) or refused with their
@@ -357,7 +373,8 @@ def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str 
     ``load_raw`` read, :func:`label_names`), and a label outside them is an error, since
     the classes cannot change once training has started. Without ``class_names`` (a
     transfer set, ``label_column: null``) rows carry no label. ``max_train_samples`` keeps
-    the first rows."""
+    the first rows. With ``shuffle_buffer`` the rows (the first ``max_train_samples`` of
+    them, if set) come through a shuffle buffer of that many rows, seeded by ``seed``."""
     stream = _open_stream(spec)
     where = where or f"split {spec.train_split!r}"
     texts = [("text_column", spec.text_column)] + (
@@ -399,6 +416,10 @@ def train_stream(spec: DataSpec, class_names: Optional[list] = None, where: str 
     stream = stream.map(clean, batched=True, with_indices=True)
     if spec.max_train_samples:
         stream = stream.take(spec.max_train_samples)
+    if spec.shuffle_buffer:
+        # Every process shuffles with the same seed, so all read the same order and each
+        # keeps its own slice of every global batch, as without the buffer.
+        stream = stream.shuffle(seed=seed, buffer_size=spec.shuffle_buffer)
     return stream
 
 

@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -52,7 +53,7 @@ import numpy as np
 from distilkit.compress.base import compression_records
 from distilkit.config import teacher_torch_dtype
 from distilkit.files import sha256_file
-from distilkit.shard_store import MANIFEST, SHARD_FILE, ShardStore, distinct_missing  # noqa: F401
+from distilkit.shard_store import KEYS, MANIFEST, SHARD_FILE, ShardStore, distinct_missing  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +312,32 @@ def compute_teacher_outputs(teacher, ds, cols: Sequence[str], outputs: Sequence[
     return res
 
 
+def _namespace_of(teacher, teacher_dtype: Optional[str], tokenizer: Any,
+                  max_length: Optional[int], outs: Sequence[str]) -> tuple:
+    """``(path, compute_dtype, fingerprint)`` of a teacher's cache namespace: its local
+    directory (``None`` for a model object), the dtype it computes in (``teacher_dtype``,
+    else float32 for a path, which the default loader gives, else the model's own) and the
+    fingerprint keying the namespace (module docstring)."""
+    path = _resolve_path(os.fspath(teacher)) if isinstance(teacher, (str, os.PathLike)) else None
+    teacher_torch_dtype(teacher_dtype)
+    compute_dtype = teacher_dtype or ("float32" if path is not None else model_dtype_name(teacher))
+    fingerprint = {"teacher": teacher_fingerprint(path if path else teacher),
+                   "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
+                   "outputs": list(outs), "compute_dtype": compute_dtype}
+    return path, compute_dtype, fingerprint
+
+
+def _computing_model(teacher, path: Optional[str], loader: Optional[Callable], compute_dtype: str):
+    """The model that computes the misses: loaded from ``path`` (with ``loader``), else the
+    model object given, in ``compute_dtype`` (the key's dtype, so the key never lies)."""
+    model = (loader or _default_loader)(path) if path is not None else teacher
+    if model_dtype_name(model) != compute_dtype:
+        # The caller's model is not ours to change: cast a copy.
+        model = (model if path is not None else copy.deepcopy(model)).to(
+            teacher_torch_dtype(compute_dtype))
+    return model
+
+
 def _check_outputs(outputs: Union[str, Iterable[str]]) -> tuple[str, ...]:
     outs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
     bad = [o for o in outs if o not in OUTPUT_KINDS]
@@ -379,26 +406,16 @@ def attach_teacher_outputs(dataset, teacher, *, teacher_dataset=None,
         raise ValueError(f"teacher_dataset has {len(tds)} rows but dataset has {len(dataset)}: "
                          "they must hold the same examples, row for row")
     cols = _input_columns(tds)
-    path = _resolve_path(os.fspath(teacher)) if isinstance(teacher, (str, os.PathLike)) else None
-    teacher_torch_dtype(teacher_dtype)
-    compute_dtype = teacher_dtype or ("float32" if path is not None else model_dtype_name(teacher))
-    fingerprint = {"teacher": teacher_fingerprint(path if path else teacher),
-                   "tokenizer": tokenizer_fingerprint(tokenizer_name_or_path),
-                   "max_length": max_length, "outputs": list(outs),
-                   "compute_dtype": compute_dtype}
+    path, compute_dtype, fingerprint = _namespace_of(teacher, teacher_dtype,
+                                                     tokenizer_name_or_path, max_length, outs)
     keys = example_keys(tds, cols)
     arrays, found = cache.lookup(fingerprint, keys, outs)
     missing = np.flatnonzero(~found)
     loaded = False
     if len(missing):
         uniq = distinct_missing(keys, found)
-        model = teacher
-        if path is not None:
-            model = (teacher_loader or _default_loader)(path)
-            loaded = True
-        if model_dtype_name(model) != compute_dtype:
-            # The caller's model is not ours to change: cast a copy.
-            model = (model if loaded else copy.deepcopy(model)).to(teacher_torch_dtype(compute_dtype))
+        model = _computing_model(teacher, path, teacher_loader, compute_dtype)
+        loaded = path is not None
         computed = compute_teacher_outputs(model, tds.select(uniq), cols, outs, batch_size,
                                            progress)
         cache.store(fingerprint, [keys[i] for i in uniq], computed)
@@ -522,3 +539,158 @@ def _set_column(ds, name: str, values: np.ndarray):
         arr = pa.FixedSizeListArray.from_arrays(arr, int(dim))
         feature = List(feature, length=int(dim))
     return ds.add_column(name, arr, feature=feature)
+
+
+# ---------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------
+
+_TOKEN_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class StreamTeacherOutputs:
+    """The teacher's outputs for the rows of a stream, one batch at a time (``streaming:
+    true``), through the same cache, namespace and example keys as
+    :func:`attach_teacher_outputs`: a stream run and a loaded run of the same rows share
+    their cached outputs.
+
+    :meth:`outputs_for` takes a batch's tokenized rows and returns their outputs: rows whose
+    key is cached are read from the cache; the others are run through the teacher (loaded
+    on the first miss, so a run whose every row hits never loads it; eval mode, no
+    gradients) and buffered, to be written as one shard of up to ``flush_rows`` rows
+    (:meth:`flush`; rows still buffered when the process ends are not cached, and are
+    computed again next time). Each process computes only the rows of its own batches; its
+    writes go through the shard store's atomic shard write, so processes filling one cache
+    never see each other's partial shards.
+
+    A stream's rows are never all at hand, so the namespace is read once, here, into an
+    index (key -> shard, row); the arrays of the last ``keep_shards`` shards read stay in
+    memory, others are read again, checksums checked again, when a row needs them (a warm
+    run reads the shards in about the order the cold run wrote them). A damaged shard is
+    discarded with a warning (by the shard store) and its rows are computed again.
+
+    Args:
+        teacher: a saved teacher directory or hub id (loaded with ``teacher_loader`` on the
+            first miss and moved to ``device``), or a model object (run where it is).
+        outputs, max_length, cache_dir, teacher_loader, teacher_dtype,
+            tokenizer_name_or_path, batch_size: as for :func:`attach_teacher_outputs`.
+        device: where a loaded teacher runs: a device, or a callable giving it (resolved at
+            the first miss); ``None``: where the loader puts it.
+    """
+
+    def __init__(self, teacher, *, outputs: Union[str, Sequence[str]] = ("logits",),
+                 max_length: Optional[int] = None, cache_dir: Optional[str] = None,
+                 teacher_loader: Optional[Callable[[str], Any]] = None,
+                 teacher_dtype: Optional[str] = None, tokenizer_name_or_path: Any = None,
+                 device: Any = None, batch_size: int = 64, flush_rows: int = 1024,
+                 keep_shards: int = 8):
+        for name, v in (("batch_size", batch_size), ("flush_rows", flush_rows),
+                        ("keep_shards", keep_shards)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {v!r} must be a whole number >= 1")
+        self.outputs = _check_outputs(outputs)
+        self.cache = TeacherCache(cache_dir)
+        self.cache.check_writable()
+        self._teacher, self._loader, self._device = teacher, teacher_loader, device
+        self._path, self.compute_dtype, self.fingerprint = _namespace_of(
+            teacher, teacher_dtype, tokenizer_name_or_path, max_length, self.outputs)
+        self.namespace = self.cache.namespace_dir(self.fingerprint)
+        self.batch_size, self.flush_rows, self.keep_shards = batch_size, flush_rows, keep_shards
+        self._model = None
+        self.teacher_loaded = False
+        self.hits = self.computed = 0
+        self._shard_paths: list[str] = []
+        self._where: dict[bytes, tuple[int, int]] = {}   # key -> (shard number, row)
+        self._arrays: "OrderedDict[int, dict]" = OrderedDict()  # the shards kept in memory
+        self._dead: set[int] = set()                    # shards found damaged on a re-read
+        self._pending: dict[bytes, dict[str, np.ndarray]] = {}
+        for shard in self.cache._shards(self.namespace):
+            self._add_shard(shard, self.cache._read_shard(shard))
+
+    def _add_shard(self, shard: str, arrays: Optional[dict]) -> None:
+        """Index the rows of a shard read whole (``None``: damaged, already discarded); where
+        several shards hold a key the oldest wins, as in :meth:`ShardStore.lookup`."""
+        if arrays is None or any(n not in arrays for n in self.outputs):
+            return
+        n = len(self._shard_paths)
+        self._shard_paths.append(shard)
+        for row, k in enumerate(arrays[KEYS]):
+            k = k.tobytes()
+            if k not in self._where or self._where[k][0] in self._dead:
+                self._where[k] = (n, row)
+        self._keep(n, arrays)
+
+    def _keep(self, n: int, arrays: dict) -> None:
+        self._arrays[n] = {k: arrays[k] for k in self.outputs}
+        self._arrays.move_to_end(n)
+        while len(self._arrays) > self.keep_shards:
+            self._arrays.popitem(last=False)
+
+    def _cached(self, key: bytes) -> Optional[dict[str, np.ndarray]]:
+        if key in self._pending:
+            return self._pending[key]
+        where = self._where.get(key)
+        if where is None or where[0] in self._dead:
+            return None
+        n, row = where
+        if n not in self._arrays:
+            arrays = self.cache._read_shard(self._shard_paths[n])
+            if arrays is None:  # damaged since the index was read: its rows are computed again
+                self._dead.add(n)
+                return None
+            self._keep(n, arrays)
+        self._arrays.move_to_end(n)
+        return {k: v[row] for k, v in self._arrays[n].items()}
+
+    def _computing_model(self):
+        if self._model is None:
+            self._model = _computing_model(self._teacher, self._path, self._loader,
+                                           self.compute_dtype)
+            self.teacher_loaded = self._path is not None
+            device = self._device() if callable(self._device) else self._device
+            if self.teacher_loaded and device is not None:
+                self._model.to(device)
+        return self._model
+
+    def outputs_for(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+        """The outputs of ``rows`` (tokenized rows: ``input_ids`` and, where the teacher reads
+        them, ``token_type_ids`` / ``attention_mask``, as the stream gives them), one float32
+        array per output kind with one row per row, in order."""
+        from datasets import Dataset
+
+        if not rows:
+            raise ValueError("a batch of a stream has no rows")
+        cols = [c for c in _TOKEN_COLUMNS if c in rows[0]]
+        if "input_ids" not in cols:
+            raise ValueError(f"the teacher cache needs tokenized rows with 'input_ids'; the "
+                             f"stream's rows have {sorted(rows[0])}")
+        ds = Dataset.from_dict({c: [list(r[c]) for r in rows] for c in cols})
+        keys = example_keys(ds, cols)
+        got = [self._cached(k) for k in keys]
+        found = np.array([g is not None for g in got])
+        self.hits += int(found.sum())
+        uniq = distinct_missing(keys, found)
+        if uniq:
+            computed = compute_teacher_outputs(self._computing_model(), ds.select(uniq), cols,
+                                               self.outputs, self.batch_size)
+            self.computed += len(uniq)
+            for j, i in enumerate(uniq):
+                self._pending[keys[i]] = {k: computed[k][j] for k in self.outputs}
+            got = [g if g is not None else self._pending[k] for g, k in zip(got, keys)]
+            if len(self._pending) >= self.flush_rows:
+                self.flush()
+        return {k: np.stack([g[k] for g in got]).astype(np.float32, copy=False)
+                for k in self.outputs}
+
+    def flush(self) -> Optional[str]:
+        """Write the computed rows not yet cached as one shard; returns its directory (``None``
+        when there were none)."""
+        if not self._pending:
+            return None
+        keys = list(self._pending)
+        arrays = {k: np.stack([self._pending[key][k] for key in keys]) for k in self.outputs}
+        shard = self.cache.store(self.fingerprint, keys, arrays)
+        self._add_shard(shard, {KEYS: np.frombuffer(b"".join(keys), np.uint8).reshape(
+            len(keys), -1), **arrays})
+        self._pending = {}
+        return shard

@@ -9,7 +9,8 @@ With ``teacher_cache: true`` and every output already cached, the teacher's weig
 read: the student is built from the teacher's directory (only the layers it keeps), the
 trainer reads the cached outputs, and the teacher's own figures for ``results.json`` come from
 the cache too, keyed like its outputs (weights, tokenizer, max length) plus the evaluation
-split's contents.
+split's contents. A streamed training split (``streaming: true``) reads and fills the same
+cache batch by batch (:class:`StreamTeacherCollator`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from distilkit.loss_terms import cached_outputs_needed, needs_live_teacher
 from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, cached_figures,
@@ -54,6 +56,12 @@ class ClassificationTask(Task):
             raise ValueError(f"max_steps: {steps!r}, but streaming: true reads the training split "
                              "as a stream of unknown length, so the run is as long as max_steps "
                              "says; set max_steps: N (e.g. max_steps: 1000)")
+        workers = recipe.training.get("dataloader_num_workers", 0)
+        if k.teacher_cache and workers:
+            raise ValueError(f"dataloader_num_workers: {workers}, but with streaming: true and "
+                             "teacher_cache the teacher's outputs are read and cached as each "
+                             "batch is collated, which must happen in the training process; "
+                             "set dataloader_num_workers: 0, or teacher_cache: false")
         if k.augment:
             raise ValueError("augment: makes new sentences from the whole training split, which "
                              "streaming: true never holds; remove augment, or set streaming: false")
@@ -176,28 +184,35 @@ class ClassificationTask(Task):
                         compute_metrics=classification_metrics, teacher_cached=cached)
 
     def _prepare_stream(self, recipe, args, raw, teachers: Teachers, tokenizer) -> Prepared:
-        """``streaming: true``: the training split as a stream tokenized on the fly, the teacher
-        run live every step (no cache: the stream's rows are never all there to key and fill
-        it), evaluation on the splits loaded as usual. ``raw``'s training split is the
-        stream's first rows (:data:`distilkit.data.STREAM_HEAD`): they score importance-based
-        compression."""
+        """``streaming: true``: the training split as a stream tokenized on the fly (through a
+        seeded shuffle buffer with ``shuffle_buffer``), evaluation on the splits loaded as
+        usual. ``raw``'s training split is the stream's first rows
+        (:data:`distilkit.data.STREAM_HEAD`): they score importance-based compression.
+
+        With ``teacher_cache`` the teacher's outputs come with each batch
+        (:class:`StreamTeacherCollator`): read from the cache, or computed (the teacher
+        loaded on the first miss) and cached, so the trainer reads the same columns as from
+        a loaded split's cache and has no teacher of its own; a run whose every row hits
+        never loads the teacher. Without it, or when a term reads what is not cached, the
+        teacher runs every step."""
         from distilkit.collate import DistilCollator
         from distilkit.data import label_names, tokenize, tokenize_stream, train_stream
         from distilkit.metrics import classification_metrics
 
         k, spec = recipe.keys, recipe.data
         if tokenizer is not teachers.tokenizer:
-            raise ValueError("student: it reads its own tokens, so the teacher's outputs would "
-                             "have to come from the cache, which streaming: true does not fill; "
-                             "use a student with the teacher's tokenizer, or streaming: false")
-        if k.teacher_cache:
-            print("[distilkit] teacher_cache: not used for the streamed training split (its "
-                  "rows are never all at hand to cache); the teacher runs every step",
-                  file=sys.stderr)
+            raise ValueError("student: it reads its own tokens, but a stream carries only the "
+                             "student's tokens, not the teacher's; use a student with the "
+                             "teacher's tokenizer, or streaming: false")
+        live = needs_live_teacher(args)
+        if k.teacher_cache and live:
+            print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
+                  "alpha_cosine read the teacher's per-token states, which are not cached; the "
+                  "teacher runs every step", file=sys.stderr)
         head = raw[spec.train_split]
         # A training split without the label column is a transfer set: KD terms only.
         labelled = spec.label_column in head.column_names
-        stream = train_stream(spec, label_names(raw, spec) if labelled else None)
+        stream = train_stream(spec, label_names(raw, spec) if labelled else None, seed=args.seed)
         train_ds = tokenize_stream(stream, tokenizer, spec, head.column_names, k.max_length)
         # Every process reads the stream and keeps its own slice of each global batch
         # (accelerate's IterableDatasetShard; a stream of several files is split by file
@@ -206,10 +221,46 @@ class ClassificationTask(Task):
         # different lengths, which fails.
         args.accelerator_config.dispatch_batches = False
         ds = tokenize(raw, tokenizer, spec, max_length=k.max_length)
+        collator = DistilCollator(tokenizer)
+        stats: dict = {"head_rows": len(head)}
+        callbacks = []
+        cached = bool(k.teacher_cache) and not live
+        if cached:
+            # The collator runs after each process has taken its slice of the global batch,
+            # so each process computes (and caches) the teacher's outputs of its rows only.
+            collator = StreamTeacherCollator(collator,
+                                             *self._stream_sources(recipe, args, teachers))
+            callbacks.append(_StreamCacheCallback(collator, stats))
         return Prepared(train_dataset=train_ds, eval_dataset=ds[spec.eval_split],
-                        collator=DistilCollator(tokenizer), importance_dataset=ds[spec.train_split],
-                        compute_metrics=classification_metrics, teacher_cached=False,
-                        stats={"streaming": {"head_rows": len(head)}})
+                        collator=collator, importance_dataset=ds[spec.train_split],
+                        callbacks=callbacks, compute_metrics=classification_metrics,
+                        teacher_cached=cached, stats={"streaming": stats})
+
+    def _stream_sources(self, recipe, args, teachers: Teachers) -> tuple:
+        """The :class:`~distilkit.teacher_cache.StreamTeacherOutputs` of a streamed run: the
+        first teacher's (every output the terms read), and, for an ensemble, each member's
+        logits; keyed and computed as :meth:`_attach_teacher_outputs` does for a loaded
+        split, so both share one cache."""
+        from distilkit.teacher_cache import StreamTeacherOutputs
+
+        k = recipe.keys
+        outputs = cached_outputs_needed(args)
+        by_path = not teachers.adapter
+        members = teachers.specs if by_path else teachers.models()
+        kw = dict(max_length=k.max_length, cache_dir=k.cache_dir,
+                  teacher_dtype=args.teacher_dtype, device=lambda: args.device,
+                  teacher_loader=(lambda s: getattr(m := teachers.loader(s), "inner", m))
+                  if by_path else None)
+        first = StreamTeacherOutputs(members[0], outputs=outputs, **kw)
+        teachers.cache_namespace = first.namespace
+        ensemble = []
+        if len(members) > 1:
+            ensemble = [first if i == 0 and outputs == ("logits",) else
+                        StreamTeacherOutputs(m, outputs=("logits",), **kw)
+                        for i, m in enumerate(members)]
+        # Keyed by path, the cache holds the teacher's own outputs, put in the data's label
+        # order per batch; a loaded teacher (with an adapter) answers in that order already.
+        return first, ensemble, (teachers.label_index if by_path else None)
 
     def _attach_teacher_outputs(self, recipe, args, teachers, train_raw, train_ds, progress):
         from distilkit.data import tokenize
@@ -316,6 +367,71 @@ class ClassificationTask(Task):
                              model_dir=model_dir, latency=latency)
         res["split"] = split
         return res
+
+
+class StreamTeacherCollator:
+    """A collator for a streamed training split with ``teacher_cache``: each batch's rows get
+    the teacher-output columns a loaded split's cache attaches (``teacher_logits``, with
+    ``teacher_cls_hidden`` where a term reads [CLS] states, ``teacher_ensemble_logits`` for
+    an ensemble), from ``first`` and the ensemble's members (each a
+    :class:`~distilkit.teacher_cache.StreamTeacherOutputs`), in the data's label order
+    (``label_index``), then ``collator`` pads them. The trainer serves its terms from those
+    columns, as from a loaded split's."""
+
+    def __init__(self, collator, first, ensemble=(), label_index: Optional[list] = None):
+        self.collator, self.first, self.ensemble = collator, first, list(ensemble)
+        self.label_index = label_index
+
+    @property
+    def sources(self) -> list:
+        """Every distinct teacher-output source (one per cache namespace)."""
+        return list({id(s): s for s in [self.first, *self.ensemble]}.values())
+
+    def __call__(self, features: list) -> dict:
+        from distilkit.teacher_cache import COLUMN, ENSEMBLE_COLUMN
+
+        got = self.first.outputs_for(features)
+        cols = {COLUMN[kind]: v for kind, v in got.items()}
+        if self.ensemble:
+            cols[ENSEMBLE_COLUMN] = np.stack(
+                [got["logits"] if m is self.first else m.outputs_for(features)["logits"]
+                 for m in self.ensemble], axis=1)
+        if self.label_index is not None:
+            for c in (COLUMN["logits"], ENSEMBLE_COLUMN):
+                if c in cols:
+                    cols[c] = cols[c][..., self.label_index]
+        return self.collator([{**f, **{c: v[i] for c, v in cols.items()}}
+                              for i, f in enumerate(features)])
+
+
+class _StreamCacheCallback(TrainerCallback):
+    """At the end of training: the stream's computed teacher outputs still buffered are
+    written to the cache, and how many rows hit and were computed (summed over the
+    processes) go to ``stats`` (``results.json``'s ``streaming.teacher_cache``) and, on the
+    main process, to stderr."""
+
+    def __init__(self, collator: StreamTeacherCollator, stats: dict):
+        self.collator, self.stats = collator, stats
+
+    def on_train_end(self, args, state, control, **kwargs):
+        sources = self.collator.sources
+        for s in sources:
+            s.flush()
+        counts = torch.tensor([[s.hits, s.computed, int(s.teacher_loaded)] for s in sources],
+                              dtype=torch.long)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            counts = counts.to(args.device)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        hits, computed, loaded = (int(v) for v in counts.sum(0))
+        self.stats["teacher_cache"] = {"hits": hits, "computed": computed,
+                                       "teacher_loaded": bool(loaded),
+                                       "namespace": self.collator.first.namespace}
+        if state.is_world_process_zero:
+            print(f"[distilkit] teacher cache (stream): {hits:,} row outputs read from the "
+                  f"cache, {computed:,} computed by the teacher and cached"
+                  f"{'' if loaded else ' (the teacher was never loaded)'} "
+                  f"({self.collator.first.namespace})", file=sys.stderr)
 
 
 def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
