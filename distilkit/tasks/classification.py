@@ -166,9 +166,7 @@ class ClassificationTask(Task):
                     if k.augment else ds[spec.train_split])
         live = needs_live_teacher(args)
         if k.teacher_cache and live:
-            print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
-                  "alpha_cosine read the teacher's per-token states, which are not cached; the "
-                  "teacher runs every step", file=sys.stderr)
+            _say_cache_unused()
         # A student with its own tokenizer (a word-level BiLSTM) cannot feed the teacher its
         # tokens, so the teacher's outputs are computed on the teacher's tokens, through the
         # cache, whatever teacher_cache says.
@@ -206,9 +204,7 @@ class ClassificationTask(Task):
                              "teacher's tokenizer, or streaming: false")
         live = needs_live_teacher(args)
         if k.teacher_cache and live:
-            print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
-                  "alpha_cosine read the teacher's per-token states, which are not cached; the "
-                  "teacher runs every step", file=sys.stderr)
+            _say_cache_unused()
         head = raw[spec.train_split]
         # A training split without the label column is a transfer set: KD terms only.
         labelled = spec.label_column in head.column_names
@@ -432,6 +428,12 @@ class _StreamCacheCallback(TrainerCallback):
                   f"cache, {computed:,} computed by the teacher and cached"
                   f"{'' if loaded else ' (the teacher was never loaded)'} "
                   f"({self.collator.first.namespace})", file=sys.stderr)
+
+
+def _say_cache_unused() -> None:
+    print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
+          "alpha_cosine read the teacher's per-token states, which are not cached; the "
+          "teacher runs every step", file=sys.stderr)
 
 
 def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
