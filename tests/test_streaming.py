@@ -1,7 +1,8 @@
 """``streaming: true``: the training split read as a stream (datasets' IterableDataset),
 cleaned and tokenized on the fly, the teacher run live every step, ``max_steps`` required.
 One process trains the same student from the stream as in memory (same batches in the same
-order), and two gloo processes train the same student as one."""
+order), and two gloo processes train the same student as one. A stream with the teacher
+cache and the shuffle buffer: tests/test_streaming_cache.py."""
 import csv
 import json
 import os
