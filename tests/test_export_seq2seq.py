@@ -1,9 +1,10 @@
 """``distilkit export --format onnx [--int8] [--4bit]`` for seq2seq students: the encoder,
 first-step decoder and decoder-with-past graphs, and :class:`OnnxSeq2SeqGenerator`'s greedy
-loop over them, which must give ``model.generate``'s tokens for BART, T5 (relative position
-bias with a past) and Marian (sinusoidal positions), layer-dropped and 4-bit packed students,
-at batch sizes and source lengths other than the traced example's, rows finishing at
-different steps."""
+and beam search loops over them, which must give ``model.generate``'s tokens for BART, T5
+(relative position bias with a past) and Marian (sinusoidal positions), layer-dropped and
+4-bit packed students, at batch sizes and source lengths other than the traced example's, rows
+finishing at different steps; the beam bookkeeping (:mod:`distilkit.export.beam`) on its own;
+the exported model measured with the recipe's beam width."""
 import json
 import os
 
@@ -16,7 +17,8 @@ from conftest import tiny_bart, tiny_marian, tiny_t5, tiny_tokenizer
 from distilkit.cli import main
 from distilkit.compress import (CompressionContext, compress_, config_from_dict, finalize_,
                                 load_compressed, save_compressed)
-from distilkit.export import export_onnx
+from distilkit.export import export_onnx, format_export
+from distilkit.export import beam as bm
 from distilkit.seq2seq.generate_eval import _cache_kwargs
 from distilkit.export.seq2seq import GRAPHS, OnnxSeq2SeqGenerator, export_seq2seq, graph_files
 from distilkit.students.init import student_from_teacher
@@ -59,13 +61,13 @@ def encode(tok, texts):
     return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
 
 
-def reference(model, batch, new=NEW):
-    """``model.generate``'s greedy output (with a cache that grows with the decoder, which
-    generate's default cannot for a decoder deeper than the encoder)."""
+def reference(model, batch, new=NEW, num_beams=1, **beam):
+    """``model.generate``'s greedy (or ``num_beams``) output (with a cache that grows with the
+    decoder, which generate's default cannot for a decoder deeper than the encoder)."""
     with torch.no_grad():
         return model.generate(**{k: torch.from_numpy(v) for k, v in batch.items()},
-                              max_new_tokens=new, num_beams=1, do_sample=False,
-                              **_cache_kwargs(model.config)).numpy()
+                              max_new_tokens=new, num_beams=num_beams, do_sample=False,
+                              **beam, **_cache_kwargs(model.config)).numpy()
 
 
 def first_at(row, token):
@@ -110,16 +112,17 @@ def exported(tmp_path_factory):
     return out
 
 
-def assert_generates_like_pytorch(model_dir, onnx_dir, variant="fp32"):
-    """The generator's outputs equal ``model.generate``'s, array for array, on every batch;
-    returns the reference outputs."""
+def assert_generates_like_pytorch(model_dir, onnx_dir, variant="fp32", num_beams=1, **beam):
+    """The generator's outputs (greedy, or ``num_beams`` with the ``beam`` settings) equal
+    ``model.generate``'s, array for array, on every batch; returns the reference outputs."""
     model = load_compressed(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     gen = OnnxSeq2SeqGenerator(onnx_dir, variant=variant)
     refs = []
     for b in batches(tok):
-        ref = reference(model, b)
-        got = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens=NEW)
+        ref = reference(model, b, num_beams=num_beams, **beam)
+        got = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens=NEW,
+                           num_beams=num_beams, **beam)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, ref)
         refs.append(ref)
@@ -154,6 +157,11 @@ def test_bart_forced_eos_and_forced_bos(tmp_path):
             if len(r) == NEW + 1 and first_at(r, g.eos_token_id) is None]
     assert full and all(r[NEW] == g.forced_eos_token_id for r in full)
     assert all(r[1] == 7 for r in refs[0].tolist())
+    # The same under beam search, where the forcing acts on the log-probs of every beam.
+    beams = assert_generates_like_pytorch(d, res["out_dir"], num_beams=3)
+    assert all(r[1] == 7 for r in beams[0].tolist())
+    assert all(r[NEW] == g.forced_eos_token_id for r in beams[0].tolist()
+               if len(r) == NEW + 1 and first_at(r, g.eos_token_id) is None)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -197,6 +205,190 @@ def test_past_graph_is_used_one_token_a_step(exported, family):
     zeroed = {k: (np.zeros_like(v) if ".decoder." in k else v) for k, v in feeds.items()}
     sess = gen.decoder_with_past.sess
     assert not np.allclose(sess.run(None, feeds)[0], sess.run(None, zeroed)[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_beam_search_equals_pytorch_beam_search(exported, family, num_beams):
+    """``generate(num_beams=k)`` token for token, padding and length included, at batch 7, 1
+    (long and short source) and 3 (padded), with the generation config's length penalty and
+    early stopping (transformers' defaults here: 1.0, False)."""
+    model_dir, res = exported[family]
+    refs = assert_generates_like_pytorch(model_dir, res["out_dir"], num_beams=num_beams)
+    eos = load_compressed(model_dir).generation_config.eos_token_id
+    assert len({first_at(r, eos) for ref in refs for r in ref.tolist()}) >= 2
+
+
+def test_beam_settings_of_the_generation_config_and_of_the_call(tmp_path):
+    """The saved generation config's num_beams, length_penalty and early_stopping are
+    generate's defaults, in the ONNX loop too; a call's own values override them. On this
+    Marian, each of these settings gives other outputs than greedy decoding."""
+    model = lively(tiny_marian())
+    d = save(model, str(tmp_path / "m"))
+    m = load_compressed(d)
+    g = m.generation_config
+    g.num_beams, g.length_penalty, g.early_stopping = 4, 2.0, True
+    m.save_pretrained(d)  # pick_eos's end token kept, the beam settings added
+    res = export_seq2seq(d, check_data=TEXTS, max_new_tokens=NEW)
+    assert {k: res["generation"][k] for k in ("num_beams", "length_penalty", "early_stopping")} \
+        == {"num_beams": 4, "length_penalty": 2.0, "early_stopping": True}
+    greedy = assert_generates_like_pytorch(d, res["out_dir"])
+    for beam in ({}, {"length_penalty": 0.5, "early_stopping": "never"},
+                 {"length_penalty": -1.0, "early_stopping": False}):
+        refs = assert_generates_like_pytorch(d, res["out_dir"], num_beams=4, **beam)
+        assert any(r.shape != g.shape or (r != g).any() for r, g in zip(refs, greedy)), beam
+    # Nothing given: the config's 4 beams, length penalty and early stopping, as generate
+    # (which reads the same config), and not what transformers' own defaults give.
+    tok = AutoTokenizer.from_pretrained(d)
+    gen = OnnxSeq2SeqGenerator(res["out_dir"])
+    b = encode(tok, TEXTS)
+    a = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens=NEW)
+    with torch.no_grad():
+        want = m.generate(**{k: torch.from_numpy(v) for k, v in b.items()},
+                          max_new_tokens=NEW).numpy()
+    np.testing.assert_array_equal(a, want)
+    c = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens=NEW, num_beams=4,
+                     length_penalty=1.0, early_stopping=False)
+    assert a.shape != c.shape or (a != c).any()
+
+
+def test_beam_search_takes_each_beams_past_from_the_beam_it_continues(exported, monkeypatch):
+    """Without the take of the past between steps (each beam keeping its own row's past),
+    beam search gives other tokens than generate's: the reorder is what the equality rests
+    on."""
+    model_dir, res = exported["bart"]
+    model = load_compressed(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    b = encode(tok, TEXTS)
+    gen = OnnxSeq2SeqGenerator(res["out_dir"])
+    ref = reference(model, b, num_beams=4)
+    np.testing.assert_array_equal(gen.generate(b["input_ids"], b["attention_mask"], NEW,
+                                               num_beams=4), ref)
+    monkeypatch.setattr(bm.Beams, "reorder_index",
+                        lambda self: np.arange(self.source.size))
+    got = gen.generate(b["input_ids"], b["attention_mask"], NEW, num_beams=4)
+    assert got.shape != ref.shape or (got != ref).any()
+
+
+# ---------------------------------------------------------------------------------------
+# The beam bookkeeping alone (distilkit.export.beam)
+# ---------------------------------------------------------------------------------------
+
+def probs(*rows):
+    return np.log(np.array(rows, dtype=np.float32))
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_beam_step_by_hand(length_penalty):
+    """One row, 2 beams, vocabulary 4, end token 3. Step 1: the end token is the best
+    continuation ([s, 3] finishes at log 0.4 / 1), tokens 1 and 0 stay live. Step 2: beam
+    [s, 1] ends at (log 0.3 + log 0.7) / 2 ** length_penalty. With length_penalty 1 that
+    (-0.780) beats -0.916 and the longer hypothesis wins; with 0 (-1.561) it does not. Both
+    hypotheses finished and early_stopping=True: the search stops."""
+    s = bm.init_beams(np.array([[9]]), 2, max_length=6, fill=5)
+    assert s.running_scores.tolist() == [[0.0, np.float32(-1e9)]]
+    first = probs([0.2, 0.3, 0.1, 0.4])
+    s = bm.beam_step(s, np.repeat(first, 2, axis=0), [3], length_penalty, True)
+    assert s.going and s.cur_len == 2
+    assert s.running[0, :, :2].tolist() == [[9, 1], [9, 0]]
+    assert s.is_finished.tolist() == [[True, False]]
+    assert s.finished[0, 0, :3].tolist() == [9, 3, 5] and s.finished_len[0, 0] == 1
+    np.testing.assert_allclose(s.finished_scores[0, 0], np.log(0.4), rtol=1e-6)
+    np.testing.assert_array_equal(s.last_tokens(), [[1], [0]])
+    np.testing.assert_array_equal(s.reorder_index(), [0, 0])  # both continue beam 0
+
+    s = bm.beam_step(s, probs([0.1, 0.1, 0.1, 0.7], [0.6, 0.2, 0.1, 0.1]), [3],
+                     length_penalty, True)
+    longer = (np.log(0.3) + np.log(0.7)) / 2 ** length_penalty
+    assert not s.going and s.is_finished.all()
+    if length_penalty == 1.0:
+        assert longer > np.log(0.4)
+        np.testing.assert_array_equal(bm.best_sequences(s), [[9, 1, 3]])
+        np.testing.assert_allclose(s.finished_scores[0], [longer, np.log(0.4)], rtol=1e-6)
+    else:
+        assert longer < np.log(0.4)
+        np.testing.assert_array_equal(bm.best_sequences(s), [[9, 3]])
+        np.testing.assert_allclose(s.finished_scores[0], [np.log(0.4), longer], rtol=1e-6)
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beam_step_early_stopping_and_the_maximum_length(early_stopping):
+    """Two rows, after two steps both with two finished hypotheses ([s, 3] at log 0.4 = -0.916,
+    [s, 1, 3] at -0.780) and a best live beam [s, 0, 0] at log 0.2 + log 0.9 = -1.715.
+    True stops (every row full); False goes on, as -1.715 / 2 (the current length) beats
+    -0.916; "never" too (-1.715 / 3, the maximum length). At the maximum length every
+    continuation ends and the search stops."""
+    s = bm.init_beams(np.array([[9], [9]]), 2, max_length=4, fill=5)
+    lp = probs(*[[0.2, 0.3, 0.1, 0.4]] * 4)
+    s = bm.beam_step(s, lp, [3], 1.0, early_stopping)
+    assert s.running[:, :, 1].tolist() == [[1, 0], [1, 0]]
+    s = bm.beam_step(s, probs([0.1, 0.1, 0.1, 0.7], [0.9, 0.05, 0.04, 0.01],
+                              [0.1, 0.1, 0.1, 0.7], [0.9, 0.05, 0.04, 0.01]), [3], 1.0,
+                     early_stopping)
+    assert s.is_finished.all()
+    np.testing.assert_allclose(s.running_scores[:, 0], np.log(0.2) + np.log(0.9), rtol=1e-6)
+    assert s.going == (early_stopping is not True)
+    if s.going:
+        s = bm.beam_step(s, lp, [3], 1.0, early_stopping)
+        assert not s.going and s.cur_len == 4 and s.finished_len[:, 0].max() <= 3
+
+
+def test_can_improve_is_transformers_early_stop_heuristic():
+    """The early-stop rule equals transformers' own on random states, for every
+    early_stopping value and length penalties of both signs."""
+    from transformers.generation.utils import GenerationMixin
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        b, k = rng.integers(1, 4), rng.integers(1, 5)
+        running = -rng.random((b, k)).astype(np.float32) * 10
+        finished = -rng.random((b, k)).astype(np.float32) * 10
+        is_finished = rng.random((b, k)) < 0.7
+        cur, prompt, max_len = int(rng.integers(2, 9)), 1, 10
+        lp = float(rng.choice([-1.0, 0.0, 0.5, 1.0, 2.0]))
+        for es in (True, False, "never"):
+            want = GenerationMixin._check_early_stop_heuristic(
+                torch.ones((b, 1), dtype=torch.bool), torch.from_numpy(running),
+                torch.from_numpy(finished), torch.from_numpy(is_finished), cur, max_len,
+                prompt, es, lp).numpy()
+            got = bm.can_improve(running, finished, is_finished, cur - prompt,
+                                 max_len - prompt, lp, es)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_fill_id_and_bad_beam_settings():
+    assert bm.fill_id(1, [2]) == 1 and bm.fill_id(0, [2]) == 2  # T5's pad 0: generate fills eos
+    for args, msg in (((0, 1.0, False), "num_beams: 0"), ((True, 1.0, False), "num_beams: True"),
+                      ((2, "long", False), "length_penalty: 'long'"),
+                      ((2, float("nan"), False), "length_penalty: nan"),
+                      ((2, 1.0, "sometimes"), "early_stopping: 'sometimes'"),
+                      ((2, 1.0, 1), "early_stopping: 1")):
+        with pytest.raises(ValueError, match=msg):
+            bm.check_beam_settings(*args)
+
+
+def test_measured_with_the_recipes_beam_width(exported):
+    """evaluate_seq2seq_export (distilkit evaluate, the recipe's export: step) decodes every
+    runtime with the recipe's generation settings, num_beams included: the ONNX runtime
+    generates what PyTorch generates with 3 beams. Sampling is refused in one line."""
+    from datasets import Dataset
+
+    from distilkit.export.measure import OrtSeq2Seq, evaluate_seq2seq_export, format_runtimes
+
+    model_dir, res = exported["t5"]
+    data = Dataset.from_dict({"source": TEXTS, "target": TEXTS})
+    out = evaluate_seq2seq_export(res["out_dir"], data, latency=False, progress=False,
+                                  generation={"num_beams": 3, "max_new_tokens": NEW,
+                                              "batch_size": 4})
+    assert out["generation"]["num_beams"] == 3
+    rt = out["runtimes"]
+    assert rt["onnx-fp32"]["agreement"] == 1.0
+    assert rt["onnx-fp32"]["bleu"] == rt["pytorch-fp32"]["bleu"]
+    assert "beam 3, length_penalty 1, at most 12 new tokens" in format_runtimes(out)
+    model = load_compressed(model_dir)
+    ort = OrtSeq2Seq(res["out_dir"], "fp32", model.config, model.generation_config)
+    with pytest.raises(ValueError, match="do_sample: True; .*greedily or by beam search"):
+        ort.generate(torch.tensor([[5, 6, 7]]), do_sample=True)
 
 
 def test_int8_exports_and_runs(exported):
@@ -246,6 +438,10 @@ def test_students_export_their_function(tmp_path):
             assert all(nbits[g]["matmulnbits_nodes"] > 0 for g in GRAPHS), nbits
             assert res["serve_variant"] == "4bit"
             assert res["files"]["4bit"]["bytes"] < res["files"]["fp32"]["bytes"]
+            # The terminal line sums the three graphs' 4-bit operators.
+            line = next(x for x in format_export(res).splitlines() if x.startswith("4bit"))
+            total = sum(nbits[g]["matmulnbits_nodes"] for g in GRAPHS)
+            assert f"({total} MatMulNBits, 0 GatherBlockQuantized, bucket 32," in line, line
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
@@ -279,8 +475,12 @@ def test_bad_input_is_one_clear_error(exported, tmp_path):
         export_seq2seq(model_dir, str(tmp_path / "x"), check_data=["the film is great"])
     gen = OnnxSeq2SeqGenerator(res["out_dir"])
     ids = np.array([[5, 6, 7]])
-    with pytest.raises(ValueError, match="num_beams: 2.*greedy"):
-        gen.generate(ids, max_new_tokens=3, num_beams=2)
+    with pytest.raises(ValueError, match="num_beams: 0 must be an integer >= 1"):
+        gen.generate(ids, max_new_tokens=3, num_beams=0)
+    with pytest.raises(ValueError, match="early_stopping: 'sometimes'"):
+        gen.generate(ids, max_new_tokens=3, num_beams=2, early_stopping="sometimes")
+    with pytest.raises(ValueError, match="max_new_tokens: 0"):
+        gen.generate(ids, max_new_tokens=0, num_beams=2)
     with pytest.raises(ValueError, match="max_new_tokens: 0"):
         gen.generate(ids, max_new_tokens=0)
     with pytest.raises(ValueError, match="attention_mask: shape"):

@@ -18,10 +18,11 @@ the student on one data split in each runtime: PyTorch fp32 (that model director
 * ``size_mb`` / ``size_bytes``: the file on disk (PyTorch: the saved model files, tokenizer
   excluded, as :func:`~distilkit.evaluate.model_files` counts them).
 
-A seq2seq export (:mod:`distilkit.export.seq2seq`: three graphs per variant and a greedy
-loop) is scored by generation instead, :func:`evaluate_seq2seq_export`: BLEU, chrF and exact
-match, agreement as the share of sentences generated exactly as PyTorch generates them, and
-generation time at batch 1 and 32.
+A seq2seq export (:mod:`distilkit.export.seq2seq`: three graphs per variant and a greedy or
+beam search loop) is scored by generation instead, :func:`evaluate_seq2seq_export`, with the
+recipe's ``generation`` settings (``num_beams`` included) in every runtime: BLEU, chrF and
+exact match, agreement as the share of sentences generated exactly as PyTorch generates them,
+and generation time at batch 1 and 32.
 
 onnxruntime is imported only when an export is measured (importing distilkit never needs it).
 """
@@ -245,13 +246,14 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
 
 
 class OrtSeq2Seq(nn.Module):
-    """An exported seq2seq model's greedy loop in onnxruntime
-    (:class:`~distilkit.export.seq2seq.OnnxSeq2SeqGenerator`) behind ``model.generate``, so
+    """An exported seq2seq model's generation loop in onnxruntime
+    (:class:`~distilkit.export.seq2seq.OnnxSeq2SeqGenerator`: greedy, or beam search with
+    ``num_beams``, ``length_penalty`` and ``early_stopping``) behind ``model.generate``, so
     :mod:`distilkit.seq2seq.generate_eval` generates, scores and times it as it does a PyTorch
-    model. Rows that finished early are padded with ``pad_token_id`` when one is given, as
-    ``generate`` pads them; the other arguments ``generate_texts`` passes for transformers
-    (``do_sample=False``, a cache, the end id, which the export's generation config holds) do
-    not change the greedy loop."""
+    model, with the same settings. ``pad_token_id`` fills the places after a row's end, as
+    ``generate`` fills them. Sampling (``do_sample=True``) is refused; the other arguments
+    ``generate_texts`` passes for transformers (a cache, the end id, which the export's
+    generation config holds) do not change the loop."""
 
     def __init__(self, export_dir: str, variant: str, config: Any, generation_config: Any,
                  threads: Optional[int] = None):
@@ -262,15 +264,16 @@ class OrtSeq2Seq(nn.Module):
         self.config, self.generation_config = config, generation_config
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64,
-                 num_beams: int = 1, pad_token_id: Optional[int] = None, **_transformers_only):
+                 num_beams: int = 1, length_penalty: Optional[float] = None,
+                 early_stopping=None, pad_token_id: Optional[int] = None,
+                 do_sample: bool = False, **_transformers_only):
+        if do_sample:
+            raise ValueError("do_sample: True; the ONNX generation loop decodes greedily or by "
+                             "beam search only: use do_sample=False")
         mask = None if attention_mask is None else attention_mask.numpy()
-        out = self.generator.generate(input_ids.numpy(), mask, max_new_tokens, num_beams)
-        ids = self.generator.ids
-        if pad_token_id is not None and pad_token_id != ids["pad_token_id"]:
-            # Everything after a row's first end token is padding.
-            ended = np.cumsum(np.isin(out[:, 1:], ids["eos_token_id"]), axis=1) > 0
-            after = np.concatenate([np.zeros_like(ended[:, :1]), ended[:, :-1]], axis=1)
-            out[:, 1:][after] = pad_token_id
+        out = self.generator.generate(input_ids.numpy(), mask, max_new_tokens, num_beams,
+                                      length_penalty=length_penalty,
+                                      early_stopping=early_stopping, pad_token_id=pad_token_id)
         return torch.from_numpy(out)
 
 
@@ -280,14 +283,15 @@ def evaluate_seq2seq_export(export_dir: str, dataset, *, source_column: str = "s
                             latency_samples: int = 16, runs: int = 3,
                             progress: bool = True) -> dict:
     """The seq2seq student exported to ``export_dir`` in each runtime (PyTorch fp32 and the
-    ONNX greedy loop on each exported variant), scored by generation on ``dataset``: ``bleu``,
+    ONNX generation loop on each exported variant), scored by generation on ``dataset``: ``bleu``,
     ``chrf``, ``exact_match`` (:func:`~distilkit.seq2seq.generate_eval.score_texts`),
     ``agreement`` (the share of sentences whose output equals PyTorch's), ``latency_b1_ms``
     (median time to generate one sentence alone, over ``latency_samples`` sentences,
     :func:`~distilkit.seq2seq.generate_eval.latency_ms`), ``latency_b32_ms`` (median of
     ``runs`` generations of 32 sentences together) and ``size_mb`` (PyTorch: the saved model
-    files; ONNX: the variant's three graphs). Decoding is greedy in every runtime (the ONNX
-    loop is greedy only), with ``generation``'s other settings (``max_new_tokens``)."""
+    files; ONNX: the variant's three graphs). Every runtime decodes with ``generation``'s
+    settings (:class:`~distilkit.seq2seq.generate_eval.GenerationSettings`: greedy, or beam
+    search with ``num_beams`` and ``length_penalty``; ``max_new_tokens``)."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -303,7 +307,7 @@ def evaluate_seq2seq_export(export_dir: str, dataset, *, source_column: str = "s
     check_seq2seq_columns(dataset, source_column, target_column)
     if len(dataset) == 0:
         raise ValueError("the evaluation split is empty")
-    settings = GenerationSettings(**{**(generation or {}), "num_beams": 1})
+    settings = GenerationSettings(**(generation or {}))
     model_dir = export_model_dir(export_dir, export)
     threads = threads or torch.get_num_threads()
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
@@ -354,10 +358,19 @@ def evaluate_seq2seq_export(export_dir: str, dataset, *, source_column: str = "s
         "generation": settings.to_dict(),
         "latency_protocol": (f"batch 1: median over {min(latency_samples, len(srcs))} sentences "
                              f"generated alone; batch 32: median of {runs} generations of 32 "
-                             "sentences; greedy, one runtime after the other")
+                             f"sentences; {decoding(settings.to_dict())}, one runtime after "
+                             "the other")
                             if latency else None,
         "runtimes": runtimes,
     }
+
+
+def decoding(generation: dict) -> str:
+    """``"greedy"`` or ``"beam 4, length_penalty 1"``: how a seq2seq measurement decoded."""
+    k = generation.get("num_beams", 1)
+    if k == 1:
+        return "greedy"
+    return f"beam {k}, length_penalty {generation.get('length_penalty', 1.0):g}"
 
 
 def format_runtimes(res: dict) -> str:
@@ -375,7 +388,8 @@ def format_runtimes(res: dict) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(row, widths))) for row in cells]
     at = (f"sequence length {res['max_length']}" if res.get("max_length") else
-          f"greedy, at most {res['generation']['max_new_tokens']} new tokens")
+          f"{decoding(res['generation'])}, at most {res['generation']['max_new_tokens']} new "
+          "tokens")
     lines.append(f"({res['examples']} examples, {res['threads']} threads, {at}; serve: "
                  f"{res['serve']})")
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The ONNX export of a seq2seq (encoder-decoder) student, and the greedy generation loop that
-runs it in onnxruntime.
+"""The ONNX export of a seq2seq (encoder-decoder) student, and the generation loop (greedy or
+beam search) that runs it in onnxruntime.
 
 Generation runs an encoder once and a decoder once per new token, so the export is three
 graphs, each with dynamic batch, source-length and past-length axes:
@@ -28,12 +28,15 @@ function and return its tensors, so the graphs take and give tensors only. The m
 forward computes everything else (BART's learned positions offset by the past length, T5's
 relative position bias for a query at the past length, the final logits bias or scaling).
 
-:class:`OnnxSeq2SeqGenerator` is greedy generation over the three files, following the saved
-generation config the way ``transformers``' ``generate`` does: decoder start token,
-``forced_bos_token_id`` / ``forced_eos_token_id``, padding of rows that have finished, and a
-stop once every row has produced an end-of-sequence token. Generation settings it does not
-implement (repetition penalties, n-gram blocking, minimum lengths, ...) make the export refuse
-with the setting named.
+:class:`OnnxSeq2SeqGenerator` is greedy or beam search generation over the three files,
+following the saved generation config the way ``transformers``' ``generate`` does: decoder
+start token, ``forced_bos_token_id`` / ``forced_eos_token_id``, padding of rows that have
+finished, and a stop once every row has produced an end-of-sequence token; with
+``num_beams > 1``, ``generate``'s beam search (:mod:`distilkit.export.beam`: summed log-probs,
+finished hypotheses per row scored ``sum / length ** length_penalty``, ``early_stopping``),
+with the past key-values of each live beam taken from the beam it continues between steps.
+Generation settings it does not implement (repetition penalties, n-gram blocking, minimum
+lengths, ...) make the export refuse with the setting named; sampling is not offered.
 
 The check, before anything is written: on real sentences in batches of different shapes
 (batch 1 included), the ONNX greedy output must equal ``model.generate(num_beams=1,
@@ -56,6 +59,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from distilkit.export.beam import (EarlyStopping, beam_step, best_sequences, check_beam_settings,
+                                   fill_id, init_beams, log_softmax)
 from distilkit.export.runtime import OPSET, REPORT_FILE, quantize_int8, require_onnx, session
 
 TOLERANCE = 1e-4
@@ -243,15 +248,16 @@ def _export_graphs(model: nn.Module, batch: dict, out_dir: str, start_id: int,
 # ---------------------------------------------------------------------------------------
 
 def generation_ids(model: nn.Module) -> dict:
-    """The token ids greedy generation follows, from the model's generation config (as
-    ``generate`` reads them), or a ValueError naming a setting the ONNX loop does not
-    implement."""
+    """The token ids and beam search defaults generation follows, from the model's generation
+    config (as ``generate`` reads them), or a ValueError naming a setting the ONNX loop does
+    not implement."""
     g = model.generation_config
     for name, neutral in UNSUPPORTED_GENERATION.items():
         value = getattr(g, name, neutral)
         if value is not None and value != neutral and not (neutral is None and value == []):
             raise ValueError(f"generation_config.{name}: {value!r} is not implemented by the "
-                             f"ONNX generation loop (greedy with forced BOS/EOS only); set it "
+                             f"ONNX generation loop (greedy or beam search, with forced "
+                             f"BOS/EOS and length_penalty/early_stopping only); set it "
                              f"to {neutral!r} in generation_config.json to export this model")
     start = g.decoder_start_token_id
     if start is None:  # what generate falls back to
@@ -265,7 +271,25 @@ def generation_ids(model: nn.Module) -> dict:
     pad = g.pad_token_id if g.pad_token_id is not None else eos[0]
     return {"decoder_start_token_id": int(start), "eos_token_id": [int(e) for e in eos],
             "pad_token_id": int(pad), "forced_bos_token_id": g.forced_bos_token_id,
-            "forced_eos_token_id": g.forced_eos_token_id}
+            "forced_eos_token_id": g.forced_eos_token_id, **beam_settings(g)}
+
+
+def beam_settings(g) -> dict:
+    """The generation config ``g``'s beam search defaults: ``num_beams``, ``length_penalty``
+    and ``early_stopping`` (checked, so a bad saved value is refused at export, not at
+    serving)."""
+    # Unset (None) is transformers 5's "the global default", which generate fills in from
+    # GenerationConfig._get_default_generation_params (1.0 and False in 5.23).
+    defaults = type(g)._get_default_generation_params()
+    num_beams, length_penalty, early_stopping = (
+        defaults[n] if getattr(g, n, None) is None else getattr(g, n)
+        for n in ("num_beams", "length_penalty", "early_stopping"))
+    try:
+        check_beam_settings(num_beams, length_penalty, early_stopping)
+    except ValueError as e:
+        raise ValueError(f"generation_config.{e}; fix it in generation_config.json") from None
+    return {"num_beams": num_beams, "length_penalty": float(length_penalty),
+            "early_stopping": early_stopping}
 
 
 def _as_past(name: str) -> str:
@@ -273,7 +297,7 @@ def _as_past(name: str) -> str:
 
 
 class OnnxSeq2SeqGenerator:
-    """Greedy generation with an exported seq2seq model in onnxruntime (CPU).
+    """Greedy or beam search generation with an exported seq2seq model in onnxruntime (CPU).
 
     ``onnx_dir`` is a directory written by :func:`export_seq2seq`; ``variant`` is ``"fp32"``,
     ``"int8"`` or ``"4bit"`` (one of ``export.json``'s ``files``); ``threads`` sets onnxruntime's
@@ -295,7 +319,14 @@ class OnnxSeq2SeqGenerator:
             raise ValueError(f"variant: {variant!r} was not exported to {onnx_dir}; it has "
                              f"{sorted(report['files'])} (export with --int8 for int8)")
         self.onnx_dir = onnx_dir
-        self._setup(onnx_dir, report["files"][variant]["graphs"], report["generation"], threads)
+        ids = dict(report["generation"])
+        if "num_beams" not in ids:
+            # An export.json written before beam search: the beam defaults are those of the
+            # generation config saved beside it, which is what generate would read.
+            from transformers import GenerationConfig
+
+            ids.update(beam_settings(GenerationConfig.from_pretrained(onnx_dir)))
+        self._setup(onnx_dir, report["files"][variant]["graphs"], ids, threads)
 
     def _setup(self, onnx_dir: str, graphs: dict, ids: dict, threads: Optional[int]) -> None:
         self.encoder, self.decoder, self.decoder_with_past = (
@@ -314,23 +345,38 @@ class OnnxSeq2SeqGenerator:
         return gen
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64,
-                 num_beams: int = 1) -> np.ndarray:
-        """Greedy outputs for the sources ``input_ids`` (``[batch, source]`` int, any array
-        type numpy reads; ``attention_mask`` 1 on real tokens, default all ones), at most
-        ``max_new_tokens`` new tokens each. Returns an int64 array ``[batch, out_len]`` laid
-        out as ``transformers``' ``generate`` returns it: column 0 the decoder start token,
-        then the tokens, rows that finished earlier padded with the pad id after their
-        end-of-sequence token; ``out_len`` is 1 + the steps until every row finished."""
-        return self._generate(input_ids, attention_mask, max_new_tokens, num_beams)[0]
+                 num_beams: Optional[int] = None, length_penalty: Optional[float] = None,
+                 early_stopping: Optional[EarlyStopping] = None,
+                 pad_token_id: Optional[int] = None) -> np.ndarray:
+        """Outputs for the sources ``input_ids`` (``[batch, source]`` int, any array type numpy
+        reads; ``attention_mask`` 1 on real tokens, default all ones), at most
+        ``max_new_tokens`` new tokens each: greedy with ``num_beams=1``, else beam search with
+        ``num_beams`` beams (:mod:`distilkit.export.beam`), scored with ``length_penalty``
+        and stopped by ``early_stopping`` (``True``, ``False`` or ``"never"``); all three
+        default to the saved generation config's (transformers' defaults where it sets none:
+        1, 1.0, False), as in ``generate``. ``pad_token_id`` (default the
+        generation config's) fills the places after a row's end. Returns an int64 array
+        ``[batch, out_len]`` laid out as ``transformers``' ``generate(num_beams=...,
+        do_sample=False)`` returns it: column 0 the decoder start token, then the tokens;
+        greedy: rows that finished earlier padded with the pad id after their end-of-sequence
+        token, ``out_len`` 1 + the steps until every row finished; beam search: each row's
+        best hypothesis, padded after its end as generate's beam search pads (the pad id, or
+        the first end id when the pad id is 0), ``out_len`` 1 + the longest of them."""
+        g = self.ids
+        num_beams = g["num_beams"] if num_beams is None else num_beams
+        length_penalty = g["length_penalty"] if length_penalty is None else length_penalty
+        early_stopping = g["early_stopping"] if early_stopping is None else early_stopping
+        check_beam_settings(num_beams, length_penalty, early_stopping)
+        pad = g["pad_token_id"] if pad_token_id is None else pad_token_id
+        if not isinstance(pad, (int, np.integer)) or isinstance(pad, bool):
+            raise ValueError(f"pad_token_id: {pad!r} must be a token id (an integer)")
+        if num_beams == 1:
+            return self._generate(input_ids, attention_mask, max_new_tokens, pad=int(pad))[0]
+        return self._beam_search(input_ids, attention_mask, max_new_tokens, num_beams,
+                                 float(length_penalty), early_stopping, int(pad))
 
-    def _generate(self, input_ids, attention_mask, max_new_tokens: int, num_beams: int = 1,
-                  keep_logits: bool = False, run_all: bool = False):
-        """:meth:`generate`, and with ``keep_logits`` the ``[batch, vocab]`` logits of every
-        step (before forcing); ``run_all`` runs all ``max_new_tokens`` steps even once every
-        row has finished (so a check sees the with-past graph at every past length)."""
-        if num_beams != 1:
-            raise ValueError(f"num_beams: {num_beams!r}; the ONNX generation loop is greedy "
-                             "only: use num_beams=1 (or PyTorch generate for beam search)")
+    def _inputs(self, input_ids, attention_mask, max_new_tokens) -> tuple:
+        """The checked ``input_ids`` and ``attention_mask`` as int64 arrays."""
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
                 or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: {max_new_tokens!r} must be an integer >= 1")
@@ -341,15 +387,30 @@ class OnnxSeq2SeqGenerator:
             np.asarray(attention_mask, dtype=np.int64)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: shape {mask.shape} != input_ids' {ids.shape}")
-        g = self.ids
-        eos, pad = np.array(g["eos_token_id"]), g["pad_token_id"]
+        return ids, mask
+
+    def _first_step(self, ids: np.ndarray, mask: np.ndarray) -> tuple:
+        """The encoder, then the first decoder step on the start token: the prompt
+        ``[batch, 1]``, the logits and the past by name."""
         hidden = self.encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        out = np.full((ids.shape[0], 1), g["decoder_start_token_id"], dtype=np.int64)
-        first = self.decoder.run(None, {"decoder_input_ids": out, "encoder_hidden_states": hidden,
+        prompt = np.full((ids.shape[0], 1), self.ids["decoder_start_token_id"], dtype=np.int64)
+        first = self.decoder.run(None, {"decoder_input_ids": prompt,
+                                        "encoder_hidden_states": hidden,
                                         "encoder_attention_mask": mask})
-        logits = first[0]
+        return prompt, first[0], dict(zip(self._first_names, first[1:]))
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens: int,
+                  keep_logits: bool = False, run_all: bool = False,
+                  pad: Optional[int] = None):
+        """Greedy :meth:`generate`, and with ``keep_logits`` the ``[batch, vocab]`` logits of
+        every step (before forcing); ``run_all`` runs all ``max_new_tokens`` steps even once
+        every row has finished (so a check sees the with-past graph at every past length)."""
+        ids, mask = self._inputs(input_ids, attention_mask, max_new_tokens)
+        g = self.ids
+        eos = np.array(g["eos_token_id"])
+        pad = g["pad_token_id"] if pad is None else pad
+        out, logits, past = self._first_step(ids, mask)
         # Self-attention keys and values are replaced every step, cross-attention ones kept.
-        past = dict(zip(self._first_names, first[1:]))
         done = np.zeros(ids.shape[0], dtype=bool)
         max_length = 1 + max_new_tokens  # generate's, with a one-token decoder prompt
         kept = []
@@ -368,6 +429,37 @@ class OnnxSeq2SeqGenerator:
             logits = res[0]
             past.update(zip(self._next_names, res[1:]))
         return out, kept
+
+    def _beam_search(self, input_ids, attention_mask, max_new_tokens: int, num_beams: int,
+                     length_penalty: float, early_stopping: EarlyStopping,
+                     pad: int) -> np.ndarray:
+        """Beam search over the three graphs: the encoder and the first decoder step run once
+        per source row and their outputs are repeated for its ``num_beams`` beams (they are
+        the same for every beam); each later step runs the with-past graph on all
+        ``batch * num_beams`` beams after taking every self-attention key/value from the
+        beam each live beam continues. The cross-attention past needs no take: a beam only
+        continues a beam of its own row, whose cross-attention past is the same."""
+        ids, mask = self._inputs(input_ids, attention_mask, max_new_tokens)
+        eos = self.ids["eos_token_id"]
+        prompt, logits, past = self._first_step(ids, mask)
+        past = {n: np.repeat(v, num_beams, axis=0) for n, v in past.items()}
+        mask = np.repeat(mask, num_beams, axis=0)
+        max_length = 1 + max_new_tokens
+        state = init_beams(prompt, num_beams, max_length, fill_id(pad, eos))
+        log_probs = np.repeat(log_softmax(logits[:, -1, :]), num_beams, axis=0)
+        while True:
+            # generate's beam search runs its logits processors on the log-probs.
+            log_probs = self._force(log_probs, state.cur_len, max_length)
+            state = beam_step(state, log_probs, eos, length_penalty, early_stopping)
+            if not state.going:
+                return best_sequences(state)
+            order = state.reorder_index()
+            for n in self._next_names:
+                past[n] = np.take(past[n], order, axis=0)
+            res = self.decoder_with_past.run(None, {"decoder_input_ids": state.last_tokens(),
+                                                    "encoder_attention_mask": mask, **past})
+            past.update(zip(self._next_names, res[1:]))
+            log_probs = log_softmax(res[0][:, -1, :])
 
     def _force(self, scores: np.ndarray, cur_len: int, max_length: int) -> np.ndarray:
         """``generate``'s forced BOS (the first new token) then forced EOS (the token that
@@ -441,7 +533,7 @@ def compare_generation(gen: OnnxSeq2SeqGenerator, model: nn.Module, batches: lis
     identical, same_rows, rows, equal, total, diff = True, 0, 0, 0, 0, 0.0
     for b in batches:
         ref = _reference(model, b, max_new_tokens)
-        got = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens)
+        got = gen.generate(b["input_ids"], b["attention_mask"], max_new_tokens, num_beams=1)
         identical &= ref.shape == got.shape and bool((ref == got).all())
         for r, g in zip(ref.tolist(), got.tolist()):
             r, g = _generated(r, eos), _generated(g, eos)
