@@ -3,8 +3,8 @@ model it trains.
 
 The trainer only orchestrates; the terms and their math are in :mod:`distilkit.loss_terms`
 and :mod:`distilkit.losses`. Per step it runs the student once and each teacher once (in
-eval mode, without gradients, prepared by accelerate in evaluation mode, fed on its own
-device), asking for hidden states or attentions only when a term with a positive weight
+eval mode, without gradients, prepared by accelerate in evaluation mode, or sharded for
+inference under FSDP2 / DeepSpeed ZeRO-3 (:mod:`distilkit.sharding`), fed on its own device), asking for hidden states or attentions only when a term with a positive weight
 needs them. Neither model is given the ``labels``: every term, the hard-label cross-entropy
 included, is computed here, so a model's built-in loss (for a seq2seq teacher, a
 full-vocabulary cross-entropy per token) would be work thrown away. Encoder-decoder models get
@@ -140,6 +140,12 @@ class DistilTrainer(Trainer):
                 from distilkit.sharding import shard_for_accelerator
                 self.teachers.append(shard_for_accelerator(t, self.accelerator, t_dtype))
                 continue
+            ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            if ds is not None and ds.zero_stage == 3 and self.accelerator.num_processes > 1:
+                # ZeRO-3: partitioned across the processes for inference (distilkit.sharding).
+                from distilkit.sharding import zero3_teacher
+                self.teachers.append(zero3_teacher(t, self.accelerator, t_dtype))
+                continue
             # Else replicated: accelerate in evaluation mode never wraps it in DDP (it has
             # no gradients to reduce). Under FSDP it does not place models itself.
             t = self.accelerator.prepare_model(t, evaluation_mode=True)
@@ -160,6 +166,29 @@ class DistilTrainer(Trainer):
         # (the count _get_num_items_in_batch returned, {count kind: count}) of the current
         # accumulated batch: each term's weight is its own items' share.
         self._batch_items: Optional[tuple] = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and self.accelerator.num_processes == 1:
+            # accelerate finds no backend for CPU processes not told use_cpu: each would train
+            # alone on all the data (and a sharded teacher would be whole on each).
+            raise ValueError(f"use_cpu: launched as {world} processes but they were not joined "
+                             "(no GPU, and use_cpu is false); set use_cpu: true to join them "
+                             "in one CPU (gloo) group")
+        from distilkit.sharding import engine_on_cpu
+
+        # An FSDP / DeepSpeed launch on CPU processes: accelerate drops the plugin there;
+        # given back (distilkit.sharding.engine_on_cpu), so the student and the teacher are
+        # sharded as they are on GPUs.
+        kind = engine_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+        if kind == "fsdp":
+            self.is_fsdp_enabled = True
+        elif kind == "deepspeed":
+            from transformers.integrations.deepspeed import propagate_args_to_deepspeed
+
+            self.is_deepspeed_enabled = True
+            propagate_args_to_deepspeed(self.accelerator, self.args)
 
     # ------------------------------------------------------------------ set-up checks
     def _check_compatibility(self, s_cfg, teachers, args) -> dict:

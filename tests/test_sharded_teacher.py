@@ -1,16 +1,17 @@
-"""Teachers under data parallelism, in real gloo processes on CPU (tests/sharded_teacher_worker.py
-is one rank): with DDP the teacher is replicated in eval mode, never wrapped in DDP, and gets
-no gradients; sharded with FSDP2 (distilkit.sharding) each rank holds half of it, gathers one
-layer at a time, and the student trains exactly as with a replicated teacher, and as one
-process trains it.
+"""Teachers under data parallelism, in real gloo processes on CPU launched by ``accelerate
+launch`` with the shipped configs (tests/sharded_teacher_worker.py is one rank): with DDP the
+teacher is replicated in eval mode, never wrapped in DDP, and gets no gradients; under an
+FSDP2 launch (fsdp2_cpu_2proc.yaml) the trainer shards it itself (distilkit.sharding) and each
+rank holds half of it; under DeepSpeed ZeRO-3 (deepspeed_zero3_cpu_2proc.yaml) the trainer
+partitions it and each rank holds half of every partitioned parameter; under ZeRO-2 it is
+replicated. In every case the student trains exactly as one process trains it.
 
-What does not run here: accelerate's own FSDP mode (distributed_type: FSDP, which makes the
-trainer shard the teacher by itself) is only taken with accelerators (accelerate 1.15 turns
-the FSDP plugin on for MULTI_GPU / XPU / ... launches, never for MULTI_CPU), so these tests
-shard the teacher with the same function before handing it to the trainer; CPU offload of the
-shards runs but is a copy from CPU to CPU here; DeepSpeed ZeRO-3 is not installed."""
+What runs but proves little here: CPU offload of FSDP2 shards is a copy from CPU to CPU.
+accelerate 1.15 takes neither FSDP nor DeepSpeed on CPU by itself (it drops their plugins for
+MULTI_CPU runs); distilkit.sharding.engine_on_cpu gives them back, which these tests cover."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -21,17 +22,33 @@ from conftest import tiny_bert, tiny_t5
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sharded_teacher_worker.py")
-CPU_2PROC = os.path.join(HERE, "..", "recipes", "accelerate", "cpu_2proc.yaml")
+CONFIGS = os.path.join(HERE, "..", "recipes", "accelerate")
+CPU_2PROC = os.path.join(CONFIGS, "cpu_2proc.yaml")
+FSDP2_CPU = os.path.join(CONFIGS, "fsdp2_cpu_2proc.yaml")
+ZERO3_CPU = os.path.join(CONFIGS, "deepspeed_zero3_cpu_2proc.yaml")
 
 
-def _run(out, mode="plain", processes=2):
+def _launch(out, mode="plain", processes=2, config=CPU_2PROC, flags=()):
     os.makedirs(out)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC]
-              if processes == 2 else [sys.executable])
-    proc = subprocess.run([*launch, WORKER, str(out), mode], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+               *flags] if processes == 2 else [sys.executable])
+    # its own session, so that a timeout ends torchrun's workers too
+    proc = subprocess.Popen([*launch, WORKER, str(out), mode], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+def _run(out, mode="plain", processes=2, config=CPU_2PROC, flags=()):
+    code, err = _launch(out, mode, processes, config, flags)
+    assert code == 0, err[-3000:]
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(processes)]
 
 
@@ -70,6 +87,81 @@ def test_an_fsdp2_sharded_teacher_trains_the_student_a_whole_one_does(one_proces
         _teacher_only_infers(r)
         assert r["student_wrapper"] == "DistributedDataParallel"
         assert r["losses"] == pytest.approx(one_process["losses"], rel=1e-5)
+
+
+def test_an_fsdp2_launch_on_cpu_processes_makes_the_trainer_shard_the_teacher(one_process,
+                                                                            tmp_path):
+    # accelerate alone would drop the FSDP plugin (MULTI_CPU): no sharding at all
+    ranks = _run(str(tmp_path / "fsdp2"), config=FSDP2_CPU,
+                 flags=["--fsdp_transformer_layer_cls_to_wrap", "BertLayer"])
+    for r in ranks:
+        assert r["distributed_type"] == "DistributedType.FSDP" and r["world"] == 2
+        # the trainer's FSDP2 branch: the teacher sharded, one unit per layer, half per rank
+        assert r["teacher_sharded"] and r["teacher_class"] == "FSDPBertForSequenceClassification"
+        assert r["teacher_local_fraction"] == pytest.approx(0.5, abs=0.01)
+        assert r["teacher_fsdp_units"] == 4 + 1 + 1
+        _teacher_only_infers(r)
+        # and the student trained fully sharded by accelerate
+        assert r["student_wrapper"] == "FSDPBertForSequenceClassification"
+        assert r["losses"] == pytest.approx(one_process["losses"], rel=1e-5)
+
+
+def test_a_deepspeed_zero3_launch_partitions_the_teacher_for_inference(one_process, tmp_path):
+    ranks = _run(str(tmp_path / "zero3"), config=ZERO3_CPU)
+    for r in ranks:
+        assert r["distributed_type"] == "DistributedType.DEEPSPEED" and r["world"] == 2
+        assert r["teacher_sharded"] and r["teacher_class"] == "DeepSpeedEngine"
+        # every weight matrix is partitioned (biases and norms, at most 10 x the width of
+        # 32 elements, stay whole); each rank holds half of each partitioned parameter,
+        # after a forward too (gathered parameters are released)
+        assert r["teacher_partitioned_fraction"] > 0.9
+        assert r["teacher_partitioned_local_fraction"] == 0.5
+        assert not r["teacher_partitioned_gathered"]
+        assert r["teacher_local_fraction"] == pytest.approx(
+            0.5 * r["teacher_partitioned_fraction"] + 1 - r["teacher_partitioned_fraction"])
+        _teacher_only_infers(r)  # its logits equal the unsharded teacher's
+        assert r["student_wrapper"] == "DeepSpeedEngine"
+        assert r["losses"] == pytest.approx(one_process["losses"], rel=1e-5)
+
+
+def test_with_deepspeed_zero2_the_teacher_is_replicated(one_process, tmp_path):
+    ranks = _run(str(tmp_path / "zero2"), config=ZERO3_CPU, flags=["--zero_stage", "2"])
+    for r in ranks:
+        assert r["distributed_type"] == "DistributedType.DEEPSPEED"
+        assert not r["teacher_sharded"] and r["teacher_local_fraction"] == 1.0
+        assert r["teacher_class"] == "BertForSequenceClassification"
+        _teacher_only_infers(r)
+        assert r["student_wrapper"] == "DeepSpeedEngine"
+        assert r["losses"] == pytest.approx(one_process["losses"], rel=1e-5)
+
+
+def test_cpu_processes_left_unjoined_are_refused_before_training(tmp_path):
+    # use_cpu=False without a GPU: accelerate counts one process in each, which would train
+    # alone on all the data
+    code, err = _launch(str(tmp_path / "unjoined"), "unjoined")
+    assert code != 0
+    assert ("use_cpu: launched as 2 processes but they were not joined (no GPU, and use_cpu "
+            "is false); set use_cpu: true") in err
+    assert not [f for f in os.listdir(tmp_path / "unjoined") if f.startswith("rank")]
+
+
+def test_the_zero3_teacher_config_keeps_the_runs_partitioning_and_sizes_auto_to_the_teacher():
+    from distilkit.sharding import zero3_inference_config
+
+    run = {"zero_optimization": {
+        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+        "offload_optimizer": {"device": "cpu"}, "overlap_comm": True,
+        "stage3_param_persistence_threshold": "auto", "stage3_prefetch_bucket_size": "auto",
+        "stage3_max_live_parameters": 10 ** 8, "reduce_bucket_size": "auto"}}
+    assert zero3_inference_config(run, hidden_size=64) == {
+        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+        "stage3_max_live_parameters": 10 ** 8,
+        "stage3_param_persistence_threshold": 640, "stage3_prefetch_bucket_size": 3686}
+    # the run's own numbers win; no width known: DeepSpeed's defaults
+    run["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    got = zero3_inference_config(run, hidden_size=None)
+    assert got["stage3_param_persistence_threshold"] == 0
+    assert "stage3_prefetch_bucket_size" not in got and "offload_optimizer" not in got
 
 
 def test_the_units_gathered_one_at_a_time_are_the_models_layers():
