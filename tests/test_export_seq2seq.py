@@ -491,15 +491,20 @@ def test_bad_input_is_one_clear_error(exported, tmp_path):
     export_seq2seq(model_dir, only_fp32, check_data=TEXTS[:2], max_new_tokens=3)
     with pytest.raises(ValueError, match="variant: 'int8' was not exported.*--int8"):
         OnnxSeq2SeqGenerator(only_fp32, variant="int8")
-    # A generation setting the loop does not implement: refused, the setting named.
-    m = load_compressed(model_dir)
-    m.generation_config.no_repeat_ngram_size = 2
-    d = str(tmp_path / "ngram")
-    m.save_pretrained(d)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(d)
-    with pytest.raises(ValueError, match="no_repeat_ngram_size: 2"):
-        export_seq2seq(d)
-    assert not os.path.exists(os.path.join(d, "onnx"))
+    # A generation setting the loop does not implement: refused, the setting named. Sampling
+    # and several outputs per source too: generate would sample (or return k rows) by default.
+    for name, value in (("no_repeat_ngram_size", 2), ("do_sample", True),
+                        ("num_return_sequences", 2)):
+        m = load_compressed(model_dir)
+        setattr(m.generation_config, name, value)
+        if name == "num_return_sequences":
+            m.generation_config.num_beams = 2  # what saving it needs
+        d = str(tmp_path / name)
+        m.save_pretrained(d)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(d)
+        with pytest.raises(ValueError, match=f"generation_config.{name}: {value}"):
+            export_seq2seq(d)
+        assert not os.path.exists(os.path.join(d, "onnx"))
 
 
 def test_decode_and_saved_files(exported):

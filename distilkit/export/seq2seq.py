@@ -86,6 +86,8 @@ UNSUPPORTED_GENERATION = {
     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "sequence_bias": None, "forced_decoder_ids": None,
     "exponential_decay_length_penalty": None, "guidance_scale": None, "stop_strings": None,
+    # generate would sample, or return several hypotheses per source, by default.
+    "do_sample": False, "num_return_sequences": 1,
 }
 
 
