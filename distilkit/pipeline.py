@@ -148,6 +148,10 @@ def run_recipe(recipe: Recipe, progress: bool = True,
     trainer = parts.trainer(student, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results: dict = {}
+    # A sharded student (FSDP, DeepSpeed ZeRO-3) is gathered whole by all processes together
+    # (a collective), for the main process to save; a replicated one is saved as it is.
+    full_state = (trainer.accelerator.get_state_dict(trainer.model)
+                  if trainer.is_fsdp_enabled or _zero_stage(trainer) == 3 else None)
     if trainer.is_world_process_zero():
         out_dir = os.path.join(args.output_dir, STUDENT_DIR)
 
@@ -177,7 +181,7 @@ def run_recipe(recipe: Recipe, progress: bool = True,
             atomic_write_text(os.path.join(tmp, "README.md"), model_card(results, recipe.to_dict()))
 
         save_student(trainer.model, tokenizer, args.output_dir, recipe.keys.save_merged_adapter,
-                     then=evaluate_and_card)
+                     then=evaluate_and_card, state_dict=full_state)
         write_run_outputs(recipe, results, args.output_dir, out_dir)
         print(task.summary(results))
         if results.get("runtimes"):
@@ -217,7 +221,7 @@ def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str
     directory, later renamed to ``out_dir``): ``distilkit export`` into ``tmp/onnx``, checked
     on the first sentences (or pairs, or sources) of the evaluation split; then, with
     ``settings.evaluate``, every runtime measured on ``split``
-    (:func:`distilkit.export.measure.evaluate_export`; a seq2seq student by greedy generation,
+    (:func:`distilkit.export.measure.evaluate_export`; a seq2seq student by generation with the recipe's settings,
     :func:`~distilkit.export.measure.evaluate_seq2seq_export`, against the teacher's batch-1
     generation time).
 
@@ -401,12 +405,18 @@ def _export_line(export: Optional[dict]) -> str:
             + ("; every runtime measured on the test split" if export["evaluate"] else ""))
 
 
+def _zero_stage(trainer) -> int:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None else 0
+
+
 def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True,
-                 then: Optional[Callable[[str], None]] = None) -> str:
+                 then: Optional[Callable[[str], None]] = None, state_dict=None) -> str:
     """Finalize every applied compression method (e.g. convert to packed low-bit weights),
     merge a LoRA adapter when asked, and write the student with its tokenizer to
     ``run_dir/student`` atomically; ``then(tmp)`` runs on the complete temporary directory
-    before it is put in place (a failure there leaves no student). Returns the directory."""
+    before it is put in place (a failure there leaves no student). Returns the directory.
+    ``state_dict``: the whole weights of a sharded student, gathered by every process."""
     from distilkit.compress.base import compression_records, finalize_, save_compressed
     from distilkit.files import atomic_dir
 
@@ -419,7 +429,7 @@ def save_student(model, tokenizer, run_dir: str, merge_adapter: bool = True,
     out_dir = os.path.join(run_dir, STUDENT_DIR)
 
     def save(tmp):
-        save_compressed(model, tmp)
+        save_compressed(model, tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(tmp)
         if then is not None:
             then(tmp)

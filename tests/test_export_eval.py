@@ -255,7 +255,7 @@ def test_a_moved_export_finds_its_model_and_a_bad_dir_is_named(tiny_task, capsys
 
 
 def test_seq2seq_recipe_export_measures_generation_in_every_runtime(tmp_path, capsys):
-    """A seq2seq recipe with ``export:``: the three graphs exported, each variant's greedy
+    """A seq2seq recipe with ``export:``: the three graphs exported, each variant's generation
     loop scored by generation (BLEU, agreement with PyTorch's outputs) into results.json, the
     card (Serve line with the generator to load it) and the report (BLEU, teacher 1.00x)."""
     from conftest import tiny_t5
