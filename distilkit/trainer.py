@@ -3,10 +3,11 @@ model it trains.
 
 The trainer only orchestrates; the terms and their math are in :mod:`distilkit.loss_terms`
 and :mod:`distilkit.losses`. Per step it runs the student once and each teacher once (in
-eval mode, without gradients, prepared by accelerate in evaluation mode, or sharded for
-inference under FSDP2 / DeepSpeed ZeRO-3 (:mod:`distilkit.sharding`), fed on its own device), asking for hidden states or attentions only when a term with a positive weight
-needs them. Neither model is given the ``labels``: every term, the hard-label cross-entropy
-included, is computed here, so a model's built-in loss (for a seq2seq teacher, a
+eval mode, without gradients, prepared by accelerate in evaluation mode or, under FSDP2 or
+DeepSpeed ZeRO-3, sharded for inference by :mod:`distilkit.sharding`; fed on its own device),
+asking for hidden states or attentions only when a term with a positive weight needs them.
+Neither model is given the ``labels``: every term, the hard-label cross-entropy included, is
+computed here, so a model's built-in loss (for a seq2seq teacher, a
 full-vocabulary cross-entropy per token) would be work thrown away. Encoder-decoder models get
 the ``decoder_input_ids`` they would have derived from the labels, derived once. When the
 batch already carries the teacher's outputs (columns ``teacher_logits`` /
