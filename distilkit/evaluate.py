@@ -87,6 +87,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     pruned layer counts as its dense shape with its zeros, not as its stored values."""
     import torch
     total = nonzero = 0
+    sharded_nonzero = torch.zeros((), dtype=torch.long)
     own: set = set()
     for m in model.modules():
         if callable(getattr(m, "parameter_counts", None)):
@@ -95,9 +96,39 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             own.update(id(p) for p in m.parameters())
     for p in model.parameters():  # deduplicated by identity
         if id(p) not in own:
-            total += p.numel()
-            nonzero += int(torch.count_nonzero(p.detach()))
+            local, full = _local_shard(p)
+            total += full
+            if local is p:
+                nonzero += int(torch.count_nonzero(p.detach()))
+            else:
+                sharded_nonzero += torch.count_nonzero(local.detach()).cpu()
+    if sharded_nonzero.item() or _any_sharded(model):
+        # Each process counts its own shard; the sum over the processes is the model's (a
+        # collective: a sharded teacher is evaluated by every process together).
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = sharded_nonzero.to(dev)
+            dist.all_reduce(t)
+            sharded_nonzero = t.cpu()
+        nonzero += int(sharded_nonzero)
     return total, nonzero
+
+
+def _local_shard(t) -> tuple:
+    """``(what this process holds of t, t's whole element count)``: the local shard of an
+    FSDP2 parameter (a DTensor) or of a DeepSpeed ZeRO-3 partitioned one (``ds_tensor``,
+    while the parameter itself is an empty placeholder), else ``(t, t.numel())``."""
+    if hasattr(t, "ds_tensor") and hasattr(t, "ds_numel"):
+        return t.ds_tensor, int(t.ds_numel)
+    if hasattr(t, "to_local") and hasattr(t, "placements"):
+        return t.to_local(), t.numel()
+    return t, t.numel()
+
+
+def _any_sharded(model: nn.Module) -> bool:
+    return any(_local_shard(p)[0] is not p for p in model.parameters())
 
 
 def saved_parameters(model_dir: str) -> int:
@@ -115,9 +146,11 @@ def saved_parameters(model_dir: str) -> int:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers in memory, shared storage once."""
+    """Bytes of the model's parameters and buffers in this process's memory, shared storage
+    once (of a sharded model: this process's shards)."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
+        t = _local_shard(t)[0]
         key = (t.untyped_storage().data_ptr(), t.device.type)
         if key in seen:
             continue

@@ -150,15 +150,25 @@ def run_recipe(recipe: Recipe, progress: bool = True,
     results: dict = {}
     # A sharded student (FSDP, DeepSpeed ZeRO-3) is gathered whole by all processes together
     # (a collective), for the main process to save; a replicated one is saved as it is.
-    full_state = (trainer.accelerator.get_state_dict(trainer.model)
-                  if trainer.is_fsdp_enabled or _zero_stage(trainer) == 3 else None)
+    # (under DeepSpeed accelerate gathers from the engine, the Trainer's model_wrapped)
+    full_state = (trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled
+                  else trainer.accelerator.get_state_dict(trainer.model_wrapped)
+                  if _zero_stage(trainer) == 3 else None)
+    teacher_m = None
+    if trainer.teacher_sharded:
+        # A sharded teacher's every forward is a collective: evaluated by the main process
+        # alone it would wait for the others for ever. Every process evaluates it together
+        # (the same batches in the same order; each checks the figures' cache after the
+        # barrier, before any of them can write it), and the main process keeps the figures.
+        trainer.accelerator.wait_for_everyone()
+        teacher_m = task.evaluate_teacher(recipe, raw, teachers)
     if trainer.is_world_process_zero():
         out_dir = os.path.join(args.output_dir, STUDENT_DIR)
 
         def evaluate_and_card(tmp: str) -> None:
             # The student is scored and carded while still in its temporary directory, so a
             # failure here leaves no student without figures.
-            t_m, s_m, split = task.evaluate(recipe, raw, teachers, tmp, progress)
+            t_m, s_m, split = task.evaluate(recipe, raw, teachers, tmp, progress, teacher_m)
             if "size_source" in s_m:
                 s_m["size_source"] = os.path.abspath(out_dir)
             results.update({

@@ -132,6 +132,9 @@ class DistilTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.loss_is_scaled_for_ga = True
         self.teachers = []
+        # Whether the teachers are split across the processes: their forwards are then
+        # collectives, which every process must run together (evaluation included).
+        self.teacher_sharded = False
         t_dtype = teacher_torch_dtype(args.teacher_dtype)
         for t in teachers:
             t.eval()
@@ -140,12 +143,14 @@ class DistilTrainer(Trainer):
                 # FSDP2: sharded across the processes for inference (distilkit.sharding).
                 from distilkit.sharding import shard_for_accelerator
                 self.teachers.append(shard_for_accelerator(t, self.accelerator, t_dtype))
+                self.teacher_sharded = True
                 continue
             ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
             if ds is not None and ds.zero_stage == 3 and self.accelerator.num_processes > 1:
                 # ZeRO-3: partitioned across the processes for inference (distilkit.sharding).
                 from distilkit.sharding import zero3_teacher
                 self.teachers.append(zero3_teacher(t, self.accelerator, t_dtype))
+                self.teacher_sharded = True
                 continue
             # Else replicated: accelerate in evaluation mode never wraps it in DDP (it has
             # no gradients to reduce). Under FSDP it does not place models itself.

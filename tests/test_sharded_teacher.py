@@ -177,3 +177,44 @@ def test_the_units_gathered_one_at_a_time_are_the_models_layers():
     got = teacher_layers(t5)
     assert {type(m).__name__ for m in got} == {"T5Block"}
     assert len(got) == len(t5.encoder.block) + len(t5.decoder.block) and got[-1] is t5.encoder.block[0]
+
+
+def test_distilkit_distill_under_an_fsdp2_launch_finishes_with_the_teachers_figures(tiny_task):
+    """The whole run, not only the training steps: `accelerate launch` with the FSDP2 config
+    and `-m distilkit distill`. The sharded teacher's forwards are collectives, so the
+    main process evaluating it alone waited for the other for ever (the run trained, saved
+    the student, then hung); now every process evaluates it together. Fails on the old code
+    by its timeout."""
+    import yaml
+
+    out = str(tiny_task["tmp"] / "run")
+    recipe = {"name": "tiny_fsdp", "teacher": tiny_task["teacher"],
+              "student": {"type": "from_teacher", "num_layers": 2}, "dataset": None,
+              "data_files": tiny_task["data_files"], "max_length": 16, "alpha_kd": 0.5,
+              "alpha_ce": 0.5, "temperature": 2.0, "max_steps": 3,
+              "per_device_train_batch_size": 4, "learning_rate": 1e-3, "output_dir": out,
+              "use_cpu": True}
+    path = tiny_task["tmp"] / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CPU,
+         "--fsdp_transformer_layer_cls_to_wrap", "BertLayer", "-m", "distilkit", "distill",
+         str(path), "--no-progress"], env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("distilkit distill under the FSDP2 launch did not finish in 300 s")
+    assert proc.returncode == 0, err[-3000:]
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["processes"] == 2 and res["global_steps"] == 3
+    from distilkit.evaluate import saved_parameters
+
+    # the sharded teacher counted whole (each process's shard summed), as one process counts it
+    assert res["teacher"]["parameters"] == saved_parameters(tiny_task["teacher"])
+    assert 0.0 <= res["teacher"]["accuracy"] <= 1.0
+    assert 0.0 <= res["student"]["accuracy"] <= 1.0
+    assert os.path.isfile(os.path.join(out, "student", "model.safetensors"))

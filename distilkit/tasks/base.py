@@ -100,9 +100,14 @@ class Task(abc.ABC):
         """Tokenized training / evaluation data, collator, callbacks, teacher outputs."""
 
     @abc.abstractmethod
+    def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
+        """The teacher's figures on the evaluation split (cached per teacher and data)."""
+
+    @abc.abstractmethod
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
-                 progress: bool) -> tuple[dict, dict, str]:
-        """``(teacher figures, student figures, split)`` of the saved student."""
+                 progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
+        """``(teacher figures, student figures, split)`` of the saved student;
+        ``teacher_figures``: the teacher's, already measured (:meth:`evaluate_teacher`)."""
 
     @abc.abstractmethod
     def compare(self, teacher: dict, student: dict) -> dict:

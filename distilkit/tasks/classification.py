@@ -289,26 +289,35 @@ class ClassificationTask(Task):
                     train_ds = attach_logits(train_ds, values[..., teachers.label_index], ensemble=ens)
         return train_ds
 
-    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
-                 progress: bool) -> tuple[dict, dict, str]:
-        from transformers import AutoTokenizer
+    @staticmethod
+    def _eval_settings(recipe) -> tuple[str, dict]:
+        k, spec = recipe.keys, recipe.data
+        return spec.test_split or spec.eval_split, dict(
+            text_column=spec.text_column, text_pair_column=spec.text_pair_column,
+            label_column=spec.label_column, max_length=k.max_length)
 
-        from distilkit.compress.base import load_compressed
+    def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
         from distilkit.evaluate import evaluate_model
 
-        k, spec = recipe.keys, recipe.data
-        split = spec.test_split or spec.eval_split
-        common = dict(text_column=spec.text_column, text_pair_column=spec.text_pair_column,
-                      label_column=spec.label_column, max_length=k.max_length)
+        split, common = self._eval_settings(recipe)
 
         def teacher_figures():
             return evaluate_model(teachers.models()[0], teachers.tokenizer, raw[split],
                                   model_dir=teachers.first_dir, **common)
         if teachers.cache_namespace:
-            t_metrics = _cached_teacher_figures(recipe, teachers.cache_namespace, raw[split],
-                                                teacher_figures)
-        else:
-            t_metrics = teacher_figures()
+            return _cached_teacher_figures(recipe, teachers.cache_namespace, raw[split],
+                                           teacher_figures)
+        return teacher_figures()
+
+    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
+                 progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
+        from transformers import AutoTokenizer
+
+        from distilkit.compress.base import load_compressed
+        from distilkit.evaluate import evaluate_model
+
+        split, common = self._eval_settings(recipe)
+        t_metrics = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
         student = load_compressed(student_dir)
         s_metrics = evaluate_model(student, AutoTokenizer.from_pretrained(student_dir), raw[split],
                                    model_dir=student_dir, **common)

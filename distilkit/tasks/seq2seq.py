@@ -231,21 +231,29 @@ class Seq2SeqTask(Task):
         teachers.cache_namespace = info["namespace"]
         return train_ds, True
 
-    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
-                 progress: bool) -> tuple[dict, dict, str]:
-        from distilkit.compress.base import load_compressed
-
+    @staticmethod
+    def _eval_settings(recipe) -> tuple[str, dict]:
         k, spec = recipe.keys, recipe.data
-        split = spec.test_split or spec.eval_split
-        common = dict(source_column=spec.text_column, target_column=spec.label_column,
-                      generation=k.generation, max_samples=spec.max_eval_samples)
+        return spec.test_split or spec.eval_split, dict(
+            source_column=spec.text_column, target_column=spec.label_column,
+            generation=k.generation, max_samples=spec.max_eval_samples)
+
+    def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
+        split, common = self._eval_settings(recipe)
 
         def teacher_figures():
             return evaluate_seq2seq_model(teachers.models()[0], teachers.tokenizer, raw[split],
                                           teachers.first_dir, **common)
-        t_m = (_cached_teacher_figures(teachers.cache_namespace, raw[split], common,
-                                       teacher_figures)
-               if teachers.cache_namespace else teacher_figures())
+        return (_cached_teacher_figures(teachers.cache_namespace, raw[split], common,
+                                        teacher_figures)
+                if teachers.cache_namespace else teacher_figures())
+
+    def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
+                 progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
+        from distilkit.compress.base import load_compressed
+
+        split, common = self._eval_settings(recipe)
+        t_m = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
         s_m = evaluate_seq2seq_model(load_compressed(student_dir), teachers.tokenizer, raw[split],
                                      student_dir, **common)
         return t_m, s_m, split
