@@ -100,8 +100,31 @@ class Task(abc.ABC):
         """Tokenized training / evaluation data, collator, callbacks, teacher outputs."""
 
     @abc.abstractmethod
+    def eval_settings(self, recipe) -> tuple[str, dict]:
+        """``(split, settings)``: the split a run is scored on and the keyword settings of
+        :meth:`measure` (columns, lengths, generation)."""
+
+    @abc.abstractmethod
+    def measure(self, model, tokenizer, dataset, model_dir: Optional[str], settings: dict) -> dict:
+        """The figures of one model on ``dataset``."""
+
+    @abc.abstractmethod
+    def figures_key(self, recipe, dataset, settings: dict) -> str:
+        """What the teacher's figures depend on besides its cache namespace (the data's
+        contents, the settings, the threads), hashed."""
+
     def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
-        """The teacher's figures on the evaluation split (cached per teacher and data)."""
+        """The teacher's figures on the evaluation split, read from its cache namespace when
+        measured before (the teacher is then not run)."""
+        split, settings = self.eval_settings(recipe)
+
+        def compute():
+            return self.measure(teachers.models()[0], teachers.tokenizer, raw[split],
+                                teachers.first_dir, settings)
+        if not teachers.cache_namespace:
+            return compute()
+        return cached_figures(teachers.cache_namespace,
+                              self.figures_key(recipe, raw[split], settings), compute)
 
     @abc.abstractmethod
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from distilkit.loss_terms import cached_outputs_needed, needs_live_teacher
-from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, cached_figures,
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student,
                                   check_max_length, ratios)
 
 FIGURES_VERSION = 1
@@ -289,38 +289,40 @@ class ClassificationTask(Task):
                     train_ds = attach_logits(train_ds, values[..., teachers.label_index], ensemble=ens)
         return train_ds
 
-    @staticmethod
-    def _eval_settings(recipe) -> tuple[str, dict]:
+    def eval_settings(self, recipe) -> tuple[str, dict]:
         k, spec = recipe.keys, recipe.data
         return spec.test_split or spec.eval_split, dict(
             text_column=spec.text_column, text_pair_column=spec.text_pair_column,
             label_column=spec.label_column, max_length=k.max_length)
 
-    def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
+    def measure(self, model, tokenizer, dataset, model_dir, settings: dict) -> dict:
         from distilkit.evaluate import evaluate_model
 
-        split, common = self._eval_settings(recipe)
+        return evaluate_model(model, tokenizer, dataset, model_dir=model_dir, **settings)
 
-        def teacher_figures():
-            return evaluate_model(teachers.models()[0], teachers.tokenizer, raw[split],
-                                  model_dir=teachers.first_dir, **common)
-        if teachers.cache_namespace:
-            return _cached_teacher_figures(recipe, teachers.cache_namespace, raw[split],
-                                           teacher_figures)
-        return teacher_figures()
+    def figures_key(self, recipe, dataset, settings: dict) -> str:
+        """The evaluation data's contents (not its path) and the threads."""
+        import torch
+
+        h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
+        for c in (settings["text_column"], settings["text_pair_column"],
+                  settings["label_column"]):
+            if c:
+                h.update(f"{c}:".encode())
+                h.update(json.dumps(list(dataset[c]), default=str).encode())
+        return h.hexdigest()
 
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
                  progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
         from transformers import AutoTokenizer
 
         from distilkit.compress.base import load_compressed
-        from distilkit.evaluate import evaluate_model
 
-        split, common = self._eval_settings(recipe)
+        split, settings = self.eval_settings(recipe)
         t_metrics = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
-        student = load_compressed(student_dir)
-        s_metrics = evaluate_model(student, AutoTokenizer.from_pretrained(student_dir), raw[split],
-                                   model_dir=student_dir, **common)
+        s_metrics = self.measure(load_compressed(student_dir),
+                                 AutoTokenizer.from_pretrained(student_dir), raw[split],
+                                 student_dir, settings)
         return t_metrics, s_metrics, split
 
     def compare(self, teacher: dict, student: dict) -> dict:
@@ -443,22 +445,6 @@ def _say_cache_unused() -> None:
     print("[distilkit] teacher_cache: not used, because alpha_hidden / alpha_attention / "
           "alpha_cosine read the teacher's per-token states, which are not cached; the "
           "teacher runs every step", file=sys.stderr)
-
-
-def _cached_teacher_figures(recipe, namespace: str, split_ds, compute) -> dict:
-    """The teacher's evaluation figures, computed once per teacher-output cache namespace
-    (teacher weights, tokenizer, max length) and evaluation data (its contents, not its
-    path), then read back: the teacher is loaded only on a miss (``compute``). Stored as one
-    JSON file per key in the namespace directory, beside the cached outputs."""
-    import torch
-
-    spec = recipe.data
-    h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
-    for c in (spec.text_column, spec.text_pair_column, spec.label_column):
-        if c:
-            h.update(f"{c}:".encode())
-            h.update(json.dumps(list(split_ds[c]), default=str).encode())
-    return cached_figures(namespace, h.hexdigest(), compute)
 
 
 def in_data_order(model: nn.Module, names: list) -> nn.Module:

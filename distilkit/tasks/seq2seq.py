@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Optional
 
-from distilkit.tasks.base import (Prepared, Task, Teachers, build_student, cached_figures,
+from distilkit.tasks.base import (Prepared, Task, Teachers, build_student,
                                   check_max_length, ratios)
 
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
@@ -231,31 +231,36 @@ class Seq2SeqTask(Task):
         teachers.cache_namespace = info["namespace"]
         return train_ds, True
 
-    @staticmethod
-    def _eval_settings(recipe) -> tuple[str, dict]:
+    def eval_settings(self, recipe) -> tuple[str, dict]:
         k, spec = recipe.keys, recipe.data
         return spec.test_split or spec.eval_split, dict(
             source_column=spec.text_column, target_column=spec.label_column,
             generation=k.generation, max_samples=spec.max_eval_samples)
 
-    def evaluate_teacher(self, recipe, raw, teachers: Teachers) -> dict:
-        split, common = self._eval_settings(recipe)
+    def measure(self, model, tokenizer, dataset, model_dir, settings: dict) -> dict:
+        return evaluate_seq2seq_model(model, tokenizer, dataset, model_dir, **settings)
 
-        def teacher_figures():
-            return evaluate_seq2seq_model(teachers.models()[0], teachers.tokenizer, raw[split],
-                                          teachers.first_dir, **common)
-        return (_cached_teacher_figures(teachers.cache_namespace, raw[split], common,
-                                        teacher_figures)
-                if teachers.cache_namespace else teacher_figures())
+    def figures_key(self, recipe, dataset, settings: dict) -> str:
+        """The split's contents, the generation settings, the sample limit and the threads."""
+        import hashlib
+        import json
+
+        import torch
+
+        h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
+        h.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+        for c in (settings["source_column"], settings["target_column"]):
+            h.update(json.dumps(list(dataset[c]), default=str).encode())
+        return h.hexdigest()
 
     def evaluate(self, recipe, raw, teachers: Teachers, student_dir: str,
                  progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
         from distilkit.compress.base import load_compressed
 
-        split, common = self._eval_settings(recipe)
+        split, settings = self.eval_settings(recipe)
         t_m = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
-        s_m = evaluate_seq2seq_model(load_compressed(student_dir), teachers.tokenizer, raw[split],
-                                     student_dir, **common)
+        s_m = self.measure(load_compressed(student_dir), teachers.tokenizer, raw[split],
+                           student_dir, settings)
         return t_m, s_m, split
 
     def compare(self, teacher: dict, student: dict) -> dict:
@@ -314,18 +319,3 @@ def _topk_line(info: Optional[dict]) -> list:
             f"({info['hits']}/{info['examples']} examples were cached, {info['computed']} computed)"]
 
 
-def _cached_teacher_figures(namespace: str, split_ds, common: dict, compute) -> dict:
-    """The teacher's generation figures, computed once per top-k cache namespace (teacher
-    weights, tokenizer, ...) and evaluation setting (split contents, generation settings,
-    sample limit, threads), then read back: the teacher is loaded only on a miss
-    (``compute``). One JSON file per key beside the cached shards."""
-    import hashlib
-    import json
-
-    import torch
-
-    h = hashlib.sha256(f"v{FIGURES_VERSION}:threads={torch.get_num_threads()}".encode())
-    h.update(json.dumps({k: v for k, v in common.items()}, sort_keys=True, default=str).encode())
-    for c in (common["source_column"], common["target_column"]):
-        h.update(json.dumps(list(split_ds[c]), default=str).encode())
-    return cached_figures(namespace, h.hexdigest(), compute)
