@@ -67,6 +67,16 @@ def _recipe(task, name="run", **kw):
     return str(path), r["output_dir"]
 
 
+def _distill_in_two_processes(path: str) -> None:
+    """``distilkit distill path`` launched by accelerate as two gloo processes on CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    config = os.path.join(REPO, "recipes", "accelerate", "cpu_2proc.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+           "-m", "distilkit", "distill", path, "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _losses(run_dir):
     res = json.load(open(os.path.join(run_dir, "results.json")))
     return res, [h["loss"] for h in res["train_log"]]
@@ -110,12 +120,7 @@ def test_two_processes_train_the_student_one_process_trains(stream_task):
     path, one = _recipe(stream_task, "one", per_device_train_batch_size=8)
     assert main(["distill", path, "--no-progress"]) == 0
     path, two = _recipe(stream_task, "two", per_device_train_batch_size=4)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    config = os.path.join(REPO, "recipes", "accelerate", "cpu_2proc.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-           "-m", "distilkit", "distill", path, "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _distill_in_two_processes(path)
     res1, l1 = _losses(one)
     res2, l2 = _losses(two)
     assert res2["processes"] == 2 and res1["processes"] == 1

@@ -3,15 +3,13 @@ teacher cache or computed and cached (the first run fills it, the next is all hi
 loads the teacher); ``shuffle_buffer`` shuffles the stream, seeded."""
 import glob
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import ForbiddenTeacher, tiny_sentences
-from test_streaming import REPO, _losses, _recipe, _student, _write_csv, stream_task  # noqa: F401
+from test_streaming import _distill_in_two_processes, _losses, _recipe, _student, _write_csv, stream_task  # noqa: F401
 
 from distilkit.cli import main
 from distilkit.data import DataSpec, train_stream
@@ -198,12 +196,7 @@ def test_two_processes_fill_the_cache_and_train_as_one_process_does(stream_task)
     assert main(["distill", path, "--no-progress"]) == 0
     path, two = _cached(stream_task, "two", shuffle_buffer=32, per_device_train_batch_size=4,
                         cache_dir=str(stream_task["tmp"] / "cache2"))
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    config = os.path.join(REPO, "recipes", "accelerate", "cpu_2proc.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-           "-m", "distilkit", "distill", path, "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _distill_in_two_processes(path)
     res1, l1 = _losses(one)
     res2, l2 = _losses(two)
     assert res2["processes"] == 2 and res2["global_steps"] == 6
