@@ -190,8 +190,12 @@ def run_recipe(recipe: Recipe, progress: bool = True,
                 results.update(extra(tmp))
             atomic_write_text(os.path.join(tmp, "README.md"), model_card(results, recipe.to_dict()))
 
-        save_student(trainer.model, tokenizer, args.output_dir, recipe.keys.save_merged_adapter,
-                     then=evaluate_and_card, state_dict=full_state)
+        from distilkit.sharding import loading_whole_models
+
+        with loading_whole_models():  # the saved student is scored by this process alone
+            save_student(trainer.model, tokenizer, args.output_dir,
+                         recipe.keys.save_merged_adapter, then=evaluate_and_card,
+                         state_dict=full_state)
         write_run_outputs(recipe, results, args.output_dir, out_dir)
         print(task.summary(results))
         if results.get("runtimes"):

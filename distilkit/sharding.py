@@ -20,6 +20,7 @@ the trainer runs it once per training step on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -192,3 +193,22 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) or hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def loading_whole_models():
+    """Within it, ``from_pretrained`` builds a whole model in this process. Under a DeepSpeed
+    ZeRO-3 launch transformers builds every model partitioned across the processes (each
+    parameter created under ``deepspeed.zero.Init``, a broadcast per parameter): the main
+    process loading the saved student alone to score it would wait for the others for ever."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # no DeepSpeed integration: models are always built whole
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved

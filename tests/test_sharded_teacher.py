@@ -179,12 +179,18 @@ def test_the_units_gathered_one_at_a_time_are_the_models_layers():
     assert len(got) == len(t5.encoder.block) + len(t5.decoder.block) and got[-1] is t5.encoder.block[0]
 
 
-def test_distilkit_distill_under_an_fsdp2_launch_finishes_with_the_teachers_figures(tiny_task):
-    """The whole run, not only the training steps: `accelerate launch` with the FSDP2 config
-    and `-m distilkit distill`. The sharded teacher's forwards are collectives, so the
-    main process evaluating it alone waited for the other for ever (the run trained, saved
-    the student, then hung); now every process evaluates it together. Fails on the old code
-    by its timeout."""
+@pytest.mark.parametrize("config,flags", [
+    (FSDP2_CPU, ["--fsdp_transformer_layer_cls_to_wrap", "BertLayer"]), (ZERO3_CPU, [])],
+    ids=["fsdp2", "zero3"])
+def test_distilkit_distill_under_a_sharded_launch_finishes_with_the_teachers_figures(
+        tiny_task, config, flags):
+    """The whole run, not only the training steps: `accelerate launch` with the FSDP2 or the
+    ZeRO-3 config and `-m distilkit distill`. The sharded teacher's forwards are collectives,
+    so the main process evaluating it alone waited for the other for ever (FSDP2: the run
+    trained, saved the student, then hung); now every process evaluates it together. Under
+    ZeRO-3 transformers also built the saved student partitioned when the main process
+    loaded it to score it (a broadcast per parameter): it hung there. Both fail on the old
+    code by the timeout."""
     import yaml
 
     out = str(tiny_task["tmp"] / "run")
@@ -198,8 +204,8 @@ def test_distilkit_distill_under_an_fsdp2_launch_finishes_with_the_teachers_figu
     path.write_text(yaml.safe_dump(recipe))
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CPU,
-         "--fsdp_transformer_layer_cls_to_wrap", "BertLayer", "-m", "distilkit", "distill",
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+         *flags, "-m", "distilkit", "distill",
          str(path), "--no-progress"], env=env, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -207,7 +213,7 @@ def test_distilkit_distill_under_an_fsdp2_launch_finishes_with_the_teachers_figu
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail("distilkit distill under the FSDP2 launch did not finish in 300 s")
+        pytest.fail(f"distilkit distill under {os.path.basename(config)} did not finish in 300 s")
     assert proc.returncode == 0, err[-3000:]
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["processes"] == 2 and res["global_steps"] == 3
