@@ -87,7 +87,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     pruned layer counts as its dense shape with its zeros, not as its stored values."""
     import torch
     total = nonzero = 0
-    sharded_nonzero = torch.zeros((), dtype=torch.long)
+    sharded, sharded_nonzero = False, torch.zeros((), dtype=torch.long)
     own: set = set()
     for m in model.modules():
         if callable(getattr(m, "parameter_counts", None)):
@@ -101,8 +101,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             if local is p:
                 nonzero += int(torch.count_nonzero(p.detach()))
             else:
+                sharded = True
                 sharded_nonzero += torch.count_nonzero(local.detach()).cpu()
-    if sharded_nonzero.item() or _any_sharded(model):
+    if sharded:
         # Each process counts its own shard; the sum over the processes is the model's (a
         # collective: a sharded teacher is evaluated by every process together).
         import torch.distributed as dist
@@ -126,9 +127,6 @@ def _local_shard(t) -> tuple:
         return t.to_local(), t.numel()
     return t, t.numel()
 
-
-def _any_sharded(model: nn.Module) -> bool:
-    return any(_local_shard(p)[0] is not p for p in model.parameters())
 
 
 def saved_parameters(model_dir: str) -> int:
