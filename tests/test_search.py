@@ -220,7 +220,8 @@ def _search_recipe(tiny_task, target, **kw):
                     importance_batches=2, max_iterations=12, step_fraction=0.3)
     settings.update(kw.pop("auto", {}))
     return _recipe(tiny_task, student={"type": "from_teacher", "num_layers": 4},
-                   compression=[_auto(**settings)], max_steps=6, teacher_cache=True,
+                   compression=[_auto(**settings), *kw.pop("after", [])], max_steps=6,
+                   teacher_cache=True,
                    cache_dir=str(tiny_task["tmp"] / "tcache"), **kw)
 
 
@@ -255,6 +256,41 @@ def test_parameters_target_met_recipe_reproduces_the_structure(tiny_task, cache,
     assert not os.path.exists(os.path.join(tiny_task["tmp"], "again", "search.json"))
     assert structure_of(from_pretrained(os.path.join(tiny_task["tmp"], "again", "student"))) \
         == found
+
+
+def test_a_size_target_counts_the_rows_a_later_prune_vocab_keeps(tiny_task, cache, capsys):
+    """A teacher whose word table is mostly tokens the data never uses (200 of 230 rows): a
+    parameters target the whole table puts out of reach is refused without prune_vocab (the
+    line says to add it), and met with prune_vocab after auto, the search counting the 27 rows
+    the training data and the specials use. (The search before this counted the whole
+    table, so it refused the target with prune_vocab too.)"""
+    from transformers import BertTokenizerFast
+
+    from conftest import WORDS
+    from distilkit.compress.base import from_pretrained
+
+    tdir = tiny_task["tmp"] / "bigvocab"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + \
+        [f"unused{i}" for i in range(200)]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)},
+                      do_lower_case=True).save_pretrained(str(tdir))
+    tiny_bert(vocab=len(words), layers=4).save_pretrained(str(tdir))
+    target = {"parameters": 10000}
+    path, out = _search_recipe(tiny_task, target, teacher=str(tdir))
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot be reached" in err and "{method: prune_vocab} after auto" in err, err
+    path, out = _search_recipe(tiny_task, target, teacher=str(tdir),
+                               after=[{"method": "prune_vocab"}],
+                               output_dir=str(tiny_task["tmp"] / "vocab"))
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
+    record = json.load(open(os.path.join(out, "search.json")))
+    assert record["vocab_counted"] == 5 + len(set(WORDS) - {"a", "but", "not"})
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["search"]["met"] and res["search"]["parameters"] <= 10000
+    student = from_pretrained(os.path.join(out, "student"))
+    assert student.get_input_embeddings().weight.shape[0] == record["vocab_counted"]
+    assert sum(p.numel() for p in student.parameters()) == res["search"]["parameters"]
 
 
 def test_unreachable_target_refused_before_training(tiny_task, cache, capsys, monkeypatch):

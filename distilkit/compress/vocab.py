@@ -243,6 +243,37 @@ def _check_embedding(model: nn.Module) -> nn.Embedding:
     return emb
 
 
+def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
+             ) -> tuple[list[int], int, list[int]]:
+    """``(kept ids sorted, the [UNK] id, the keep_frequent ids among them)``: the rows
+    ``prune_vocab`` keeps of ``model``'s word table on ``ctx``'s data (module docstring), so a
+    budget search can count a later ``prune_vocab`` before it runs."""
+    emb = _check_embedding(model)
+    vocab = emb.num_embeddings
+    tok = ctx.tokenizer if ctx is not None else None
+    tok_unk = getattr(tok, "unk_token_id", None)
+    unk = cfg.unk_token_id if cfg.unk_token_id is not None else (
+        tok_unk if tok_unk is not None else DEFAULT_UNK)
+    if unk >= vocab:
+        raise ValueError(f"prune_vocab: unk_token_id={unk} is outside the "
+                         f"vocabulary 0..{vocab - 1}; give the tokenizer's unk_token_id")
+    specials = {getattr(model.config, a, None) for a in _SPECIAL_ATTRS}
+    if tok is not None:  # the run's tokenizer: all its special tokens, and its [UNK]
+        specials |= set(getattr(tok, "all_special_ids", None) or [])
+        if tok_unk is not None and tok_unk != unk:
+            raise ValueError(f"prune_vocab: unk_token_id={unk} but the tokenizer's [UNK] "
+                             f"is {tok_unk}; set unk_token_id: {tok_unk} (or leave it unset)")
+    specials = {i for i in specials if isinstance(i, int) and 0 <= i < vocab}
+    bad = [i for i in cfg.special_token_ids if i >= vocab]
+    if bad:
+        raise ValueError(f"prune_vocab: special_token_ids {bad[:4]} are outside the "
+                         f"vocabulary 0..{vocab - 1}")
+    kept = _data_ids(ctx, vocab) | specials | {unk} | set(cfg.special_token_ids)
+    frequent = _frequent_ids(cfg, tok, vocab, kept)
+    kept = sorted(kept | set(frequent))
+    return kept, unk, frequent
+
+
 @register
 class PruneVocab(Method):
     name = "prune_vocab"
@@ -254,27 +285,7 @@ class PruneVocab(Method):
     def apply(self, model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext) -> dict:
         emb = _check_embedding(model)
         vocab = emb.num_embeddings
-        tok = ctx.tokenizer if ctx is not None else None
-        tok_unk = getattr(tok, "unk_token_id", None)
-        unk = cfg.unk_token_id if cfg.unk_token_id is not None else (
-            tok_unk if tok_unk is not None else DEFAULT_UNK)
-        if unk >= vocab:
-            raise ValueError(f"prune_vocab: unk_token_id={unk} is outside the "
-                             f"vocabulary 0..{vocab - 1}; give the tokenizer's unk_token_id")
-        specials = {getattr(model.config, a, None) for a in _SPECIAL_ATTRS}
-        if tok is not None:  # the run's tokenizer: all its special tokens, and its [UNK]
-            specials |= set(getattr(tok, "all_special_ids", None) or [])
-            if tok_unk is not None and tok_unk != unk:
-                raise ValueError(f"prune_vocab: unk_token_id={unk} but the tokenizer's [UNK] "
-                                 f"is {tok_unk}; set unk_token_id: {tok_unk} (or leave it unset)")
-        specials = {i for i in specials if isinstance(i, int) and 0 <= i < vocab}
-        bad = [i for i in cfg.special_token_ids if i >= vocab]
-        if bad:
-            raise ValueError(f"prune_vocab: special_token_ids {bad[:4]} are outside the "
-                             f"vocabulary 0..{vocab - 1}")
-        kept = _data_ids(ctx, vocab) | specials | {unk} | set(cfg.special_token_ids)
-        frequent = _frequent_ids(cfg, tok, vocab, kept)
-        kept = sorted(kept | set(frequent))
+        kept, unk, frequent = kept_ids(model, cfg, ctx)
         record = {"kept_ids": kept, "vocab_size": vocab, "kept": len(kept), "unk_token_id": unk,
                   "frequent_kept": len(frequent),
                   "bytes_saved_fp32": 4 * ((vocab - len(kept)) * emb.embedding_dim - vocab)}

@@ -23,6 +23,7 @@ data, then the ordinary distillation run of the structure it found.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -109,9 +110,10 @@ def _describe(structure) -> str:
 
 
 def unreachable_message(budget, smallest_desc: str, figure: float,
-                        teacher_ms: Optional[float]) -> str:
+                        teacher_ms: Optional[float], vocab: Optional[int] = None) -> str:
     """The one line refusing a target the smallest reachable student misses (``figure``: its
-    measured ms, or its parameters / MB)."""
+    measured ms, or its parameters / MB; ``vocab``: the word rows a later ``prune_vocab``
+    keeps, which a size figure counts)."""
     where = f"compression[0] (auto): target.{budget.target}: {budget.value:g} cannot be reached"
     spec = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
     if budget.target == "speedup":
@@ -122,13 +124,14 @@ def unreachable_message(budget, smallest_desc: str, figure: float,
     if budget.target == "latency_ms":
         return (f"{where}: the smallest student ({smallest_desc}) takes {figure:.2f} ms "
                 f"({spec}); ask for at least {math.ceil(figure * 100) / 100:g}")
+    words = (f"with the {vocab:,} word rows the prune_vocab after auto keeps" if vocab else
+             "the whole word table counts: {method: prune_vocab} after auto keeps only the "
+             "rows the training data uses, and the search counts it")
     if budget.target == "parameters":
         return (f"{where}: the smallest student ({smallest_desc}) has {int(figure):,} "
-                f"parameters (the word embeddings count: prune_vocab after auto shrinks them "
-                f"later, the search does not); ask for at least {int(figure)}")
+                f"parameters ({words}); ask for at least {int(figure)}")
     return (f"{where}: the smallest student ({smallest_desc}) is {figure:.3f} MB of fp32 "
-            f"weights (the word embeddings count); ask for at least "
-            f"{math.ceil(figure * 1000) / 1000:g}")
+            f"weights ({words}); ask for at least {math.ceil(figure * 1000) / 1000:g}")
 
 
 class _Searcher:
@@ -198,6 +201,21 @@ class _Searcher:
         return out
 
 
+def later_vocab(rest: list, student: nn.Module, parts) -> Optional[int]:
+    """The word rows a ``prune_vocab`` after ``auto`` will keep of ``student`` (the tokens of
+    the whole training split and the specials, as it will count them), or None without one.
+    A size target counts the student as it is saved, so the search counts these rows, not
+    the whole table it prunes nothing of."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.compress.vocab import kept_ids
+
+    entry = next((e for e in rest if isinstance(e, dict) and e.get("method") == "prune_vocab"),
+                 None)
+    if entry is None:
+        return None
+    return len(kept_ids(student, config_from_dict(entry), parts.context())[0])
+
+
 def _teacher_module(teachers):
     m = teachers.models()[0]
     return getattr(m, "inner", m)   # a label view computes what its teacher computes
@@ -248,6 +266,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
                        threads=budget.threads, clock=budget.clock)
     smallest = smallest_structure(structure, budget.units, budget.ffn_block)
+    vocab = None if budget.latency else later_vocab(rest, student, parts)
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
@@ -276,13 +295,16 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         del tiny
     else:
         count = parameters if budget.target == "parameters" else size_mb
+
+        def counted(s):
+            return count(dataclasses.replace(s, vocab=min(s.vocab, vocab)) if vocab else s,
+                         shape)
         goal = Goal(float(budget.value), "parameters" if budget.target == "parameters" else "MB",
-                    figure=lambda m: count(structure_of(m), shape),
-                    cost=lambda s: count(s, shape), exact=True)
+                    figure=lambda m: counted(structure_of(m)), cost=counted, exact=True)
         floor = float(goal.cost(smallest))
     if floor > goal.limit:
         raise ValueError(unreachable_message(budget, _describe(smallest),
-                                             *(floor_pair or (floor, teacher_ms))))
+                                             *(floor_pair or (floor, teacher_ms)), vocab=vocab))
     if progress:
         print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
               f"to <= {goal.limit:,.4g} {goal.unit}"
@@ -317,7 +339,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         "limit": goal.limit, "unit": goal.unit, "teacher_ms": teacher_ms,
         "teacher_dir": parts.teachers.first_dir, "smallest": {"structure": _describe(smallest),
                                                               "figure": floor},
-        "table_tolerance": getattr(table, "tolerance", None),
+        "table_tolerance": getattr(table, "tolerance", None), "vocab_counted": vocab,
         "met": found["met"], "stopped": found["stopped"], "history": found["history"],
         "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
         "structure": {"heads": list(got.heads), "ffn": list(got.ffn)},
