@@ -1,6 +1,8 @@
 """distilkit.search: exact parameter counts of pruned structures (structure.py) and the measured
 latency table (latency.py): its predictions against measured pruned models, its cache, its
 refusals."""
+import statistics
+
 import pytest
 import torch
 from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
@@ -184,6 +186,43 @@ def test_table_adds_base_and_interpolated_layers(tmp_path, monkeypatch):
         assert table.predict_ms(structure_of(m)) == pytest.approx(_fake_ms(m, SPEC))
     with pytest.raises(ValueError, match="heads=5, ffn=10 outside this table's shape"):
         table.layer_ms(5, 10)
+
+
+def test_a_noisy_grid_gives_a_cost_that_falls_with_every_unit_removed():
+    """The built-in shape's table as measured on 2026-12-02 (12 heads x 7 FFN widths): noise
+    made it non-monotone (at 1,024 neurons, 12 heads 45.2 ms and 11 heads 62.5 ms), so read
+    bilinearly a head or a block of neurons "saved" nothing there and the search could only
+    drop a whole layer (2x asked, 3.4x got). The fitted law falls with every head and neuron
+    removed, holds the grid to its noise, and recovers an exact linear law exactly."""
+    from distilkit.search.latency import fit_layer_cost
+    from distilkit.search.structure import BaseShape
+
+    heads, ffn = list(range(1, 13)), [1, 257, 513, 769, 1024, 1280, 1536]
+    grid = [[7.5, 17.2, 25.0, 31.6, 36.4, 40.9, 46.7], [6.3, 11.5, 27.7, 34.4, 38.7, 43.5, 44.7],
+            [7.8, 13.2, 30.0, 33.7, 39.2, 45.6, 51.9], [9.3, 14.7, 36.6, 41.3, 40.9, 49.0, 51.7],
+            [10.9, 15.7, 28.4, 37.3, 42.0, 49.0, 52.5], [12.9, 20.3, 30.2, 34.3, 44.1, 52.9, 65.0],
+            [18.3, 25.8, 32.4, 42.3, 49.2, 56.5, 62.1], [17.8, 25.4, 31.1, 44.1, 51.7, 56.4, 58.6],
+            [22.4, 29.1, 36.7, 48.3, 51.5, 57.0, 76.1], [22.7, 29.1, 35.8, 52.5, 55.0, 63.7, 70.4],
+            [24.2, 28.0, 36.4, 40.7, 62.5, 67.3, 65.7], [26.2, 35.9, 43.6, 47.4, 45.2, 50.1, 66.5]]
+    shape = BaseShape(family="bert", hidden=384, num_heads=12, head_dim=32, intermediate=1536,
+                      vocab=30522, num_labels=2, max_positions=512)
+    table = LatencyTable(shape, SPEC, heads, ffn, 1.1, grid)
+    for h in range(1, 13):
+        for f in range(64, 1537, 64):
+            if h > 1:
+                assert table.layer_ms(h - 1, f) < table.layer_ms(h, f)
+            assert table.layer_ms(h, f - 63) < table.layer_ms(h, f)
+    assert table.layer_ms(11, 1024) < table.layer_ms(12, 1024)
+    assert table.fit_error < 0.1
+    assert abs(table.layer_ms(12, 1536) / statistics.median(row[-1] for row in grid[-3:]) - 1) \
+        < 0.1
+    exact = [[2.0 + 0.5 * h + 0.01 * f for f in ffn] for h in heads]
+    assert fit_layer_cost(heads, ffn, exact) == pytest.approx((2.0, 0.5, 0.01))
+    # A figure the noise would make negative is 0 (a cost never grows as units go).
+    flat = [[5.0 - 0.001 * f for f in ffn] for _ in heads]
+    fixed, per_head, per_neuron = fit_layer_cost(heads, ffn, flat)
+    assert per_head >= 0 and per_neuron == 0 and fixed == pytest.approx(
+        statistics.mean(v for row in flat for v in row))
 
 
 def test_cache_serves_the_second_call_and_keys_shape_and_spec(tmp_path, monkeypatch):

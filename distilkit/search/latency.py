@@ -10,9 +10,18 @@ served, so the table and the student's final figure are measured the same way:
   with 1 layer keeping ``h`` heads and ``f`` neurons; its cost minus ``base`` is the cost of
   one such layer.
 
-A layer of any ``(h, f)`` is interpolated bilinearly on that grid, and a structure costs
-``base + sum of its layers``: a transformer runs its layers one after the other on tensors of
-the same shape, so their costs add. The word-table size does not enter (one row gather per
+A layer of any ``(h, f)`` costs ``fixed + per_head * h + per_neuron * f``, the three
+non-negative figures fitted to the grid by least squares (:func:`fit_layer_cost`), and a
+structure costs ``base + sum of its layers``: a transformer runs its layers one after the
+other on tensors of the same shape, so their costs add. Why a fit, not the grid itself: a
+layer's work is linear in its heads (Q/K/V/O projections and attention, per head) and in its
+FFN neurons, while one measurement of a 30-70 ms model on a shared 2-core machine is off by
+5-35% (median 6.5% from the fit on the built-in shape's table, 2026-12-02); interpolated
+bilinearly, that noise made the table non-monotone (12 heads at 1,024 neurons measured 45 ms,
+11 heads 62 ms), so removing a head or neurons "saved" nothing and the search, near its
+target, could only take a whole layer (2x asked, 3.4x got). The fit can only get cheaper as
+units go, and ``fit_error`` (the median relative residual on the grid) says how well the law
+holds. The word-table size does not enter (one row gather per
 token, whatever the table's size); it only enters the size (:mod:`~distilkit.search.structure`).
 
 Runtimes (:data:`RUNTIMES`): ``pytorch`` (eager fp32, ``torch.set_num_threads(threads)``),
@@ -66,7 +75,6 @@ import platform
 import statistics
 import tempfile
 import time
-from bisect import bisect_right
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -200,10 +208,12 @@ def _median_ms(fn, clock: str, repeats: int) -> float:
     return float(statistics.median(times))
 
 
-def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPEATS) -> float:
-    """Median ms of one forward pass of ``model`` at ``spec`` (module docstring). The runtimes
-    are CPU ones: a model elsewhere or in another dtype (a student in training) is timed as an
-    fp32 copy on the CPU, and its own training mode is left as it was."""
+@contextlib.contextmanager
+def _runner(model: nn.Module, spec: RuntimeSpec):
+    """A callable that runs one forward pass of ``model`` as ``spec`` serves it (module
+    docstring), to be timed. The runtimes are CPU ones: a model elsewhere or in another dtype
+    (a student in training) is run as an fp32 copy on the CPU, and its own training mode is
+    left as it was."""
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).float().cpu()
     was_training = model.training
@@ -213,15 +223,50 @@ def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPE
         threads = spec.resolved_threads()
         if spec.runtime == "pytorch":
             with _torch_threads(threads):
-                return _median_ms(lambda: model(**batch), spec.clock, repeats)
+                yield lambda: model(**batch)
+            return
         from distilkit.export.measure import OrtClassifier
 
         with tempfile.TemporaryDirectory(prefix="distilkit-latency-") as tmp:
             path = _onnx_file(model, spec.runtime, tmp)
             served = OrtClassifier(path, model.config, threads, spin=False)
-            return _median_ms(lambda: served(**batch), spec.clock, repeats)
+            yield lambda: served(**batch)
     finally:
         model.train(was_training)
+
+
+def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPEATS) -> float:
+    """Median ms of one forward pass of ``model`` at ``spec``."""
+    with _runner(model, spec) as run:
+        return _median_ms(run, spec.clock, repeats)
+
+
+def measure_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
+                    repeats: int = MEASURE_REPEATS) -> tuple[float, float]:
+    """``(model ms, reference ms)`` in ``spec``, the two run in turns, one run each a round
+    (which goes first alternates), after ``WARMUP`` rounds: the reference's figure is its
+    median, the model's the median of the rounds' ratios model / reference times it. A busy
+    moment of the machine slows both runs of its round alike, so it leaves the ratio (the
+    speed-up) as it is; timed one after the other, a 7-run median of each drifted by up to
+    35% within a minute on the shared 2-core machine (2026-12-02)."""
+    _check_model(model, spec)
+    _check_model(reference, spec)
+    now = CLOCKS[spec.clock]
+    ratios, refs = [], []
+    with _runner(model, spec) as run_model, _runner(reference, spec) as run_ref, \
+            torch.inference_mode():
+        for i in range(WARMUP + repeats):
+            order = (("ref", run_ref), ("model", run_model))
+            t = {}
+            for name, run in (order if i % 2 == 0 else order[::-1]):
+                t0 = now()
+                run()
+                t[name] = (now() - t0) * 1000
+            if i >= WARMUP:
+                ratios.append(t["model"] / max(t["ref"], 1e-9))
+                refs.append(t["ref"])
+    ref = float(statistics.median(refs))
+    return float(statistics.median(ratios)) * ref, ref
 
 
 def _check_model(model: nn.Module, spec: RuntimeSpec) -> None:
@@ -243,21 +288,41 @@ def measure_model_ms(model: nn.Module, spec: RuntimeSpec) -> float:
 # The table
 # ---------------------------------------------------------------------------------------
 
+def fit_layer_cost(heads: Sequence[int], ffn: Sequence[int], grid: Sequence[Sequence[float]]
+                   ) -> tuple[float, float, float]:
+    """``(fixed, per_head, per_neuron)`` in ms, each >= 0: the least-squares fit of
+    ``fixed + per_head * h + per_neuron * f`` to ``grid[i][j]``, the cost measured at
+    ``heads[i]`` heads and ``ffn[j]`` neurons. Exact non-negative least squares for three
+    unknowns: the optimum is the unconstrained fit on some subset of the terms (the others
+    0), so every subset is fitted and the best one with no negative figure kept."""
+    import itertools
+
+    import numpy as np
+
+    hh, ff = np.meshgrid(np.asarray(heads, dtype=float), np.asarray(ffn, dtype=float),
+                         indexing="ij")
+    y = np.asarray(grid, dtype=float).ravel()
+    cols = np.stack([np.ones_like(y), hh.ravel(), ff.ravel()], axis=1)
+    best_err, best = float((y ** 2).sum()), np.zeros(3)   # all figures 0
+    for k in (1, 2, 3):
+        for subset in itertools.combinations(range(3), k):
+            coef = np.linalg.lstsq(cols[:, subset], y, rcond=None)[0]
+            if (coef < 0).any():
+                continue
+            full = np.zeros(3)
+            full[list(subset)] = coef
+            err = float(((cols @ full - y) ** 2).sum())
+            if err < best_err - 1e-12 * max(1.0, best_err):
+                best_err, best = err, full
+    return float(best[0]), float(best[1]), float(best[2])
+
+
 def grid_points(total: int, n: int) -> list[int]:
     """``n`` (at most ``total``) distinct counts evenly spaced from 1 to ``total``."""
     n = max(2, min(int(n), total)) if total > 1 else 1
     if n == 1:
         return [1]
     return sorted({1 + round(i * (total - 1) / (n - 1)) for i in range(n)})
-
-
-def _interp(points: Sequence[int], x: float) -> tuple[int, int, float]:
-    """Indices of the grid points around ``x`` and the weight of the upper one."""
-    if len(points) == 1:
-        return 0, 0, 0.0
-    j = min(max(bisect_right(points, x), 1), len(points) - 1)
-    lo, hi = points[j - 1], points[j]
-    return j - 1, j, (x - lo) / (hi - lo)
 
 
 def machine_key(runtime: str) -> dict:
@@ -343,6 +408,10 @@ class LatencyTable:
         self.heads, self.ffn = list(heads), list(ffn)
         self._base, self._layer = float(base_ms), [list(map(float, r)) for r in layer_ms]
         self.path, self.measured = path, measured
+        self.fit = fit_layer_cost(self.heads, self.ffn, self._layer)
+        residuals = [abs(g / max(self.layer_ms(h, f), 1e-9) - 1.0)
+                     for h, row in zip(self.heads, self._layer) for f, g in zip(self.ffn, row)]
+        self.fit_error = float(statistics.median(residuals))
 
     # -- building -------------------------------------------------------------------------
     @classmethod
@@ -422,16 +491,13 @@ class LatencyTable:
         return self._base
 
     def layer_ms(self, heads: int, ffn: int) -> float:
-        """One encoder layer keeping ``heads`` heads and ``ffn`` neurons (bilinear on the
-        grid)."""
+        """One encoder layer keeping ``heads`` heads and ``ffn`` neurons (the law fitted to
+        the grid, :func:`fit_layer_cost`)."""
         if not 1 <= heads <= self.shape.num_heads or not 1 <= ffn <= self.shape.intermediate:
             raise ValueError(f"layer_ms: heads={heads}, ffn={ffn} outside this table's shape "
                              f"(heads 1..{self.shape.num_heads}, ffn 1..{self.shape.intermediate})")
-        i0, i1, wh = _interp(self.heads, heads)
-        j0, j1, wf = _interp(self.ffn, ffn)
-        g = self._layer
-        return ((1 - wh) * ((1 - wf) * g[i0][j0] + wf * g[i0][j1])
-                + wh * ((1 - wf) * g[i1][j0] + wf * g[i1][j1]))
+        fixed, per_head, per_neuron = self.fit
+        return fixed + per_head * heads + per_neuron * ffn
 
     def predict_ms(self, structure: Structure) -> float:
         """The latency of a model of this shape pruned to ``structure``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from typing import Sequence
 
@@ -141,7 +142,7 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
     from distilkit.evaluate import find_model_dir
     from distilkit.recipe import Recipe
     from distilkit.report import load_results
-    from distilkit.search.latency import RuntimeSpec, measure_model_ms
+    from distilkit.search.latency import RuntimeSpec, measure_model_ms, measure_pair_ms
     from distilkit.search.run import SEARCH_FILE, search_and_run
 
     base = Recipe.load(recipe_path, overrides)
@@ -192,13 +193,27 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
                "size_mb": round(t["size_on_disk_bytes"] / 1e6, 4), "parameters": t["parameters"],
                "model_dir": teacher_dir}
     rows.append(teacher)
+    from distilkit.compress.base import load_compressed
+
     if teacher_dir is None:  # a hub teacher: its figure from the last search
         teacher["latency_ms"] = round(record["teacher_ms"], 3)
-    for r in rows:
-        if r.get("model_dir"):
-            from distilkit.compress.base import load_compressed
-
-            r["latency_ms"] = round(measure_model_ms(load_compressed(r["model_dir"]), rspec), 3)
+        for r in rows:
+            if r.get("model_dir") and r is not teacher:
+                r["latency_ms"] = round(measure_model_ms(load_compressed(r["model_dir"]),
+                                                         rspec), 3)
+    else:
+        # Each student in turns with the teacher (its ratio to the teacher is what a busy
+        # moment of the machine leaves alone), in the teacher's median milliseconds.
+        ref = load_compressed(teacher_dir)
+        pairs = {id(r): measure_pair_ms(load_compressed(r["model_dir"]), ref, rspec)
+                 for r in rows if r.get("model_dir") and r is not teacher}
+        t_ms = statistics.median(t for _, t in pairs.values()) if pairs else \
+            measure_model_ms(ref, rspec)
+        teacher["latency_ms"] = round(t_ms, 3)
+        for r in rows:
+            if id(r) in pairs:
+                ms, t = pairs[id(r)]
+                r["latency_ms"] = round(ms * t_ms / t, 3)
     spec_line = (f"{spec['runtime']}, batch {spec['batch']}, length {spec['seq_len']}, "
                  f"{spec['threads'] or 'default'} threads, {spec.get('clock', 'wall')} clock")
     report = write_pareto(rows, root, spec_line)

@@ -232,15 +232,12 @@ def _teacher_ms(teacher: nn.Module, spec, repeats: int = 3) -> float:
 
 
 def paired_ms(model: nn.Module, teacher: nn.Module, spec) -> tuple[float, float]:
-    """``(model ms, teacher ms)`` measured back to back in ``spec`` (teacher, model, teacher;
-    the teacher's figure the mean of its two): on a machine that other work slows now and
-    then, both are slowed alike, so their ratio, the speed-up, stays what it is."""
-    from distilkit.search.latency import measure_model_ms
+    """``(model ms, teacher ms)`` measured in turns in ``spec``
+    (:func:`~distilkit.search.latency.measure_pair_ms`): on a machine that other work slows
+    now and then, both are slowed alike, so their ratio, the speed-up, stays what it is."""
+    from distilkit.search.latency import measure_pair_ms
 
-    t1 = measure_model_ms(teacher, spec)
-    m = measure_model_ms(model, spec)
-    t2 = measure_model_ms(teacher, spec)
-    return float(m), (t1 + t2) / 2
+    return measure_pair_ms(model, teacher, spec)
 
 
 def search_and_run(recipe, progress: bool = True) -> dict:
