@@ -332,10 +332,14 @@ def _runtimes_section(name: str, results: dict) -> list[str]:
             "enc = gen.tokenizer([\"a charming film\"], return_tensors=\"np\")",
             "print(gen.decode(gen.generate(enc[\"input_ids\"], enc[\"attention_mask\"])))",
             "```"]
+    from distilkit.export.runtime import DISABLED_OPTIMIZERS
+
     lines += ["```python", "import onnxruntime as ort", "from transformers import AutoTokenizer",
               "", f"tokenizer = AutoTokenizer.from_pretrained(\"{serve.rsplit('/', 1)[0]}\")"
               if "/" in serve else "tokenizer = AutoTokenizer.from_pretrained(\".\")",
-              f"session = ort.InferenceSession(\"{serve}\")",
+              "# (onnxruntime's SkipLayerNormalization fusion is slower on CPU: leave it off)",
+              f"session = ort.InferenceSession(\"{serve}\", "
+              f"disabled_optimizers={json.dumps(list(DISABLED_OPTIMIZERS))})",
               "enc = tokenizer([\"a charming film\"], return_tensors=\"np\")",
               "logits = session.run(None, {i.name: enc[i.name] for i in session.get_inputs()})[0]",
               "```"]
