@@ -79,11 +79,13 @@ def sha256_file(path: str, h: Optional["hashlib._Hash"] = None) -> str:
 
 
 def check_writable(path: str, field: str, fix: str = "choose another directory or fix its "
-                                                     "permissions", create: bool = True) -> None:
+                                                     "permissions", create: bool = True,
+                   keep: bool = True) -> None:
     """Fail now, before any work, when directory ``path`` cannot be created or written.
     The error names the recipe ``field`` the directory came from, the path and the fix. With
     ``create=False`` nothing is made: the nearest existing directory on the way must be
-    writable (a dry run leaves no trace)."""
+    writable (a dry run leaves no trace); with ``keep=False`` what was made to check it is
+    removed again."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{field}: {path!r} is a file, not a directory; {fix}")
     if not create:
@@ -94,11 +96,20 @@ def check_writable(path: str, field: str, fix: str = "choose another directory o
             raise PermissionError(f"{field}: {path!r} cannot be written ({probe!r} is not a "
                                   f"writable directory); {fix}")
         return
+    # keep=False: the directories this check makes are removed again (an output_dir: a run
+    # refused later, for a bad value found with the data or an unreachable budget, leaves no
+    # empty directory behind; the writers make it when they write).
+    made, probe_dir = [], os.path.abspath(path)
+    while not os.path.exists(probe_dir):
+        made.append(probe_dir)
+        probe_dir = os.path.dirname(probe_dir)
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.remove(probe)
+        for d in made if not keep else ():  # the deepest first
+            os.rmdir(d)
     except OSError as e:
         raise PermissionError(f"{field}: {path!r} is not writable ({e.strerror or e}); "
                               f"{fix}") from e

@@ -40,7 +40,7 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
     directories, and a Hub token when the student is to be pushed."""
     from distilkit.files import check_writable
 
-    check_writable(args.output_dir, "output_dir", create=create)
+    check_writable(args.output_dir, "output_dir", create=create, keep=False)
     if recipe.keys.cache_dir and recipe.keys.teacher_cache:
         check_writable(recipe.keys.cache_dir, "cache_dir", "choose another directory, fix its "
                        "permissions, or turn the cache off with teacher_cache: false",

@@ -85,8 +85,15 @@ def test_sha256_file_hashes_every_byte(tmp_path):
 
 
 def test_check_writable_names_the_field_the_path_and_the_fix(tmp_path):
-    check_writable(str(tmp_path / "new" / "dir"), "output_dir")  # created, probe removed
-    assert os.listdir(tmp_path / "new" / "dir") == []
+    # Checked by making it and writing in it; what the check made is removed again (a run
+    # refused later leaves no empty output_dir), what was there stays.
+    (tmp_path / "there").mkdir()
+    check_writable(str(tmp_path / "there" / "new" / "dir"), "output_dir", keep=False)
+    assert os.listdir(tmp_path / "there") == []
+    check_writable(str(tmp_path / "made" / "dir"), "cache_dir")  # kept: the caller writes
+    assert os.listdir(tmp_path / "made" / "dir") == []
+    check_writable(str(tmp_path / "there"), "output_dir", keep=False)
+    assert os.listdir(tmp_path / "there") == []
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(ValueError, match=r"output_dir: '.*a_file' is a file, not a directory; "

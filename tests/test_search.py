@@ -233,6 +233,10 @@ def test_parameters_target_met_recipe_reproduces_the_structure(tiny_task, cache,
     assert main(["distill", path, "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "search step 1/12" not in err  # --no-progress: no step lines
+    # ... but the verdict, always, in one line
+    assert "[distilkit] search: target parameters 22000: the final student has " in err
+    assert err.strip().splitlines()[-1].endswith(": met (within the tolerance)") or \
+        ": met (more than 5% past it)" in err
     res = json.load(open(os.path.join(out, "results.json")))
     s = res["search"]
     assert s["met"] and s["parameters"] <= 22000
@@ -309,7 +313,14 @@ def test_unreachable_target_refused_before_training(tiny_task, cache, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "target.speedup: 500 cannot be reached: the smallest student (1 layer, 1 head, 16 " \
            "FFN neurons) is" in err and "x the teacher (" in err and "ask for at most" in err
-    assert not os.path.exists(os.path.join(out, "student"))
+    assert not os.path.exists(out)  # nothing written, not even an empty output_dir
+    # A latency in ms, judged like a speed-up: against the teacher timed in turns with it.
+    path, out = _search_recipe(tiny_task, {"latency_ms": 0.01}, auto={"batch": 8})
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "target.latency_ms: 0.01 cannot be reached: the smallest student (1 layer, 1 head, " \
+           "16 FFN neurons) takes" in err and "ask for at least" in err
+    assert not os.path.exists(out)
 
 
 def test_speedup_target_met_in_pytorch_and_the_pareto_report(tiny_task, cache, capsys):

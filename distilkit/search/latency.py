@@ -450,7 +450,10 @@ class LatencyTable:
         path = cls.cache_path(key, cache_dir)
         cached = cls._load(path, key, shape, spec)
         if cached is not None and validate:
-            predicted, measured = cached.predict_ms(structure_of(model)), _time_model(model, spec)
+            # The better of two: the first forward passes of a fresh process run slow (663
+            # against 383 ms for the same 6-layer student, 2026-12-02).
+            predicted = cached.predict_ms(structure_of(model))
+            measured = min(_time_model(model, spec) for _ in range(2))
             if abs(predicted - measured) > cached.tolerance * measured:
                 logger.warning("latency table %s predicts %.1f ms for a model measured now at "
                                "%.1f ms (the machine's load has changed since): measuring it "

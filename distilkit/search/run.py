@@ -269,26 +269,23 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
     teacher = _teacher_module(parts.teachers)
     teacher_ms = _teacher_ms(teacher, spec)
-    floor_pair = None
-    if budget.target == "speedup":
-        # Each figure is the student's latency over the teacher's measured beside it, put in
-        # the teacher's reference milliseconds: met when teacher / student >= the speed-up.
-        limit = teacher_ms / budget.value
+    if budget.latency:
+        # Each figure is the student's latency over the teacher's, measured in turns, put in
+        # the teacher's reference milliseconds (its median at the start): a speed-up target
+        # is met when teacher / student >= the speed-up, a latency_ms target when the student
+        # takes at most that many of those milliseconds. With the teacher as the stopwatch's
+        # reference, the machine's speed drifting during the search (its teacher read 300-410
+        # ms within an hour, 2026-12-02) does not move the goal.
+        limit = teacher_ms / budget.value if budget.target == "speedup" else budget.value
 
         def figure(m):
             ms, t = paired_ms(m, teacher, spec)
             return ms * teacher_ms / t
-    elif budget.target == "latency_ms":
-        limit, figure = budget.value, table.measure_ms
-    if budget.latency:
         goal = Goal(limit, "ms", figure=figure, cost=table.predict_ms)
         tiny = prune_removal(copy.deepcopy(student),
                              _remove_all_but_smallest(structure, budget.units, budget.ffn_block))
-        if budget.target == "speedup":
-            floor_pair = paired_ms(tiny, teacher, spec)
-            floor = floor_pair[0] * teacher_ms / floor_pair[1]
-        else:
-            floor = float(table.measure_ms(tiny))
+        ms, t = paired_ms(tiny, teacher, spec)
+        floor = ms * teacher_ms / t
         del tiny
     else:
         count = parameters if budget.target == "parameters" else size_mb
@@ -301,7 +298,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         floor = float(goal.cost(smallest))
     if floor > goal.limit:
         raise ValueError(unreachable_message(budget, _describe(smallest),
-                                             *(floor_pair or (floor, teacher_ms)), vocab=vocab))
+                                             floor, teacher_ms, vocab=vocab))
     if progress:
         print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
               f"to <= {goal.limit:,.4g} {goal.unit}"
@@ -359,7 +356,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
             params, mb = parameters(st, shape), size_mb(st, shape)
         except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
             st, params, mb = None, sum(p.numel() for p in model.parameters()), None
-        figure = {"latency_ms": ms, "speedup": ms * teacher_ms / t_ms, "parameters": params,
+        in_ref = ms * teacher_ms / t_ms   # in the teacher's reference ms (see figure above)
+        figure = {"latency_ms": in_ref, "speedup": in_ref, "parameters": params,
                   "size_mb": mb}[budget.target]
         met = figure is not None and figure <= goal.limit
         within = bool(met) and figure >= goal.limit / (1.0 + budget.tolerance)
@@ -368,6 +366,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
             "met": bool(met), "search_met": record["met"], "spec": record["spec"],
             "within_tolerance": within, "tolerance": budget.tolerance,
             "measured_ms": round(ms, 3), "teacher_ms": round(t_ms, 3),
+            "reference_ms": round(in_ref, 3), "teacher_reference_ms": round(teacher_ms, 3),
             "speedup": round(t_ms / max(ms, 1e-9), 3), "parameters": params,
             "size_mb": round(mb, 4) if mb is not None else None,
             "structure": record["structure"], "steps": len(record["history"]) - 1,
@@ -378,4 +377,26 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     if results.get("search"):
         record["final"] = results["search"]
         atomic_write_json(os.path.join(out_dir, SEARCH_FILE), record)
+        print(final_line(results["search"], budget), file=sys.stderr)
     return results
+
+
+def final_line(s: dict, budget) -> str:
+    """The one line that says whether the final student meets the target, as measured."""
+    verdict = ("met" + (" (within the tolerance)" if s["within_tolerance"] else
+                        f" (more than {budget.tolerance:.0%} past it)")) if s["met"] else "NOT met"
+    where = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
+    if budget.target == "speedup":
+        got = f"{s['speedup']:.2f}x the teacher ({s['measured_ms']:.1f} vs {s['teacher_ms']:.1f} ms)"
+    elif budget.target == "latency_ms":
+        got = (f"{s['reference_ms']:.1f} ms (measured {s['measured_ms']:.1f} ms beside the "
+               f"teacher's {s['teacher_ms']:.1f}, whose reference is {s['teacher_reference_ms']:.1f})")
+    elif budget.target == "parameters":
+        got = f"{s['parameters']:,} parameters"
+    else:
+        got = (f"{s['size_mb']:.3f} MB of fp32 weights" if s.get("size_mb") is not None
+               else "a size that cannot be counted")
+    return (f"[distilkit] search: target {budget.target} {budget.value:g}: the final student "
+            f"is {got} [{where}]: {verdict}" if budget.latency else
+            f"[distilkit] search: target {budget.target} {budget.value:g}: the final student "
+            f"has {got}: {verdict}")
