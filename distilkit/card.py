@@ -332,14 +332,16 @@ def _runtimes_section(name: str, results: dict) -> list[str]:
             "enc = gen.tokenizer([\"a charming film\"], return_tensors=\"np\")",
             "print(gen.decode(gen.generate(enc[\"input_ids\"], enc[\"attention_mask\"])))",
             "```"]
-    from distilkit.export.runtime import DISABLED_OPTIMIZERS
-
+    disabled = export.get("disabled_optimizers")
+    opened = (f"session = ort.InferenceSession(\"{serve}\", "
+              f"disabled_optimizers={json.dumps(list(disabled))})" if disabled else
+              f"session = ort.InferenceSession(\"{serve}\")")
     lines += ["```python", "import onnxruntime as ort", "from transformers import AutoTokenizer",
               "", f"tokenizer = AutoTokenizer.from_pretrained(\"{serve.rsplit('/', 1)[0]}\")"
               if "/" in serve else "tokenizer = AutoTokenizer.from_pretrained(\".\")",
-              "# (onnxruntime's SkipLayerNormalization fusion is slower on CPU: leave it off)",
-              f"session = ort.InferenceSession(\"{serve}\", "
-              f"disabled_optimizers={json.dumps(list(DISABLED_OPTIMIZERS))})",
+              *(["# (onnxruntime's SkipLayerNormalization fusion is slower on CPU: leave it "
+                 "off)"] if disabled else []),
+              opened,
               "enc = tokenizer([\"a charming film\"], return_tensors=\"np\")",
               "logits = session.run(None, {i.name: enc[i.name] for i in session.get_inputs()})[0]",
               "```"]

@@ -108,8 +108,11 @@ def check_writable(path: str, field: str, fix: str = "choose another directory o
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(fd)
         os.remove(probe)
-        for d in made if not keep else ():  # the deepest first
-            os.rmdir(d)
     except OSError as e:
         raise PermissionError(f"{field}: {path!r} is not writable ({e.strerror or e}); "
                               f"{fix}") from e
+    for d in made if not keep else ():  # the deepest first
+        try:
+            os.rmdir(d)
+        except OSError:  # written into meanwhile: it stays
+            break

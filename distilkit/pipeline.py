@@ -40,7 +40,11 @@ def _preflight(recipe: Recipe, args, create: bool = True) -> None:
     directories, and a Hub token when the student is to be pushed."""
     from distilkit.files import check_writable
 
-    check_writable(args.output_dir, "output_dir", create=create, keep=False)
+    # One process: what the check makes is removed again (a refused run leaves nothing).
+    # Several (a launch): each checks the same directory at once, and one removing it while
+    # another writes its probe would fail that one; there it stays.
+    alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    check_writable(args.output_dir, "output_dir", create=create, keep=not alone)
     if recipe.keys.cache_dir and recipe.keys.teacher_cache:
         check_writable(recipe.keys.cache_dir, "cache_dir", "choose another directory, fix its "
                        "permissions, or turn the cache off with teacher_cache: false",
@@ -263,6 +267,8 @@ def export_and_measure(recipe: Recipe, settings: ExportSettings, raw, split: str
     out: dict = {"export": info}
     if made.get("serve_variant"):  # seq2seq: the variant to give OnnxSeq2SeqGenerator
         info["serve_variant"] = made["serve_variant"]
+    if made.get("disabled_optimizers"):  # the session options to serve the file with
+        info["disabled_optimizers"] = made["disabled_optimizers"]
     if settings.evaluate:
         size = teacher.get("size_on_disk_bytes")
         t_fig = {"runtime_title": RUNTIME_TITLES[PYTORCH],

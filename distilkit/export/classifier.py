@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from distilkit.evaluate import find_model_dir
-from distilkit.export.runtime import (FP32_FILE, INT8_FILE, NBITS_FILE, OPSET, REPORT_FILE,
-                                      require_onnx, session)
+from distilkit.export.runtime import (DISABLED_OPTIMIZERS, FP32_FILE, INT8_FILE, NBITS_FILE,
+                                      OPSET, REPORT_FILE, require_onnx, session)
 
 TOLERANCE = 1e-4
 # Sentences of the kind the built-in sentiment data holds, of different lengths.
@@ -358,6 +358,8 @@ def export_classifier(model_dir: str, out_dir: Optional[str] = None, int8: bool 
             "format": "onnx", "opset": OPSET, "inputs": names, "tolerance": tolerance,
             "check_rows": check["rows"], "files": files, "serve": files[serve]["file"],
             "serve_rule": SERVE_RULE,
+            # how distilkit's sessions load the files (and how to serve them: faster on CPU)
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS),
         })
         atomic_write_json(os.path.join(tmp, REPORT_FILE), result)
 
