@@ -103,11 +103,16 @@ def test_stream_outputs_are_the_teachers_and_shared_with_a_loaded_split(stream_t
     np.testing.assert_array_equal(np.asarray(out[COLUMN["logits"]]), got)
     # ... and a loaded split's cache serves a stream.
     other = str(stream_task["tmp"] / "c2")
-    attach_teacher_outputs(ds, stream_task["teacher"], max_length=16, cache_dir=other,
-                           progress=False)
+    loaded = attach_teacher_outputs(ds, stream_task["teacher"], max_length=16, cache_dir=other,
+                                    progress=False)
     src2 = StreamTeacherOutputs(stream_task["teacher"], max_length=16, cache_dir=other,
                                 teacher_loader=lambda p: pytest.fail("the teacher was loaded"))
-    np.testing.assert_array_equal(src2.outputs_for(rows)["logits"], got)
+    served = src2.outputs_for(rows)["logits"]
+    # The values the split stored, exactly; against the stream's own (computed in other
+    # batches, so padded to other lengths) only within rounding: some CPUs' kernels round a
+    # padded batch differently in the last bits.
+    np.testing.assert_array_equal(served, np.asarray(loaded[COLUMN["logits"]]))
+    np.testing.assert_allclose(served, got, atol=1e-5)
     assert (src2.hits, src2.computed) == (64, 0) and src2.flush() is None
 
 
