@@ -16,9 +16,14 @@ when it holds packed 4-bit weights), which checks the fp32 (and 4-bit) graphs ag
 Accuracy is on the whole built-in test split, each model reading its own tokenizer's ids (a
 vocabulary-pruned student has a shrunk tokenizer). Latency is one forward pass over real test
 sentences repeated to exactly ``--seq-len`` tokens (as :mod:`distilkit.evaluate` times models),
-every runtime taking turns run by run so machine noise hits all alike (the median is reported);
-onnxruntime's threads do not spin after a run (``spin=False``), else they would compete with the
-PyTorch model timed next and inflate every speed-up (by 4x at batch 1 on 2026-12-02).
+every runtime taking turns so machine noise hits all alike (the median is reported). A turn is
+``--block`` runs of one model, the first not timed (:func:`distilkit.evaluate.
+interleaved_latency_ms`): each model is timed as serving leaves it, its weights in the caches
+(run by run, the int8 student was timed cold after the teacher's 90 MB, 23% slower than it
+serves); ``--block 1`` times run by run. onnxruntime's threads spin at most
+:data:`distilkit.export.runtime.TIMING_SPIN_US` after a run: with its default they kept the
+cores busy for the PyTorch model timed next and inflated every speed-up (by 4x at batch 1 on
+2026-12-02), with no spinning the ONNX models ran 20-45% slower than they serve.
 
 The targets of issue #15 are checked at the end against the student named by ``--target``
 (default ``quickstart_vocab``) in ONNX Runtime int8: >= 6x the teacher's speed at batch 32,
@@ -71,8 +76,10 @@ def main(argv=None) -> dict:
                    help="a saved student or run directory (repeatable)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs-b32", type=int, default=7, help="timed runs at batch 32")
-    p.add_argument("--runs-b1", type=int, default=40, help="timed runs at batch 1")
+    p.add_argument("--runs-b32", type=int, default=7, help="timed turns at batch 32")
+    p.add_argument("--runs-b1", type=int, default=40, help="timed turns at batch 1")
+    p.add_argument("--block", type=int, default=4,
+                   help="runs of one model per turn, the first untimed (1: run by run)")
     p.add_argument("--target", default="quickstart_vocab",
                    help="the student whose ONNX Runtime int8 figures the targets are checked on")
     args = p.parse_args(argv)
@@ -87,6 +94,7 @@ def main(argv=None) -> dict:
                                     interleaved_latency_ms, model_files, predict)
     from distilkit.export import export_onnx
     from distilkit.export.measure import OrtClassifier
+    from distilkit.export.runtime import TIMING_SPIN_US
     from distilkit.finetune import builtin_teacher
 
     torch.set_num_threads(args.threads)
@@ -121,7 +129,7 @@ def main(argv=None) -> dict:
 
     def add_ort(name, path, rows, b, pad_id, config):
         # The session behind a classifier's interface: predicted and timed as PyTorch models are.
-        m = OrtClassifier(path, config, threads=args.threads, spin=False)
+        m = OrtClassifier(path, config, threads=args.threads, spin_us=TIMING_SPIN_US)
         entries[name] = {"preds": predict(m, rows, pad_id=pad_id),
                          "run": {n: (lambda bb=b[n]: m(**bb)) for n in b},
                          "bytes": os.path.getsize(path)}
@@ -142,7 +150,8 @@ def main(argv=None) -> dict:
                     tok.pad_token_id or 0, model.config)
 
     latency = {n: interleaved_latency_ms({k: e["run"][n] for k, e in entries.items()},
-                                         runs=args.runs_b32 if n == 32 else args.runs_b1)
+                                         runs=args.runs_b32 if n == 32 else args.runs_b1,
+                                         block=args.block)
                for n in (32, 1)}
     base = {n: latency[n]["teacher/pytorch_fp32"] for n in (1, 32)}
     t_bytes = entries["teacher/pytorch_fp32"]["bytes"]
@@ -156,8 +165,13 @@ def main(argv=None) -> dict:
             "speedup_b32": base[32] / latency[32][k], "speedup_b1": base[1] / latency[1][k],
             "size_mb": e["bytes"] / 1e6, "smaller_x": t_bytes / e["bytes"],
         }
+    per_turn = max(args.block - 1, 1)
+    protocol = (f"medians of {args.runs_b32 * per_turn} (batch 32) / {args.runs_b1 * per_turn} "
+                f"(batch 1) runs, the models taking turns of {args.block} run(s)"
+                + (" (the first of each untimed)" if args.block > 1 else "")
+                + f", onnxruntime spinning at most {TIMING_SPIN_US} us")
     print(f"length {args.seq_len}, {args.threads} threads, test split {len(labels)} sentences; "
-          f"medians of {args.runs_b32} (batch 32) / {args.runs_b1} (batch 1) interleaved runs")
+          + protocol)
     print(f"{'model/runtime':<30} {'acc':>6} {'agree':>6} {'b32 ms':>8} {'x':>6} {'b1 ms':>7} "
           f"{'x':>6} {'MB':>7} {'smaller':>7}")
     for k, r in table.items():
@@ -183,6 +197,7 @@ def main(argv=None) -> dict:
     for k, (value, met) in targets.items():
         print(f"target {k:<40} {value!s:>8}  {'met' if met else 'NOT met'}")
     res = {"seq_len": args.seq_len, "threads": args.threads, "test_examples": len(labels),
+           "latency_protocol": protocol,
            "students": students, "figures": table, "targets": targets,
            "export_check": {n: {k: {m: f[m] for m in ("max_abs_diff", "argmax_agreement")}
                                 for k, f in ex["files"].items()} for n, ex in exports.items()}}

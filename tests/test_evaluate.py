@@ -188,3 +188,32 @@ def test_interleaved_timing_varies_who_runs_after_whom():
     assert set(out) == set("abc")
     follows = {(calls[i - 1], calls[i]) for i in range(1, len(calls))}
     assert {(x, y) for x in "abc" for y in "abc" if x != y} <= follows
+
+
+def test_blocks_time_each_model_as_serving_leaves_it():
+    """With ``block`` a turn runs its callable that many times and times all but the first, so
+    a model is not timed cold after another one (a small student after the teacher: its
+    weights out of the caches); run by run every timing here is the cold one."""
+    import time as _time
+
+    from distilkit.evaluate import interleaved_latency_ms
+
+    state, calls = {"last": None}, []
+
+    def make(k):
+        def fn():
+            cold = state["last"] != k
+            state["last"] = k
+            calls.append(k)
+            _time.sleep(0.03 if cold else 0.002)
+        return fn
+
+    fns = {k: make(k) for k in "abc"}
+    run_by_run = interleaved_latency_ms(fns, runs=6, warmup=0)
+    assert all(v >= 25 for v in run_by_run.values()), run_by_run
+    calls.clear()
+    warm = interleaved_latency_ms(fns, runs=6, warmup=1, block=3)
+    assert all(v < 20 for v in warm.values()), warm
+    assert len(calls) == 3 * 7 * 3
+    with pytest.raises(ValueError, match="block=0"):
+        interleaved_latency_ms(fns, block=0)

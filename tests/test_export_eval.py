@@ -60,6 +60,48 @@ def test_every_runtime_of_an_export_scored_as_pytorch_scores_it(tiny_task):
     assert res["model_dir"] == os.path.abspath(model_dir)
 
 
+def test_timed_sessions_spin_briefly_and_served_ones_as_onnxruntime_does(tiny_task):
+    """A session timed side by side spins at most TIMING_SPIN_US (onnxruntime's default kept
+    the cores busy after a run, for the model timed next; none slowed the run itself);
+    ``spin_us=0`` turns spinning off; a session made for serving keeps onnxruntime's default;
+    the report times its ONNX runtimes the side-by-side way."""
+    from distilkit.export import measure
+    from distilkit.export.runtime import TIMING_SPIN_US, session
+
+    path = os.path.join(tiny_task["teacher"], "onnx", "model.onnx")
+    if not os.path.exists(path):
+        ex.export_onnx(tiny_task["teacher"])
+
+    def entry(options, key):
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # onnxruntime's answer for a key never set
+            return None
+
+    def entries(s):
+        o = s.get_session_options()
+        return (entry(o, "session.intra_op.allow_spinning"),
+                entry(o, "session.intra_op.spin_duration_us"))
+
+    assert entries(session(path, 1, spin_us=TIMING_SPIN_US)) == ("1", str(TIMING_SPIN_US))
+    assert entries(session(path, 1, spin_us=0)) == ("0", None)
+    assert entries(session(path, 1)) == (None, None)
+    made = []
+    real = measure.OrtClassifier.__init__
+
+    def spy(self, *a, **k):
+        made.append(k.get("spin_us"))
+        real(self, *a, **k)
+
+    measure.OrtClassifier.__init__ = spy
+    try:
+        evaluate_export(os.path.dirname(path), _dataset(8), max_length=16, progress=False,
+                        threads=1, latency=False)
+    finally:
+        measure.OrtClassifier.__init__ = real
+    assert made and set(made) == {TIMING_SPIN_US}
+
+
 def _named_rows():
     """Mostly positive sentences (so reading the classes in the wrong order changes the
     accuracy even of a model that always answers the same)."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distilkit.export.runtime import REPORT_FILE, session
+from distilkit.export.runtime import REPORT_FILE, TIMING_SPIN_US, session
 
 PYTORCH = "pytorch-fp32"
 RUNTIME_TITLES = {PYTORCH: "PyTorch fp32", "onnx-fp32": "ONNX Runtime fp32",
@@ -54,9 +54,9 @@ class OrtClassifier(nn.Module):
     is filled as the tokenizer would: zeros for ``token_type_ids``, ones for a mask."""
 
     def __init__(self, path: str, config: Any, threads: Optional[int] = None,
-                 spin: bool = True):
+                 spin_us: Optional[int] = None):
         super().__init__()
-        self.session = session(path, threads, spin=spin)
+        self.session = session(path, threads, spin_us=spin_us)
         self.names = [i.name for i in self.session.get_inputs()]
         self.config = config
 
@@ -191,7 +191,7 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{export_dir}: {file} is named in {REPORT_FILE} but missing; "
                                     "export again")
-        models[name] = OrtClassifier(path, reference.config, threads)
+        models[name] = OrtClassifier(path, reference.config, threads, spin_us=TIMING_SPIN_US)
         files[name], sizes[name] = file, os.path.getsize(path)
     if label_names:
         from distilkit.tasks.classification import in_data_order
@@ -213,8 +213,8 @@ def evaluate_export(export_dir: str, dataset, *, text_column: str = "text",
             for b, runs in zip((1, 32), latency_runs):
                 batch = fixed_length_batch(rows, b, max_length)
                 bar.set_postfix_str(f"latency batch {b}")
-                # One runtime after the other, not taking turns: onnxruntime's worker threads
-                # spin for a while after each run, which slows a torch run right after it.
+                # One runtime after the other, each warm (its warm-up runs first), its
+                # onnxruntime threads spinning at most TIMING_SPIN_US after a run.
                 times[b] = {k: latency_ms(m, batch, WARMUP, runs) for k, m in models.items()}
                 bar.update()
     finally:

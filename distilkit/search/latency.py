@@ -29,8 +29,9 @@ Runtimes (:data:`RUNTIMES`): ``pytorch`` (eager fp32, ``torch.set_num_threads(th
 ``distilkit export --int8`` makes it: onnxruntime's fused graph, checked against PyTorch, with
 the fallbacks of :func:`distilkit.export.classifier.export_classifier`, then dynamic int8 with
 per-channel scales). Every small model is exported in a temporary directory; onnxruntime
-sessions take ``threads`` intra-op threads and do not spin after a run (``spin=False``), so
-nothing else competes for the cores while a model is timed.
+sessions take ``threads`` intra-op threads and spin at most
+:data:`~distilkit.export.runtime.TIMING_SPIN_US` waiting for work, so a run is as fast as
+served and nothing keeps competing for the cores after it.
 
 Measurement (:func:`measure_model_ms`): random token ids and an all-ones attention mask (and
 zero token types where the family has them) at ``(batch, seq_len)``, ``WARMUP`` untimed runs,
@@ -227,10 +228,11 @@ def _runner(model: nn.Module, spec: RuntimeSpec):
                 yield lambda: model(**batch)
             return
         from distilkit.export.measure import OrtClassifier
+        from distilkit.export.runtime import TIMING_SPIN_US
 
         with tempfile.TemporaryDirectory(prefix="distilkit-latency-") as tmp:
             path = _onnx_file(model, spec.runtime, tmp)
-            served = OrtClassifier(path, model.config, threads, spin=False)
+            served = OrtClassifier(path, model.config, threads, spin_us=TIMING_SPIN_US)
             yield lambda: served(**batch)
     finally:
         model.train(was_training)
@@ -443,10 +445,10 @@ class LatencyTable:
             # How the exported files are made and served changes what they cost: a table
             # measured on other graphs (the int8 ones with SkipLayerNormalization, before
             # 2026-12-02) is not this one.
-            from distilkit.export.runtime import DISABLED_OPTIMIZERS
+            from distilkit.export.runtime import DISABLED_OPTIMIZERS, TIMING_SPIN_US
 
             key["serving"] = {"graphs": ONNX_GRAPHS, "disabled_optimizers":
-                              list(DISABLED_OPTIMIZERS)}
+                              list(DISABLED_OPTIMIZERS), "spin_us": TIMING_SPIN_US}
         path = cls.cache_path(key, cache_dir)
         cached = cls._load(path, key, shape, spec)
         if cached is not None and validate:
