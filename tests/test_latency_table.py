@@ -347,3 +347,36 @@ def test_a_cached_table_that_mispredicts_the_model_now_is_measured_again(tmp_pat
     kept = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2,
                                   validate=True)
     assert not kept.measured
+
+
+def test_a_pair_is_timed_warm_each_model_after_its_own_run(monkeypatch):
+    """In turns with the teacher each model is timed on the last of ``block`` runs of its
+    turn: a model whose first run after the other one is slow (its weights out of the caches)
+    reads its served time; run by run (``block=1``) it read the cold one."""
+    import contextlib
+    import time as _time
+
+    from distilkit.search import latency
+
+    state, calls = {"last": None}, []
+
+    @contextlib.contextmanager
+    def runner(model, spec):
+        def run():
+            cold = state["last"] is not model
+            state["last"] = model
+            calls.append(model)
+            _time.sleep(0.02 if cold else 0.005 if model is ref else 0.002)
+        yield run
+
+    monkeypatch.setattr(latency, "_runner", runner)
+    monkeypatch.setattr(latency, "_check_model", lambda m, s: None)
+    ref, model = object(), object()
+    spec = RuntimeSpec(batch=2, seq_len=8, threads=1)
+    ms, ref_ms = latency.measure_pair_ms(model, ref, spec, repeats=5)
+    assert ms < 10 and ref_ms < 15, (ms, ref_ms)
+    assert len(calls) == 2 * latency.PAIR_BLOCK * (latency.WARMUP + 5)
+    cold, _ = latency.measure_pair_ms(model, ref, spec, repeats=5, block=1)
+    assert cold > 15
+    with pytest.raises(ValueError, match="block=0"):
+        latency.measure_pair_ms(model, ref, spec, block=0)

@@ -92,6 +92,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 WARMUP = 2
 REPEATS = 5            # timed runs per small model of the table
 MEASURE_REPEATS = 7    # timed runs of a whole model (measure_ms)
+PAIR_BLOCK = 2         # runs of one model per turn when timed beside another, the last timed
 MIN_TIMED_MS, MAX_REPEATS = 200.0, 50  # more runs of a fast model, at most this many
 DEFAULT_GRID = 7       # FFN widths on the grid (1 .. intermediate); heads: every count
 TOLERANCE = 0.25
@@ -245,15 +246,21 @@ def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPE
 
 
 def measure_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
-                    repeats: int = MEASURE_REPEATS) -> tuple[float, float]:
-    """``(model ms, reference ms)`` in ``spec``, the two run in turns, one run each a round
-    (which goes first alternates), after ``WARMUP`` rounds: the reference's figure is its
-    median, the model's the median of the rounds' ratios model / reference times it. A busy
-    moment of the machine slows both runs of its round alike, so it leaves the ratio (the
-    speed-up) as it is; timed one after the other, a 7-run median of each drifted by up to
-    35% within a minute on the shared 2-core machine (2026-12-02)."""
+                    repeats: int = MEASURE_REPEATS, block: int = PAIR_BLOCK
+                    ) -> tuple[float, float]:
+    """``(model ms, reference ms)`` in ``spec``, the two run in turns (which goes first
+    alternates), after ``WARMUP`` rounds: the reference's figure is its median, the model's
+    the median of the rounds' ratios model / reference times it. A busy moment of the machine
+    slows both runs of its round alike, so it leaves the ratio (the speed-up) as it is; timed
+    one after the other, a 7-run median of each drifted by up to 35% within a minute on the
+    shared 2-core machine (2026-12-02). A turn is ``block`` runs of one model and only its
+    last is timed, so each is timed as serving leaves it, its weights in the caches: run by
+    run, the int8 quickstart student timed cold after the teacher read 23% slower than it
+    serves (:func:`distilkit.evaluate.interleaved_latency_ms`, 2026-12-03)."""
     _check_model(model, spec)
     _check_model(reference, spec)
+    if not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block={block!r}: use an integer >= 1")
     now = CLOCKS[spec.clock]
     ratios, refs = [], []
     with _runner(model, spec) as run_model, _runner(reference, spec) as run_ref, \
@@ -262,9 +269,10 @@ def measure_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
             order = (("ref", run_ref), ("model", run_model))
             t = {}
             for name, run in (order if i % 2 == 0 else order[::-1]):
-                t0 = now()
-                run()
-                t[name] = (now() - t0) * 1000
+                for _ in range(block):
+                    t0 = now()
+                    run()
+                    t[name] = (now() - t0) * 1000
             if i >= WARMUP:
                 ratios.append(t["model"] / max(t["ref"], 1e-9))
                 refs.append(t["ref"])
