@@ -217,6 +217,24 @@ def is_auto(entry: Any) -> bool:
     return isinstance(entry, dict) and entry.get("method") == AUTO
 
 
+# The ``distilkit export`` file (its kind in export.json) each ONNX runtime serves.
+RUNTIME_EXPORT_FILE = {"onnx": "fp32", "onnx_int8": "int8"}
+
+
+def budget_export_file(compression: Optional[list]) -> Optional[tuple[str, str]]:
+    """``(runtime, export file kind)`` when a recipe's ``auto`` entry has a latency target
+    measured in an ONNX runtime: the file the searched student meets its budget in, so the one
+    to serve (the export's own rule could name another: its fp32 file, when int8 flipped the
+    answer on a check row, is several times slower); else None."""
+    entry = next((e for e in compression or [] if is_auto(e)), None)
+    target = entry.get("target") if entry else None
+    if not (isinstance(target, dict) and any(k in LATENCY_TARGETS for k in target)):
+        return None
+    runtime = entry.get("runtime", "pytorch")
+    kind = RUNTIME_EXPORT_FILE.get(runtime)
+    return (runtime, kind) if kind else None
+
+
 def split_auto(compression: list, max_length: int, task: str = "classification",
                student: Optional[dict] = None, streaming: bool = False
                ) -> tuple[Optional[BudgetConfig], list]:

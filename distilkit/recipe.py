@@ -67,6 +67,7 @@ class RecipeKeys:
 
 
 EXPORT_FORMATS = ("onnx",)
+SERVE_FILES = ("fp32", "int8", "4bit")   # the files an export writes, by their kind
 QUANTIZE_METHODS = ("quantize", "ptq")
 
 
@@ -81,6 +82,11 @@ class ExportSettings:
     four_bit: bool = field(default=False, metadata={
         "help": "also write model_4bit.onnx from a 4-bit quantized student's packed codes "
                 "(needs compression: [{method: quantize, bits: 4, ...}])"})
+    serve: Optional[str] = field(default=None, metadata={
+        "help": "the file to serve: fp32, int8 or 4bit (default: the 4-bit file when written, "
+                "else int8 when its answers equalled PyTorch's on every check row, else fp32; "
+                "with compression auto and a latency target in onnx / onnx_int8: that "
+                "runtime's file)"})
     evaluate: bool = field(default=True, metadata={
         "help": "measure PyTorch fp32 and every ONNX file on the test split (accuracy and "
                 "macro-F1, or BLEU by greedy generation for seq2seq; agreement with PyTorch, "
@@ -126,6 +132,26 @@ def export_settings(value: Any, compression: Optional[list] = None,
                              "codes, but this recipe's student is not quantized to 4 bits; add "
                              "{method: quantize, bits: 4} to compression, or set four_bit: "
                              "false (int8: true quantizes any student)")
+    if s.serve is not None:
+        if task == "seq2seq":
+            raise ValueError("export.serve: a seq2seq export serves the variant its own check "
+                             "picks (serve_variant in export.json); remove serve")
+        if s.serve not in SERVE_FILES:
+            raise ValueError(f"export.serve: {s.serve!r} is not an exported file; use one of "
+                             f"{', '.join(SERVE_FILES)}")
+        if (s.serve == "int8" and not s.int8) or (s.serve == "4bit" and not s.four_bit):
+            flag = "int8" if s.serve == "int8" else "four_bit"
+            raise ValueError(f"export.serve: {s.serve} names a file this export does not "
+                             f"write; set {flag}: true, or serve another file")
+    from distilkit.budget import budget_export_file
+
+    served = budget_export_file(compression)
+    if served and served[1] == "int8" and not s.int8:
+        raise ValueError("export.int8: false, but compression[0] (auto) meets its latency "
+                         "budget in runtime onnx_int8, which serves model_int8.onnx; set "
+                         "int8: true (or runtime: onnx, whose budget model.onnx meets)")
+    if served and s.serve is None:
+        s = dataclasses.replace(s, serve=served[1])
     return s
 
 

@@ -199,7 +199,8 @@ def test_recipe_export_step_writes_runtimes_card_and_report(tiny_task, capsys):
     assert [n for n in os.listdir(run) if n.startswith(".tmp")] == []
     # The resolved recipe says every export setting.
     resolved = yaml.safe_load(open(os.path.join(run, "recipe.yaml")))
-    assert resolved["export"] == {"format": "onnx", "int8": True, "four_bit": False, "evaluate": True}
+    assert resolved["export"] == {"format": "onnx", "int8": True, "four_bit": False, "serve": None,
+                                  "evaluate": True}
     # The card: a Runtimes table and the file to serve.
     card = open(os.path.join(student, "README.md")).read()
     assert "## Runtimes" in card and f"Serve: `{exp['serve']}`" in card
@@ -248,10 +249,12 @@ def test_export_settings_resolved_and_four_bit_with_a_4bit_student():
 
     base = {"teacher": "t", "dataset": None, "data_files": "x.csv"}
     r = Recipe.from_dict({**base, "export": True})
-    assert r.keys.export == {"format": "onnx", "int8": True, "four_bit": False, "evaluate": True}
+    assert r.keys.export == {"format": "onnx", "int8": True, "four_bit": False, "serve": None,
+                               "evaluate": True}
     r = Recipe.from_dict({**base, "export": {"int8": "false", "four_bit": "yes"},
                           "compression": [{"method": "quantize", "bits": 4, "bucket_size": 64}]})
-    assert r.keys.export == {"format": "onnx", "int8": False, "four_bit": True, "evaluate": True}
+    assert r.keys.export == {"format": "onnx", "int8": False, "four_bit": True, "serve": None,
+                             "evaluate": True}
     assert Recipe.from_dict({**base, "export": None}).keys.export is None
     with pytest.raises(ValueError, match="export.four_bit.*add {method: quantize, bits: 4}"):
         Recipe.from_dict({**base, "export": {"four_bit": True},

@@ -366,3 +366,69 @@ def test_speedup_target_met_in_pytorch_and_the_pareto_report(tiny_task, cache, c
     teacher = line[-1]
     assert teacher["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in line)
     assert line[1]["met"] and line[1]["parameters"] <= 200000
+
+
+def test_an_int8_budget_needs_the_int8_file_and_is_served_by_it(tiny_task, cache, capsys):
+    """A latency budget met in onnx_int8 is met by model_int8.onnx: an export without it is
+    refused before any work, and the run serves that file (results.json, export.json, the
+    card, and the written recipe's ``export.serve``), even where the export's own rule would
+    pick the fp32 file (here forced: int8 said to disagree on a check row)."""
+    from distilkit.budget import budget_export_file
+    from distilkit.export import classifier
+
+    assert budget_export_file([_auto(target={"speedup": 2}, runtime="onnx_int8")]) == \
+        ("onnx_int8", "int8")
+    assert budget_export_file([_auto(target={"latency_ms": 9}, runtime="onnx")]) == \
+        ("onnx", "fp32")
+    assert budget_export_file([_auto(target={"size_mb": 9}, runtime="onnx_int8")]) is None
+    assert budget_export_file([_auto(target={"speedup": 2})]) is None
+    assert budget_export_file([{"method": "quantize", "bits": 8}]) is None
+
+    auto = {"runtime": "onnx_int8", "batch": 4, "seq_len": 16, "threads": 1, "clock": "cpu"}
+    path, out = _search_recipe(tiny_task, {"speedup": 0.5}, auto=auto,
+                               export={"format": "onnx", "int8": False})
+    assert main(["distill", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export.int8: false" in err and "onnx_int8" in err
+    assert not os.path.exists(out)
+
+    real = classifier.compare
+
+    def int8_disagrees(sess, *a, **k):
+        check = real(sess, *a, **k)
+        if sess._model_path.endswith("model_int8.onnx"):
+            check["argmax_agreement"] = 0.75
+        return check
+
+    path, out = _search_recipe(tiny_task, {"speedup": 0.5}, auto=auto,
+                               export={"format": "onnx", "int8": True, "evaluate": False})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(classifier, "compare", int8_disagrees)
+    try:
+        assert main(["distill", path, "--no-progress"]) == 0
+    finally:
+        mp.undo()
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["export"]["serve"] == "onnx/model_int8.onnx"
+    assert res["export"]["serve_rule"].startswith("export.serve: int8") and \
+        "75.0%" in res["export"]["serve_rule"]
+    # The written recipe (no search) serves the same file.
+    written = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    assert written["export"]["serve"] == "int8"
+    assert all(e["method"] != "auto" for e in written["compression"])
+    made = json.load(open(os.path.join(out, "student", "onnx", "export.json")))
+    assert made["serve"] == "model_int8.onnx"
+    card = open(os.path.join(out, "student", "README.md")).read()
+    assert "Serve: `onnx/model_int8.onnx`" in card
+
+
+@pytest.mark.parametrize("export,expected", [
+    ({"serve": "int4"}, "export.serve: 'int4' is not an exported file; use one of fp32, int8, 4bit"),
+    ({"int8": False, "serve": "int8"}, "export.serve: int8 names a file this export does not write"),
+    ({"serve": "4bit"}, "set four_bit: true"),
+])
+def test_bad_export_serve_is_one_line(tiny_task, capsys, export, expected):
+    path, out = _recipe(tiny_task, export=export)
+    assert main(["distill", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
