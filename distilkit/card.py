@@ -323,7 +323,7 @@ def _runtimes_section(name: str, results: dict) -> list[str]:
     serve = export["serve"]
     lines += [f"Serve: `{serve}`", ""]
     if export.get("serve_rule"):
-        lines += [f"(The export's rule: {export['serve_rule']}.)", ""]
+        lines += [f"(Why this file: {export['serve_rule']}.)", ""]
     if seq2seq:
         where = serve.rsplit("/", 1)[0] if "/" in serve else "."
         return lines + [
