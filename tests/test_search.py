@@ -432,3 +432,16 @@ def test_bad_export_serve_is_one_line(tiny_task, capsys, export, expected):
     assert main(["distill", path, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
+
+
+def test_the_verdict_line_says_how_far_a_missed_target_is():
+    from distilkit.budget import budget_from_entry
+    from distilkit.search.run import final_line
+
+    budget = budget_from_entry(_auto(target={"speedup": 8}), 64, 0)
+    s = {"met": False, "within_tolerance": False, "limit": 24.0, "reference_ms": 24.36,
+         "speedup": 7.88, "measured_ms": 24.4, "teacher_ms": 192.3}
+    line = final_line(s, budget)
+    assert line.endswith("NOT met (1.5% over the limit)"), line
+    s.update(met=True, within_tolerance=True, reference_ms=23.5)
+    assert final_line(s, budget).endswith(": met (within the tolerance)")

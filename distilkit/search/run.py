@@ -390,6 +390,11 @@ def final_line(s: dict, budget) -> str:
     """The one line that says whether the final student meets the target, as measured."""
     verdict = ("met" + (" (within the tolerance)" if s["within_tolerance"] else
                         f" (more than {budget.tolerance:.0%} past it)")) if s["met"] else "NOT met"
+    figure = {"parameters": s.get("parameters"), "size_mb": s.get("size_mb")}.get(
+        budget.target, s.get("reference_ms"))
+    if not s["met"] and figure and s.get("limit"):
+        # how far: a student 1% over a latency limit is another verdict than one 40% over
+        verdict += f" ({figure / s['limit'] - 1:.1%} over the limit)"
     where = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
     if budget.target == "speedup":
         got = f"{s['speedup']:.2f}x the teacher ({s['measured_ms']:.1f} vs {s['teacher_ms']:.1f} ms)"
