@@ -243,7 +243,7 @@ def paired_ms(model: nn.Module, teacher: nn.Module, spec) -> tuple[float, float]
 def search_and_run(recipe, progress: bool = True) -> dict:
     """Search the structure for the recipe's ``auto`` target, then run the resolved recipe
     (module docstring). Returns the final run's results."""
-    from distilkit.budget import budget_export_file, split_auto
+    from distilkit.budget import split_auto
     from distilkit.files import atomic_write_json
     from distilkit.pipeline import prepare_run, run_recipe
     from distilkit.recipe import Recipe
@@ -324,13 +324,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               f"measures {found['history'][-1]['measured']:,.4g} {goal.unit} against "
               f"<= {goal.limit:,.4g}; training it anyway", file=sys.stderr)
     entries = found["tracker"].entries()
-    resolved = {**recipe.to_dict(), "compression": entries + rest}
-    served = budget_export_file(k.compression)
-    if served and k.export not in (None, False):
-        # The recipe without auto must still serve the file the budget was met in.
-        resolved["export"] = {**({} if k.export is True else k.export)}
-        resolved["export"].setdefault("serve", served[1])
-    resolved = Recipe.from_dict(resolved, source=recipe.source)
+    # (the export settings carry ``serve`` already: export_settings resolved it from auto)
+    resolved = Recipe.from_dict({**recipe.to_dict(), "compression": entries + rest},
+                                source=recipe.source)
     record = {
         "target": {budget.target: budget.value}, "budget": budget.to_entry(),
         "spec": {"runtime": spec.runtime, "batch": spec.batch, "seq_len": spec.seq_len,
