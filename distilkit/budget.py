@@ -16,6 +16,8 @@ module is the entry's config and its checks, which need neither models nor data,
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
   unit may go), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
   ``eval_examples`` (validation examples scored after each step), ``importance_batches``,
+  ``choose`` (measured: each step distils one proposal per kind of unit and the mixed plan,
+  keeping the lowest validation loss, as NetAdapt does; importance: the mixed plan alone),
   ``tolerance`` (how far past the target the search may land: a step removes no unit that
   would take the predicted figure below ``limit / (1 + tolerance)`` while a smaller unit is
   left, so a 4x target ends between 4x and 4.2x rather than a whole layer beyond it).
@@ -40,6 +42,7 @@ TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
 # far above this module; tests/test_search.py checks that the two agree).
 RUNTIMES = ("pytorch", "onnx", "onnx_int8")
 UNITS = ("heads", "ffn", "layers")
+CHOICES = ("measured", "importance")   # as distilkit.search.netadapt.CHOICES
 CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the tests too)
 # Methods that change the shapes the search chose and measured: not allowed after ``auto``.
 STRUCTURAL = ("prune_heads", "prune_ffn", "prune_layers", "low_rank", "lstm_projection")
@@ -73,6 +76,10 @@ class BudgetConfig:
         "help": "validation examples scored after each step (0: none)"})
     importance_batches: int = field(default=8, metadata={
         "help": "training batches the gradient importance of each step is averaged over"})
+    choose: str = field(default="measured", metadata={
+        "help": "measured: each step distils one proposal per kind of unit beside the mixed "
+                "plan and keeps the lowest validation loss (NetAdapt); importance: the mixed "
+                "plan of the gradient scores alone (a third of the distillation)"})
     tolerance: float = field(default=0.05, metadata={
         "help": "land within this share of the target: no unit is removed that would take "
                 "the predicted figure below limit / (1 + tolerance) while a smaller unit is left"})
@@ -105,7 +112,9 @@ class BudgetConfig:
         return (f"{self.describe()}: NetAdapt-style steps of {self.step_fraction:g} of the "
                 f"current figure over {', '.join(self.units)}"
                 + (f" (FFN blocks of {self.ffn_block})" if "ffn" in self.units else "")
-                + f", {self.steps_between} distillation steps after each, at most "
+                + f", {self.steps_between} distillation steps after each"
+                + (" proposal (per kind of unit and mixed; the lowest validation loss kept)"
+                   if self.choose == "measured" else "") + ", at most "
                 f"{self.max_iterations} steps; then the training below on the structure found")
 
     def to_entry(self) -> dict:
@@ -118,7 +127,7 @@ class BudgetConfig:
 
 _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("target", "value")]
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
-_TYPES = {"runtime": str, "clock": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
+_TYPES = {"runtime": str, "clock": str, "choose": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
           "importance_batches": int, "tolerance": float}
 
@@ -185,6 +194,9 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
         close = difflib.get_close_matches(str(b.runtime), RUNTIMES, n=1)
         raise ValueError(f"{where}: runtime: {b.runtime!r} is not a runtime; use one of "
                          f"{', '.join(RUNTIMES)}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if b.choose not in CHOICES:
+        raise ValueError(f"{where}: choose: {b.choose!r} must be one of {', '.join(CHOICES)} "
+                         "(measured: the step's proposals distilled and compared)")
     if b.clock not in CLOCKS:
         raise ValueError(f"{where}: clock: {b.clock!r} must be one of {', '.join(CLOCKS)}")
     for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),

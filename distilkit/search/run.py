@@ -10,7 +10,9 @@ data, then the ordinary distillation run of the structure it found.
    line naming the smallest reachable figure, before any student is trained.
 3. The search shrinks the student step by step, each step scored with the distillation loss
    (the run's own ``DistilTrainer.compute_loss``), pruned physically, distilled
-   ``steps_between`` steps with the run's loss, measured and scored on the validation split.
+   ``steps_between`` steps with the run's loss, measured and scored on the validation split
+   (with ``choose: measured``, each of the step's proposals is pruned and distilled from a
+   copy, on the same batches, and the lowest validation loss kept).
 4. The structure found becomes ordinary compression entries (``prune_heads`` with explicit
    ``heads``, ``prune_ffn`` with explicit ``neurons``, ``prune_layers`` with explicit
    ``layers``, in the original student's indices), followed by the recipe's entries after
@@ -110,7 +112,8 @@ def _describe(structure) -> str:
 
 
 def unreachable_message(budget, smallest_desc: str, figure: float,
-                        teacher_ms: Optional[float], vocab: Optional[int] = None) -> str:
+                        teacher_ms: Optional[float], vocab: Optional[int] = None,
+                        storage=None) -> str:
     """The one line refusing a target the smallest reachable student misses (``figure``: its
     measured ms, or its parameters / MB; ``vocab``: the word rows a later ``prune_vocab``
     keeps, which a size figure counts)."""
@@ -130,8 +133,10 @@ def unreachable_message(budget, smallest_desc: str, figure: float,
     if budget.target == "parameters":
         return (f"{where}: the smallest student ({smallest_desc}) has {int(figure):,} "
                 f"parameters ({words}); ask for at least {int(figure)}")
-    return (f"{where}: the smallest student ({smallest_desc}) is {figure:.3f} MB of fp32 "
-            f"weights ({words}); ask for at least {math.ceil(figure * 1000) / 1000:g}")
+    kind = (f"weights as the quantization after auto stores them ({storage.describe()})"
+            if storage else "fp32 weights")
+    return (f"{where}: the smallest student ({smallest_desc}) is {figure:.3f} MB of {kind} "
+            f"({words}); ask for at least {math.ceil(figure * 1000) / 1000:g}")
 
 
 class _Searcher:
@@ -146,8 +151,14 @@ class _Searcher:
             if budget.eval_examples and ev is not None else None
 
     def _trainer(self, model, step: int):
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
         args = _mini_args(self.recipe, self.budget, step, self.work_dir, self.progress)
         self.trainer = self.parts.trainer(model, args=args)
+        # The search's own line per step is its progress; the Trainer's log dicts of every
+        # short run (several per step with measured proposals) would bury it.
+        for cb in (PrinterCallback, ProgressCallback):
+            self.trainer.remove_callback(cb)
         return self.trainer
 
     def score(self, model):
@@ -159,7 +170,9 @@ class _Searcher:
         from distilkit.compress.importance import ffn_importance, head_importance, layer_importance
         from distilkit.search.netadapt import Scores
 
-        trainer = self.trainer or self._trainer(model, 0)
+        trainer = self.trainer
+        if trainer is None or trainer.model is not model:  # the last one may be a proposal's
+            trainer = self._trainer(model, 0)
         step = getattr(self, "_scored", 0)
         self._scored = step + 1
         bs = self.parts.args.per_device_train_batch_size
@@ -216,6 +229,23 @@ def later_vocab(rest: list, student: nn.Module, parts) -> Optional[int]:
     return len(kept_ids(student, config_from_dict(entry), parts.context())[0])
 
 
+def later_storage(rest: list, student: nn.Module):
+    """How a ``quantize`` / ``ptq`` after ``auto`` will store ``student``
+    (:class:`~distilkit.search.storage.Storage`), or None without one: a size target counts
+    the weights as that entry saves them, not in fp32."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.search.storage import storage_of
+
+    entry = next((e for e in rest if isinstance(e, dict) and e.get("method") in
+                  ("quantize", "ptq")), None)
+    if entry is None:
+        return None
+    try:
+        return storage_of(student, config_from_dict(entry))
+    except ValueError as e:
+        raise ValueError(f"compression ({entry['method']} after auto): {e}") from None
+
+
 def _teacher_module(teachers):
     m = teachers.models()[0]
     return getattr(m, "inner", m)   # a label view computes what its teacher computes
@@ -264,6 +294,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                        threads=budget.threads, clock=budget.clock)
     smallest = smallest_structure(structure, budget.units, budget.ffn_block)
     vocab = None if budget.latency else later_vocab(rest, student, parts)
+    storage = later_storage(rest, student) if budget.target == "size_mb" else None
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
@@ -291,14 +322,14 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         count = parameters if budget.target == "parameters" else size_mb
 
         def counted(s):
-            return count(dataclasses.replace(s, vocab=min(s.vocab, vocab)) if vocab else s,
-                         shape)
+            s = dataclasses.replace(s, vocab=min(s.vocab, vocab)) if vocab else s
+            return count(s, shape, storage=storage) if storage else count(s, shape)
         goal = Goal(float(budget.value), "parameters" if budget.target == "parameters" else "MB",
                     figure=lambda m: counted(structure_of(m)), cost=counted, exact=True)
         floor = float(goal.cost(smallest))
     if floor > goal.limit:
         raise ValueError(unreachable_message(budget, _describe(smallest),
-                                             floor, teacher_ms, vocab=vocab))
+                                             floor, teacher_ms, vocab=vocab, storage=storage))
     if progress:
         print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
               f"to <= {goal.limit:,.4g} {goal.unit}"
@@ -314,7 +345,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         found = search(student, structure, goal, score=searcher.score, prune=prune,
                        distil=searcher.distil, units=budget.units, ffn_block=budget.ffn_block,
                        step_fraction=budget.step_fraction, max_iterations=budget.max_iterations,
-                       progress=progress, tolerance=budget.tolerance)
+                       progress=progress, tolerance=budget.tolerance, choose=budget.choose)
     got = structure_of(found["model"])
     if got != found["structure"]:  # the bookkeeping must describe the pruned model exactly
         raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
@@ -335,6 +366,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         "teacher_dir": parts.teachers.first_dir, "smallest": {"structure": _describe(smallest),
                                                               "figure": floor},
         "table_tolerance": getattr(table, "tolerance", None), "vocab_counted": vocab,
+        "storage_counted": dataclasses.asdict(storage) if storage else None,
         "met": found["met"], "stopped": found["stopped"], "history": found["history"],
         "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
         "structure": {"heads": list(got.heads), "ffn": list(got.ffn)},
@@ -351,10 +383,13 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         from distilkit.compress.base import load_compressed
 
         model = load_compressed(student_dir)
-        ms, t_ms = paired_ms(model, teacher, spec)
+        # the median of three pairings: the verdict rests on this one figure
+        pairs = sorted((paired_ms(model, teacher, spec) for _ in range(3)),
+                       key=lambda p: p[0] / p[1])
+        ms, t_ms = pairs[1]
         try:
             st = structure_of(model)
-            params, mb = parameters(st, shape), size_mb(st, shape)
+            params, mb = parameters(st, shape), size_mb(st, shape, storage=storage)
         except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
             st, params, mb = None, sum(p.numel() for p in model.parameters()), None
         in_ref = ms * teacher_ms / t_ms   # in the teacher's reference ms (see figure above)
@@ -370,6 +405,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
             "reference_ms": round(in_ref, 3), "teacher_reference_ms": round(teacher_ms, 3),
             "speedup": round(t_ms / max(ms, 1e-9), 3), "parameters": params,
             "size_mb": round(mb, 4) if mb is not None else None,
+            "storage": storage.describe() if storage else None,
             "structure": record["structure"], "steps": len(record["history"]) - 1,
             "search_seconds": record["search_seconds"], "table_tolerance": record["table_tolerance"],
         }}
@@ -400,7 +436,8 @@ def final_line(s: dict, budget) -> str:
     elif budget.target == "parameters":
         got = f"{s['parameters']:,} parameters"
     else:
-        got = (f"{s['size_mb']:.3f} MB of fp32 weights" if s.get("size_mb") is not None
+        kind = "weights as stored" if s.get("storage") else "fp32 weights"
+        got = (f"{s['size_mb']:.3f} MB of {kind}" if s.get("size_mb") is not None
                else "a size that cannot be counted")
     return (f"[distilkit] search: target {budget.target} {budget.value:g}: the final student "
             f"is {got} [{where}]: {verdict}" if budget.latency else

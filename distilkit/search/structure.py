@@ -176,11 +176,18 @@ def parameters(structure: Structure, shape: BaseShape) -> int:
     return layers + structure.vocab * shape.row_width() + shape.other()
 
 
-def size_mb(structure: Structure, shape: BaseShape, bytes_per_param: float = 4.0) -> float:
-    """The saved weights in MB (10^6 bytes) at ``bytes_per_param`` (4: fp32): an estimate of
-    the file, which adds a small header (and, after vocabulary pruning in id-map form, the
-    int32 id map)."""
+def size_mb(structure: Structure, shape: BaseShape, bytes_per_param: float = 4.0,
+            storage=None) -> float:
+    """The saved weights in MB (10^6 bytes) at ``bytes_per_param`` (4: fp32), or, with a
+    :class:`~distilkit.search.storage.Storage`, fp32 except the weights it quantizes, which
+    count their packed codes and scales: an estimate of the file, which adds a small header
+    (and, after vocabulary pruning in id-map form, the int32 id map)."""
     if not bytes_per_param > 0:
         raise ValueError(f"size_mb: bytes_per_param={bytes_per_param!r} must be positive, "
                          "e.g. 4.0 for fp32, 1.0 for int8")
-    return parameters(structure, shape) * float(bytes_per_param) / 1e6
+    total = parameters(structure, shape) * float(bytes_per_param)
+    if storage is not None:
+        if bytes_per_param != 4.0:
+            raise ValueError("size_mb: a storage counts against fp32 (bytes_per_param 4)")
+        total -= storage.saving(structure, shape)
+    return total / 1e6
