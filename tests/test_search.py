@@ -167,6 +167,14 @@ def test_proposals_reach_the_same_cut_one_per_kind_beside_the_mixed_plan():
     props = plan_proposals(st, scores, cost, cut, ffn_block=16, floor=floor)
     assert [n for n, _ in props] == ["mixed", "ffn"] and not props[0][1].layers
     assert all(cost(after_removal(st, r)) >= floor for _, r in props)
+    # When every proposal lands past the floor, the one that overshoots least is the only
+    # one: a floor just under the start leaves the smallest plan, never a whole layer.
+    floor = start - 1
+    props = plan_proposals(st, scores, cost, cut, ffn_block=16, floor=floor)
+    assert len(props) == 1 and not props[0][1].layers
+    least = max(cost(after_removal(st, r))
+                for _, r in plan_proposals(st, scores, cost, cut, ffn_block=16))
+    assert cost(after_removal(st, props[0][1])) == least
     # One kind of unit: one proposal.
     assert [n for n, _ in plan_proposals(st, scores, cost, cut, ("heads",), 16)] == ["mixed"]
 

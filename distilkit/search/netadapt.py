@@ -202,8 +202,10 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
     Proposals are compared at equal resource cuts, so a single-kind plan that cannot reach
     ``cut`` (its floors: one head, one FFN block per layer) is left out; and one that lands
     below ``floor`` (past the target by more than the tolerance) is left out while another
-    stays above it. The mixed plan always stays: it is the step's plan when no other
-    qualifies."""
+    stays above it. When every proposal lands below it, only the one that overshoots least
+    stays: the loss would favour whichever removed most usefully, not the one nearest the
+    target (the 8x search of 2026-12-03 kept a whole layer over three heads there and ended
+    at 10.4x). The mixed plan stays when no other qualifies."""
     start = float(cost(structure))
     out = [("mixed", plan_step(structure, scores, cost, cut, units, ffn_block, floor))]
     for kind in units:
@@ -217,9 +219,10 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
         out.append((kind, r))
     out = [p for p in out if not p[1].empty()] or out[:1]
     if floor is not None:
-        above = [p for p in out if float(cost(after_removal(structure, p[1]))) >= floor]
-        if above:
-            out = above
+        after = [float(cost(after_removal(structure, r))) for _, r in out]
+        above = [p for p, a in zip(out, after) if a >= floor]
+        # max keeps the first of equals: the mixed plan before a single-kind one
+        out = above or [out[max(range(len(out)), key=lambda i: (after[i], -i))]]
     return out
 
 
