@@ -267,6 +267,50 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
     assert limit / 1.025 < found["history"][-1]["measured"] <= limit
 
 
+def test_a_step_that_lands_past_the_band_is_undone_and_made_again_with_the_cut_read_off():
+    """The 2x search of 2026-12-03 went from 2% short of its limit to 9% past it in one step:
+    the measured/predicted ratio the cut is scaled by fell as the student shrank. Here the
+    table over-predicts by a fixed amount (measured = predicted - 0.2 of the start), so the
+    scaled cut lands past the band; the step is undone once and made again with the cut its
+    two readings call for, which lands inside the band."""
+    from distilkit.search.netadapt import Goal, Scores, after_removal, search
+    from distilkit.search.structure import parameters
+
+    shape, st = _shape_and_structure(tiny_bert(layers=2, heads=16, hidden=64, inter=512))
+    cost = lambda s: parameters(s, shape)  # noqa: E731
+    full = cost(st)
+
+    class Fake:
+        def __init__(self, structure):
+            self.structure = structure
+
+    def prune(m, removal):
+        m.structure = after_removal(m.structure, removal)
+        return m
+
+    def score(m):
+        return Scores(heads=[[1.0] * h for h in m.structure.heads],
+                      neurons=[[1.0] * f for f in m.structure.ffn],
+                      layers=[99.0] * m.structure.num_layers())
+
+    distilled = []
+    goal = Goal(0.72 * full, "ms", figure=lambda m: cost(m.structure) - 0.2 * full, cost=cost)
+    found = search(Fake(st), st, goal, score=score, prune=prune,
+                   distil=lambda m, i: distilled.append(i) or {"eval_loss": 1.0},
+                   ffn_block=16, step_fraction=0.5, progress=False, choose="importance")
+    row = found["history"][1]
+    assert row["retried"]["measured"] < goal.limit / 1.05   # the first try overshot
+    assert goal.limit / 1.05 <= row["measured"] <= goal.limit   # the second, inside the band
+    assert distilled[:2] == [1, 1]   # the first step distilled twice
+    assert found["met"] and found["within_tolerance"]
+    # the student, its bookkeeping and the row agree on what the retried step removed
+    assert found["model"].structure == found["structure"]
+    assert found["history"][-1]["heads"] == list(found["structure"].heads)
+    assert sum(st.heads) - sum(row["heads"]) == row["removed"]["heads"]
+    assert row["proposals"][-1]["retry"] and row["removed"] == {
+        k: row["proposals"][-1][k] for k in ("heads", "ffn_neurons", "layers")}
+
+
 def test_near_its_target_a_student_is_measured_three_times_and_the_median_decides():
     """The 4x budget read 45.9 ms, then 42.9 ms one head later: one noisy reading decided
     where the search stopped. Near the aim the median of three readings does; far from it
