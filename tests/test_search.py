@@ -225,16 +225,11 @@ def test_measured_choice_keeps_the_proposal_distillation_repairs_best():
     assert "proposals" not in old["history"][1]
 
 
-def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
-    """A latency read just inside its limit reads outside it as often as not a few minutes
-    later (the 8x budget: 8.0x in the search, 7.88x in its own check): a measured goal stops
-    at limit / (1 + tolerance / 2), not at the limit; an exact (size) goal at the limit."""
-    from distilkit.search.netadapt import Goal, Scores, after_removal, search
-    from distilkit.search.structure import parameters
-
-    # Heads of 0.6% of the model each: fine enough to land inside a 2.5% band.
-    shape, st = _shape_and_structure(tiny_bert(layers=2, heads=16, hidden=64, inter=512))
-    cost = lambda s: parameters(s, shape)  # noqa: E731
+def _heads_and_ffn_student():
+    """A stand-in student that is its structure: ``(Fake, prune, score)`` for
+    :func:`~distilkit.search.netadapt.search`, scoring every head and neuron alike and every
+    layer as too important to go."""
+    from distilkit.search.netadapt import Scores, after_removal
 
     class Fake:
         def __init__(self, structure):
@@ -248,6 +243,21 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
         return Scores(heads=[[1.0] * h for h in m.structure.heads],
                       neurons=[[1.0] * f for f in m.structure.ffn],
                       layers=[99.0] * m.structure.num_layers())
+    return Fake, prune, score
+
+
+def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
+    """A latency read just inside its limit reads outside it as often as not a few minutes
+    later (the 8x budget: 8.0x in the search, 7.88x in its own check): a measured goal stops
+    at limit / (1 + tolerance / 2), not at the limit; an exact (size) goal at the limit."""
+    from distilkit.search.netadapt import Goal, search
+    from distilkit.search.structure import parameters
+
+    # Heads of 0.6% of the model each: fine enough to land inside a 2.5% band.
+    shape, st = _shape_and_structure(tiny_bert(layers=2, heads=16, hidden=64, inter=512))
+    cost = lambda s: parameters(s, shape)  # noqa: E731
+
+    Fake, prune, score = _heads_and_ffn_student()
 
     limit = cost(st) * 0.9
     for exact, top in ((False, limit / 1.025), (True, limit)):
@@ -273,25 +283,14 @@ def test_a_step_that_lands_past_the_band_is_undone_and_made_again_with_the_cut_r
     table over-predicts by a fixed amount (measured = predicted - 0.2 of the start), so the
     scaled cut lands past the band; the step is undone once and made again with the cut its
     two readings call for, which lands inside the band."""
-    from distilkit.search.netadapt import Goal, Scores, after_removal, search
+    from distilkit.search.netadapt import Goal, search
     from distilkit.search.structure import parameters
 
     shape, st = _shape_and_structure(tiny_bert(layers=2, heads=16, hidden=64, inter=512))
     cost = lambda s: parameters(s, shape)  # noqa: E731
     full = cost(st)
 
-    class Fake:
-        def __init__(self, structure):
-            self.structure = structure
-
-    def prune(m, removal):
-        m.structure = after_removal(m.structure, removal)
-        return m
-
-    def score(m):
-        return Scores(heads=[[1.0] * h for h in m.structure.heads],
-                      neurons=[[1.0] * f for f in m.structure.ffn],
-                      layers=[99.0] * m.structure.num_layers())
+    Fake, prune, score = _heads_and_ffn_student()
 
     distilled = []
     goal = Goal(0.72 * full, "ms", figure=lambda m: cost(m.structure) - 0.2 * full, cost=cost)
