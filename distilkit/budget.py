@@ -41,7 +41,9 @@ TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
 # The runtimes a latency target is measured in (distilkit.search.latency.RUNTIMES, which sits
 # far above this module; tests/test_search.py checks that the two agree).
 RUNTIMES = ("pytorch", "onnx", "onnx_int8")
-UNITS = ("heads", "ffn", "layers")
+UNITS = ("heads", "ffn", "layers")   # the default units (distilkit.search.netadapt.UNITS)
+ALL_UNITS = UNITS + ("bits",)   # bits: of a later quantize / ptq entry, for size targets
+QUANTIZERS = ("quantize", "ptq")
 CHOICES = ("measured", "importance")   # as distilkit.search.netadapt.CHOICES
 CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the tests too)
 # Methods that change the shapes the search chose and measured: not allowed after ``auto``.
@@ -69,7 +71,11 @@ class BudgetConfig:
         "help": "each step removes units worth this fraction of the current figure (NetAdapt)"})
     steps_between: int = field(default=30, metadata={
         "help": "distillation steps after each step (0: none)"})
-    units: tuple = field(default=UNITS, metadata={"help": "kinds of unit that may be removed"})
+    units: tuple = field(default=UNITS, metadata={
+        "help": "kinds of unit that may be removed: heads, ffn, layers, and for a size target "
+                "followed by quantize or ptq, bits (each weight's stored bits, lowered)"})
+    min_bits: int = field(default=2, metadata={
+        "help": "with units bits: the fewest bits a weight may be stored at"})
     ffn_block: int = field(default=64, metadata={"help": "FFN neurons removed together"})
     max_iterations: int = field(default=40, metadata={"help": "at most this many steps"})
     eval_examples: int = field(default=256, metadata={
@@ -112,6 +118,7 @@ class BudgetConfig:
         return (f"{self.describe()}: NetAdapt-style steps of {self.step_fraction:g} of the "
                 f"current figure over {', '.join(self.units)}"
                 + (f" (FFN blocks of {self.ffn_block})" if "ffn" in self.units else "")
+                + (f" (bits down to {self.min_bits})" if "bits" in self.units else "")
                 + f", {self.steps_between} distillation steps after each"
                 + (" proposal (per kind of unit and mixed; the lowest validation loss kept)"
                    if self.choose == "measured" else "") + ", at most "
@@ -129,7 +136,7 @@ _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("targ
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
 _TYPES = {"runtime": str, "clock": str, "choose": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
-          "importance_batches": int, "tolerance": float}
+          "importance_batches": int, "tolerance": float, "min_bits": int}
 
 
 def _where(i: int) -> str:
@@ -200,6 +207,7 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
     if b.clock not in CLOCKS:
         raise ValueError(f"{where}: clock: {b.clock!r} must be one of {', '.join(CLOCKS)}")
     for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),
+                      ("min_bits", 1),
                       ("steps_between", 0), ("threads", 0), ("eval_examples", 0),
                       ("importance_batches", 1)):
         v = getattr(b, name)
@@ -218,11 +226,11 @@ def _units(where: str, value: Any) -> tuple:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise ValueError(f"{where}: units: {value!r} must be a non-empty list of "
-                         f"{', '.join(UNITS)}")
+                         f"{', '.join(ALL_UNITS)}")
     for u in items:
-        if u not in UNITS:
-            raise _unknown(f"{where}: units", u, UNITS, "unit")
-    return tuple(u for u in UNITS if u in items)  # one canonical order
+        if u not in ALL_UNITS:
+            raise _unknown(f"{where}: units", u, ALL_UNITS, "unit")
+    return tuple(u for u in ALL_UNITS if u in items)  # one canonical order
 
 
 def is_auto(entry: Any) -> bool:
@@ -285,4 +293,38 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
                              f"chooses the heads, FFN neurons and layers itself and measures "
                              f"that structure; remove {m}, or use {m} without auto (only "
                              "quantize, ptq, prune_vocab or magnitude may follow auto)")
+    if "bits" in budget.units:
+        _check_bits_unit(budget, rest)
     return budget, rest
+
+
+def _check_bits_unit(budget: BudgetConfig, rest: list) -> None:
+    """``units: [.., bits]`` lowers the bits a later quantize / ptq entry stores weights at:
+    it needs a size target, such an entry with one ``bits`` for all (the search writes its
+    ``bits_per_pattern``) on the uniform scheme, and measured proposals."""
+    where = _where(0)
+    if budget.target != "size_mb":
+        raise ValueError(f"{where}: units: bits changes only how many bytes a weight is stored "
+                         f"in, not {budget.target}: use it with a size_mb target, or drop bits")
+    q = [(j, e) for j, e in enumerate(rest, start=1)
+         if isinstance(e, dict) and e.get("method") in QUANTIZERS]
+    if not q:
+        raise ValueError(f"{where}: units: bits lowers the bits of a quantize or ptq entry after "
+                         "auto, and there is none: add {method: ptq, bits: 4} (or quantize) "
+                         "after it, or drop bits")
+    j, e = q[-1]
+    for key in ("bits_per_pattern", "target_bits"):
+        if e.get(key):
+            raise ValueError(f"compression[{j}]: {key} with units: bits in auto: the search "
+                             f"chooses each weight's bits itself; remove {key} and give bits")
+    if e.get("scheme", "uniform") != "uniform":
+        raise ValueError(f"compression[{j}]: scheme: {e.get('scheme')!r} with units: bits: "
+                         "the search estimates the uniform scheme's error; use scheme: uniform")
+    start = int(e.get("bits", 4))
+    if not 1 <= budget.min_bits <= start:
+        raise ValueError(f"{where}: min_bits: {budget.min_bits} must be between 1 and the "
+                         f"{e['method']} entry's bits ({start}): the search only lowers bits")
+    if budget.choose != "measured":
+        raise ValueError(f"{where}: units: bits needs choose: measured (a bit's estimated loss "
+                         "is not on the heads' scale: only the distilled proposals compare "
+                         "them)")

@@ -4,6 +4,7 @@ explicit prune_ffn option it writes), the search run end to end on tiny models (
 target and a pytorch speed-up target met; an unreachable target refused before training;
 the written recipe reproducing the structure), and ``distilkit search``'s Pareto report."""
 import copy
+import dataclasses
 import json
 import os
 
@@ -198,7 +199,7 @@ def test_measured_choice_keeps_the_proposal_distillation_repairs_best():
         m.layers_gone += len(removal.layers)
         return m
 
-    def distil(m, step):   # validation loss: a dropped layer hurts, other cuts a little
+    def distil(m, step, structure=None):   # validation loss: a dropped layer hurts, other cuts a little
         return {"eval_loss": 1.0 + m.layers_gone + 0.01 * (cost(st) - cost(m.structure)) / 1e4}
 
     def score(m):
@@ -210,7 +211,7 @@ def test_measured_choice_keeps_the_proposal_distillation_repairs_best():
     goal = Goal(limit, "parameters", figure=lambda m: cost(m.structure), cost=cost, exact=True)
     calls = []
     found = search(Fake(st), st, goal, score=score, prune=prune,
-                   distil=lambda m, i: calls.append(i) or distil(m, i), ffn_block=16,
+                   distil=lambda m, i, s: calls.append(i) or distil(m, i), ffn_block=16,
                    step_fraction=0.2, progress=False)
     assert found["met"] and found["model"].layers_gone == 0
     assert found["structure"].num_layers() == 3 and found["tracker"].layers == [0, 1, 2]
@@ -263,7 +264,7 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
     for exact, top in ((False, limit / 1.025), (True, limit)):
         goal = Goal(limit, "ms", figure=lambda m: cost(m.structure), cost=cost, exact=exact)
         found = search(Fake(st), st, goal, score=score, prune=prune,
-                       distil=lambda m, i: {"eval_loss": 1.0}, ffn_block=16,
+                       distil=lambda m, i, s: {"eval_loss": 1.0}, ffn_block=16,
                        step_fraction=0.02, progress=False, choose="importance")
         assert len(found["history"]) > 3   # several steps of 2%
         last = found["history"][-1]["measured"]
@@ -272,7 +273,7 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
     # that aim: this is the case the aim changes.
     found = search(Fake(st), st, Goal(limit, "ms", figure=lambda m: cost(m.structure),
                                       cost=cost), score=score, prune=prune,
-                   distil=lambda m, i: {"eval_loss": 1.0}, ffn_block=16, step_fraction=0.02,
+                   distil=lambda m, i, s: {"eval_loss": 1.0}, ffn_block=16, step_fraction=0.02,
                    progress=False, choose="importance", tolerance=0.0)
     assert limit / 1.025 < found["history"][-1]["measured"] <= limit
 
@@ -295,7 +296,7 @@ def test_a_step_that_lands_past_the_band_is_undone_and_made_again_with_the_cut_r
     distilled = []
     goal = Goal(0.72 * full, "ms", figure=lambda m: cost(m.structure) - 0.2 * full, cost=cost)
     found = search(Fake(st), st, goal, score=score, prune=prune,
-                   distil=lambda m, i: distilled.append(i) or {"eval_loss": 1.0},
+                   distil=lambda m, i, s: distilled.append(i) or {"eval_loss": 1.0},
                    ffn_block=16, step_fraction=0.5, progress=False, choose="importance")
     row = found["history"][1]
     assert row["retried"]["measured"] < goal.limit / 1.05   # the first try overshot
@@ -673,3 +674,180 @@ def test_the_verdict_line_says_how_far_a_missed_target_is():
     assert line.endswith("NOT met (1.5% over the limit)"), line
     s.update(met=True, within_tolerance=True, reference_ms=23.5)
     assert final_line(s, budget).endswith(": met (within the tolerance)")
+
+
+# ---------------------------------------------------------------------------------------
+# Bits as a search unit (size targets followed by quantize / ptq)
+# ---------------------------------------------------------------------------------------
+
+def _bits_setting():
+    """Two layers of 4 heads (width 8 each) and 32 FFN neurons, every weight at 4 bits; a
+    size counted as the storage would save it."""
+    from distilkit.search.storage import Storage
+    from distilkit.search.structure import BaseShape, Structure, size_mb
+
+    shape = BaseShape(family="bert", hidden=32, num_heads=4, head_dim=8, intermediate=32,
+                      vocab=50, num_labels=2, max_positions=16)
+    storage = Storage(attention=((4,) * 4,) * 2, ffn=((4, 4),) * 2, word=0, bucket_size=16,
+                      scheme="uniform")
+    st = Structure((4, 4), (32, 32), 50, bits=storage.rows())
+    return shape, storage, st, (lambda s: size_mb(s, shape, storage=storage))
+
+
+def test_plan_bits_lowers_the_least_fisher_loss_per_byte_first_and_never_below_min_bits():
+    """Layer 1's FFN down projection loses least from each bit (Fisher error 0.1 a bit, the
+    others 1.0): it goes from 4 to 3 bits, then to 2 (min_bits), and only then does a second
+    weight lose a bit; the plan reaches the cut, counted exactly."""
+    from distilkit.search.netadapt import Scores, after_removal, plan_bits
+
+    shape, storage, st, cost = _bits_setting()
+    cheap = {2: 0.2, 3: 0.1, 4: 0.0}
+    dear = {2: 2.0, 3: 1.0, 4: 0.0}
+    bits = [[dict(dear) for _ in range(6)] for _ in range(2)]
+    bits[1][5] = dict(cheap)
+    scores = Scores(heads=[[0.0] * 4] * 2, neurons=[[0.0] * 32] * 2, layers=[0.0, 0.0],
+                    bits=bits)
+    one_bit = cost(st) - cost(after_removal(st, type(plan_bits(st, scores, cost, 0))(
+        bits={1: {5: 3}})))
+    r = plan_bits(st, scores, cost, 0.5 * one_bit, min_bits=2)
+    assert r.bits == {1: {5: 3}}
+    r = plan_bits(st, scores, cost, 2.5 * one_bit, min_bits=2)
+    new = after_removal(st, r)
+    assert new.bits[1][5] == 2                        # at min_bits, not below
+    assert sum(4 - b for row in new.bits for b in row) == 3
+    assert cost(st) - cost(new) >= 2.5 * one_bit - 1e-12
+    assert new.heads == st.heads and new.ffn == st.ffn   # bits move no structure
+    # nothing above min_bits: nothing to plan
+    low = dataclasses.replace(st, bits=((2,) * 6,) * 2)
+    assert plan_bits(low, scores, cost, one_bit, min_bits=2).empty()
+
+
+def test_bits_proposal_stands_beside_the_structural_ones_and_follows_dropped_layers():
+    """With bits among the units, a step proposes the bits plan beside the mixed and
+    per-kind plans at the same cut; with bits alone, only it. The bookkeeping keeps each
+    layer's bits with it when an earlier layer is dropped."""
+    from distilkit.search.netadapt import (Removal, Scores, Tracker, after_removal,
+                                           plan_proposals)
+
+    shape, storage, st, cost = _bits_setting()
+    scores = Scores(heads=[[0.1, 0.2, 0.3, 0.4]] * 2, neurons=[list(range(32))] * 2,
+                    layers=[5.0, 5.0], bits=[[{2: 1.0, 3: 0.5, 4: 0.0}] * 6] * 2)
+    cut = 0.05 * cost(st)
+    names = [n for n, _ in plan_proposals(st, scores, cost, cut, ("heads", "ffn", "bits"),
+                                          ffn_block=8)]
+    assert names[0] == "mixed" and "bits" in names
+    only = plan_proposals(st, scores, cost, cut, ("bits",), ffn_block=8)
+    assert [n for n, _ in only] == ["bits"] and only[0][1].bits
+    # layer 0 dropped, then layer 1 (now position 0) stores its q at 2 bits
+    stepped = dataclasses.replace(st, bits=((4, 4, 4, 4, 4, 4), (3, 4, 4, 4, 4, 4)))
+    tr = Tracker.of(stepped)
+    tr.apply(Removal(layers=[0]))
+    tr.apply(Removal(bits={0: {0: 2}}))
+    after = tr.structure(stepped)
+    assert after.bits == ((2, 4, 4, 4, 4, 4),)
+    assert after == after_removal(after_removal(stepped, Removal(layers=[0])),
+                                  Removal(bits={0: {0: 2}}))
+
+
+def test_fisher_errors_grow_as_bits_fall_and_quantized_weights_put_the_weights_back():
+    """The Fisher-weighted error of storing a weight at b bits is >= 0 and does not fall as
+    b falls (on the same gradients); the evaluation view quantizes exactly as ptq stores and
+    leaves the full-precision weights as they were, also when the block raises."""
+    from distilkit.compress import quant_math as qm
+    from distilkit.compress.base import CompressionContext
+    from distilkit.compress.quantize import fisher_errors, quantized_weights
+
+    torch.manual_seed(0)
+    model = tiny_bert(layers=2)
+    batch = tiny_batch()
+    ctx = CompressionContext(dataloader=[batch, batch],
+                             loss_fn=lambda m, b: m(**b).logits.logsumexp(-1).mean())
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    errs = fisher_errors(model, names, ctx, 2, [2, 3, 4, 8], 16)
+    for e in errs:
+        assert e[2] >= e[3] >= e[4] >= e[8] >= 0.0 and e[2] > 0.0
+    w = model.get_submodule(names[0]).weight
+    before = w.detach().clone()
+    with quantized_weights(model, {names[0]: 2}, 16):
+        assert torch.equal(w, qm.quantize_uniform(before, 2, 16))
+    assert torch.equal(w, before)
+    with pytest.raises(RuntimeError):
+        with quantized_weights(model, {names[0]: 3}, 16):
+            raise RuntimeError("evaluation failed")
+    assert torch.equal(w, before)
+
+
+def test_ptq_takes_bits_per_pattern_and_stores_each_weight_at_its_bits():
+    from distilkit.compress.base import compress_, config_from_dict, finalize_
+    from distilkit.compress.packing import size_report
+    from distilkit.search.storage import storage_of
+    from distilkit.search.structure import base_shape_of, size_mb, structure_of
+
+    model = tiny_bert(layers=2)
+    cfg = {"method": "ptq", "bits": 4, "bucket_size": 16,
+           "bits_per_pattern": {"bert.encoder.layer.1.output.dense": 2}}
+    storage = storage_of(model, config_from_dict(cfg))
+    assert storage.rows()[1][-1] == 2 and storage.rows()[0][-1] == 4
+    counted = size_mb(structure_of(model), base_shape_of(model), storage=storage)
+    record = compress_(model, config_from_dict(cfg))
+    finalize_(model)
+    assert counted == size_report(model)["total_bytes"] / 1e6
+    layers = record["layers"] if "layers" in record else record[-1]["layers"]
+    assert layers["bert.encoder.layer.1.output.dense"]["bits"] == 2
+    assert layers["bert.encoder.layer.0.output.dense"]["bits"] == 4
+
+
+@pytest.mark.parametrize("auto,after,expected", [
+    ({"target": {"speedup": 2}}, [{"method": "ptq", "bits": 4}], "use it with a size_mb target"),
+    ({}, [], "there is none: add {method: ptq, bits: 4}"),
+    ({}, [{"method": "ptq", "bits": 4, "bits_per_pattern": {"*": 2}}],
+     "bits_per_pattern with units: bits"),
+    ({}, [{"method": "quantize", "bits": 4, "scheme": "nonuniform"}], "use scheme: uniform"),
+    ({"min_bits": 5}, [{"method": "ptq", "bits": 4}], "must be between 1 and the ptq entry's"),
+    ({"choose": "importance"}, [{"method": "ptq", "bits": 4}], "needs choose: measured"),
+])
+def test_bad_bits_unit_settings_fail_in_one_line(tiny_task, capsys, auto, after, expected):
+    entry = _auto(**{"target": {"size_mb": 1}, "units": ["heads", "bits"], **auto})
+    path, _ = _recipe(tiny_task, student={"type": "from_teacher", "num_layers": 2},
+                      compression=[entry, *after])
+    assert main(["distill", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("units", [["bits"], ["heads", "ffn", "layers", "bits"]])
+def test_a_size_target_with_bits_stores_weights_at_the_bits_it_chose(tiny_task, cache, capsys,
+                                                                     units):
+    """ptq 4 bits after auto and a size 15% under the student's stored size: with ``bits``
+    among the units the search may store weights at fewer bits instead of removing units
+    (with bits alone, it must). Whatever it chose, the bits go into the resolved recipe's ptq
+    entry as bits_per_pattern, the saved student weighs exactly what the search counted, and
+    no weight is below min_bits."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distilkit.compress.base import config_from_dict, from_pretrained
+    from distilkit.compress.packing import size_report
+    from distilkit.search.storage import storage_of
+    from distilkit.search.structure import base_shape_of, size_mb, structure_of
+
+    ptq = {"method": "ptq", "bits": 4, "bucket_size": 64}
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_task["teacher"])
+    stored = size_mb(structure_of(full), base_shape_of(full),
+                     storage=storage_of(full, config_from_dict(ptq)))
+    path, out = _search_recipe(tiny_task, {"size_mb": round(0.85 * stored, 6)}, after=[ptq],
+                               auto={"units": units, "min_bits": 2})
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
+    s = json.load(open(os.path.join(out, "results.json")))["search"]
+    assert s["met"] and s["size_mb"] <= 0.85 * stored
+    student = from_pretrained(os.path.join(out, "student"))
+    assert s["size_mb"] == pytest.approx(size_report(student)["total_bytes"] / 1e6, abs=1e-4)
+    record = json.load(open(os.path.join(out, "search.json")))
+    bits = record["structure"]["bits"]
+    assert min(b for row in bits for b in row if b) >= 2
+    lowered = {b for row in bits for b in row if 0 < b < 4}
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    entry = [e for e in resolved["compression"] if e["method"] == "ptq"][0]
+    assert set(entry.get("bits_per_pattern", {}).values()) == lowered
+    if units == ["bits"]:
+        assert lowered and structure_of(student).num_layers() == 4   # nothing else moved
+        assert all(len(r["removed"]) == 4 for r in record["history"][1:])   # bits only

@@ -24,7 +24,8 @@ chain rule through the scaling). By default the master weights are frozen, as in
 Algorithm 2 (learn ``p`` with the weights fixed); ``train_weights=True`` trains both. The
 learned points are saved, in the packed file's ``*_points`` tensors.
 
-Bits are ``bits`` everywhere, or per module-name glob (``bits_per_pattern``), or allocated for
+Bits are ``bits`` everywhere, or per module-name glob (``bits_per_pattern``, in ``ptq`` too: the
+budget search writes the per-weight bits it chose there), or allocated for
 a target average (``target_bits``) in proportion to the norm of each layer's gradient averaged
 over ``alloc_batches`` batches of ``ctx.dataloader`` under ``ctx.loss_fn``, as in the paper.
 
@@ -59,6 +60,7 @@ against a teacher.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import types
@@ -116,9 +118,16 @@ class PTQConfig:
     quantize_lstm: bool = field(default=False, metadata={
         "help": "also quantize nn.LSTM weight matrices"})
     seed: int = field(default=0, metadata={"help": "seed of stochastic rounding"})
+    bits_per_pattern: dict = field(default_factory=dict, metadata={
+        "help": "{module glob: bits}; first matching glob wins over `bits`"})
 
     def __post_init__(self):
         qm.check_bits(self.bits)
+        if not isinstance(self.bits_per_pattern, dict):
+            raise ValueError(f"bits_per_pattern={self.bits_per_pattern!r} is invalid: use a "
+                             f"mapping of module-name glob to bits, e.g. {{'*.output.dense': 2}}")
+        for pat, b in self.bits_per_pattern.items():
+            qm.check_bits(b, field=f"bits_per_pattern[{pat!r}]")
         qm.check_bucket_size(self.bucket_size)
         _check_choice("rounding", self.rounding, qm.ROUNDINGS)
         _check_choice("scheme", self.scheme, packing.SCHEMES)
@@ -136,8 +145,6 @@ class QuantizeConfig(PTQConfig):
         "help": "learn the quantization points by SGD (needs scheme='nonuniform')"})
     train_weights: bool = field(default=False, metadata={
         "help": "differentiable mode: also train the full-precision weights"})
-    bits_per_pattern: dict = field(default_factory=dict, metadata={
-        "help": "{module glob: bits}; first matching glob wins over `bits`"})
     target_bits: Optional[float] = field(default=None, metadata={
         "help": "average bits to allocate by gradient norm (needs ctx dataloader and loss_fn)"})
     alloc_batches: int = field(default=8, metadata={
@@ -151,11 +158,6 @@ class QuantizeConfig(PTQConfig):
             raise ValueError("differentiable=True learns quantization points, which needs "
                              "scheme='nonuniform' (set it, with points_init 'uniform', "
                              "'quantile' or 'kmeans')")
-        if not isinstance(self.bits_per_pattern, dict):
-            raise ValueError(f"bits_per_pattern={self.bits_per_pattern!r} is invalid: use a "
-                             f"mapping of module-name glob to bits, e.g. {{'*.output.dense': 2}}")
-        for pat, b in self.bits_per_pattern.items():
-            qm.check_bits(b, field=f"bits_per_pattern[{pat!r}]")
         qm.check_bits(self.alloc_min_bits, "alloc_min_bits")
         qm.check_bits(self.alloc_max_bits, "alloc_max_bits")
         if self.alloc_min_bits > self.alloc_max_bits:
@@ -343,20 +345,16 @@ def bits_for(names: list[str], cfg: PTQConfig) -> dict[str, int]:
     return out
 
 
-def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: int
-                   ) -> list[float]:
-    """Norm of each target module's gradient averaged over ``batches`` batches (the
-    paper's sensitivity measure), frozen weights (a LoRA student's base) included. Leaves
-    the model's ``.grad`` fields and ``requires_grad`` flags as they were."""
-    if ctx.dataloader is None or ctx.loss_fn is None:
-        raise ValueError("target_bits allocates bits by gradient norm, which needs a "
-                         "CompressionContext with a dataloader and a loss_fn; pass one to "
-                         "compress_, or set per-layer bits with bits_per_pattern instead")
+def _gradient_sums(model: nn.Module, weights: list, ctx: CompressionContext, batches: int,
+                   squared: bool, what: str) -> tuple[list, int]:
+    """Per weight tensor of ``weights`` (a list of lists), the sum over ``batches`` batches
+    of ``ctx.dataloader`` of its gradient under ``ctx.loss_fn`` (of its square when
+    ``squared``), frozen weights (a LoRA student's base) included, and the batch count.
+    Leaves the model's ``.grad`` fields and ``requires_grad`` flags as they were."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in params]
     for p in params:
         p.grad = None
-    weights = [[getattr(m, w) for w in _weight_names(m)] for _, m in targets]
     acc = [[torch.zeros_like(w) for w in ws] for ws in weights]
     frozen = [w for ws in weights for w in ws if not w.requires_grad]
     n = 0
@@ -372,7 +370,7 @@ def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: 
                 for t in a:
                     g = next(it)
                     if g is not None:
-                        t.add_(g)
+                        t.add_(g.square() if squared else g)
             n += 1
     finally:
         for w in frozen:
@@ -380,15 +378,69 @@ def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: 
         for p, g in zip(params, saved):
             p.grad = g
     if n == 0:
-        raise ValueError("target_bits: ctx.dataloader yielded no batch")
+        raise ValueError(f"{what}: ctx.dataloader yielded no batch")
+    return acc, n
+
+
+def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: int
+                   ) -> list[float]:
+    """Norm of each target module's gradient averaged over ``batches`` batches (the
+    paper's sensitivity measure), frozen weights (a LoRA student's base) included. Leaves
+    the model's ``.grad`` fields and ``requires_grad`` flags as they were."""
+    if ctx.dataloader is None or ctx.loss_fn is None:
+        raise ValueError("target_bits allocates bits by gradient norm, which needs a "
+                         "CompressionContext with a dataloader and a loss_fn; pass one to "
+                         "compress_, or set per-layer bits with bits_per_pattern instead")
+    weights = [[getattr(m, w) for w in _weight_names(m)] for _, m in targets]
+    acc, n = _gradient_sums(model, weights, ctx, batches, False, "target_bits")
     norms = torch.stack([sum((t / n).pow(2).sum().to(acc[0][0].device) for t in a)
                          for a in acc]).sqrt()
     return to_host(norms).tolist()  # one transfer for every layer
 
 
+def fisher_errors(model: nn.Module, names: list, ctx: CompressionContext, batches: int,
+                  bits: list, bucket_size: Optional[int]) -> list[dict]:
+    """Per module of ``names`` (each with a ``weight``), ``{b: sum(F * (Q_b(w) - w)^2)}`` for
+    each ``b`` in ``bits``: the loss its weight adds when stored at ``b`` bits (uniform
+    scheme, ``bucket_size`` buckets), to second order, with ``F`` the squared gradient of
+    the loss averaged over ``batches`` batches (the diagonal of the empirical Fisher, standing
+    in for the Hessian, as Hessian-aware bit allocation does)."""
+    if ctx.dataloader is None or ctx.loss_fn is None:
+        raise ValueError("fisher_errors needs a CompressionContext with a dataloader and a "
+                         "loss_fn")
+    weights = [[model.get_submodule(n).weight] for n in names]
+    acc, n = _gradient_sums(model, weights, ctx, batches, True, "fisher_errors")
+    out = []
+    with torch.no_grad():
+        for (w,), (f,) in zip(weights, acc):
+            fw = (f / n).float()
+            out.append({int(b): float((fw * (qm.quantize_uniform(w.float(), int(b), bucket_size)
+                                             - w.float()).square()).sum()) for b in bits})
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Prepare, convert, restore
 # ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def quantized_weights(model: nn.Module, bits: dict, bucket_size: Optional[int]):
+    """Within the block, the ``weight`` of each module named in ``bits`` ({name: bits})
+    holds its uniform bucketed quantization at those bits (what ``ptq`` would store); the
+    full-precision values are put back after it, also on error."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, b in bits.items():
+                w = model.get_submodule(name).weight
+                saved[name] = w.detach().clone()
+                w.copy_(qm.quantize_uniform(w, int(b), bucket_size))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
 
 def _layer_record(name: str, mod: nn.Module, bits: int, cfg: PTQConfig) -> dict:
     return {"kind": _kind(mod), "bits": bits,
@@ -571,7 +623,8 @@ class PTQMethod(Method):
 
     def apply(self, model: nn.Module, config: PTQConfig, ctx: CompressionContext) -> dict:
         targets = select_targets(model, config)
-        layers = {n: _layer_record(n, m, config.bits, config) for n, m in targets}
+        bits = bits_for([n for n, _ in targets], config)
+        layers = {n: _layer_record(n, m, bits[n], config) for n, m in targets}
         prepare(model, layers, config)
         # Stochastic PM rounding draws once, here, from the seeded generator.
         convert(model, layers, stochastic=config.rounding == "stochastic")

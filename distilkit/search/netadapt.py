@@ -51,7 +51,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-UNITS = ("heads", "ffn", "layers")
+UNITS = ("heads", "ffn", "layers")   # structural units (the default)
+BITS = "bits"   # the stored bits of each quantized weight: a unit of size targets (opt in)
 CHOICES = ("measured", "importance")   # as distilkit.budget.CHOICES (checked by the tests)
 
 
@@ -64,38 +65,61 @@ class Scores:
     heads: list
     neurons: list
     layers: list
+    # With ``bits`` among the units: ``bits[l][j][b]``, the loss the j-th quantized weight of
+    # layer l adds when stored at b bits, estimated as sum(F * (Q_b(w) - w)^2) with F the
+    # squared gradient (the diagonal Fisher): Hessian-aware bit allocation (HAWQ's idea)
+    # with the Fisher for the Hessian. Lowering a weight from b to b - 1 bits costs
+    # ``bits[l][j][b - 1] - bits[l][j][b]``.
+    bits: Optional[list] = None
 
 
 @dataclass
 class Removal:
     """Units one step removes, by position in the current student: ``heads`` and ``neurons``
-    per layer position, ``layers`` the positions of whole layers dropped."""
+    per layer position, ``layers`` the positions of whole layers dropped; ``bits`` per layer
+    position ``{role: new bits}`` of the quantized weights stored at fewer bits."""
 
     heads: dict = field(default_factory=dict)
     neurons: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
+    bits: dict = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (any(self.heads.values()) or any(self.neurons.values()) or self.layers)
+        return not (any(self.heads.values()) or any(self.neurons.values()) or self.layers
+                    or any(self.bits.values()))
 
     def counts(self) -> dict:
-        return {"heads": sum(len(v) for v in self.heads.values()),
-                "ffn_neurons": sum(len(v) for v in self.neurons.values()),
-                "layers": len(self.layers)}
+        out = {"heads": sum(len(v) for v in self.heads.values()),
+               "ffn_neurons": sum(len(v) for v in self.neurons.values()),
+               "layers": len(self.layers)}
+        if any(self.bits.values()):   # weights stored at fewer bits (only when searched)
+            out["bit_weights"] = sum(len(v) for v in self.bits.values())
+        return out
 
 
-def _reshape(structure, heads: Sequence[int], ffn: Sequence[int]):
+def _reshape(structure, heads: Sequence[int], ffn: Sequence[int], keep=None, bits=None):
+    """``structure`` with these per-layer counts; its bits rows are ``bits`` when given,
+    else those of the kept positions ``keep`` (all when None)."""
+    if bits is None and structure.bits is not None:
+        bits = structure.bits if keep is None else [structure.bits[i] for i in keep]
     return dataclasses.replace(structure, heads=tuple(int(h) for h in heads),
-                               ffn=tuple(int(f) for f in ffn))
+                               ffn=tuple(int(f) for f in ffn),
+                               bits=None if bits is None else tuple(tuple(r) for r in bits))
 
 
-def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64):
+def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64,
+                       min_bits: int = 2):
     """The smallest structure the search may reach from ``structure``: one layer (with
-    ``layers`` among the units), one head per layer, one FFN block per layer."""
+    ``layers`` among the units), one head per layer, one FFN block per layer, and (with
+    ``bits``) every quantized weight at ``min_bits``."""
     n = 1 if "layers" in units else len(structure.heads)
     heads = [1 if "heads" in units else h for h in structure.heads[:n]]
     ffn = [min(f, ffn_block) if "ffn" in units else f for f in structure.ffn[:n]]
-    return _reshape(structure, heads, ffn)
+    bits = None
+    if structure.bits is not None:
+        bits = [[min(b, min_bits) if b and BITS in units else b for b in row]
+                for row in structure.bits[:n]]
+    return _reshape(structure, heads, ffn, keep=range(n), bits=bits)
 
 
 def plan_step(structure, scores: Scores, cost: Callable, cut: float,
@@ -125,7 +149,7 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
     out = Removal()
 
     def shape(hs, fs, keep):
-        return _reshape(structure, [hs[i] for i in keep], [fs[i] for i in keep])
+        return _reshape(structure, [hs[i] for i in keep], [fs[i] for i in keep], keep=keep)
 
     start = now = float(cost(structure))
     while now > start - cut:
@@ -186,18 +210,64 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
 def after_removal(structure, removal: Removal):
     """``structure`` once ``removal`` (current positions) is made."""
     keep = [l for l in range(len(structure.heads)) if l not in set(removal.layers)]
+    bits = None
+    if structure.bits is not None:
+        bits = [[removal.bits.get(l, {}).get(j, b) for j, b in enumerate(structure.bits[l])]
+                for l in keep]
     return _reshape(structure,
                     [structure.heads[l] - len(removal.heads.get(l, ())) for l in keep],
-                    [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep])
+                    [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep],
+                    bits=bits)
+
+
+def plan_bits(structure, scores: Scores, cost: Callable, cut: float, min_bits: int = 2,
+              floor: Optional[float] = None) -> Removal:
+    """The quantized weights to store at fewer bits so that ``cost`` falls by at least
+    ``cut``: one bit of one weight per pick, the least Fisher-estimated loss
+    (:attr:`Scores.bits`) per byte saved first, never below ``min_bits``; the floor and the
+    tie rules of :func:`plan_step` (earlier layer, earlier role first)."""
+    if structure.bits is None or scores.bits is None:
+        return Removal()
+    cur = [list(r) for r in structure.bits]
+    start = now = float(cost(structure))
+    out = Removal()
+    while now > start - cut:
+        best = None
+        remaining = now - (start - cut)
+        for l, row in enumerate(cur):
+            for j, b in enumerate(row):
+                if not b or b <= min_bits:
+                    continue
+                trial = [list(r) for r in cur]
+                trial[l][j] = b - 1
+                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
+                                            bits=trial)))
+                saving = now - after
+                if saving <= 0:
+                    continue
+                err = scores.bits[l][j]
+                imp = max(float(err[b - 1]) - float(err[b]), 0.0)
+                over = floor is not None and after < floor
+                key = (over, imp / min(saving, remaining), l, j)
+                if best is None or key < best[0]:
+                    best = (key, l, j, after)
+        if best is None:
+            break
+        _, l, j, now = best
+        cur[l][j] -= 1
+        out.bits.setdefault(l, {})[j] = cur[l][j]
+    return out
 
 
 def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
                    units: Sequence[str] = UNITS, ffn_block: int = 64,
-                   floor: Optional[float] = None) -> list:
+                   floor: Optional[float] = None, min_bits: int = 2) -> list:
     """NetAdapt's proposals for one step, as ``[(name, removal)]``: the mixed plan of
-    :func:`plan_step` over every unit kind in ``units`` (named ``mixed``), then the plan over
-    each kind alone (``heads``, ``ffn``, ``layers``), each once (a single-kind plan equal to
-    an earlier one is left out).
+    :func:`plan_step` over every structural unit kind in ``units`` (named ``mixed``), then the
+    plan over each kind alone (``heads``, ``ffn``, ``layers``), each once (a single-kind plan
+    equal to an earlier one is left out), and with ``bits`` among the units the plan of
+    :func:`plan_bits` (``bits``: its Fisher estimate is not on the gradient scores' scale, so
+    it is never mixed with them; the measured validation loss compares it with the others).
 
     Proposals are compared at equal resource cuts, so a single-kind plan that cannot reach
     ``cut`` (its floors: one head, one FFN block per layer) is left out; and one that lands
@@ -207,17 +277,20 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
     target (the 8x search of 2026-12-03 kept a whole layer over three heads there and ended
     at 10.4x). The mixed plan stays when no other qualifies."""
     start = float(cost(structure))
-    out = [("mixed", plan_step(structure, scores, cost, cut, units, ffn_block, floor))]
+    structural = [u for u in units if u in UNITS]
+    out = [("mixed", plan_step(structure, scores, cost, cut, structural, ffn_block, floor))] \
+        if structural else []
     for kind in units:
-        if len(units) == 1:
-            break
-        r = plan_step(structure, scores, cost, cut, (kind,), ffn_block, floor)
+        if kind != BITS and len(structural) == 1:
+            continue   # the mixed plan is this kind's plan
+        r = plan_bits(structure, scores, cost, cut, min_bits, floor) if kind == BITS else \
+            plan_step(structure, scores, cost, cut, (kind,), ffn_block, floor)
         if r.empty() or any(r == other for _, other in out):
             continue
         if start - float(cost(after_removal(structure, r))) < cut * (1 - 1e-9):
             continue   # falls short of the step's cut: not comparable
         out.append((kind, r))
-    out = [p for p in out if not p[1].empty()] or out[:1]
+    out = [p for p in out if not p[1].empty()] or out[:1] or [("mixed", Removal())]
     if floor is not None:
         after = [float(cost(after_removal(structure, r))) for _, r in out]
         above = [p for p, a in zip(out, after) if a >= floor]
@@ -246,6 +319,7 @@ class Tracker:
     neurons: dict
     total_heads: dict = field(default_factory=dict)
     total_neurons: dict = field(default_factory=dict)
+    bits: Optional[dict] = None   # original layer -> its weights' bits (Structure.bits rows)
 
     @classmethod
     def of(cls, structure) -> "Tracker":
@@ -254,7 +328,9 @@ class Tracker:
                    heads={o: list(range(structure.heads[o])) for o in range(n)},
                    neurons={o: list(range(structure.ffn[o])) for o in range(n)},
                    total_heads={o: structure.heads[o] for o in range(n)},
-                   total_neurons={o: structure.ffn[o] for o in range(n)})
+                   total_neurons={o: structure.ffn[o] for o in range(n)},
+                   bits=None if structure.bits is None else
+                   {o: list(structure.bits[o]) for o in range(n)})
 
     def apply(self, removal: Removal) -> None:
         """Record ``removal`` (current positions), as the physical surgery applies it."""
@@ -264,13 +340,17 @@ class Tracker:
         for pos, gone in removal.neurons.items():
             o = self.layers[pos]
             self.neurons[o] = [x for i, x in enumerate(self.neurons[o]) if i not in set(gone)]
+        for pos, new in removal.bits.items():
+            for j, b in new.items():
+                self.bits[self.layers[pos]][j] = int(b)
         dropped = set(removal.layers)
         self.layers = [o for i, o in enumerate(self.layers) if i not in dropped]
 
     def structure(self, like):
         """The current structure (``like``'s type and vocabulary, these counts)."""
         return _reshape(like, [len(self.heads[o]) for o in self.layers],
-                        [len(self.neurons[o]) for o in self.layers])
+                        [len(self.neurons[o]) for o in self.layers],
+                        bits=None if self.bits is None else [self.bits[o] for o in self.layers])
 
     def entries(self) -> list:
         """The compression entries that cut the same units out of a fresh copy of the
@@ -331,14 +411,18 @@ def step_cut(predicted: float, measured: float, limit: float, step_fraction: flo
 NEAR_REPEATS = 3   # measurements of a student near its target (their median decides)
 
 
-def _measure(goal: Goal, model, aim: float, tolerance: float) -> float:
-    """``goal.figure(model)``; near the aim (within twice the tolerance) the median of
+def _measure(goal: Goal, model, aim: float, tolerance: float, structure=None) -> float:
+    """``goal.figure(model)``, or for an exact goal the cost of ``structure`` (the same
+    figure, with the searched bits a model does not carry); near the aim (within twice the
+    tolerance) the median of
     :data:`NEAR_REPEATS` measurements. One timing of a whole model reads 3-6% either side of
     itself on a 2-core machine: the 4x budget's search read 45.9 ms, then 42.9 ms one head
     later (2026-12-03), and that noise, not the structure, decided where it stopped. Far from
     the target one reading is enough to choose the next cut."""
+    if goal.exact:
+        return float(goal.figure(model) if structure is None else goal.cost(structure))
     first = float(goal.figure(model))
-    if goal.exact or abs(first / aim - 1.0) > 2 * tolerance:
+    if abs(first / aim - 1.0) > 2 * tolerance:
         return first
     return float(statistics.median([first] + [float(goal.figure(model))
                                               for _ in range(NEAR_REPEATS - 1)]))
@@ -352,7 +436,7 @@ def _try_proposals(options, model, step: int, prune: Callable, distil: Callable,
     rows, best = [], None
     for name, removal in options:
         cand = prune(clone(model) if keep or len(options) > 1 else model, removal)
-        figures = distil(cand, step)
+        figures = distil(cand, step, after_removal(structure, removal))
         rows.append({"proposal": name, **removal.counts(),
                      "predicted": float(cost(after_removal(structure, removal))),
                      **{k: figures[k] for k in ("eval_loss", "accuracy", "train_loss")
@@ -364,16 +448,27 @@ def _try_proposals(options, model, step: int, prune: Callable, distil: Callable,
     return (*best[1:], rows)
 
 
+def _layout(structure) -> dict:
+    """A history row's picture of ``structure``: heads and FFN neurons per layer (and the
+    weights' bits, when searched)."""
+    out = {"heads": list(structure.heads), "ffn": list(structure.ffn)}
+    if structure.bits is not None:
+        out["bits"] = [list(r) for r in structure.bits]
+    return out
+
+
 def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
            distil: Callable, units: Sequence[str] = UNITS, ffn_block: int = 64,
            step_fraction: float = 0.1, max_iterations: int = 40, progress: bool = True,
            log: Optional[Callable[[str], None]] = None, tolerance: float = 0.05,
-           choose: str = "measured", clone: Callable = copy.deepcopy) -> dict:
+           choose: str = "measured", clone: Callable = copy.deepcopy, min_bits: int = 2) -> dict:
     """Shrink ``model`` (whose structure is ``structure``) until ``goal`` is met.
 
     ``score(model) -> Scores``; ``prune(model, removal) -> model`` (physically, by current
-    positions); ``distil(model, step) -> dict`` (a few distillation steps, then validation
-    figures, e.g. ``accuracy``, ``eval_loss``, ``train_loss``); ``choose``: ``measured``
+    positions; a removal's ``bits`` change no weight, only the structure's bits rows);
+    ``distil(model, step, structure) -> dict`` (a few distillation steps, then validation
+    figures of the model as ``structure`` will store it, e.g. ``accuracy``, ``eval_loss``,
+    ``train_loss``); ``choose``: ``measured``
     (each of :func:`plan_proposals` is pruned from ``clone(model)`` and distilled, the lowest
     validation loss kept) or ``importance`` (the mixed plan alone). Returns ``{"met", "stopped",
     "history", "tracker", "model", "structure"}``; the history has one row per step (step 0
@@ -385,11 +480,10 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
     log = log or (lambda line: print(line, file=sys.stderr))
     tracker = Tracker.of(structure)
     t0 = time.time()
-    measured = float(goal.figure(model))
+    measured = float(goal.cost(structure) if goal.exact else goal.figure(model))
     predicted = float(goal.cost(structure))
-    history = [{"step": 0, "removed": Removal().counts(), "heads": list(structure.heads),
-                "ffn": list(structure.ffn), "predicted": predicted, "measured": measured,
-                "seconds": 0.0}]
+    history = [{"step": 0, "removed": Removal().counts(), **_layout(structure),
+                "predicted": predicted, "measured": measured, "seconds": 0.0}]
     # A measured latency reads 1-4% either side of itself from one timing to the next, so a
     # student stopped just inside the limit misses it as often as not in the final check
     # minutes later: a measured target is aimed at the middle of the tolerance band (a size
@@ -407,7 +501,8 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
 
         def plans(c, structure=structure, scores=scores, floor=floor):
             if choose == "measured":
-                return plan_proposals(structure, scores, goal.cost, c, units, ffn_block, floor)
+                return plan_proposals(structure, scores, goal.cost, c, units, ffn_block, floor,
+                                      min_bits)
             return [("mixed", plan_step(structure, scores, goal.cost, c, units, ffn_block,
                                         floor))]
         options = plans(cut)
@@ -418,7 +513,7 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
         keep = not goal.exact
         chosen, removal, cand, figures, tried = _try_proposals(
             options, model, it, prune, distil, clone, keep, goal.cost, structure)
-        after = _measure(goal, cand, aim, tolerance)
+        after = _measure(goal, cand, aim, tolerance, after_removal(structure, removal))
         retried = None
         if not goal.exact and after < goal.limit / (1.0 + tolerance):
             # Past the band: the measured/predicted ratio the cut was scaled by moved during
@@ -433,13 +528,13 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
                 chosen, removal, cand, figures, more = _try_proposals(
                     again, model, it, prune, distil, clone, False, goal.cost, structure)
                 tried += [{**r, "retry": True} for r in more]
-                after = _measure(goal, cand, aim, tolerance)
+                after = _measure(goal, cand, aim, tolerance, after_removal(structure, removal))
         model = cand
         tracker.apply(removal)
         structure = tracker.structure(structure)
         measured, predicted = after, float(goal.cost(structure))
-        row = {"step": it, "removed": removal.counts(), "heads": list(structure.heads),
-               "ffn": list(structure.ffn), "predicted": predicted, "measured": measured,
+        row = {"step": it, "removed": removal.counts(), **_layout(structure),
+               "predicted": predicted, "measured": measured,
                **figures, "seconds": round(time.time() - t_step, 2)}
         if len(tried) > 1:
             row.update(chosen=chosen, proposals=tried)
@@ -453,7 +548,9 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
             if retried:
                 which += f" (retried: {retried['measured']:,.4g} {goal.unit} was past the band)"
             log(f"[distilkit] search step {it}/{max_iterations}{which}: -{c['heads']} heads, "
-                f"-{c['ffn_neurons']} FFN neurons, -{c['layers']} layers -> "
+                f"-{c['ffn_neurons']} FFN neurons, -{c['layers']} layers"
+                + (f", {c['bit_weights']} weights at fewer bits" if c.get("bit_weights") else "")
+                + " -> "
                 f"{structure.num_layers()} layers, predicted {predicted:,.4g} {goal.unit}, "
                 f"measured {measured:,.4g} {goal.unit} (target <= {goal.limit:,.4g}, aiming "
                 f"at {aim:,.4g}){acc} "

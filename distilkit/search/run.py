@@ -142,9 +142,10 @@ def unreachable_message(budget, smallest_desc: str, figure: float,
 class _Searcher:
     """The model-facing steps of :func:`distilkit.search.netadapt.search` for one run."""
 
-    def __init__(self, recipe, parts, budget, work_dir: str, progress: bool):
+    def __init__(self, recipe, parts, budget, work_dir: str, progress: bool, storage=None):
         self.recipe, self.parts, self.budget = recipe, parts, budget
         self.work_dir, self.progress = work_dir, progress
+        self.storage = storage   # with units bits: how the later quantize stores weights
         self.trainer = None
         ev = parts.prep.eval_dataset
         self.eval_ds = ev.select(range(min(len(ev), budget.eval_examples))) \
@@ -192,12 +193,30 @@ class _Searcher:
         lay = layer_importance(adapter, ctx) if "layers" in units else dict.fromkeys(layers, 0.0)
         by_layer_h = {b.layer: heads[b.holder].tolist() for b in blocks}
         by_layer_f = {b.layer: neurons[b.name].tolist() for b in ffns}
-        return Scores(heads=[by_layer_h[n] for n in layers],
-                      neurons=[by_layer_f[n] for n in layers], layers=[lay[n] for n in layers])
+        bits = None
+        if "bits" in units:
+            from distilkit.compress.quantize import fisher_errors
+            from distilkit.search.storage import role_names
 
-    def distil(self, model, step: int) -> dict:
+            names = role_names(model)
+            top = max(b for row in self.storage.rows() for b in row)
+            flat = fisher_errors(model, [n for row in names for n in row], ctx,
+                                 self.budget.importance_batches,
+                                 list(range(self.budget.min_bits, top + 1)),
+                                 self.storage.bucket_size)
+            it = iter(flat)
+            bits = [[next(it) for _ in row] for row in names]
+        return Scores(heads=[by_layer_h[n] for n in layers],
+                      neurons=[by_layer_f[n] for n in layers], layers=[lay[n] for n in layers],
+                      bits=bits)
+
+    def distil(self, model, step: int, structure=None) -> dict:
         """``steps_between`` distillation steps of the pruned student, then its validation
-        figures on the first ``eval_examples`` examples."""
+        figures on the first ``eval_examples`` examples; with ``structure.bits``, of the
+        student with those weights quantized as the later entry will store them (trained in
+        fp32 meanwhile: the figures judge what it would become, not how it trains)."""
+        import contextlib
+
         trainer = self._trainer(model, step)
         out: dict = {}
         if self.budget.steps_between > 0:
@@ -205,8 +224,17 @@ class _Searcher:
             logs = [h for h in trainer.state.log_history if "loss" in h]
             if logs:
                 out["train_loss"] = round(float(logs[-1]["loss"]), 6)
+        stored = contextlib.nullcontext()
+        if structure is not None and structure.bits is not None:
+            from distilkit.compress.quantize import quantized_weights
+            from distilkit.search.storage import role_names
+
+            bits = {n: b for row, names in zip(structure.bits, role_names(model))
+                    for b, n in zip(row, names) if b}
+            stored = quantized_weights(model, bits, self.storage.bucket_size)
         if self.eval_ds is not None and len(self.eval_ds):
-            m = trainer.evaluate(eval_dataset=self.eval_ds)
+            with stored:
+                m = trainer.evaluate(eval_dataset=self.eval_ds)
             out.update({k if k == "eval_loss" else k[len("eval_"):]: round(float(v), 6)
                         for k, v in m.items()
                         if k in ("eval_accuracy", "eval_macro_f1", "eval_loss")})
@@ -244,6 +272,22 @@ def later_storage(rest: list, student: nn.Module):
         return storage_of(student, config_from_dict(entry))
     except ValueError as e:
         raise ValueError(f"compression ({entry['method']} after auto): {e}") from None
+
+
+def with_bits(rest: list, model: nn.Module, bits: tuple) -> list:
+    """``rest`` with its last quantize / ptq entry storing ``model``'s layer weights at the
+    searched ``bits`` (:attr:`Structure.bits`): the ones that differ from its ``bits`` become
+    its ``bits_per_pattern`` (exact module names of the pruned student, which the final run's
+    student has too: prune_layers renumbers its layers the same way)."""
+    from distilkit.budget import QUANTIZERS
+    from distilkit.search.storage import bits_patterns
+
+    j = max(i for i, e in enumerate(rest) if isinstance(e, dict) and e.get("method") in QUANTIZERS)
+    entry = dict(rest[j])
+    per = bits_patterns(model, bits, int(entry.get("bits", 4)))
+    if per:
+        entry["bits_per_pattern"] = per
+    return rest[:j] + [entry] + rest[j + 1:]
 
 
 def _teacher_module(teachers):
@@ -292,9 +336,16 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
                        threads=budget.threads, clock=budget.clock)
-    smallest = smallest_structure(structure, budget.units, budget.ffn_block)
     vocab = None if budget.latency else later_vocab(rest, student, parts)
     storage = later_storage(rest, student) if budget.target == "size_mb" else None
+    if "bits" in budget.units:
+        if not budget.eval_examples or parts.prep.eval_dataset is None:
+            raise ValueError("compression[0] (auto): units: bits compares proposals by the "
+                             "validation loss of the student as it will be stored, and there "
+                             "is no validation split to score: give data a validation split "
+                             "(or eval_examples > 0), or drop bits")
+        structure = dataclasses.replace(structure, bits=storage.rows())
+    smallest = smallest_structure(structure, budget.units, budget.ffn_block, budget.min_bits)
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
@@ -336,7 +387,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               + (f"; teacher {teacher_ms:.2f} ms" if budget.latency else ""), file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="distilkit-search-") as work:
-        searcher = _Searcher(recipe, parts, budget, work, progress)
+        searcher = _Searcher(recipe, parts, budget, work, progress, storage=storage)
 
         def prune(model, removal):
             model = prune_removal(model, removal)
@@ -345,9 +396,12 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         found = search(student, structure, goal, score=searcher.score, prune=prune,
                        distil=searcher.distil, units=budget.units, ffn_block=budget.ffn_block,
                        step_fraction=budget.step_fraction, max_iterations=budget.max_iterations,
-                       progress=progress, tolerance=budget.tolerance, choose=budget.choose)
+                       progress=progress, tolerance=budget.tolerance, choose=budget.choose,
+                       min_bits=budget.min_bits)
     got = structure_of(found["model"])
-    if got != found["structure"]:  # the bookkeeping must describe the pruned model exactly
+    bits = found["structure"].bits
+    if got != dataclasses.replace(found["structure"], bits=None):
+        # the bookkeeping must describe the pruned model exactly
         raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
                            f"tracked one {found['structure']}")
     if not found["met"]:
@@ -355,6 +409,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               f"measures {found['history'][-1]['measured']:,.4g} {goal.unit} against "
               f"<= {goal.limit:,.4g}; training it anyway", file=sys.stderr)
     entries = found["tracker"].entries()
+    if bits is not None:
+        rest = with_bits(rest, found["model"], bits)
     # (the export settings carry ``serve`` already: export_settings resolved it from auto)
     resolved = Recipe.from_dict({**recipe.to_dict(), "compression": entries + rest},
                                 source=recipe.source)
@@ -369,7 +425,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         "storage_counted": dataclasses.asdict(storage) if storage else None,
         "met": found["met"], "stopped": found["stopped"], "history": found["history"],
         "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
-        "structure": {"heads": list(got.heads), "ffn": list(got.ffn)},
+        "structure": {"heads": list(got.heads), "ffn": list(got.ffn),
+                      **({"bits": [list(r) for r in bits]} if bits is not None else {})},
         "compression": entries + rest, "search_seconds": round(time.time() - t0, 1),
     }
     out_dir = args.output_dir
@@ -388,7 +445,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                        key=lambda p: p[0] / p[1])
         ms, t_ms = pairs[1]
         try:
-            st = structure_of(model)
+            st = dataclasses.replace(structure_of(model), bits=bits)   # bits: as searched
             params, mb = parameters(st, shape), size_mb(st, shape, storage=storage)
         except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
             st, params, mb = None, sum(p.numel() for p in model.parameters()), None

@@ -55,19 +55,49 @@ class Storage:
     def _saving(self, numel: int, bits: int) -> int:
         return 4 * numel - stored_bytes(numel, bits, self.bucket_size, self.scheme) if bits else 0
 
+    def rows(self) -> tuple:
+        """Per layer position, its weights' bits in :attr:`Structure.bits` order (q, k, v, o,
+        then the FFN's): where a search of the bits starts."""
+        return tuple(tuple(a) + tuple(f) for a, f in zip(self.attention, self.ffn))
+
     def saving(self, structure, shape) -> int:
-        """Bytes saved against fp32 by a model of ``shape`` pruned to ``structure``."""
+        """Bytes saved against fp32 by a model of ``shape`` pruned to ``structure`` (at the
+        structure's own per-weight bits when it has them, else at this storage's)."""
         h, out = shape.hidden, int(self.fixed_saving)
         for i, (a, f) in enumerate(zip(structure.heads, structure.ffn)):
             width = a * shape.head_dim
-            out += sum(self._saving(h * width, b) for b in self.attention[i])
-            out += sum(self._saving(h * f, b) for b in self.ffn[i])
+            attn, ffn = ((structure.bits[i][:4], structure.bits[i][4:])
+                         if structure.bits is not None else (self.attention[i], self.ffn[i]))
+            out += sum(self._saving(h * width, b) for b in attn)
+            out += sum(self._saving(h * f, b) for b in ffn)
         return out + self._saving(structure.vocab * shape.row_width(), self.word)
 
     def describe(self) -> str:
         bits = sorted({b for row in self.attention + self.ffn for b in row if b} |
                       ({self.word} if self.word else set()))
         return f"{'/'.join(map(str, bits)) or '32'}-bit weights as packed codes"
+
+
+def role_names(model: nn.Module) -> list:
+    """Per layer position, the module names of its weights in :attr:`Structure.bits` order:
+    the attention's q, k, v, o, the FFN's up projection(s), its down projection."""
+    adapter = get_adapter(model, "method auto")
+    attn = {b.layer: b for b in adapter.attention_blocks() if b.kind == "self"}
+    ffns = {b.layer: b for b in adapter.ffn_blocks()}
+    return [[attn[layer].q, attn[layer].k, attn[layer].v, attn[layer].o,
+             *ffns[layer].up, ffns[layer].down] for layer in adapter.layers()]
+
+
+def bits_patterns(model: nn.Module, bits: tuple, default: int) -> dict:
+    """``{module name: bits}`` of ``model``'s quantized layer weights whose bits (a
+    :attr:`Structure.bits`, by position) are not ``default``: a quantize or ptq entry's
+    ``bits_per_pattern`` that stores ``model`` at those bits (names are exact globs)."""
+    out = {}
+    for row, names in zip(bits, role_names(model)):
+        for b, name in zip(row, names):
+            if b and b != default:
+                out[name] = int(b)
+    return out
 
 
 def storage_of(model: nn.Module, cfg) -> Storage:
@@ -82,19 +112,13 @@ def storage_of(model: nn.Module, cfg) -> Storage:
     chosen = dict(select_targets(model, cfg))
     bits = bits_for(list(chosen), cfg)
     adapter = get_adapter(model, "method auto")
-    layers = adapter.layers()
-    attn = {b.layer: b for b in adapter.attention_blocks() if b.kind == "self"}
-    ffns = {b.layer: b for b in adapter.ffn_blocks()}
+    names = role_names(model)
     role: dict[str, tuple] = {}
-    for pos, layer in enumerate(layers):
-        a, f = attn[layer], ffns[layer]
-        for j, name in enumerate((a.q, a.k, a.v, a.o)):
-            role[name] = ("attention", pos, j)
-        for j, name in enumerate(f.up + (f.down,)):
-            role[name] = ("ffn", pos, j)
+    for pos, row in enumerate(names):
+        for j, name in enumerate(row):
+            role[name] = ("attention", pos, j) if j < 4 else ("ffn", pos, j - 4)
     word_module = model.get_input_embeddings()
-    rows = {"attention": [[0] * 4 for _ in layers],
-            "ffn": [[0] * (len(ffns[layer].up) + 1) for layer in layers]}
+    rows = {"attention": [[0] * 4 for _ in names], "ffn": [[0] * (len(r) - 4) for r in names]}
     word, fixed = 0, 0
     stacks = tuple(s + "." for s in adapter.stacks())
     for name, mod in chosen.items():

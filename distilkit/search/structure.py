@@ -45,6 +45,10 @@ class Structure:
     heads: tuple[int, ...]
     ffn: tuple[int, ...]
     vocab: int
+    # Per kept layer, the bits its quantized weights will be stored at, by role (as
+    # :class:`~distilkit.search.storage.Storage` orders them: q, k, v, o, the FFN's up
+    # projection(s), its down projection; 0 kept fp32). None: the bits are not searched.
+    bits: Optional[tuple] = None
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
@@ -52,6 +56,12 @@ class Structure:
         if len(self.heads) != len(self.ffn):
             raise ValueError(f"Structure: heads has {len(self.heads)} layers but ffn has "
                              f"{len(self.ffn)}; give one entry per kept layer in both")
+        if self.bits is not None:
+            object.__setattr__(self, "bits", tuple(tuple(int(b) for b in row)
+                                                   for row in self.bits))
+            if len(self.bits) != len(self.heads):
+                raise ValueError(f"Structure: bits has {len(self.bits)} layers but heads has "
+                                 f"{len(self.heads)}; give one row per kept layer")
         bad = [x for x in self.heads + self.ffn if x < 1]
         if bad:
             raise ValueError(f"Structure: heads={self.heads}, ffn={self.ffn}: every kept layer "
