@@ -144,15 +144,26 @@ def _measured(table, model, times: int = 3) -> float:
     return sorted(table.measure_ms(model) for _ in range(times))[times // 2]
 
 
-def test_table_predicts_measured_latency_of_pruned_models(timed):
+def test_table_predicts_measured_latency_of_pruned_models(timed, tmp_path):
     model, table, _ = timed
     assert table.measured and table.tolerance == latency.TOLERANCE
     assert table.heads == [1, 2, 3, 4] and table.ffn[0] == 1 and table.ffn[-1] == 512
     assert table.base_ms() > 0
-    errors = {}
-    for name, m in _pruned_models(model).items():
-        predicted, measured = table.predict_ms(structure_of(m)), _measured(table, m)
-        errors[name] = (round(predicted, 2), round(measured, 2), predicted / measured - 1)
+
+    def errors_of(table):
+        errors = {}
+        for name, m in _pruned_models(model).items():
+            predicted, measured = table.predict_ms(structure_of(m)), _measured(table, m)
+            errors[name] = (round(predicted, 2), round(measured, 2), predicted / measured - 1)
+        return errors
+    errors = errors_of(table)
+    if not all(abs(e) <= table.tolerance for _, _, e in errors.values()):
+        # The CPU itself ran 15% faster or slower from one second to the next on the AMD
+        # 2-core machines (2026-12-03; CPU time too): a table measured in a slow moment
+        # mispredicts every model after it. The search measures its table again when it
+        # mispredicts its student by more than the tolerance; so does this test, once.
+        table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False)
+        errors = errors_of(table)
     assert all(abs(e) <= table.tolerance for _, _, e in errors.values()), errors
     # and the figures order the structures as their sizes do
     assert errors["layers"][0] < errors["full"][0] and errors["mixed"][0] < errors["full"][0]
