@@ -8,13 +8,15 @@ module is the entry's config and its checks, which need neither models nor data,
 
 * exactly one target: ``latency_ms`` (the student's measured latency), ``speedup`` (the
   teacher's latency / the student's, both measured in the same runtime spec), ``size_mb``
-  (fp32 weights, 4 bytes per parameter) or ``parameters``;
+  (the weights as saved: fp32, 4 bytes per parameter, unless a later quantize / ptq stores
+  them) or ``parameters``;
 * the runtime spec: ``runtime`` (pytorch, onnx, onnx_int8), ``batch``, ``seq_len`` (default:
   the recipe's ``max_length``), ``threads`` (0: as many as torch uses), ``clock`` (wall, or
   cpu: process CPU time, which other work on a shared machine does not inflate);
 * the search settings: ``step_fraction`` (NetAdapt's per-step cut of the current figure),
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
-  unit may go), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
+  unit may go: heads, ffn, layers, and for a size target followed by quantize / ptq, bits:
+  weights stored at fewer bits, down to ``min_bits``), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
   ``eval_examples`` (validation examples scored after each step), ``importance_batches``,
   ``choose`` (measured: each step distils one proposal per kind of unit and the mixed plan,
   keeping the lowest validation loss, as NetAdapt does; importance: the mixed plan alone),
@@ -105,7 +107,8 @@ class BudgetConfig:
         """The target and where it is measured, for the dry run and the logs."""
         what = {"latency_ms": f"latency <= {self.value:g} ms",
                 "speedup": f"speed-up >= {self.value:g}x over the teacher",
-                "size_mb": f"size <= {self.value:g} MB (fp32 weights)",
+                "size_mb": f"size <= {self.value:g} MB of weights as saved (fp32 unless a "
+                           "later ptq or quantize stores them)",
                 "parameters": f"parameters <= {int(self.value):,}"}[self.target]
         if self.latency:
             what += (f" ({self.runtime}, batch {self.batch}, length {self.seq_len}, "
@@ -167,7 +170,7 @@ def _target(where: str, value: Any) -> tuple[str, float]:
         raise ValueError(f"{where}: target.{kind}: {raw!r} must be a number > 0 "
                          + {"latency_ms": "(milliseconds per batch), e.g. 20",
                             "speedup": "(teacher latency / student latency), e.g. 4",
-                            "size_mb": "(megabytes of fp32 weights), e.g. 30",
+                            "size_mb": "(megabytes of the weights as saved), e.g. 30",
                             "parameters": "(a whole number), e.g. 10000000"}[kind])
     return kind, num
 

@@ -31,6 +31,12 @@ removal costs; it is worst for the largest units, whole layers, which short dist
 then has to repair. ``choose: importance`` keeps the mixed plan alone (a third of the
 distillation per step).
 
+With ``bits`` among the units (size targets whose quantize / ptq entry after ``auto`` stores
+the weights), each quantized weight's stored bits are a unit too: :func:`plan_bits` lowers
+them one bit of one weight at a time, least Fisher-estimated loss per byte saved first
+(:attr:`Scores.bits`), and that plan is one more proposal, judged like the others by the
+validation loss of the student quantized as its structure stores it.
+
 The search stops when the *measured* figure meets the target. Predicted and measured
 latency differ by the table's error, so the predicted goal of each step is the target scaled
 by the current measured/predicted ratio. What is removed is tracked in the original student's

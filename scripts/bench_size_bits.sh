@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Bits as a search unit (#16), on the built-in data: the hand-designed 3-layer student stored
+# by prune_vocab + 4-bit ptq sets a size; the budget search then meets that size twice from a
+# 6-layer copy of the teacher, once over heads, FFN blocks and layers (every weight at 4 bits)
+# and once with bits as a unit too (weights at 3 or 2 bits where the Fisher estimate and the
+# quantized validation loss allow). Every student is distilled STEPS steps, then stored the
+# same way; the table compares test accuracy at the size on disk. Last line: one JSON line.
+#   OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 bash scripts/bench_size_bits.sh     # ~45 min, 2 cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DK=${DISTILKIT:-.venv/bin/distilkit}
+PY=${PYTHON:-.venv/bin/python}
+STEPS=${STEPS:-250}
+OUT=${OUT:-runs/size_bits}
+STORE='{method: ptq, bits: 4, bucket_size: 256, quantize_embeddings: true}'
+export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+
+if [ ! -f "$OUT/hand_L3/results.json" ]; then
+  echo "== hand-designed: 3 alternate layers + prune_vocab + 4-bit ptq" >&2
+  /usr/bin/time -f "hand_L3: %e s" "$DK" distill recipes/quickstart.yaml --no-progress \
+    --max_steps "$STEPS" --output_dir "$OUT/hand_L3" \
+    --compression "[{method: prune_vocab}, $STORE]" >/dev/null
+fi
+TARGET=${TARGET:-$("$PY" -c "import json,sys; r=json.load(open(sys.argv[1]))
+print(round(r['student']['size_on_disk_bytes'] / 1e6, 3))" "$OUT/hand_L3/results.json")}
+echo "== size target: $TARGET MB" >&2
+AUTO="method: auto, target: {size_mb: $TARGET}, min_bits: 2, step_fraction: 0.15,
+  steps_between: ${BETWEEN:-10}, ffn_block: 64, eval_examples: 256, importance_batches: 4"
+for name in structure bits; do
+  units="[heads, ffn, layers]"; [ "$name" = bits ] && units="[heads, ffn, layers, bits]"
+  if [ ! -f "$OUT/$name/results.json" ]; then
+    echo "== search over $units" >&2
+    /usr/bin/time -f "search $name: %e s" "$DK" distill recipes/search_size.yaml --no-progress \
+      --max_steps "$STEPS" --output_dir "$OUT/$name" \
+      --compression "[{$AUTO, units: $units}, {method: prune_vocab}, $STORE]" >/dev/null
+  fi
+done
+"$PY" scripts/size_bits_table.py "$OUT" "$TARGET"
