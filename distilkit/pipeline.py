@@ -18,6 +18,7 @@ module owns what every run promises:
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -144,13 +145,32 @@ def run_recipe(recipe: Recipe, progress: bool = True,
                                                      parts.student, parts.tokenizer, parts.prep)
     ctx = parts.context()
     callbacks = []
+    # Post-training methods (ptq) quantize the trained student: applied after training, in
+    # their order (a method after one in the list is one the order checks let follow it,
+    # prune_vocab, which commutes with it).
+    post = [c for c in comp_cfgs if get_method(c).post_training]
     for cfg in comp_cfgs:
+        if get_method(cfg).post_training:
+            continue
         compress_(student, cfg, ctx)
         callbacks += get_method(cfg).callbacks(student, cfg, ctx)
     if export is not None and export.four_bit:
-        check_four_bit_export(student)
+        probe = student
+        if post:  # what the trained student will be packed as, checked now on a copy
+            probe = copy.deepcopy(student)
+            for cfg in post:
+                compress_(probe, cfg, ctx)
+        check_four_bit_export(probe)
+        del probe
     trainer = parts.trainer(student, callbacks=callbacks)
+    if post and (trainer.is_fsdp_enabled or _zero_stage(trainer) == 3):
+        raise ValueError(f"compression: {get_method(post[0]).name} quantizes the trained "
+                         "student, which a sharded (FSDP / ZeRO-3) run never holds whole in "
+                         "one process: train without it, then quantize the saved student "
+                         "(distilkit.compress.compress_ on from_pretrained(run/student))")
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    for cfg in post:
+        compress_(trainer.model, cfg, ctx)
     results: dict = {}
     # A sharded student (FSDP, DeepSpeed ZeRO-3) is gathered whole by all processes together
     # (a collective), for the main process to save; a replicated one is saved as it is.

@@ -1,4 +1,6 @@
 """Quantized distillation / differentiable quantization / PTQ on the tiny models."""
+import os
+
 import pytest
 import torch
 from conftest import tiny_bart, tiny_batch, tiny_bert, tiny_t5
@@ -262,3 +264,30 @@ def test_bad_patterns_and_module_types():
     compress_(model, QuantizeConfig())
     with pytest.raises(ValueError, match="already quantized"):
         compress_(model, PTQConfig(include=[Q]))
+
+
+def test_ptq_in_a_run_quantizes_the_trained_student(tiny_task):
+    """A recipe's ptq is post-training quantization: the saved student's weights are the
+    quantization of the weights training produced (those of the same run without ptq, same
+    seed), not of the weights it started from. (Applied before training, as it was, the
+    packed weights never trained: the 3-layer student of the built-in data stored at 4 bits
+    scored 72.1 where its trained weights quantized score 80.)"""
+    from test_cli import _recipe
+
+    from distilkit.cli import main
+    from distilkit.compress import quant_math as qm
+    from distilkit.compress.base import from_pretrained
+
+    name = "bert.encoder.layer.0.intermediate.dense"
+    runs = {}
+    for kind, comp in (("plain", []), ("ptq", [{"method": "ptq", "bits": 4, "bucket_size": 64}])):
+        path, out = _recipe(tiny_task, student={"type": "from_teacher", "num_layers": 2},
+                            compression=comp, max_steps=6, learning_rate=5e-3,
+                            output_dir=str(tiny_task["tmp"] / kind))
+        assert main(["distill", path, "--no-progress"]) == 0
+        runs[kind] = from_pretrained(os.path.join(out, "student"))
+    trained = runs["plain"].get_submodule(name).weight.detach()
+    stored = runs["ptq"].get_submodule(name).dequantized("weight")
+    start = from_pretrained(tiny_task["teacher"]).get_submodule(name).weight.detach()
+    assert torch.allclose(stored, qm.quantize_uniform(trained, 4, 64), atol=1e-6)
+    assert not torch.allclose(stored, qm.quantize_uniform(start, 4, 64), atol=1e-4)

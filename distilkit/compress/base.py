@@ -104,7 +104,9 @@ class Method(abc.ABC):
     :data:`CAPABILITIES`): ``needs`` (must hold when it is applied), ``replaces`` (no longer
     holds once it is applied, including after its ``finalize`` and at load time) and
     ``keeps`` (must still hold until its ``finalize`` runs after training). Override
-    :meth:`replaced` when what it replaces depends on its config.
+    :meth:`replaced` when what it replaces depends on its config. ``post_training``: a run
+    applies it to the trained student, after training (post-training quantization), not to
+    the student it is about to train.
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +115,7 @@ class Method(abc.ABC):
     needs: ClassVar[frozenset] = frozenset()
     replaces: ClassVar[frozenset] = frozenset()
     keeps: ClassVar[frozenset] = frozenset()
+    post_training: ClassVar[bool] = False
 
     @abc.abstractmethod
     def apply(self, model: nn.Module, config: Any, ctx: CompressionContext) -> dict:

@@ -617,6 +617,10 @@ class PTQMethod(Method):
     config_cls = PTQConfig
     citation = CITATION
     replaces = frozenset({"plain_linear"})
+    # In a run, the trained weights are quantized: applied before training, the packed
+    # weights never trained (only biases, LayerNorms and the head did), and the 3-layer
+    # student of the built-in data stored at 4 bits scored 72.1 instead of 80 (2026-12-03).
+    post_training = True
 
     def replaced(self, config: PTQConfig) -> frozenset:
         return _replaced(self.replaces, config)
