@@ -1,4 +1,4 @@
-"""The table and JSON line of scripts/bench_size_bits.sh: test accuracy, size on disk and
+"""The table and JSON line of scripts/bench_size_bits.sh: test accuracy, size (saved tensors) and
 structure of the hand-designed student and of the two searched ones (structure only, and
 with bits), read from their results.json and search.json."""
 import json
@@ -6,11 +6,20 @@ import os
 import sys
 
 
+def tensor_mb(student_dir: str) -> float:
+    """MB of the saved student's tensors (packed codes, scales, fp32 rest, id map)."""
+    from distilkit.compress.base import from_pretrained
+    from distilkit.compress.packing import size_report
+
+    return round(size_report(from_pretrained(student_dir))["total_bytes"] / 1e6, 4)
+
+
 def row(out: str, name: str) -> dict:
     res = json.load(open(os.path.join(out, name, "results.json")))
     st = res["student"]
     r = {"name": name, "accuracy": round(100 * st["accuracy"], 2),
-         "size_mb": round(st["size_on_disk_bytes"] / 1e6, 3),
+         "size_mb": tensor_mb(os.path.join(out, name, "student")),
+         "dir_mb": round(st["size_on_disk_bytes"] / 1e6, 3),
          "bits_per_weight": st.get("bits_per_weight"), "parameters": st["parameters"],
          "teacher_accuracy": round(100 * res["teacher"]["accuracy"], 2)}
     path = os.path.join(out, name, "search.json")
@@ -32,11 +41,11 @@ def row(out: str, name: str) -> dict:
 
 def main(out: str, target: float) -> None:
     rows = [row(out, n) for n in ("hand_L3", "structure", "bits")]
-    print(f"| student (size target {target} MB) | test accuracy | MB on disk | bits/weight "
-          "| layers | heads | FFN | stored bits | proposals chosen |")
-    print("|---|---:|---:|---:|---:|---|---|---|---|")
+    print(f"| student (size target {target} MB) | test accuracy | MB of tensors | MB of the "
+          "directory | bits/weight | layers | heads | FFN | stored bits | proposals chosen |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['accuracy']:.2f} | {r['size_mb']:.3f} | "
+        print(f"| {r['name']} | {r['accuracy']:.2f} | {r['size_mb']:.3f} | {r['dir_mb']:.3f} | "
               f"{r['bits_per_weight']} | {r.get('layers', 3)} | {r.get('heads', '12 each')} | "
               f"{r.get('ffn', '1536 each')} | {r.get('bits_histogram', '4 everywhere')} | "
               f"{', '.join(r.get('chosen', [])) or '-'} |")
@@ -50,4 +59,7 @@ def main(out: str, target: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    if sys.argv[1] == "--tensor-mb":
+        print(tensor_mb(sys.argv[2]))
+    else:
+        main(sys.argv[1], float(sys.argv[2]))

@@ -851,3 +851,24 @@ def test_a_size_target_with_bits_stores_weights_at_the_bits_it_chose(tiny_task, 
     if units == ["bits"]:
         assert lowered and structure_of(student).num_layers() == 4   # nothing else moved
         assert all(len(r["removed"]) == 4 for r in record["history"][1:])   # bits only
+
+
+def test_a_size_target_counts_the_id_map_prune_vocab_saves_beside_a_packed_table():
+    """prune_vocab keeps its id-map form (an int32 per original token) when a later ptq packs
+    the kept table or the tokenizer is kept: a size target counts those bytes (122 KB on
+    MiniLM), and counts none when the shrunk tokenizer makes the table plain."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.search.run import later_id_map_bytes
+    from distilkit.search.storage import storage_of
+
+    model = tiny_bert(layers=2)
+    vocab = model.get_input_embeddings().num_embeddings
+    packed = {"method": "ptq", "bits": 4, "bucket_size": 16, "quantize_embeddings": True}
+    plain = {"method": "ptq", "bits": 4, "bucket_size": 16}
+    for rest, expected in (([{"method": "prune_vocab"}, packed], 4 * vocab),
+                           ([{"method": "prune_vocab"}, plain], 0),
+                           ([{"method": "prune_vocab", "tokenizer": "keep"}], 4 * vocab),
+                           ([packed], 0)):
+        q = [e for e in rest if e["method"] == "ptq"]
+        storage = storage_of(model, config_from_dict(q[0])) if q else None
+        assert later_id_map_bytes(rest, model, storage) == expected, rest
