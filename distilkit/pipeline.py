@@ -155,13 +155,11 @@ def run_recipe(recipe: Recipe, progress: bool = True,
         compress_(student, cfg, ctx)
         callbacks += get_method(cfg).callbacks(student, cfg, ctx)
     if export is not None and export.four_bit:
-        probe = student
-        if post:  # what the trained student will be packed as, checked now on a copy
-            probe = copy.deepcopy(student)
-            for cfg in post:
-                compress_(probe, cfg, ctx)
+        # post-training methods: what the trained student will be packed as, on a copy now
+        probe = copy.deepcopy(student) if post else student
+        for cfg in post:
+            compress_(probe, cfg, ctx)
         check_four_bit_export(probe)
-        del probe
     trainer = parts.trainer(student, callbacks=callbacks)
     if post and (trainer.is_fsdp_enabled or _zero_stage(trainer) == 3):
         raise ValueError(f"compression: {get_method(post[0]).name} quantizes the trained "

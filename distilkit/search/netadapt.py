@@ -125,7 +125,7 @@ def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int =
     if structure.bits is not None:
         bits = [[min(b, min_bits) if b and BITS in units else b for b in row]
                 for row in structure.bits[:n]]
-    return _reshape(structure, heads, ffn, keep=range(n), bits=bits)
+    return _reshape(structure, heads, ffn, bits=bits)
 
 
 def plan_step(structure, scores: Scores, cost: Callable, cut: float,

@@ -227,11 +227,10 @@ class _Searcher:
         stored = contextlib.nullcontext()
         if structure is not None and structure.bits is not None:
             from distilkit.compress.quantize import quantized_weights
-            from distilkit.search.storage import role_names
+            from distilkit.search.storage import bits_patterns
 
-            bits = {n: b for row, names in zip(structure.bits, role_names(model))
-                    for b, n in zip(row, names) if b}
-            stored = quantized_weights(model, bits, self.storage.bucket_size)
+            stored = quantized_weights(model, bits_patterns(model, structure.bits, default=0),
+                                       self.storage.bucket_size)
         if self.eval_ds is not None and len(self.eval_ds):
             with stored:
                 m = trainer.evaluate(eval_dataset=self.eval_ds)
@@ -278,8 +277,10 @@ def later_storage(rest: list, student: nn.Module):
     from distilkit.compress.base import config_from_dict
     from distilkit.search.storage import storage_of
 
-    entry = next((e for e in rest if isinstance(e, dict) and e.get("method") in
-                  ("quantize", "ptq")), None)
+    from distilkit.budget import QUANTIZERS
+
+    entry = next((e for e in rest if isinstance(e, dict) and e.get("method") in QUANTIZERS),
+                 None)
     if entry is None:
         return None
     try:

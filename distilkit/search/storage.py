@@ -91,7 +91,8 @@ def role_names(model: nn.Module) -> list:
 def bits_patterns(model: nn.Module, bits: tuple, default: int) -> dict:
     """``{module name: bits}`` of ``model``'s quantized layer weights whose bits (a
     :attr:`Structure.bits`, by position) are not ``default``: a quantize or ptq entry's
-    ``bits_per_pattern`` that stores ``model`` at those bits (names are exact globs)."""
+    ``bits_per_pattern`` that stores ``model`` at those bits (names are exact globs); with
+    ``default=0``, every quantized one."""
     out = {}
     for row, names in zip(bits, role_names(model)):
         for b, name in zip(row, names):
