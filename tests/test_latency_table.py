@@ -139,9 +139,35 @@ def timed(tmp_path_factory):
     return model, LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False), cache
 
 
-def _measured(table, model, times: int = 3) -> float:
-    """The median of several medians: one burst of noise cannot decide the comparison."""
-    return sorted(table.measure_ms(model) for _ in range(times))[times // 2]
+def _ratio_errors(table, full, models: dict, repeats: int = latency.MEASURE_REPEATS) -> dict:
+    """Each model's predicted speed-up over ``full`` against the one measured side by side with
+    it (:func:`measure_pair_ms`): ``name -> (predicted ratio, measured ratio, relative error)``.
+    A speed-up target uses the table this way, and a ratio timed in alternating turns is the
+    figure the machine's drift leaves alone: the CPU ran 15% faster or slower from one second
+    to the next on the AMD 2-core machines (2026-12-03, CPU clock too), so a table measured in
+    a slow moment read 30-57% above models timed later, one after the other (CI, 2026-12-03)."""
+    from distilkit.search.latency import measure_pair_ms
+
+    predicted_full = table.predict_ms(structure_of(full))
+    errors = {}
+    for name, m in models.items():
+        model_ms, full_ms = measure_pair_ms(m, full, table.spec, repeats)
+        predicted = table.predict_ms(structure_of(m)) / predicted_full
+        measured = model_ms / full_ms
+        errors[name] = (round(predicted, 3), round(measured, 3), predicted / measured - 1)
+    return errors
+
+
+def _absolute_error(table, model) -> float:
+    """The full model's predicted ms against a median of its measured ones, as a factor."""
+    measured = sorted(table.measure_ms(model) for _ in range(3))[1]
+    return max(table.predict_ms(structure_of(model)) / measured,
+               measured / table.predict_ms(structure_of(model)))
+
+
+# The CPU's drift between the table's minute and the model's (see _ratio_errors) is bounded
+# by this, not by the tolerance: the absolute figure is only held to the right scale.
+ABSOLUTE_FACTOR = 2.0
 
 
 def test_table_predicts_measured_latency_of_pruned_models(timed, tmp_path):
@@ -149,24 +175,18 @@ def test_table_predicts_measured_latency_of_pruned_models(timed, tmp_path):
     assert table.measured and table.tolerance == latency.TOLERANCE
     assert table.heads == [1, 2, 3, 4] and table.ffn[0] == 1 and table.ffn[-1] == 512
     assert table.base_ms() > 0
-
-    def errors_of(table):
-        errors = {}
-        for name, m in _pruned_models(model).items():
-            predicted, measured = table.predict_ms(structure_of(m)), _measured(table, m)
-            errors[name] = (round(predicted, 2), round(measured, 2), predicted / measured - 1)
-        return errors
-    errors = errors_of(table)
+    pruned = {k: v for k, v in _pruned_models(model).items() if k != "full"}
+    errors = _ratio_errors(table, model, pruned)
     if not all(abs(e) <= table.tolerance for _, _, e in errors.values()):
-        # The CPU itself ran 15% faster or slower from one second to the next on the AMD
-        # 2-core machines (2026-12-03; CPU time too): a table measured in a slow moment
-        # mispredicts every model after it. The search measures its table again when it
-        # mispredicts its student by more than the tolerance; so does this test, once.
+        # A table whose grid was measured across a change of the CPU's speed mispredicts
+        # every model after it; the search measures its table again when it mispredicts its
+        # student by more than the tolerance; so does this test, once.
         table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False)
-        errors = errors_of(table)
+        errors = _ratio_errors(table, model, pruned)
     assert all(abs(e) <= table.tolerance for _, _, e in errors.values()), errors
+    assert _absolute_error(table, model) <= ABSOLUTE_FACTOR
     # and the figures order the structures as their sizes do
-    assert errors["layers"][0] < errors["full"][0] and errors["mixed"][0] < errors["full"][0]
+    assert errors["layers"][0] < 1 and errors["mixed"][0] < 1
 
 
 def test_onnx_int8_table_predicts_a_pruned_model(tmp_path):
@@ -174,10 +194,11 @@ def test_onnx_int8_table_predicts_a_pruned_model(tmp_path):
     # batch 32: int8 layers of this width take ~1 ms at batch 8, mostly per-op overhead
     spec = RuntimeSpec("onnx_int8", batch=32, seq_len=32, threads=1, clock="cpu")
     table = LatencyTable.for_model(model, spec, cache_dir=str(tmp_path), progress=False, grid=2)
-    mixed = _pruned_models(model)["mixed"]
-    # one export, timed as a median of MEASURE_REPEATS runs (each measure exports again)
-    predicted, measured = table.predict_ms(structure_of(mixed)), _measured(table, mixed, 1)
-    assert abs(predicted / measured - 1) <= table.tolerance, (predicted, measured)
+    mixed = {"mixed": _pruned_models(model)["mixed"]}
+    # one export of each model, timed in alternating turns
+    errors = _ratio_errors(table, model, mixed)
+    assert abs(errors["mixed"][2]) <= table.tolerance, errors
+    assert _absolute_error(table, model) <= ABSOLUTE_FACTOR
 
 
 def _fake_ms(model, spec, repeats=latency.MEASURE_REPEATS):
