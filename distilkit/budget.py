@@ -16,7 +16,9 @@ module is the entry's config and its checks, which need neither models nor data,
 * the search settings: ``step_fraction`` (NetAdapt's per-step cut of the current figure),
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
   unit may go: heads, ffn, layers, and for a size target followed by quantize / ptq, bits:
-  weights stored at fewer bits, down to ``min_bits``), ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
+  weights stored at fewer bits, down to ``min_bits``; for a size target followed by
+  prune_vocab, vocab: the word rows of the rarest training tokens), ``ffn_block`` (FFN
+  neurons removed together), ``max_iterations``,
   ``eval_examples`` (validation examples scored after each step), ``importance_batches``,
   ``choose`` (measured: each step distils one proposal per kind of unit and the mixed plan,
   keeping the lowest validation loss, as NetAdapt does; importance: the mixed plan alone),
@@ -44,7 +46,9 @@ TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
 # far above this module; tests/test_search.py checks that the two agree).
 RUNTIMES = ("pytorch", "onnx", "onnx_int8")
 UNITS = ("heads", "ffn", "layers")   # the default units (distilkit.search.netadapt.UNITS)
-ALL_UNITS = UNITS + ("bits",)   # bits: of a later quantize / ptq entry, for size targets
+# bits: of a later quantize / ptq entry; vocab: the rows a later prune_vocab keeps (its
+# max_tokens); both for size targets
+ALL_UNITS = UNITS + ("bits", "vocab")
 QUANTIZERS = ("quantize", "ptq")
 CHOICES = ("measured", "importance")   # as distilkit.search.netadapt.CHOICES
 CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the tests too)
@@ -75,7 +79,8 @@ class BudgetConfig:
         "help": "distillation steps after each step (0: none)"})
     units: tuple = field(default=UNITS, metadata={
         "help": "kinds of unit that may be removed: heads, ffn, layers, and for a size target "
-                "followed by quantize or ptq, bits (each weight's stored bits, lowered)"})
+                "followed by quantize or ptq, bits (each weight's stored bits, lowered); "
+                "followed by prune_vocab, vocab (the rarest training tokens' word rows)"})
     min_bits: int = field(default=2, metadata={
         "help": "with units bits: the fewest bits a weight may be stored at"})
     ffn_block: int = field(default=64, metadata={"help": "FFN neurons removed together"})
@@ -122,6 +127,8 @@ class BudgetConfig:
                 f"current figure over {', '.join(self.units)}"
                 + (f" (FFN blocks of {self.ffn_block})" if "ffn" in self.units else "")
                 + (f" (bits down to {self.min_bits})" if "bits" in self.units else "")
+                + (" (word rows: the rarest training tokens first)" if "vocab" in self.units
+                   else "")
                 + f", {self.steps_between} distillation steps after each"
                 + (" proposal (per kind of unit and mixed; the lowest validation loss kept)"
                    if self.choose == "measured" else "") + ", at most "
@@ -298,7 +305,34 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
                              "quantize, ptq, prune_vocab or magnitude may follow auto)")
     if "bits" in budget.units:
         _check_bits_unit(budget, rest)
+    if "vocab" in budget.units:
+        _check_vocab_unit(budget, rest)
     return budget, rest
+
+
+def _check_vocab_unit(budget: BudgetConfig, rest: list) -> None:
+    """``units: [.., vocab]`` sets how many training tokens a later prune_vocab keeps: it
+    needs a size target (a word row costs no time), that entry without its own max_tokens,
+    and measured proposals."""
+    where = _where(0)
+    if budget.target not in ("size_mb", "parameters"):
+        raise ValueError(f"{where}: units: vocab drops word rows, which changes the size, not "
+                         f"{budget.target} (a row is looked up, not computed): use it with a "
+                         "size_mb or parameters target, or drop vocab")
+    v = [(j, e) for j, e in enumerate(rest, start=1)
+         if isinstance(e, dict) and e.get("method") == "prune_vocab"]
+    if not v:
+        raise ValueError(f"{where}: units: vocab chooses how many training tokens a prune_vocab "
+                         "after auto keeps, and there is none: add {method: prune_vocab} after "
+                         "it, or drop vocab")
+    j, e = v[-1]
+    if e.get("max_tokens") is not None:
+        raise ValueError(f"compression[{j}]: max_tokens with units: vocab in auto: the search "
+                         "chooses how many tokens to keep; remove max_tokens, or drop vocab")
+    if budget.choose != "measured":
+        raise ValueError(f"{where}: units: vocab needs choose: measured (a word row has no "
+                         "gradient score on the heads' scale: only the distilled proposals "
+                         "compare them)")
 
 
 def _check_bits_unit(budget: BudgetConfig, rest: list) -> None:

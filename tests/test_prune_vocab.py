@@ -315,3 +315,38 @@ def test_a_run_saves_the_shrunk_student_and_scores_it(tiny_task):
 
     exported = export_onnx(student, os.path.join(run, "onnx"))
     assert exported["files"]["fp32"]["argmax_agreement"] == 1.0
+
+
+def test_max_tokens_keeps_the_most_frequent_data_tokens_and_the_others_read_unk():
+    """max_tokens N keeps the N most frequent tokens of the data (ties by id) and the specials
+    whatever N is, so the rows kept at N are a prefix of one list (droppable_ids, which the
+    budget search drops from the end); a data token beyond N predicts as [UNK]."""
+    from distilkit.compress.vocab import droppable_ids, kept_ids
+
+    batches = data_batches()
+    ids = torch.cat([b["input_ids"].flatten() for b in batches])
+    counts = torch.bincount(ids, minlength=120)
+    ranked = sorted(torch.nonzero(counts).flatten().tolist(), key=lambda i: (-int(counts[i]), i))
+    assert int(counts[ranked[0]]) > int(counts[ranked[-1]])   # the order means something
+    ctx = CompressionContext(dataloader=batches)
+    full_kept, data, unk = droppable_ids(tiny_bert(), config_from_dict(
+        {"method": "prune_vocab"}), ctx)
+    assert data == ranked and full_kept == sorted(set(ranked) | {0, UNK}) and unk == UNK
+    for n in (0, 7, len(ranked), len(ranked) + 5):
+        cfg = config_from_dict({"method": "prune_vocab", "max_tokens": n})
+        assert kept_ids(tiny_bert(), cfg, ctx)[0] == sorted(set(ranked[:n]) | {0, UNK})
+        assert droppable_ids(tiny_bert(), cfg, ctx)[1] == ranked[:n]
+    model, original = tiny_bert(), tiny_bert()
+    record = compress_(model, config_from_dict({"method": "prune_vocab", "max_tokens": 7}), ctx)
+    assert record["kept"] == 7 + 2
+    x = batches[0]["input_ids"].clone()
+    x[:, 2] = ranked[-1]
+    as_unk = torch.where(torch.isin(x, torch.tensor(ranked[:7])), x, torch.tensor(UNK))
+    assert (as_unk == UNK).any() and (as_unk != UNK).any()
+    torch.testing.assert_close(logits(model, x), logits(original, as_unk))
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "many"])
+def test_a_bad_max_tokens_is_refused(bad):
+    with pytest.raises(ValueError, match=f"max_tokens={bad!r} must be a non-negative integer"):
+        config_from_dict({"method": "prune_vocab", "max_tokens": bad})

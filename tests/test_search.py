@@ -872,3 +872,137 @@ def test_a_size_target_counts_the_id_map_prune_vocab_saves_beside_a_packed_table
         q = [e for e in rest if e["method"] == "ptq"]
         storage = storage_of(model, config_from_dict(q[0])) if q else None
         assert later_id_map_bytes(rest, model, storage) == expected, rest
+
+
+# ---------------------------------------------------------------------------------------
+# The word table's rows as a unit (units: [.., vocab])
+# ---------------------------------------------------------------------------------------
+
+def _vocab_setting():
+    from distilkit.search.structure import Structure, base_shape_of, size_mb
+
+    model = tiny_bert(layers=2)
+    shape = base_shape_of(model)
+    return shape, Structure((4, 4), (64, 64), 90), (lambda s: size_mb(s, shape))
+
+
+def test_plan_vocab_drops_the_fewest_rows_that_reach_the_cut_and_never_below_the_floor():
+    from distilkit.search.netadapt import after_removal, plan_vocab
+
+    shape, st, cost = _vocab_setting()
+    row = cost(st) - cost(dataclasses.replace(st, vocab=st.vocab - 1))
+    assert row == pytest.approx(4 * shape.hidden / 1e6)
+    r = plan_vocab(st, cost, 2.5 * row, min_vocab=10)
+    assert r.vocab == 3 and not r.heads and not r.neurons and not r.layers
+    assert after_removal(st, r).vocab == 87 and after_removal(st, r).heads == st.heads
+    assert plan_vocab(st, cost, 80 * row, min_vocab=10).vocab == 80   # down to the floor
+    assert plan_vocab(st, cost, 81 * row, min_vocab=10).empty()      # it cannot reach the cut
+    assert plan_vocab(dataclasses.replace(st, vocab=10), cost, row, min_vocab=10).empty()
+
+
+def test_vocab_proposal_stands_beside_the_others_and_the_tracker_counts_the_rows():
+    from distilkit.search.netadapt import Removal, Scores, Tracker, plan_proposals, \
+        smallest_structure
+
+    shape, st, cost = _vocab_setting()
+    scores = Scores(heads=[[1.0] * 4] * 2, neurons=[[1.0] * 64] * 2, layers=[5.0, 5.0])
+    cut = 0.1 * cost(st)
+    props = dict(plan_proposals(st, scores, cost, cut, ("heads", "ffn", "vocab"), ffn_block=16,
+                                min_vocab=10))
+    assert "mixed" in props and props["vocab"].vocab > 0 and not props["mixed"].vocab
+    only = plan_proposals(st, scores, cost, cut, ("vocab",), min_vocab=10)
+    assert [n for n, _ in only] == ["vocab"]
+    assert smallest_structure(st, ("heads", "vocab"), min_vocab=10).vocab == 10
+    assert smallest_structure(st, ("heads",), min_vocab=10).vocab == 90
+    tr = Tracker.of(st)
+    tr.apply(Removal(vocab=30))
+    tr.apply(Removal(layers=[0], vocab=5))
+    assert tr.structure(st).vocab == 55 and tr.structure(st).num_layers() == 1
+    assert Removal(vocab=5).counts()["vocab_rows"] == 5 and not Removal(vocab=5).empty()
+    assert "vocab_rows" not in Removal(layers=[1]).counts()
+
+
+def test_the_vocab_mask_computes_what_prune_vocab_at_those_rows_computes():
+    """The search trains and scores its student with the ids the later prune_vocab will not
+    keep reading [UNK] (VocabMask); after dropping k rows that is the student prune_vocab with
+    max_tokens = (data tokens - k) makes, and a deep copy's mask is its own."""
+    from distilkit.compress import CompressionContext, compress_, config_from_dict
+    from distilkit.compress.vocab import droppable_ids
+    from distilkit.search.run import VocabMask
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(5, 60, (4, 12), generator=g),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(3)]
+    ctx = CompressionContext(dataloader=batches)
+    model = tiny_bert(layers=2)
+    kept, data, unk = droppable_ids(model, config_from_dict({"method": "prune_vocab"}), ctx)
+    VocabMask.install(model, kept, data, unk)
+    clone = copy.deepcopy(model)
+    VocabMask.of(clone).drop(20)
+    assert VocabMask.of(model).kept_data == len(data)   # the original's mask is untouched
+    x = torch.randint(0, 120, (6, 12), generator=g)   # ids the data holds and ids it lacks
+    for m, n in ((model, len(data)), (clone, len(data) - 20)):
+        ref = tiny_bert(layers=2)
+        compress_(ref, config_from_dict({"method": "prune_vocab", "max_tokens": n}), ctx)
+        with torch.no_grad():
+            torch.testing.assert_close(m(input_ids=x).logits, ref(input_ids=x).logits)
+    with pytest.raises(ValueError, match="data tokens are kept"):
+        VocabMask.of(clone).drop(len(data))
+
+
+@pytest.mark.parametrize("auto,after,expected", [
+    ({"target": {"speedup": 2}}, [{"method": "prune_vocab"}], "use it with a size_mb or "
+                                                             "parameters target"),
+    ({}, [], "there is none: add {method: prune_vocab}"),
+    ({}, [{"method": "prune_vocab", "max_tokens": 10}], "max_tokens with units: vocab"),
+    ({"choose": "importance"}, [{"method": "prune_vocab"}], "needs choose: measured"),
+])
+def test_bad_vocab_unit_settings_fail_in_one_line(tiny_task, capsys, auto, after, expected):
+    entry = _auto(**{"target": {"size_mb": 1}, "units": ["heads", "vocab"], **auto})
+    path, _ = _recipe(tiny_task, student={"type": "from_teacher", "num_layers": 2},
+                      compression=[entry, *after])
+    assert main(["distill", path, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("units", [["vocab"], ["heads", "ffn", "vocab"]])
+def test_a_size_target_with_vocab_keeps_the_rows_it_chose(tiny_task, cache, capsys, units):
+    """prune_vocab after auto and a parameters target six word rows under the student's
+    counted size: with vocab alone the search drops at least six of the rarest training
+    tokens' rows and nothing else; either way the resolved recipe's prune_vocab keeps the
+    max_tokens the search chose, and the saved student has exactly the rows it counted."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distilkit.compress.base import from_pretrained
+    from distilkit.search.structure import structure_of
+
+    from conftest import WORDS
+    from distilkit.search.structure import base_shape_of, parameters
+
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_task["teacher"])
+    hidden = full.config.hidden_size
+    pv = {"method": "prune_vocab"}
+    # the counted size of the 4-layer student with the rows prune_vocab keeps (the specials
+    # and the words tiny_sentences uses)
+    kept = 5 + len(set(WORDS) - {"a", "but", "not"})
+    st = dataclasses.replace(structure_of(full), vocab=kept)
+    target = parameters(st, base_shape_of(full)) - 6 * hidden
+    path, out = _search_recipe(tiny_task, {"parameters": target}, after=[pv],
+                               auto={"units": units})
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
+    res = json.load(open(os.path.join(out, "results.json")))
+    record = json.load(open(os.path.join(out, "search.json")))
+    assert record["vocab_counted"] == kept and res["search"]["met"]
+    rows = record["structure"]["vocab"]
+    assert rows == record["structure"]["max_tokens"] + 5   # the 5 specials stay
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    entry = [e for e in resolved["compression"] if e["method"] == "prune_vocab"][0]
+    assert entry["max_tokens"] == record["structure"]["max_tokens"]
+    student = from_pretrained(os.path.join(out, "student"))
+    assert student.get_input_embeddings().weight.shape[0] == rows
+    assert sum(p.numel() for p in student.parameters()) == res["search"]["parameters"] <= target
+    if units == ["vocab"]:
+        assert rows <= kept - 6 and structure_of(student).num_layers() == 4
+        assert list(structure_of(student).heads) == [4] * 4
+        assert all(set(r["removed"]) >= {"vocab_rows"} for r in record["history"][1:])

@@ -4,7 +4,10 @@ On MiniLM-sized students most parameters are the word embedding table (30,522 x 
 most of its rows belong to tokens a task's data never contains. ``prune_vocab`` keeps
 
 * every token id that occurs in the training data (``input_ids`` of *all* the batches of
-  the compression context's data loader, not only ``max_batches`` of them),
+  the compression context's data loader, not only ``max_batches`` of them); with
+  ``max_tokens: N``, only the N most frequent of them (ties broken by id; a token of the data
+  beyond them becomes [UNK]: the budget search sets it to trade rare words' rows for heads
+  and neurons),
 * the special tokens: the model config's ``*_token_id`` values (pad, bos, eos, sep, cls,
   mask, decoder start), ``unk_token_id`` and ``special_token_ids`` (pass the tokenizer's
   ``all_special_ids`` here),
@@ -93,6 +96,9 @@ class PruneVocabConfig:
                 "unk_token_id, else 100 (BERT vocabularies)."})
     special_token_ids: list = field(default_factory=list, metadata={
         "help": "Further ids to keep, e.g. the tokenizer's all_special_ids."})
+    max_tokens: Optional[int] = field(default=None, metadata={
+        "help": "Keep at most this many of the training data's tokens (besides the special "
+                "ones), the most frequent first; the rest become [UNK]. Default: all."})
 
     def __post_init__(self):
         if not isinstance(self.keep_frequent, int) or self.keep_frequent < 0:
@@ -112,6 +118,10 @@ class PruneVocabConfig:
         if self.frequency_file is not None and not os.path.isfile(self.frequency_file):
             raise ValueError(f"prune_vocab: frequency_file={self.frequency_file!r} is not a "
                              f"file; give a text file, one text a line")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(
+                self.max_tokens, int) or self.max_tokens < 0):
+            raise ValueError(f"prune_vocab: max_tokens={self.max_tokens!r} must be a "
+                             f"non-negative integer (the data tokens kept), or left out")
         bad = [i for i in self.special_token_ids if not isinstance(i, int) or i < 0]
         if bad:
             raise ValueError(f"prune_vocab: special_token_ids has {bad[:4]}, which are not "
@@ -146,18 +156,28 @@ def id_map_for(kept: list[int], vocab_size: int, unk_row: int) -> torch.Tensor:
     return out
 
 
-def _data_ids(ctx: CompressionContext, vocab_size: int) -> set[int]:
+def data_token_counts(ctx: CompressionContext, vocab_size: int) -> torch.Tensor:
+    """How often each id occurs in the training data: ``input_ids`` of every batch of
+    ``ctx``'s data loader (all of them: a token missed here would become [UNK])."""
     if ctx is None or ctx.dataloader is None:
         raise ValueError("prune_vocab keeps the tokens of the training data, which needs "
                          "data: pass CompressionContext(dataloader=...)")
-    seen = torch.zeros(vocab_size, dtype=torch.bool)
-    for batch in ctx.dataloader:  # all of them: a token missed here would become [UNK]
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for batch in ctx.dataloader:
         ids = batch["input_ids"].reshape(-1).cpu().long()
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
             raise ValueError(f"prune_vocab: the data has token ids outside 0..{vocab_size - 1} "
                              f"(the model's vocab_size); tokenize with the model's tokenizer")
-        seen[ids] = True
-    return set(torch.nonzero(seen).flatten().tolist())
+        counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def ranked_data_ids(counts: torch.Tensor, always: set) -> list[int]:
+    """The ids the data holds and ``always`` (the ids kept whatever the count) lacks, most
+    frequent first, ties by id: ``max_tokens: N`` keeps the first N, and the budget search
+    drops rows from the end."""
+    seen = torch.nonzero(counts).flatten().tolist()
+    return sorted((i for i in seen if i not in always), key=lambda i: (-int(counts[i]), i))
 
 
 def _frequent_ids(cfg: PruneVocabConfig, tokenizer: Any, vocab_size: int, kept: set[int]
@@ -243,11 +263,11 @@ def _check_embedding(model: nn.Module) -> nn.Embedding:
     return emb
 
 
-def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
-             ) -> tuple[list[int], int, list[int]]:
-    """``(kept ids sorted, the [UNK] id, the keep_frequent ids among them)``: the rows
-    ``prune_vocab`` keeps of ``model``'s word table on ``ctx``'s data (module docstring), so a
-    budget search can count a later ``prune_vocab`` before it runs."""
+def _kept_parts(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
+                ) -> tuple[set, list[int], list[int], int]:
+    """``(the ids kept whatever the data holds, the keep_frequent ids, the data's other ids
+    most frequent first, the [UNK] id)``: what :func:`kept_ids` and :func:`droppable_ids`
+    choose from (``max_tokens`` not yet applied)."""
     emb = _check_embedding(model)
     vocab = emb.num_embeddings
     tok = ctx.tokenizer if ctx is not None else None
@@ -268,10 +288,34 @@ def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
     if bad:
         raise ValueError(f"prune_vocab: special_token_ids {bad[:4]} are outside the "
                          f"vocabulary 0..{vocab - 1}")
-    kept = _data_ids(ctx, vocab) | specials | {unk} | set(cfg.special_token_ids)
-    frequent = _frequent_ids(cfg, tok, vocab, kept)
-    kept = sorted(kept | set(frequent))
-    return kept, unk, frequent
+    always = specials | {unk} | set(cfg.special_token_ids)
+    data = ranked_data_ids(data_token_counts(ctx, vocab), always)
+    # keep_frequent adds words the training data lacks (whatever max_tokens keeps of it), so
+    # the rows kept at max_tokens N are always the same N data tokens and the same others
+    frequent = _frequent_ids(cfg, tok, vocab, always | set(data))
+    return always, frequent, data, unk
+
+
+def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
+             ) -> tuple[list[int], int, list[int]]:
+    """``(kept ids sorted, the [UNK] id, the keep_frequent ids among them)``: the rows
+    ``prune_vocab`` keeps of ``model``'s word table on ``ctx``'s data (module docstring), so a
+    budget search can count a later ``prune_vocab`` before it runs."""
+    always, frequent, data, unk = _kept_parts(model, cfg, ctx)
+    if cfg.max_tokens is not None:
+        data = data[: cfg.max_tokens]
+    return sorted(always | set(frequent) | set(data)), unk, frequent
+
+
+def droppable_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
+                  ) -> tuple[list[int], list[int], int]:
+    """``(kept ids sorted, the data tokens among them most frequent first, the [UNK] id)``:
+    with ``max_tokens: N`` prune_vocab keeps the first N of that list and every other kept id
+    whatever N is. The budget search drops rows from the list's end."""
+    always, frequent, data, unk = _kept_parts(model, cfg, ctx)
+    if cfg.max_tokens is not None:
+        data = data[: cfg.max_tokens]
+    return sorted(always | set(frequent) | set(data)), data, unk
 
 
 @register

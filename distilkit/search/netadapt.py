@@ -37,6 +37,13 @@ them one bit of one weight at a time, least Fisher-estimated loss per byte saved
 (:attr:`Scores.bits`), and that plan is one more proposal, judged like the others by the
 validation loss of the student quantized as its structure stores it.
 
+With ``vocab`` among the units (size targets with a ``prune_vocab`` after ``auto``), the word
+table's rows are a unit: :func:`plan_vocab` drops the rarest tokens of the training data
+first (the fewest rows that reach the step's cut), which then read the [UNK] row; one more
+proposal, judged by the validation loss of the student that reads [UNK] for every token the
+saved student will not hold. On a MiniLM student stored at 4 bits a row is 0.2 KB: a head's
+bytes buy about 120 of the rarest words.
+
 The search stops when the *measured* figure meets the target. Predicted and measured
 latency differ by the table's error, so the predicted goal of each step is the target scaled
 by the current measured/predicted ratio. What is removed is tracked in the original student's
@@ -59,6 +66,7 @@ from typing import Callable, Optional, Sequence
 
 UNITS = ("heads", "ffn", "layers")   # structural units (the default)
 BITS = "bits"   # the stored bits of each quantized weight: a unit of size targets (opt in)
+VOCAB = "vocab"   # the word table's rows (a later prune_vocab's max_tokens): size targets
 CHOICES = ("measured", "importance")   # as distilkit.budget.CHOICES (checked by the tests)
 
 
@@ -83,16 +91,18 @@ class Scores:
 class Removal:
     """Units one step removes, by position in the current student: ``heads`` and ``neurons``
     per layer position, ``layers`` the positions of whole layers dropped; ``bits`` per layer
-    position ``{role: new bits}`` of the quantized weights stored at fewer bits."""
+    position ``{role: new bits}`` of the quantized weights stored at fewer bits; ``vocab``
+    the word-table rows dropped (the rarest data tokens kept so far)."""
 
     heads: dict = field(default_factory=dict)
     neurons: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     bits: dict = field(default_factory=dict)
+    vocab: int = 0
 
     def empty(self) -> bool:
         return not (any(self.heads.values()) or any(self.neurons.values()) or self.layers
-                    or any(self.bits.values()))
+                    or any(self.bits.values()) or self.vocab)
 
     def counts(self) -> dict:
         out = {"heads": sum(len(v) for v in self.heads.values()),
@@ -100,6 +110,8 @@ class Removal:
                "layers": len(self.layers)}
         if any(self.bits.values()):   # weights stored at fewer bits (only when searched)
             out["bit_weights"] = sum(len(v) for v in self.bits.values())
+        if self.vocab:
+            out["vocab_rows"] = int(self.vocab)
         return out
 
 
@@ -114,10 +126,11 @@ def _reshape(structure, heads: Sequence[int], ffn: Sequence[int], keep=None, bit
 
 
 def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64,
-                       min_bits: int = 2):
+                       min_bits: int = 2, min_vocab: int = 1):
     """The smallest structure the search may reach from ``structure``: one layer (with
-    ``layers`` among the units), one head per layer, one FFN block per layer, and (with
-    ``bits``) every quantized weight at ``min_bits``."""
+    ``layers`` among the units), one head per layer, one FFN block per layer, (with
+    ``bits``) every quantized weight at ``min_bits``, and (with ``vocab``) ``min_vocab`` word
+    rows (those prune_vocab keeps whatever the data holds)."""
     n = 1 if "layers" in units else len(structure.heads)
     heads = [1 if "heads" in units else h for h in structure.heads[:n]]
     ffn = [min(f, ffn_block) if "ffn" in units else f for f in structure.ffn[:n]]
@@ -125,7 +138,8 @@ def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int =
     if structure.bits is not None:
         bits = [[min(b, min_bits) if b and BITS in units else b for b in row]
                 for row in structure.bits[:n]]
-    return _reshape(structure, heads, ffn, bits=bits)
+    out = _reshape(structure, heads, ffn, bits=bits)
+    return dataclasses.replace(out, vocab=min(out.vocab, min_vocab)) if VOCAB in units else out
 
 
 def plan_step(structure, scores: Scores, cost: Callable, cut: float,
@@ -220,10 +234,11 @@ def after_removal(structure, removal: Removal):
     if structure.bits is not None:
         bits = [[removal.bits.get(l, {}).get(j, b) for j, b in enumerate(structure.bits[l])]
                 for l in keep]
-    return _reshape(structure,
-                    [structure.heads[l] - len(removal.heads.get(l, ())) for l in keep],
-                    [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep],
-                    bits=bits)
+    out = _reshape(structure,
+                   [structure.heads[l] - len(removal.heads.get(l, ())) for l in keep],
+                   [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep],
+                   bits=bits)
+    return dataclasses.replace(out, vocab=out.vocab - removal.vocab) if removal.vocab else out
 
 
 def plan_bits(structure, scores: Scores, cost: Callable, cut: float, min_bits: int = 2,
@@ -265,15 +280,35 @@ def plan_bits(structure, scores: Scores, cost: Callable, cut: float, min_bits: i
     return out
 
 
+def plan_vocab(structure, cost: Callable, cut: float, min_vocab: int = 1) -> Removal:
+    """The fewest word rows to drop (the rarest data tokens first: which ones is the run's
+    business, by training frequency) so that ``cost`` falls by at least ``cut``, never below
+    ``min_vocab`` rows; nothing when even that falls short. ``cost`` falls with every row."""
+    room = structure.vocab - min_vocab
+    goal = float(cost(structure)) - cut
+
+    def after(k):
+        return float(cost(dataclasses.replace(structure, vocab=structure.vocab - k)))
+    if room <= 0 or after(room) > goal:
+        return Removal()
+    lo, hi = 0, room   # after(hi) <= goal < after(lo): the least hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if after(mid) <= goal else (mid, hi)
+    return Removal(vocab=hi)
+
+
 def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
                    units: Sequence[str] = UNITS, ffn_block: int = 64,
-                   floor: Optional[float] = None, min_bits: int = 2) -> list:
+                   floor: Optional[float] = None, min_bits: int = 2,
+                   min_vocab: int = 1) -> list:
     """NetAdapt's proposals for one step, as ``[(name, removal)]``: the mixed plan of
     :func:`plan_step` over every structural unit kind in ``units`` (named ``mixed``), then the
     plan over each kind alone (``heads``, ``ffn``, ``layers``), each once (a single-kind plan
     equal to an earlier one is left out), and with ``bits`` among the units the plan of
     :func:`plan_bits` (``bits``: its Fisher estimate is not on the gradient scores' scale, so
-    it is never mixed with them; the measured validation loss compares it with the others).
+    it is never mixed with them; the measured validation loss compares it with the others),
+    and with ``vocab`` the plan of :func:`plan_vocab` (``vocab``, likewise never mixed).
 
     Proposals are compared at equal resource cuts, so a single-kind plan that cannot reach
     ``cut`` (its floors: one head, one FFN block per layer) is left out; and one that lands
@@ -287,9 +322,10 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
     out = [("mixed", plan_step(structure, scores, cost, cut, structural, ffn_block, floor))] \
         if structural else []
     for kind in units:
-        if kind != BITS and len(structural) == 1:
+        if kind in UNITS and len(structural) == 1:
             continue   # the mixed plan is this kind's plan
         r = plan_bits(structure, scores, cost, cut, min_bits, floor) if kind == BITS else \
+            plan_vocab(structure, cost, cut, min_vocab) if kind == VOCAB else \
             plan_step(structure, scores, cost, cut, (kind,), ffn_block, floor)
         if r.empty() or any(r == other for _, other in out):
             continue
@@ -326,6 +362,7 @@ class Tracker:
     total_heads: dict = field(default_factory=dict)
     total_neurons: dict = field(default_factory=dict)
     bits: Optional[dict] = None   # original layer -> its weights' bits (Structure.bits rows)
+    vocab: Optional[int] = None   # word rows kept (None: as the structure it describes)
 
     @classmethod
     def of(cls, structure) -> "Tracker":
@@ -336,7 +373,7 @@ class Tracker:
                    total_heads={o: structure.heads[o] for o in range(n)},
                    total_neurons={o: structure.ffn[o] for o in range(n)},
                    bits=None if structure.bits is None else
-                   {o: list(structure.bits[o]) for o in range(n)})
+                   {o: list(structure.bits[o]) for o in range(n)}, vocab=structure.vocab)
 
     def apply(self, removal: Removal) -> None:
         """Record ``removal`` (current positions), as the physical surgery applies it."""
@@ -349,14 +386,17 @@ class Tracker:
         for pos, new in removal.bits.items():
             for j, b in new.items():
                 self.bits[self.layers[pos]][j] = int(b)
+        if removal.vocab:
+            self.vocab -= int(removal.vocab)
         dropped = set(removal.layers)
         self.layers = [o for i, o in enumerate(self.layers) if i not in dropped]
 
     def structure(self, like):
-        """The current structure (``like``'s type and vocabulary, these counts)."""
-        return _reshape(like, [len(self.heads[o]) for o in self.layers],
-                        [len(self.neurons[o]) for o in self.layers],
-                        bits=None if self.bits is None else [self.bits[o] for o in self.layers])
+        """The current structure (``like``'s type, these counts)."""
+        out = _reshape(like, [len(self.heads[o]) for o in self.layers],
+                       [len(self.neurons[o]) for o in self.layers],
+                       bits=None if self.bits is None else [self.bits[o] for o in self.layers])
+        return out if self.vocab is None else dataclasses.replace(out, vocab=self.vocab)
 
     def entries(self) -> list:
         """The compression entries that cut the same units out of a fresh copy of the
@@ -455,9 +495,9 @@ def _try_proposals(options, model, step: int, prune: Callable, distil: Callable,
 
 
 def _layout(structure) -> dict:
-    """A history row's picture of ``structure``: heads and FFN neurons per layer (and the
-    weights' bits, when searched)."""
-    out = {"heads": list(structure.heads), "ffn": list(structure.ffn)}
+    """A history row's picture of ``structure``: heads and FFN neurons per layer, word rows
+    (and the weights' bits, when searched)."""
+    out = {"heads": list(structure.heads), "ffn": list(structure.ffn), "vocab": structure.vocab}
     if structure.bits is not None:
         out["bits"] = [list(r) for r in structure.bits]
     return out
@@ -467,7 +507,8 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
            distil: Callable, units: Sequence[str] = UNITS, ffn_block: int = 64,
            step_fraction: float = 0.1, max_iterations: int = 40, progress: bool = True,
            log: Optional[Callable[[str], None]] = None, tolerance: float = 0.05,
-           choose: str = "measured", clone: Callable = copy.deepcopy, min_bits: int = 2) -> dict:
+           choose: str = "measured", clone: Callable = copy.deepcopy, min_bits: int = 2,
+           min_vocab: int = 1) -> dict:
     """Shrink ``model`` (whose structure is ``structure``) until ``goal`` is met.
 
     ``score(model) -> Scores``; ``prune(model, removal) -> model`` (physically, by current
@@ -508,7 +549,7 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
         def plans(c, structure=structure, scores=scores, floor=floor):
             if choose == "measured":
                 return plan_proposals(structure, scores, goal.cost, c, units, ffn_block, floor,
-                                      min_bits)
+                                      min_bits, min_vocab)
             return [("mixed", plan_step(structure, scores, goal.cost, c, units, ffn_block,
                                         floor))]
         options = plans(cut)
@@ -556,6 +597,7 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
             log(f"[distilkit] search step {it}/{max_iterations}{which}: -{c['heads']} heads, "
                 f"-{c['ffn_neurons']} FFN neurons, -{c['layers']} layers"
                 + (f", {c['bit_weights']} weights at fewer bits" if c.get("bit_weights") else "")
+                + (f", -{c['vocab_rows']:,} word rows" if c.get("vocab_rows") else "")
                 + " -> "
                 f"{structure.num_layers()} layers, predicted {predicted:,.4g} {goal.unit}, "
                 f"measured {measured:,.4g} {goal.unit} (target <= {goal.limit:,.4g}, aiming "

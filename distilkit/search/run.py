@@ -256,6 +256,63 @@ def later_vocab(rest: list, student: nn.Module, parts) -> Optional[int]:
     return len(kept_ids(student, config_from_dict(entry), parts.context())[0])
 
 
+class VocabMask:
+    """The forward pre-hook a search over ``vocab`` puts on the student's word embedding: each
+    id the later ``prune_vocab`` will not keep reads the [UNK] row, as it will in the saved
+    student, so every proposal is trained and scored on what it will compute. ``data``: the
+    kept data tokens, most frequent first (:func:`~distilkit.compress.vocab.droppable_ids`);
+    :meth:`drop` sends the rarest of them to [UNK] too. A deep copy of the model copies it."""
+
+    def __init__(self, kept: list, data: list, unk: int, vocab_size: int):
+        import torch
+
+        self.id_map = torch.full((vocab_size,), unk, dtype=torch.long)
+        self.id_map[torch.tensor(kept, dtype=torch.long)] = torch.tensor(kept, dtype=torch.long)
+        self.data, self.kept_data, self.unk = list(data), len(data), unk
+
+    def __call__(self, module, args):
+        ids = args[0]
+        return (self.id_map.to(ids.device)[ids], *args[1:])
+
+    def drop(self, rows: int) -> None:
+        if not 0 < rows <= self.kept_data:
+            raise ValueError(f"VocabMask.drop({rows}): {self.kept_data} data tokens are kept")
+        import torch
+
+        gone = self.data[self.kept_data - rows:self.kept_data]
+        self.id_map[torch.tensor(gone, dtype=torch.long)] = self.unk
+        self.kept_data -= rows
+
+    @classmethod
+    def install(cls, model: nn.Module, kept: list, data: list, unk: int) -> "VocabMask":
+        emb = model.get_input_embeddings()
+        mask = cls(kept, data, unk, emb.num_embeddings)
+        emb.register_forward_pre_hook(mask)
+        return mask
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "VocabMask":
+        hooks = model.get_input_embeddings()._forward_pre_hooks.values()
+        return next(h for h in hooks if isinstance(h, cls))
+
+
+def later_droppable(rest: list, student: nn.Module, parts) -> tuple[list, list, int]:
+    """``(kept ids, the data tokens among them most frequent first, [UNK])`` of the
+    ``prune_vocab`` after ``auto`` (:func:`~distilkit.compress.vocab.droppable_ids`)."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.compress.vocab import droppable_ids
+
+    entry = next(e for e in rest if isinstance(e, dict) and e.get("method") == "prune_vocab")
+    return droppable_ids(student, config_from_dict(entry), parts.context())
+
+
+def with_max_tokens(rest: list, max_tokens: int) -> list:
+    """``rest`` with its ``prune_vocab`` entry keeping the ``max_tokens`` most frequent
+    training tokens: the word rows a search over ``vocab`` chose."""
+    j = max(i for i, e in enumerate(rest) if isinstance(e, dict) and e.get("method") == "prune_vocab")
+    return rest[:j] + [{**rest[j], "max_tokens": int(max_tokens)}] + rest[j + 1:]
+
+
 def later_id_map_bytes(rest: list, student: nn.Module, storage) -> int:
     """Bytes of the int32 id map a ``prune_vocab`` after ``auto`` saves with the student:
     one entry per original token when it keeps the id-map form (``tokenizer: keep``, or a
@@ -355,14 +412,23 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     storage = later_storage(rest, student) if budget.target == "size_mb" else None
     id_map_mb = later_id_map_bytes(rest, student, storage) / 1e6 if budget.target == "size_mb" \
         else 0.0
-    if "bits" in budget.units:
-        if not budget.eval_examples or parts.prep.eval_dataset is None:
-            raise ValueError("compression[0] (auto): units: bits compares proposals by the "
+    for unit in ("bits", "vocab"):
+        if unit in budget.units and (not budget.eval_examples or parts.prep.eval_dataset is None):
+            raise ValueError(f"compression[0] (auto): units: {unit} compares proposals by the "
                              "validation loss of the student as it will be stored, and there "
                              "is no validation split to score: give data a validation split "
-                             "(or eval_examples > 0), or drop bits")
+                             f"(or eval_examples > 0), or drop {unit}")
+    if "bits" in budget.units:
         structure = dataclasses.replace(structure, bits=storage.rows())
-    smallest = smallest_structure(structure, budget.units, budget.ffn_block, budget.min_bits)
+    min_vocab = 1
+    if "vocab" in budget.units:
+        # the search starts from the rows prune_vocab would keep, the rest reading [UNK]
+        kept, data, unk = later_droppable(rest, student, parts)
+        VocabMask.install(student, kept, data, unk)
+        structure = dataclasses.replace(structure, vocab=len(kept))
+        min_vocab = len(kept) - len(data)
+    smallest = smallest_structure(structure, budget.units, budget.ffn_block, budget.min_bits,
+                                  min_vocab)
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
@@ -408,15 +474,20 @@ def search_and_run(recipe, progress: bool = True) -> dict:
 
         def prune(model, removal):
             model = prune_removal(model, removal)
+            if removal.vocab:
+                VocabMask.of(model).drop(removal.vocab)
             return model
 
         found = search(student, structure, goal, score=searcher.score, prune=prune,
                        distil=searcher.distil, units=budget.units, ffn_block=budget.ffn_block,
                        step_fraction=budget.step_fraction, max_iterations=budget.max_iterations,
                        progress=progress, tolerance=budget.tolerance, choose=budget.choose,
-                       min_bits=budget.min_bits)
+                       min_bits=budget.min_bits, min_vocab=min_vocab)
     got = structure_of(found["model"])
     bits = found["structure"].bits
+    kept_rows = found["structure"].vocab
+    if "vocab" in budget.units:   # the model keeps its whole table, masked
+        got = dataclasses.replace(got, vocab=kept_rows)
     if got != dataclasses.replace(found["structure"], bits=None):
         # the bookkeeping must describe the pruned model exactly
         raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
@@ -428,6 +499,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     entries = found["tracker"].entries()
     if bits is not None:
         rest = with_bits(rest, found["model"], bits)
+    if "vocab" in budget.units:
+        rest = with_max_tokens(rest, kept_rows - min_vocab)
     # (the export settings carry ``serve`` already: export_settings resolved it from auto)
     resolved = Recipe.from_dict({**recipe.to_dict(), "compression": entries + rest},
                                 source=recipe.source)
@@ -444,7 +517,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         "met": found["met"], "stopped": found["stopped"], "history": found["history"],
         "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
         "structure": {"heads": list(got.heads), "ffn": list(got.ffn),
-                      **({"bits": [list(r) for r in bits]} if bits is not None else {})},
+                      **({"bits": [list(r) for r in bits]} if bits is not None else {}),
+                      **({"vocab": kept_rows, "max_tokens": kept_rows - min_vocab}
+                         if "vocab" in budget.units else {})},
         "compression": entries + rest, "search_seconds": round(time.time() - t0, 1),
     }
     out_dir = args.output_dir
