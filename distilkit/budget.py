@@ -337,8 +337,8 @@ def _check_vocab_unit(budget: BudgetConfig, rest: list) -> None:
 
 def _check_bits_unit(budget: BudgetConfig, rest: list) -> None:
     """``units: [.., bits]`` lowers the bits a later quantize / ptq entry stores weights at:
-    it needs a size target, such an entry with one ``bits`` for all (the search writes its
-    ``bits_per_pattern``) on the uniform scheme, and measured proposals."""
+    it needs a size target, such an entry with ``bits`` (and ``bits_per_pattern``, where the
+    search starts) on the uniform scheme, not ``target_bits``, and measured proposals."""
     where = _where(0)
     if budget.target != "size_mb":
         raise ValueError(f"{where}: units: bits changes only how many bytes a weight is stored "
@@ -350,10 +350,11 @@ def _check_bits_unit(budget: BudgetConfig, rest: list) -> None:
                          "auto, and there is none: add {method: ptq, bits: 4} (or quantize) "
                          "after it, or drop bits")
     j, e = q[-1]
-    for key in ("bits_per_pattern", "target_bits"):
-        if e.get(key):
-            raise ValueError(f"compression[{j}]: {key} with units: bits in auto: the search "
-                             f"chooses each weight's bits itself; remove {key} and give bits")
+    # bits_per_pattern is where the search starts (e.g. layers at 8 bits, the word table,
+    # which is not searched, at 4); target_bits would allocate the bits again after it
+    if e.get("target_bits"):
+        raise ValueError(f"compression[{j}]: target_bits with units: bits in auto: the search "
+                         "chooses each weight's bits itself; remove target_bits and give bits")
     if e.get("scheme", "uniform") != "uniform":
         raise ValueError(f"compression[{j}]: scheme: {e.get('scheme')!r} with units: bits: "
                          "the search estimates the uniform scheme's error; use scheme: uniform")

@@ -3,8 +3,10 @@
 # by prune_vocab + 4-bit ptq sets a size; the budget search then meets that size twice from a
 # 6-layer copy of the teacher, once over heads, FFN blocks and layers (every weight at 4 bits)
 # and once with bits as a unit too (weights at 3 or 2 bits where the Fisher estimate and the
-# quantized validation loss allow). Every student is distilled STEPS steps, then stored the
-# same way; the table compares test accuracy at the size on disk. Last line: one JSON line.
+# quantized validation loss allow), and once with the word rows as a unit too (the rarest
+# training tokens read [UNK], their rows paying for heads and neurons). Every student is
+# distilled STEPS steps, then stored the same way; the table compares test accuracy at the size
+# on disk. VARIANTS picks the searches (default: structure bits vocab). Last line: one JSON line.
 #   OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 bash scripts/bench_size_bits.sh     # ~45 min, 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,8 +29,13 @@ TARGET=${TARGET:-$("$PY" scripts/size_bits_table.py --tensor-mb "$OUT/hand_L3/st
 echo "== size target: $TARGET MB" >&2
 AUTO="method: auto, target: {size_mb: $TARGET}, min_bits: 2, step_fraction: 0.15,
   steps_between: ${BETWEEN:-10}, ffn_block: 64, eval_examples: 256, importance_batches: 4"
-for name in structure bits; do
-  units="[heads, ffn, layers]"; [ "$name" = bits ] && units="[heads, ffn, layers, bits]"
+for name in ${VARIANTS:-structure bits vocab}; do
+  case $name in
+    structure) units="[heads, ffn, layers]" ;;
+    bits) units="[heads, ffn, layers, bits]" ;;
+    vocab) units="[heads, ffn, layers, vocab]" ;;
+    *) echo "VARIANTS: $name is not structure, bits or vocab" >&2; exit 2 ;;
+  esac
   if [ ! -f "$OUT/$name/results.json" ]; then
     echo "== search over $units" >&2
     /usr/bin/time -f "search $name: %e s" "$DK" distill recipes/search_size.yaml --no-progress \

@@ -1,6 +1,6 @@
 """The table and JSON line of scripts/bench_size_bits.sh: test accuracy, size (saved tensors) and
-structure of the hand-designed student and of the two searched ones (structure only, and
-with bits), read from their results.json and search.json."""
+structure of the hand-designed student and of the searched ones (structure only, with bits,
+with word rows: those that ran), read from their results.json and search.json."""
 import json
 import os
 import sys
@@ -32,6 +32,8 @@ def row(out: str, name: str) -> dict:
         if bits:
             flat = [b for row_ in bits for b in row_ if b]
             r["bits_histogram"] = {b: flat.count(b) for b in sorted(set(flat))}
+        if "vocab" in s["structure"]:
+            r["word_rows"] = s["structure"]["vocab"]
         r["search_seconds"] = s.get("search_seconds")
         r["steps"] = len(s["history"]) - 1
         r["chosen"] = [h.get("chosen", "mixed") for h in s["history"][1:]]
@@ -40,22 +42,28 @@ def row(out: str, name: str) -> dict:
 
 
 def main(out: str, target: float) -> None:
-    rows = [row(out, n) for n in ("hand_L3", "structure", "bits")]
+    names = [n for n in ("hand_L3", "structure", "bits", "vocab")
+             if os.path.exists(os.path.join(out, n, "results.json"))]
+    rows = [row(out, n) for n in names]
     print(f"| student (size target {target} MB) | test accuracy | MB of tensors | MB of the "
-          "directory | bits/weight | layers | heads | FFN | stored bits | proposals chosen |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|---|")
+          "directory | bits/weight | layers | heads | FFN | stored bits | word rows | "
+          "proposals chosen |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---:|---|")
     for r in rows:
         print(f"| {r['name']} | {r['accuracy']:.2f} | {r['size_mb']:.3f} | {r['dir_mb']:.3f} | "
               f"{r['bits_per_weight']} | {r.get('layers', 3)} | {r.get('heads', '12 each')} | "
               f"{r.get('ffn', '1536 each')} | {r.get('bits_histogram', '4 everywhere')} | "
+              f"{r.get('word_rows', 'all of the data')} | "
               f"{', '.join(r.get('chosen', [])) or '-'} |")
     by = {r["name"]: r for r in rows}
-    print(json.dumps({"size_target_mb": target,
-                      **{f"{n}_accuracy": by[n]["accuracy"] for n in by},
-                      **{f"{n}_size_mb": by[n]["size_mb"] for n in by},
-                      "bits_minus_structure": round(by["bits"]["accuracy"]
-                                                    - by["structure"]["accuracy"], 2),
-                      "bits_minus_hand": round(by["bits"]["accuracy"] - by["hand_L3"]["accuracy"], 2)}))
+    line = {"size_target_mb": target, **{f"{n}_accuracy": by[n]["accuracy"] for n in by},
+            **{f"{n}_size_mb": by[n]["size_mb"] for n in by}}
+    for n in by:
+        if n != "hand_L3" and "hand_L3" in by:
+            line[f"{n}_minus_hand"] = round(by[n]["accuracy"] - by["hand_L3"]["accuracy"], 2)
+        if n not in ("hand_L3", "structure") and "structure" in by:
+            line[f"{n}_minus_structure"] = round(by[n]["accuracy"] - by["structure"]["accuracy"], 2)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -800,8 +800,7 @@ def test_ptq_takes_bits_per_pattern_and_stores_each_weight_at_its_bits():
 @pytest.mark.parametrize("auto,after,expected", [
     ({"target": {"speedup": 2}}, [{"method": "ptq", "bits": 4}], "use it with a size_mb target"),
     ({}, [], "there is none: add {method: ptq, bits: 4}"),
-    ({}, [{"method": "ptq", "bits": 4, "bits_per_pattern": {"*": 2}}],
-     "bits_per_pattern with units: bits"),
+    ({}, [{"method": "quantize", "bits": 4, "target_bits": 3}], "target_bits with units: bits"),
     ({}, [{"method": "quantize", "bits": 4, "scheme": "nonuniform"}], "use scheme: uniform"),
     ({"min_bits": 5}, [{"method": "ptq", "bits": 4}], "must be between 1 and the ptq entry's"),
     ({"choose": "importance"}, [{"method": "ptq", "bits": 4}], "needs choose: measured"),
@@ -1006,3 +1005,28 @@ def test_a_size_target_with_vocab_keeps_the_rows_it_chose(tiny_task, cache, caps
         assert rows <= kept - 6 and structure_of(student).num_layers() == 4
         assert list(structure_of(student).heads) == [4] * 4
         assert all(set(r["removed"]) >= {"vocab_rows"} for r in record["history"][1:])
+
+
+def test_bits_searched_from_an_entrys_own_bits_per_pattern_keep_its_globs_outside_the_layers():
+    """units: bits may start from the entry's own bits_per_pattern (layers at 8 bits, the word
+    table, which is not searched, at 4): the search starts at those bits, and the resolved
+    entry stores every layer weight at its searched bits and the table at the glob's 4."""
+    from distilkit.compress.base import config_from_dict
+    from distilkit.compress.quantize import bits_for, select_targets
+    from distilkit.search.run import with_bits
+    from distilkit.search.storage import role_names, storage_of
+
+    model = tiny_bert(layers=2)
+    entry = {"method": "ptq", "bits": 8, "bucket_size": 16, "quantize_embeddings": True,
+             "bits_per_pattern": {"*word_embeddings*": 4, "*.layer.1.output.dense": 6}}
+    storage = storage_of(model, config_from_dict(entry))
+    assert storage.word == 4 and storage.rows()[0] == (8,) * 6
+    assert storage.rows()[1] == (8,) * 5 + (6,)
+    searched = ((8, 5, 8, 8, 8, 8), (8, 8, 8, 8, 7, 6))
+    [resolved] = with_bits([entry], model, searched)
+    cfg = config_from_dict(resolved)
+    names = [n for n, _ in select_targets(model, cfg)]
+    got = bits_for(names, cfg)
+    assert got["bert.embeddings.word_embeddings"] == 4
+    for row, layer_names in zip(searched, role_names(model)):
+        assert [got[n] for n in layer_names] == list(row)

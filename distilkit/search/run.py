@@ -350,13 +350,18 @@ def with_bits(rest: list, model: nn.Module, bits: tuple) -> list:
     """``rest`` with its last quantize / ptq entry storing ``model``'s layer weights at the
     searched ``bits`` (:attr:`Structure.bits`): the ones that differ from its ``bits`` become
     its ``bits_per_pattern`` (exact module names of the pruned student, which the final run's
-    student has too: prune_layers renumbers its layers the same way)."""
+    student has too: prune_layers renumbers its layers the same way). An entry with its own
+    ``bits_per_pattern`` (where the search started) gets every layer weight's exact name
+    first, then its own globs, which still decide the weights outside the layers (the first
+    matching pattern wins)."""
     from distilkit.budget import QUANTIZERS
     from distilkit.search.storage import bits_patterns
 
     j = max(i for i, e in enumerate(rest) if isinstance(e, dict) and e.get("method") in QUANTIZERS)
     entry = dict(rest[j])
-    per = bits_patterns(model, bits, int(entry.get("bits", 4)))
+    own = dict(entry.get("bits_per_pattern") or {})
+    per = bits_patterns(model, bits, 0 if own else int(entry.get("bits", 4)))
+    per.update({pat: b for pat, b in own.items() if pat not in per})
     if per:
         entry["bits_per_pattern"] = per
     return rest[:j] + [entry] + rest[j + 1:]
