@@ -29,18 +29,41 @@ TARGET=${TARGET:-$("$PY" scripts/size_bits_table.py --tensor-mb "$OUT/hand_L3/st
 echo "== size target: $TARGET MB" >&2
 AUTO="method: auto, target: {size_mb: $TARGET}, min_bits: 2, step_fraction: 0.15,
   steps_between: ${BETWEEN:-10}, ffn_block: 64, eval_examples: 256, importance_batches: 4"
-for name in ${VARIANTS:-structure bits vocab}; do
+# structure8 / bits8: the layers start at 8 bits (the word table stays at 4), as a user who
+# deploys int8 weights would start; bits8 may lower them, structure8 only cuts units
+STORE8='{method: ptq, bits: 8, bits_per_pattern: {"*word_embeddings*": 4}, bucket_size: 256,
+  quantize_embeddings: true}'
+# bits8_quantize: as bits8, then quantized distillation (quantize) instead of ptq, so the
+# student trains at the bits the search chose instead of being rounded to them after training
+STORE8Q=${STORE8/ptq/quantize}
+# *_quantize of the 4-bit students: the same, trained by quantized distillation, for a fair
+# comparison with bits8_quantize
+STOREQ=${STORE/ptq/quantize}
+if [[ " ${VARIANTS:-} " == *" hand_L3_quantize "* ]] && [ ! -f "$OUT/hand_L3_quantize/results.json" ]; then
+  echo "== hand-designed: 3 alternate layers + prune_vocab + 4-bit quantize" >&2
+  /usr/bin/time -f "hand_L3_quantize: %e s" "$DK" distill recipes/quickstart.yaml --no-progress \
+    --max_steps "$STEPS" --output_dir "$OUT/hand_L3_quantize" \
+    --compression "[{method: prune_vocab}, $STOREQ]" >/dev/null
+fi
+for name in ${VARIANTS:-structure bits vocab structure8 bits8 bits8_quantize}; do
+  store=$STORE
   case $name in
+    hand_L3_quantize) continue ;;
+    structure_quantize) units="[heads, ffn, layers]"; store=$STOREQ ;;
     structure) units="[heads, ffn, layers]" ;;
     bits) units="[heads, ffn, layers, bits]" ;;
     vocab) units="[heads, ffn, layers, vocab]" ;;
-    *) echo "VARIANTS: $name is not structure, bits or vocab" >&2; exit 2 ;;
+    structure8) units="[heads, ffn, layers]"; store=$STORE8 ;;
+    bits8) units="[heads, ffn, layers, bits]"; store=$STORE8 ;;
+    bits8_quantize) units="[heads, ffn, layers, bits]"; store=$STORE8Q ;;
+    *) echo "VARIANTS: $name is not structure, bits, vocab, structure8, bits8," \
+         "bits8_quantize, hand_L3_quantize or structure_quantize" >&2; exit 2 ;;
   esac
   if [ ! -f "$OUT/$name/results.json" ]; then
-    echo "== search over $units" >&2
+    echo "== search over $units, stored as $store" >&2
     /usr/bin/time -f "search $name: %e s" "$DK" distill recipes/search_size.yaml --no-progress \
       --max_steps "$STEPS" --output_dir "$OUT/$name" \
-      --compression "[{$AUTO, units: $units}, {method: prune_vocab}, $STORE]" >/dev/null
+      --compression "[{$AUTO, units: $units}, {method: prune_vocab}, $store]" >/dev/null
   fi
 done
 "$PY" scripts/size_bits_table.py "$OUT" "$TARGET"

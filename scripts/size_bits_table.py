@@ -32,6 +32,11 @@ def row(out: str, name: str) -> dict:
         if bits:
             flat = [b for row_ in bits for b in row_ if b]
             r["bits_histogram"] = {b: flat.count(b) for b in sorted(set(flat))}
+        else:   # the entry's own bits: the layers at bits, its globs (the word table) apart
+            q = [e for e in s["compression"] if e.get("method") in ("ptq", "quantize")]
+            if q and q[-1].get("bits_per_pattern"):
+                r["bits_histogram"] = f"{q[-1]['bits']} in the layers, " + ", ".join(
+                    f"{b} for {p}" for p, b in q[-1]["bits_per_pattern"].items())
         if "vocab" in s["structure"]:
             r["word_rows"] = s["structure"]["vocab"]
         r["search_seconds"] = s.get("search_seconds")
@@ -42,7 +47,8 @@ def row(out: str, name: str) -> dict:
 
 
 def main(out: str, target: float) -> None:
-    names = [n for n in ("hand_L3", "structure", "bits", "vocab")
+    names = [n for n in ("hand_L3", "structure", "bits", "vocab", "structure8", "bits8",
+                          "hand_L3_quantize", "structure_quantize", "bits8_quantize")
              if os.path.exists(os.path.join(out, n, "results.json"))]
     rows = [row(out, n) for n in names]
     print(f"| student (size target {target} MB) | test accuracy | MB of tensors | MB of the "
@@ -63,6 +69,13 @@ def main(out: str, target: float) -> None:
             line[f"{n}_minus_hand"] = round(by[n]["accuracy"] - by["hand_L3"]["accuracy"], 2)
         if n not in ("hand_L3", "structure") and "structure" in by:
             line[f"{n}_minus_structure"] = round(by[n]["accuracy"] - by["structure"]["accuracy"], 2)
+    for n in ("structure_quantize", "bits8_quantize"):
+        if n in by and "hand_L3_quantize" in by:
+            line[f"{n}_minus_hand_quantize"] = round(by[n]["accuracy"]
+                                                     - by["hand_L3_quantize"]["accuracy"], 2)
+    if "bits8" in by and "structure8" in by:
+        line["bits8_minus_structure8"] = round(by["bits8"]["accuracy"]
+                                               - by["structure8"]["accuracy"], 2)
     print(json.dumps(line))
 
 

@@ -492,6 +492,10 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     bits = found["structure"].bits
     kept_rows = found["structure"].vocab
     if "vocab" in budget.units:   # the model keeps its whole table, masked
+        if VocabMask.of(found["model"]).kept_data != kept_rows - min_vocab:
+            raise RuntimeError(f"search: the student's word mask keeps "
+                               f"{VocabMask.of(found['model']).kept_data} data tokens, the "
+                               f"tracked structure {kept_rows - min_vocab}")
         got = dataclasses.replace(got, vocab=kept_rows)
     if got != dataclasses.replace(found["structure"], bits=None):
         # the bookkeeping must describe the pruned model exactly
