@@ -6,13 +6,16 @@
 # quantized validation loss allow), and once with the word rows as a unit too (the rarest
 # training tokens read [UNK], their rows paying for heads and neurons). Every student is
 # distilled STEPS steps, then stored the same way; the table compares test accuracy at the size
-# on disk. VARIANTS picks the searches (default: structure bits vocab). Last line: one JSON line.
+# on disk. VARIANTS picks the searches (default: structure bits vocab structure8 bits8
+# bits8_quantize; also hand_L3_quantize, structure_quantize), SEED the seed. Last line: one
+# JSON line.
 #   OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 bash scripts/bench_size_bits.sh     # ~45 min, 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DK=${DISTILKIT:-.venv/bin/distilkit}
 PY=${PYTHON:-.venv/bin/python}
 STEPS=${STEPS:-250}
+SEED=${SEED:-42}   # the recipes' seed: the search's batches and the final run's
 OUT=${OUT:-runs/size_bits}
 STORE='{method: ptq, bits: 4, bucket_size: 256, quantize_embeddings: true}'
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -20,7 +23,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 if [ ! -f "$OUT/hand_L3/results.json" ]; then
   echo "== hand-designed: 3 alternate layers + prune_vocab + 4-bit ptq" >&2
   /usr/bin/time -f "hand_L3: %e s" "$DK" distill recipes/quickstart.yaml --no-progress \
-    --max_steps "$STEPS" --output_dir "$OUT/hand_L3" \
+    --max_steps "$STEPS" --seed "$SEED" --output_dir "$OUT/hand_L3" \
     --compression "[{method: prune_vocab}, $STORE]" >/dev/null
 fi
 # the hand-designed student's saved tensors (codes, scales, fp32 rest, prune_vocab's id map):
@@ -42,7 +45,7 @@ STOREQ=${STORE/ptq/quantize}
 if [[ " ${VARIANTS:-} " == *" hand_L3_quantize "* ]] && [ ! -f "$OUT/hand_L3_quantize/results.json" ]; then
   echo "== hand-designed: 3 alternate layers + prune_vocab + 4-bit quantize" >&2
   /usr/bin/time -f "hand_L3_quantize: %e s" "$DK" distill recipes/quickstart.yaml --no-progress \
-    --max_steps "$STEPS" --output_dir "$OUT/hand_L3_quantize" \
+    --max_steps "$STEPS" --seed "$SEED" --output_dir "$OUT/hand_L3_quantize" \
     --compression "[{method: prune_vocab}, $STOREQ]" >/dev/null
 fi
 for name in ${VARIANTS:-structure bits vocab structure8 bits8 bits8_quantize}; do
@@ -62,7 +65,7 @@ for name in ${VARIANTS:-structure bits vocab structure8 bits8 bits8_quantize}; d
   if [ ! -f "$OUT/$name/results.json" ]; then
     echo "== search over $units, stored as $store" >&2
     /usr/bin/time -f "search $name: %e s" "$DK" distill recipes/search_size.yaml --no-progress \
-      --max_steps "$STEPS" --output_dir "$OUT/$name" \
+      --max_steps "$STEPS" --seed "$SEED" --output_dir "$OUT/$name" \
       --compression "[{$AUTO, units: $units}, {method: prune_vocab}, $store]" >/dev/null
   fi
 done
