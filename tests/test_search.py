@@ -1030,3 +1030,14 @@ def test_bits_searched_from_an_entrys_own_bits_per_pattern_keep_its_globs_outsid
     assert got["bert.embeddings.word_embeddings"] == 4
     for row, layer_names in zip(searched, role_names(model)):
         assert [got[n] for n in layer_names] == list(row)
+
+
+def test_an_unreachable_target_with_vocab_names_the_rows_the_smallest_student_keeps(
+        tiny_task, cache, capsys):
+    """With vocab a unit, the smallest student keeps only the 5 special rows: the refusal's
+    figure and its words count those, not the 27 rows of the data."""
+    path, _ = _search_recipe(tiny_task, {"parameters": 100}, after=[{"method": "prune_vocab"}],
+                             auto={"units": ["heads", "ffn", "layers", "vocab"]})
+    assert main(["distill", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cannot be reached" in err and "with the 5 word rows" in err, err

@@ -467,8 +467,10 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                     figure=lambda m: counted(structure_of(m)), cost=counted, exact=True)
         floor = float(goal.cost(smallest))
     if floor > goal.limit:
+        # with vocab a unit, the smallest student keeps only the rows kept whatever the data
+        rows = smallest.vocab if "vocab" in budget.units else vocab
         raise ValueError(unreachable_message(budget, _describe(smallest),
-                                             floor, teacher_ms, vocab=vocab, storage=storage))
+                                             floor, teacher_ms, vocab=rows, storage=storage))
     if progress:
         print(f"[distilkit] search: {budget.describe()}: from {_describe(structure)} "
               f"to <= {goal.limit:,.4g} {goal.unit}"
