@@ -264,10 +264,9 @@ def _check_embedding(model: nn.Module) -> nn.Embedding:
 
 
 def _kept_parts(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
-                ) -> tuple[set, list[int], list[int], int]:
-    """``(the ids kept whatever the data holds, the keep_frequent ids, the data's other ids
-    most frequent first, the [UNK] id)``: what :func:`kept_ids` and :func:`droppable_ids`
-    choose from (``max_tokens`` not yet applied)."""
+                ) -> tuple[list[int], list[int], list[int], int]:
+    """``(kept ids sorted, the data tokens among them most frequent first, the keep_frequent
+    ids, the [UNK] id)``: what :func:`kept_ids` and :func:`droppable_ids` report."""
     emb = _check_embedding(model)
     vocab = emb.num_embeddings
     tok = ctx.tokenizer if ctx is not None else None
@@ -293,7 +292,9 @@ def _kept_parts(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
     # keep_frequent adds words the training data lacks (whatever max_tokens keeps of it), so
     # the rows kept at max_tokens N are always the same N data tokens and the same others
     frequent = _frequent_ids(cfg, tok, vocab, always | set(data))
-    return always, frequent, data, unk
+    if cfg.max_tokens is not None:
+        data = data[: cfg.max_tokens]
+    return sorted(always | set(frequent) | set(data)), data, frequent, unk
 
 
 def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
@@ -301,10 +302,8 @@ def kept_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
     """``(kept ids sorted, the [UNK] id, the keep_frequent ids among them)``: the rows
     ``prune_vocab`` keeps of ``model``'s word table on ``ctx``'s data (module docstring), so a
     budget search can count a later ``prune_vocab`` before it runs."""
-    always, frequent, data, unk = _kept_parts(model, cfg, ctx)
-    if cfg.max_tokens is not None:
-        data = data[: cfg.max_tokens]
-    return sorted(always | set(frequent) | set(data)), unk, frequent
+    kept, _, frequent, unk = _kept_parts(model, cfg, ctx)
+    return kept, unk, frequent
 
 
 def droppable_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionContext
@@ -312,10 +311,8 @@ def droppable_ids(model: nn.Module, cfg: PruneVocabConfig, ctx: CompressionConte
     """``(kept ids sorted, the data tokens among them most frequent first, the [UNK] id)``:
     with ``max_tokens: N`` prune_vocab keeps the first N of that list and every other kept id
     whatever N is. The budget search drops rows from the list's end."""
-    always, frequent, data, unk = _kept_parts(model, cfg, ctx)
-    if cfg.max_tokens is not None:
-        data = data[: cfg.max_tokens]
-    return sorted(always | set(frequent) | set(data)), data, unk
+    kept, data, _, unk = _kept_parts(model, cfg, ctx)
+    return kept, data, unk
 
 
 @register

@@ -413,7 +413,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
                        threads=budget.threads, clock=budget.clock)
-    vocab = None if budget.latency else later_vocab(rest, student, parts)
+    droppable = later_droppable(rest, student, parts) if "vocab" in budget.units else None
+    vocab = None if budget.latency else \
+        len(droppable[0]) if droppable else later_vocab(rest, student, parts)
     storage = later_storage(rest, student) if budget.target == "size_mb" else None
     id_map_mb = later_id_map_bytes(rest, student, storage) / 1e6 if budget.target == "size_mb" \
         else 0.0
@@ -426,9 +428,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     if "bits" in budget.units:
         structure = dataclasses.replace(structure, bits=storage.rows())
     min_vocab = 1
-    if "vocab" in budget.units:
+    if droppable:
         # the search starts from the rows prune_vocab would keep, the rest reading [UNK]
-        kept, data, unk = later_droppable(rest, student, parts)
+        kept, data, unk = droppable
         VocabMask.install(student, kept, data, unk)
         structure = dataclasses.replace(structure, vocab=len(kept))
         min_vocab = len(kept) - len(data)
