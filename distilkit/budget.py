@@ -17,8 +17,9 @@ module is the entry's config and its checks, which need neither models nor data,
   ``steps_between`` (short distillation steps after each step), ``units`` (which kinds of
   unit may go: heads, ffn, layers, and for a size target followed by quantize / ptq, bits:
   weights stored at fewer bits, down to ``min_bits``; for a size target followed by
-  prune_vocab, vocab: the word rows of the rarest training tokens), ``ffn_block`` (FFN
-  neurons removed together), ``max_iterations``,
+  prune_vocab, vocab: the word rows of the rarest training tokens; for a size target, ranks:
+  each layer weight factorized by truncated SVD, its rank lowered ``rank_block`` at a time),
+  ``ffn_block`` (FFN neurons removed together), ``max_iterations``,
   ``eval_examples`` (validation examples scored after each step), ``importance_batches``,
   ``choose`` (measured: each step distils one proposal per kind of unit and the mixed plan,
   keeping the lowest validation loss, as NetAdapt does; importance: the mixed plan alone),
@@ -47,8 +48,9 @@ TARGETS = ("latency_ms", "speedup", "size_mb", "parameters")
 RUNTIMES = ("pytorch", "onnx", "onnx_int8")
 UNITS = ("heads", "ffn", "layers")   # the default units (distilkit.search.netadapt.UNITS)
 # bits: of a later quantize / ptq entry; vocab: the rows a later prune_vocab keeps (its
-# max_tokens); both for size targets
-ALL_UNITS = UNITS + ("bits", "vocab")
+# max_tokens); ranks: each layer weight's rank (a low_rank entry the search writes); all three
+# for size targets
+ALL_UNITS = UNITS + ("bits", "vocab", "ranks")
 QUANTIZERS = ("quantize", "ptq")
 CHOICES = ("measured", "importance")   # as distilkit.search.netadapt.CHOICES
 CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the tests too)
@@ -80,9 +82,13 @@ class BudgetConfig:
     units: tuple = field(default=UNITS, metadata={
         "help": "kinds of unit that may be removed: heads, ffn, layers, and for a size target "
                 "followed by quantize or ptq, bits (each weight's stored bits, lowered); "
-                "followed by prune_vocab, vocab (the rarest training tokens' word rows)"})
+                "followed by prune_vocab, vocab (the rarest training tokens' word rows); "
+                "ranks (each layer weight factorized by truncated SVD, its rank lowered)"})
     min_bits: int = field(default=2, metadata={
         "help": "with units bits: the fewest bits a weight may be stored at"})
+    rank_block: int = field(default=32, metadata={
+        "help": "with units ranks: a rank cut lowers one weight's rank by this much (and no "
+                "rank goes below it)"})
     ffn_block: int = field(default=64, metadata={"help": "FFN neurons removed together"})
     max_iterations: int = field(default=40, metadata={"help": "at most this many steps"})
     eval_examples: int = field(default=256, metadata={
@@ -129,6 +135,7 @@ class BudgetConfig:
                 + (f" (bits down to {self.min_bits})" if "bits" in self.units else "")
                 + (" (word rows: the rarest training tokens first)" if "vocab" in self.units
                    else "")
+                + (f" (ranks in blocks of {self.rank_block})" if "ranks" in self.units else "")
                 + f", {self.steps_between} distillation steps after each"
                 + (" proposal (per kind of unit and mixed; the lowest validation loss kept)"
                    if self.choose == "measured" else "") + ", at most "
@@ -146,7 +153,8 @@ _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("targ
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
 _TYPES = {"runtime": str, "clock": str, "choose": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
-          "importance_batches": int, "tolerance": float, "min_bits": int}
+          "importance_batches": int, "tolerance": float, "min_bits": int,
+          "rank_block": int}
 
 
 def _where(i: int) -> str:
@@ -217,7 +225,7 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
     if b.clock not in CLOCKS:
         raise ValueError(f"{where}: clock: {b.clock!r} must be one of {', '.join(CLOCKS)}")
     for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),
-                      ("min_bits", 1),
+                      ("min_bits", 1), ("rank_block", 1),
                       ("steps_between", 0), ("threads", 0), ("eval_examples", 0),
                       ("importance_batches", 1)):
         v = getattr(b, name)
@@ -307,7 +315,30 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
         _check_bits_unit(budget, rest)
     if "vocab" in budget.units:
         _check_vocab_unit(budget, rest)
+    if "ranks" in budget.units:
+        _check_ranks_unit(budget, rest)
     return budget, rest
+
+
+def _check_ranks_unit(budget: BudgetConfig, rest: list) -> None:
+    """``units: [.., ranks]`` factorizes layer weights (the search writes a ``low_rank`` entry
+    after the pruning): counted for a size target on fp32 weights, with measured proposals."""
+    where = _where(0)
+    if budget.target not in ("size_mb", "parameters"):
+        raise ValueError(f"{where}: units: ranks is counted for size_mb and parameters targets; "
+                         f"the latency table does not measure factorized layers, so not for "
+                         f"{budget.target}: use a size target, or drop ranks")
+    q = [j for j, e in enumerate(rest, start=1)
+         if isinstance(e, dict) and e.get("method") in QUANTIZERS]
+    if q:
+        raise ValueError(f"compression[{q[-1]}]: {rest[q[-1] - 1]['method']} after auto with "
+                         "units: ranks: the size of quantized factors is not counted yet; "
+                         "drop ranks (bits is the unit for quantized weights), or the "
+                         "quantization")
+    if budget.choose != "measured":
+        raise ValueError(f"{where}: units: ranks needs choose: measured (a rank's estimated "
+                         "loss is not on the heads' scale: only the distilled proposals "
+                         "compare them)")
 
 
 def _check_vocab_unit(budget: BudgetConfig, rest: list) -> None:

@@ -1,6 +1,7 @@
-"""The table and JSON line of scripts/bench_size_bits.sh: test accuracy, size (saved tensors) and
-structure of the hand-designed student and of the searched ones (structure only, with bits,
-with word rows: those that ran), read from their results.json and search.json."""
+"""The table and JSON line of scripts/bench_size_bits.sh and scripts/bench_size_ranks.sh: test
+accuracy, size (saved tensors) and structure of the hand-designed students and of the searched
+ones (structure only, with bits, with word rows, with ranks: those that ran), read from their
+results.json and search.json."""
 import json
 import os
 import sys
@@ -12,6 +13,13 @@ def tensor_mb(student_dir: str) -> float:
     from distilkit.compress.packing import size_report
 
     return round(size_report(from_pretrained(student_dir))["total_bytes"] / 1e6, 4)
+
+
+def _default_bits(r: dict) -> str:
+    """What a student without a searched or per-pattern histogram stores: fp32, or the
+    benchmark's 4 bits everywhere."""
+    return "fp32" if r["bits_per_weight"] is None or r["bits_per_weight"] >= 31 else \
+        "4 everywhere"
 
 
 def row(out: str, name: str) -> dict:
@@ -37,6 +45,10 @@ def row(out: str, name: str) -> dict:
             if q and q[-1].get("bits_per_pattern"):
                 r["bits_histogram"] = f"{q[-1]['bits']} in the layers, " + ", ".join(
                     f"{b} for {p}" for p, b in q[-1]["bits_per_pattern"].items())
+        ranks = s["structure"].get("ranks")
+        if ranks:
+            flat = [r for row_ in ranks for r in row_]
+            r["ranks_histogram"] = {k: flat.count(k) for k in sorted(set(flat))}
         if "vocab" in s["structure"]:
             r["word_rows"] = s["structure"]["vocab"]
         r["search_seconds"] = s.get("search_seconds")
@@ -47,19 +59,20 @@ def row(out: str, name: str) -> dict:
 
 
 def main(out: str, target: float) -> None:
-    names = [n for n in ("hand_L3", "structure", "bits", "vocab", "structure8", "bits8",
-                          "hand_L3_quantize", "structure_quantize", "bits8_quantize")
+    names = [n for n in ("hand_L3", "hand_L3_lowrank", "structure", "bits", "vocab", "ranks",
+                          "structure8", "bits8", "hand_L3_quantize", "structure_quantize",
+                          "bits8_quantize")
              if os.path.exists(os.path.join(out, n, "results.json"))]
     rows = [row(out, n) for n in names]
     print(f"| student (size target {target} MB) | test accuracy | MB of tensors | MB of the "
-          "directory | bits/weight | layers | heads | FFN | stored bits | word rows | "
-          "proposals chosen |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|---:|---|")
+          "directory | bits/weight | layers | heads | FFN | stored bits | word rows | ranks "
+          "(0: dense) | proposals chosen |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---:|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['accuracy']:.2f} | {r['size_mb']:.3f} | {r['dir_mb']:.3f} | "
               f"{r['bits_per_weight']} | {r.get('layers', 3)} | {r.get('heads', '12 each')} | "
-              f"{r.get('ffn', '1536 each')} | {r.get('bits_histogram', '4 everywhere')} | "
-              f"{r.get('word_rows', 'all of the data')} | "
+              f"{r.get('ffn', '1536 each')} | {r.get('bits_histogram', _default_bits(r))} | "
+              f"{r.get('word_rows', 'all of the data')} | {r.get('ranks_histogram', '-')} | "
               f"{', '.join(r.get('chosen', [])) or '-'} |")
     by = {r["name"]: r for r in rows}
     line = {"size_target_mb": target, **{f"{n}_accuracy": by[n]["accuracy"] for n in by},

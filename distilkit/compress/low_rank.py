@@ -11,9 +11,12 @@ keeps their gradients balanced when the model is then distilled to recover accur
 (Denton et al. 2014; Sainath et al. 2013). At full rank (``r = min(m, n)``) the product
 reproduces ``W`` exactly, up to float rounding.
 
-The rank of each chosen layer is given one of four ways (exactly one):
+The rank of each chosen layer is given one of five ways (exactly one):
 
 * ``rank``: an integer, the same for every layer; larger than ``min(m, n)`` is an error;
+* ``ranks``: ``{module name or glob: rank}``, a rank per layer (the first matching pattern
+  wins; the budget search writes one exact name per factorized linear); the layers named are
+  the ones factorized unless ``include`` says otherwise;
 * ``rank_fraction``: a fraction of each layer's full rank ``min(m, n)``;
 * ``param_fraction``: a fraction of each layer's weight parameters, ``r = floor(f m n / (m + n))``
   (``0.5`` halves the parameters of the factorized layers);
@@ -26,6 +29,8 @@ rank of every factorized layer, which is all ``restore`` needs to rebuild the sh
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -104,9 +109,74 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     return min(int((cum < energy - 1e-12).sum()) + 1, len(singular_values))
 
 
+def truncated(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``weight`` as one dense matrix (what a
+    :class:`LowRankLinear` of that rank made from it computes)."""
+    u, v = svd_factors(weight.detach(), min(rank, min(weight.shape)))
+    return u @ v
+
+
+def project_(model: nn.Module, ranks: dict) -> None:
+    """Replace the ``weight`` of each module named in ``ranks`` ({name: rank}) by its
+    truncated SVD at that rank, in place: the module stays dense but computes what its
+    factors would (the budget search's rank cut, before the short distillation)."""
+    with torch.no_grad():
+        for name, r in ranks.items():
+            w = model.get_submodule(name).weight
+            w.copy_(truncated(w, int(r)))
+
+
+@contextlib.contextmanager
+def low_rank_weights(model: nn.Module, ranks: dict):
+    """Within the block, the ``weight`` of each module named in ``ranks`` ({name: rank})
+    holds its truncated SVD (what ``low_rank`` would factorize it into); the dense values
+    are put back after it, also on error."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name in ranks:
+                saved[name] = model.get_submodule(name).weight.detach().clone()
+        project_(model, ranks)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+def fisher_rank_errors(model: nn.Module, names: list, ctx: CompressionContext, batches: int,
+                       ranks: list) -> list[dict]:
+    """Per module of ``names``, ``{r: sum(F * (W_r - W)^2)}`` for each rank of its entry in
+    ``ranks`` (a list of rank lists, one per name): the loss its weight adds when factorized
+    at rank ``r``, to second order, with ``F`` the squared gradient averaged over ``batches``
+    batches (the diagonal Fisher, as :func:`~distilkit.compress.quantize.fisher_errors`
+    estimates the loss of fewer bits, so that the two are on one scale). One SVD per weight."""
+    from distilkit.compress.quantize import _gradient_sums
+
+    if ctx.dataloader is None or ctx.loss_fn is None:
+        raise ValueError("fisher_rank_errors needs a CompressionContext with a dataloader and "
+                         "a loss_fn")
+    weights = [[model.get_submodule(n).weight] for n in names]
+    acc, n = _gradient_sums(model, weights, ctx, batches, True, "fisher_rank_errors")
+    out = []
+    with torch.no_grad():
+        for (w,), (f,), rs in zip(weights, acc, ranks):
+            fw = (f / n).double()
+            p, s, qh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+            errs = {}
+            for r in rs:
+                approx = (p[:, :r] * s[:r]) @ qh[:r]
+                errs[int(r)] = float((fw * (approx - w.double()).square()).sum())
+            out.append(errs)
+    return out
+
+
 def break_even_rank(m: int, n: int) -> int:
     """Largest rank at which the two factors have fewer weights than the dense ``m x n``."""
     return (m * n - 1) // (m + n)
+
+
+RANK_KEYS = ("rank", "ranks", "rank_fraction", "param_fraction", "energy")
 
 
 @dataclass
@@ -115,6 +185,9 @@ class LowRankConfig:
         "help": "The rank of every factorized layer (1..min(m, n))."})
     rank_fraction: Optional[float] = field(default=None, metadata={
         "help": "Rank as a fraction of each layer's full rank min(m, n), in (0, 1]."})
+    ranks: Optional[dict] = field(default=None, metadata={
+        "help": "{module name or glob: rank}: a rank per linear (first matching pattern "
+                "wins); the linears it names are factorized unless include is given."})
     param_fraction: Optional[float] = field(default=None, metadata={
         "help": "Keep this fraction of each layer's weight parameters, in (0, 1)."})
     energy: Optional[float] = field(default=None, metadata={
@@ -128,11 +201,18 @@ class LowRankConfig:
                 "be smaller."})
 
     def __post_init__(self):
-        given = {k: getattr(self, k) for k in ("rank", "rank_fraction", "param_fraction", "energy")
-                 if getattr(self, k) is not None}
+        given = {k: getattr(self, k) for k in RANK_KEYS if getattr(self, k) is not None}
         if len(given) != 1:
-            raise ValueError(f"low_rank: give exactly one of rank, rank_fraction, param_fraction, "
-                             f"energy (got {given or 'none'})")
+            raise ValueError(f"low_rank: give exactly one of {', '.join(RANK_KEYS)} "
+                             f"(got {given or 'none'})")
+        if self.ranks is not None:
+            if not isinstance(self.ranks, dict) or not self.ranks:
+                raise ValueError(f"low_rank: ranks={self.ranks!r} must be a non-empty mapping "
+                                 "{module name or glob: rank}")
+            for pat, r in self.ranks.items():
+                if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                    raise ValueError(f"low_rank: ranks[{pat!r}]={r!r} must be a positive "
+                                     "integer")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"low_rank: rank={self.rank!r} must be a positive integer")
         if self.rank_fraction is not None and not 0 < self.rank_fraction <= 1:
@@ -148,6 +228,15 @@ def choose_rank(cfg: LowRankConfig, weight: torch.Tensor, name: str) -> int:
     """The rank ``cfg`` asks for on this ``m x n`` weight (may exceed the break-even rank)."""
     m, n = weight.shape
     full = min(m, n)
+    if cfg.ranks is not None:
+        r = next((int(v) for pat, v in cfg.ranks.items() if fnmatch.fnmatchcase(name, pat)), None)
+        if r is None:
+            raise ValueError(f"low_rank: {name} is included but no pattern of ranks names it "
+                             f"({sorted(cfg.ranks)}); add it to ranks or exclude it")
+        if r > full:
+            raise ValueError(f"low_rank: ranks[{name!r}]={r} is larger than its weight allows: "
+                             f"it is {m}x{n}, so the rank is at most {full}")
+        return r
     if cfg.rank is not None:
         if cfg.rank > full:
             raise ValueError(f"low_rank: rank={cfg.rank} is larger than {name} allows: its weight "
@@ -183,7 +272,8 @@ class LowRank(Method):
                 "Low-rank matrix factorization for deep neural network training. ICASSP 2013")
 
     def apply(self, model: nn.Module, cfg: LowRankConfig, ctx: CompressionContext) -> dict:
-        include = cfg.include if cfg.include is not None else _default_targets(model)
+        include = cfg.include if cfg.include is not None else \
+            list(cfg.ranks) if cfg.ranks is not None else _default_targets(model)
         chosen = select_modules(model, include, cfg.exclude, types=(nn.Linear,),
                                 field_name="low_rank.include", method="low_rank")
         require_plain(chosen, "low_rank")
@@ -195,7 +285,8 @@ class LowRank(Method):
         for name, lin in chosen:
             r = choose_rank(cfg, lin.weight, name)
             m, n = lin.weight.shape
-            if cfg.rank is None and cfg.keep_dense_if_larger and r > break_even_rank(m, n):
+            explicit = cfg.rank is not None or cfg.ranks is not None
+            if not explicit and cfg.keep_dense_if_larger and r > break_even_rank(m, n):
                 kept_dense.append(name)
                 continue
             set_module(model, name, LowRankLinear.from_linear(lin, r))

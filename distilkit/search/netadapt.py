@@ -44,6 +44,15 @@ proposal, judged by the validation loss of the student that reads [UNK] for ever
 saved student will not hold. On a MiniLM student stored at 4 bits a row is 0.2 KB: a head's
 bytes buy about 120 of the rarest words.
 
+With ``ranks`` among the units (size targets), each layer weight's rank is a unit: a
+weight is factorized by truncated SVD (``low_rank``), and :func:`plan_ranks` lowers one
+weight's rank by a block at a time (from dense, straight to the highest rank whose factors
+are smaller than the weight), least Fisher-estimated loss ``sum(F * (W_r - W)^2)`` per unit
+saved first (:attr:`Scores.ranks`): one more proposal, never mixed. In the search the
+student stays dense: a rank cut replaces each weight by its truncated SVD (so the short
+distillation starts from the factorized function), and every proposal is judged with its
+weights projected to their ranks again, which is what the factors of the final run compute.
+
 The search stops when the *measured* figure meets the target. Predicted and measured
 latency differ by the table's error, so the predicted goal of each step is the target scaled
 by the current measured/predicted ratio. What is removed is tracked in the original student's
@@ -67,6 +76,7 @@ from typing import Callable, Optional, Sequence
 UNITS = ("heads", "ffn", "layers")   # structural units (the default)
 BITS = "bits"   # the stored bits of each quantized weight: a unit of size targets (opt in)
 VOCAB = "vocab"   # the word table's rows (a later prune_vocab's max_tokens): size targets
+RANKS = "ranks"   # the rank each layer weight is factorized at (a low_rank entry): size targets
 CHOICES = ("measured", "importance")   # as distilkit.budget.CHOICES (checked by the tests)
 
 
@@ -85,6 +95,11 @@ class Scores:
     # with the Fisher for the Hessian. Lowering a weight from b to b - 1 bits costs
     # ``bits[l][j][b - 1] - bits[l][j][b]``.
     bits: Optional[list] = None
+    # With ``ranks`` among the units: ``ranks[l][j][r]``, the loss the j-th weight of layer l
+    # adds when factorized at rank r, sum(F * (W_r - W)^2) with W_r its truncated SVD (the
+    # same Fisher estimate as the bits', so the two plans are on one scale); the keys are the
+    # ranks it may take (its current one among them, 0 for dense, whose loss is 0).
+    ranks: Optional[list] = None
 
 
 @dataclass
@@ -99,10 +114,11 @@ class Removal:
     layers: list = field(default_factory=list)
     bits: dict = field(default_factory=dict)
     vocab: int = 0
+    ranks: dict = field(default_factory=dict)   # per layer position {role: new rank}
 
     def empty(self) -> bool:
         return not (any(self.heads.values()) or any(self.neurons.values()) or self.layers
-                    or any(self.bits.values()) or self.vocab)
+                    or any(self.bits.values()) or self.vocab or any(self.ranks.values()))
 
     def counts(self) -> dict:
         out = {"heads": sum(len(v) for v in self.heads.values()),
@@ -112,25 +128,32 @@ class Removal:
             out["bit_weights"] = sum(len(v) for v in self.bits.values())
         if self.vocab:
             out["vocab_rows"] = int(self.vocab)
+        if any(self.ranks.values()):   # weights factorized at a lower rank
+            out["rank_weights"] = sum(len(v) for v in self.ranks.values())
         return out
 
 
-def _reshape(structure, heads: Sequence[int], ffn: Sequence[int], keep=None, bits=None):
-    """``structure`` with these per-layer counts; its bits rows are ``bits`` when given,
-    else those of the kept positions ``keep`` (all when None)."""
-    if bits is None and structure.bits is not None:
-        bits = structure.bits if keep is None else [structure.bits[i] for i in keep]
+def _reshape(structure, heads: Sequence[int], ffn: Sequence[int], keep=None, bits=None,
+             ranks=None):
+    """``structure`` with these per-layer counts; its bits (ranks) rows are ``bits``
+    (``ranks``) when given, else those of the kept positions ``keep`` (all when None)."""
+    def rows(given, own):
+        if given is None and own is not None:
+            given = own if keep is None else [own[i] for i in keep]
+        return None if given is None else tuple(tuple(r) for r in given)
     return dataclasses.replace(structure, heads=tuple(int(h) for h in heads),
                                ffn=tuple(int(f) for f in ffn),
-                               bits=None if bits is None else tuple(tuple(r) for r in bits))
+                               bits=rows(bits, structure.bits),
+                               ranks=rows(ranks, structure.ranks))
 
 
 def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64,
-                       min_bits: int = 2, min_vocab: int = 1):
+                       min_bits: int = 2, min_vocab: int = 1, min_rank: int = 32):
     """The smallest structure the search may reach from ``structure``: one layer (with
     ``layers`` among the units), one head per layer, one FFN block per layer, (with
-    ``bits``) every quantized weight at ``min_bits``, and (with ``vocab``) ``min_vocab`` word
-    rows (those prune_vocab keeps whatever the data holds)."""
+    ``bits``) every quantized weight at ``min_bits``, (with ``vocab``) ``min_vocab`` word
+    rows (those prune_vocab keeps whatever the data holds), and (with ``ranks``) every layer
+    weight at rank ``min_rank`` (counted dense where that saves nothing)."""
     n = 1 if "layers" in units else len(structure.heads)
     heads = [1 if "heads" in units else h for h in structure.heads[:n]]
     ffn = [min(f, ffn_block) if "ffn" in units else f for f in structure.ffn[:n]]
@@ -138,7 +161,11 @@ def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int =
     if structure.bits is not None:
         bits = [[min(b, min_bits) if b and BITS in units else b for b in row]
                 for row in structure.bits[:n]]
-    out = _reshape(structure, heads, ffn, bits=bits)
+    ranks = None
+    if structure.ranks is not None:
+        ranks = [[min(r, min_rank) if r else min_rank for r in row] if RANKS in units else row
+                 for row in structure.ranks[:n]]
+    out = _reshape(structure, heads, ffn, bits=bits, ranks=ranks)
     return dataclasses.replace(out, vocab=min(out.vocab, min_vocab)) if VOCAB in units else out
 
 
@@ -230,14 +257,15 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
 def after_removal(structure, removal: Removal):
     """``structure`` once ``removal`` (current positions) is made."""
     keep = [l for l in range(len(structure.heads)) if l not in set(removal.layers)]
-    bits = None
-    if structure.bits is not None:
-        bits = [[removal.bits.get(l, {}).get(j, b) for j, b in enumerate(structure.bits[l])]
-                for l in keep]
+
+    def rows(own, changed):
+        return None if own is None else \
+            [[changed.get(l, {}).get(j, b) for j, b in enumerate(own[l])] for l in keep]
     out = _reshape(structure,
                    [structure.heads[l] - len(removal.heads.get(l, ())) for l in keep],
                    [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep],
-                   bits=bits)
+                   bits=rows(structure.bits, removal.bits),
+                   ranks=rows(structure.ranks, removal.ranks))
     return dataclasses.replace(out, vocab=out.vocab - removal.vocab) if removal.vocab else out
 
 
@@ -298,6 +326,52 @@ def plan_vocab(structure, cost: Callable, cut: float, min_vocab: int = 1) -> Rem
     return Removal(vocab=hi)
 
 
+def _next_rank(current: int, allowed) -> Optional[int]:
+    """The largest allowed rank below ``current`` (0: dense, above every rank)."""
+    below = [r for r in allowed if r and (not current or r < current)]
+    return max(below) if below else None
+
+
+def plan_ranks(structure, scores: Scores, cost: Callable, cut: float,
+               floor: Optional[float] = None) -> Removal:
+    """The layer weights to factorize at a lower rank so that ``cost`` falls by at least
+    ``cut``: one weight one allowed rank lower per pick (from dense, the highest rank whose
+    factors are smaller), the least Fisher-estimated loss (:attr:`Scores.ranks`) per unit
+    saved first; the floor and tie rules of :func:`plan_bits`."""
+    if structure.ranks is None or scores.ranks is None:
+        return Removal()
+    cur = [list(r) for r in structure.ranks]
+    start = now = float(cost(structure))
+    out = Removal()
+    while now > start - cut:
+        best = None
+        remaining = now - (start - cut)
+        for l, row in enumerate(cur):
+            for j, r in enumerate(row):
+                errs = scores.ranks[l][j]
+                nxt = _next_rank(r, errs)
+                if nxt is None:
+                    continue
+                trial = [list(x) for x in cur]
+                trial[l][j] = nxt
+                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
+                                            ranks=trial)))
+                saving = now - after
+                if saving <= 0:
+                    continue
+                imp = max(float(errs[nxt]) - float(errs.get(r, 0.0)), 0.0)
+                over = floor is not None and after < floor
+                key = (over, imp / min(saving, remaining), l, j)
+                if best is None or key < best[0]:
+                    best = (key, l, j, nxt, after)
+        if best is None:
+            break
+        _, l, j, nxt, now = best
+        cur[l][j] = nxt
+        out.ranks.setdefault(l, {})[j] = nxt
+    return out
+
+
 def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
                    units: Sequence[str] = UNITS, ffn_block: int = 64,
                    floor: Optional[float] = None, min_bits: int = 2,
@@ -326,6 +400,7 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
             continue   # the mixed plan is this kind's plan
         r = plan_bits(structure, scores, cost, cut, min_bits, floor) if kind == BITS else \
             plan_vocab(structure, cost, cut, min_vocab) if kind == VOCAB else \
+            plan_ranks(structure, scores, cost, cut, floor) if kind == RANKS else \
             plan_step(structure, scores, cost, cut, (kind,), ffn_block, floor)
         if r.empty() or any(r == other for _, other in out):
             continue
@@ -363,6 +438,7 @@ class Tracker:
     total_neurons: dict = field(default_factory=dict)
     bits: Optional[dict] = None   # original layer -> its weights' bits (Structure.bits rows)
     vocab: Optional[int] = None   # word rows kept (None: as the structure it describes)
+    ranks: Optional[dict] = None   # original layer -> its weights' ranks (Structure.ranks rows)
 
     @classmethod
     def of(cls, structure) -> "Tracker":
@@ -373,7 +449,9 @@ class Tracker:
                    total_heads={o: structure.heads[o] for o in range(n)},
                    total_neurons={o: structure.ffn[o] for o in range(n)},
                    bits=None if structure.bits is None else
-                   {o: list(structure.bits[o]) for o in range(n)}, vocab=structure.vocab)
+                   {o: list(structure.bits[o]) for o in range(n)}, vocab=structure.vocab,
+                   ranks=None if structure.ranks is None else
+                   {o: list(structure.ranks[o]) for o in range(n)})
 
     def apply(self, removal: Removal) -> None:
         """Record ``removal`` (current positions), as the physical surgery applies it."""
@@ -386,6 +464,9 @@ class Tracker:
         for pos, new in removal.bits.items():
             for j, b in new.items():
                 self.bits[self.layers[pos]][j] = int(b)
+        for pos, new in removal.ranks.items():
+            for j, r in new.items():
+                self.ranks[self.layers[pos]][j] = int(r)
         if removal.vocab:
             self.vocab -= int(removal.vocab)
         dropped = set(removal.layers)
@@ -395,7 +476,9 @@ class Tracker:
         """The current structure (``like``'s type, these counts)."""
         out = _reshape(like, [len(self.heads[o]) for o in self.layers],
                        [len(self.neurons[o]) for o in self.layers],
-                       bits=None if self.bits is None else [self.bits[o] for o in self.layers])
+                       bits=None if self.bits is None else [self.bits[o] for o in self.layers],
+                       ranks=None if self.ranks is None else
+                       [self.ranks[o] for o in self.layers])
         return out if self.vocab is None else dataclasses.replace(out, vocab=self.vocab)
 
     def entries(self) -> list:
@@ -500,6 +583,8 @@ def _layout(structure) -> dict:
     out = {"heads": list(structure.heads), "ffn": list(structure.ffn), "vocab": structure.vocab}
     if structure.bits is not None:
         out["bits"] = [list(r) for r in structure.bits]
+    if structure.ranks is not None:
+        out["ranks"] = [list(r) for r in structure.ranks]
     return out
 
 
@@ -512,7 +597,8 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
     """Shrink ``model`` (whose structure is ``structure``) until ``goal`` is met.
 
     ``score(model) -> Scores``; ``prune(model, removal) -> model`` (physically, by current
-    positions; a removal's ``bits`` change no weight, only the structure's bits rows);
+    positions; a removal's ``bits`` change no weight, only the structure's bits rows; its
+    ``ranks`` replace those weights by their truncated SVDs);
     ``distil(model, step, structure) -> dict`` (a few distillation steps, then validation
     figures of the model as ``structure`` will store it, e.g. ``accuracy``, ``eval_loss``,
     ``train_loss``); ``choose``: ``measured``
@@ -598,6 +684,8 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
                 f"-{c['ffn_neurons']} FFN neurons, -{c['layers']} layers"
                 + (f", {c['bit_weights']} weights at fewer bits" if c.get("bit_weights") else "")
                 + (f", -{c['vocab_rows']:,} word rows" if c.get("vocab_rows") else "")
+                + (f", {c['rank_weights']} weights at lower ranks" if c.get("rank_weights")
+                   else "")
                 + " -> "
                 f"{structure.num_layers()} layers, predicted {predicted:,.4g} {goal.unit}, "
                 f"measured {measured:,.4g} {goal.unit} (target <= {goal.limit:,.4g}, aiming "

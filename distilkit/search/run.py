@@ -206,15 +206,38 @@ class _Searcher:
                                  self.storage.bucket_size)
             it = iter(flat)
             bits = [[next(it) for _ in row] for row in names]
+        ranks = self._rank_scores(model, ctx) if "ranks" in units else None
         return Scores(heads=[by_layer_h[n] for n in layers],
                       neurons=[by_layer_f[n] for n in layers], layers=[lay[n] for n in layers],
-                      bits=bits)
+                      bits=bits, ranks=ranks)
+
+    def _rank_scores(self, model, ctx) -> list:
+        """Per layer and weight, ``{rank: Fisher-estimated loss}`` over the ranks it may take
+        at its current shape: the multiples of ``rank_block`` whose factors are smaller than
+        it, and 0 (dense, no loss)."""
+        from distilkit.compress.low_rank import fisher_rank_errors
+        from distilkit.search.structure import factorizes, role_names
+
+        block = self.budget.rank_block
+        names = role_names(model)
+        flat_names = [n for row in names for n in row]
+        allowed = []
+        for name in flat_names:
+            m, n = model.get_submodule(name).weight.shape
+            allowed.append([r for r in range(block, min(m, n) + 1, block)
+                            if factorizes(m, n, r)])
+        errs = fisher_rank_errors(model, flat_names, ctx, self.budget.importance_batches,
+                                  allowed)
+        it = iter(errs)
+        return [[{0: 0.0, **next(it)} for _ in row] for row in names]
 
     def distil(self, model, step: int, structure=None) -> dict:
         """``steps_between`` distillation steps of the pruned student, then its validation
         figures on the first ``eval_examples`` examples; with ``structure.bits``, of the
         student with those weights quantized as the later entry will store them (trained in
-        fp32 meanwhile: the figures judge what it would become, not how it trains)."""
+        fp32 meanwhile: the figures judge what it would become, not how it trains); with
+        ``structure.ranks``, with those weights projected to their ranks (trained dense
+        meanwhile, likewise)."""
         import contextlib
 
         trainer = self._trainer(model, step)
@@ -231,6 +254,11 @@ class _Searcher:
 
             stored = quantized_weights(model, bits_patterns(model, structure.bits, default=0),
                                        self.storage.bucket_size)
+        if structure is not None and structure.ranks is not None:
+            from distilkit.compress.low_rank import low_rank_weights
+            from distilkit.search.structure import rank_patterns
+
+            stored = low_rank_weights(model, rank_patterns(model, structure.ranks))
         if self.eval_ds is not None and len(self.eval_ds):
             with stored:
                 m = trainer.evaluate(eval_dataset=self.eval_ds)
@@ -367,6 +395,30 @@ def with_bits(rest: list, model: nn.Module, bits: tuple) -> list:
     return rest[:j] + [entry] + rest[j + 1:]
 
 
+def project_ranks(model: nn.Module, changed: dict) -> None:
+    """A rank cut of the search (``Removal.ranks``: per layer position ``{role: rank}``): the
+    weights it names are replaced by their truncated SVDs where that rank factorizes them, so
+    the short distillation after it starts from what the factors will compute."""
+    from distilkit.compress.low_rank import project_
+    from distilkit.search.structure import rank_patterns, role_names
+
+    rows = [[changed.get(p, {}).get(j, 0) for j in range(len(row))]
+            for p, row in enumerate(role_names(model))]
+    project_(model, rank_patterns(model, rows))
+
+
+def with_ranks(model: nn.Module, ranks: tuple) -> list:
+    """The ``low_rank`` entry (a list of zero or one) that factorizes ``model``'s layer weights
+    at the searched ``ranks`` (:attr:`Structure.ranks`), by the exact module names of the
+    pruned student, which the final run's student has too after the pruning entries
+    (prune_layers renumbers its layers the same way); weights a rank would not shrink stay
+    dense."""
+    from distilkit.search.structure import rank_patterns
+
+    per = rank_patterns(model, ranks)
+    return [{"method": "low_rank", "ranks": per}] if per else []
+
+
 def _teacher_module(teachers):
     m = teachers.models()[0]
     return getattr(m, "inner", m)   # a label view computes what its teacher computes
@@ -427,6 +479,11 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                              f"(or eval_examples > 0), or drop {unit}")
     if "bits" in budget.units:
         structure = dataclasses.replace(structure, bits=storage.rows())
+    if "ranks" in budget.units:   # every layer weight starts dense
+        from distilkit.search.structure import role_names
+
+        structure = dataclasses.replace(
+            structure, ranks=tuple((0,) * len(row) for row in role_names(student)))
     min_vocab = 1
     if droppable:
         # the search starts from the rows prune_vocab would keep, the rest reading [UNK]
@@ -435,7 +492,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         structure = dataclasses.replace(structure, vocab=len(kept))
         min_vocab = len(kept) - len(data)
     smallest = smallest_structure(structure, budget.units, budget.ffn_block, budget.min_bits,
-                                  min_vocab)
+                                  min_vocab, budget.rank_block)
     table = None
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
@@ -485,6 +542,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
             model = prune_removal(model, removal)
             if removal.vocab:
                 VocabMask.of(model).drop(removal.vocab)
+            if removal.ranks:
+                project_ranks(model, removal.ranks)
             return model
 
         found = search(student, structure, goal, score=searcher.score, prune=prune,
@@ -501,7 +560,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                                f"{VocabMask.of(found['model']).kept_data} data tokens, the "
                                f"tracked structure {kept_rows - min_vocab}")
         got = dataclasses.replace(got, vocab=kept_rows)
-    if got != dataclasses.replace(found["structure"], bits=None):
+    if got != dataclasses.replace(found["structure"], bits=None, ranks=None):
         # the bookkeeping must describe the pruned model exactly
         raise RuntimeError(f"search: the pruned student's structure {got} differs from the "
                            f"tracked one {found['structure']}")
@@ -510,6 +569,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               f"measures {found['history'][-1]['measured']:,.4g} {goal.unit} against "
               f"<= {goal.limit:,.4g}; training it anyway", file=sys.stderr)
     entries = found["tracker"].entries()
+    ranks = found["structure"].ranks
+    if ranks is not None:
+        entries += with_ranks(found["model"], ranks)
     if bits is not None:
         rest = with_bits(rest, found["model"], bits)
     if "vocab" in budget.units:
@@ -531,6 +593,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         "within_tolerance": found["within_tolerance"], "tolerance": budget.tolerance,
         "structure": {"heads": list(got.heads), "ffn": list(got.ffn),
                       **({"bits": [list(r) for r in bits]} if bits is not None else {}),
+                      **({"ranks": [list(r) for r in ranks]} if ranks is not None else {}),
                       **({"vocab": kept_rows, "max_tokens": kept_rows - min_vocab}
                          if "vocab" in budget.units else {})},
         "compression": entries + rest, "search_seconds": round(time.time() - t0, 1),

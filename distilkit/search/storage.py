@@ -28,6 +28,7 @@ from torch import nn
 from distilkit.compress import quant_math as qm
 from distilkit.compress.families import get_adapter
 from distilkit.compress.packing import packed_nbytes
+from distilkit.search.structure import role_names
 
 
 def stored_bytes(numel: int, bits: int, bucket_size: Optional[int], scheme: str) -> int:
@@ -76,16 +77,6 @@ class Storage:
         bits = sorted({b for row in self.attention + self.ffn for b in row if b} |
                       ({self.word} if self.word else set()))
         return f"{'/'.join(map(str, bits)) or '32'}-bit weights as packed codes"
-
-
-def role_names(model: nn.Module) -> list:
-    """Per layer position, the module names of its weights in :attr:`Structure.bits` order:
-    the attention's q, k, v, o, the FFN's up projection(s), its down projection."""
-    adapter = get_adapter(model, "method auto")
-    attn = {b.layer: b for b in adapter.attention_blocks() if b.kind == "self"}
-    ffns = {b.layer: b for b in adapter.ffn_blocks()}
-    return [[attn[layer].q, attn[layer].k, attn[layer].v, attn[layer].o,
-             *ffns[layer].up, ffns[layer].down] for layer in adapter.layers()]
 
 
 def bits_patterns(model: nn.Module, bits: tuple, default: int) -> dict:

@@ -25,7 +25,7 @@ pruned model (tested). Encoder-decoder models are out of scope here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import nn
 
@@ -49,6 +49,10 @@ class Structure:
     # :class:`~distilkit.search.storage.Storage` orders them: q, k, v, o, the FFN's up
     # projection(s), its down projection; 0 kept fp32). None: the bits are not searched.
     bits: Optional[tuple] = None
+    # Per kept layer, the rank each of those weights is factorized at (same order; 0 dense):
+    # the ``low_rank`` entry the search writes. None: no rank is searched. A rank at which
+    # the two factors would not be smaller than the weight counts (and is written) as dense.
+    ranks: Optional[tuple] = None
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
@@ -56,11 +60,13 @@ class Structure:
         if len(self.heads) != len(self.ffn):
             raise ValueError(f"Structure: heads has {len(self.heads)} layers but ffn has "
                              f"{len(self.ffn)}; give one entry per kept layer in both")
-        if self.bits is not None:
-            object.__setattr__(self, "bits", tuple(tuple(int(b) for b in row)
-                                                   for row in self.bits))
-            if len(self.bits) != len(self.heads):
-                raise ValueError(f"Structure: bits has {len(self.bits)} layers but heads has "
+        for name in ("bits", "ranks"):
+            rows = getattr(self, name)
+            if rows is None:
+                continue
+            object.__setattr__(self, name, tuple(tuple(int(b) for b in row) for row in rows))
+            if len(rows) != len(self.heads):
+                raise ValueError(f"Structure: {name} has {len(rows)} layers but heads has "
                                  f"{len(self.heads)}; give one row per kept layer")
         bad = [x for x in self.heads + self.ffn if x < 1]
         if bad:
@@ -127,15 +133,44 @@ def _word_rows(model: nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[0])
 
 
+def role_names(model: nn.Module) -> list:
+    """Per layer position, the module names of its weights in :attr:`Structure.bits` order:
+    the attention's q, k, v, o, the FFN's up projection(s), its down projection."""
+    adapter = get_adapter(model, "method auto")
+    attn = {b.layer: b for b in adapter.attention_blocks() if b.kind == "self"}
+    ffns = {b.layer: b for b in adapter.ffn_blocks()}
+    return [[attn[layer].q, attn[layer].k, attn[layer].v, attn[layer].o,
+             *ffns[layer].up, ffns[layer].down] for layer in adapter.layers()]
+
+
+def rank_patterns(model: nn.Module, ranks: tuple) -> dict:
+    """``{module name: rank}`` of ``model``'s layer weights that ``ranks`` (a
+    :attr:`Structure.ranks`, by position) factorizes at their current shapes (a rank that
+    would not make the factors smaller leaves the weight dense, as :func:`weight_count`
+    counts it), each rank at most what the weight's shape allows: a ``low_rank`` entry's
+    ``ranks`` that stores ``model`` as counted (names are exact globs)."""
+    out = {}
+    for row, names in zip(ranks, role_names(model)):
+        for r, name in zip(row, names):
+            m, n = model.get_submodule(name).weight.shape
+            if factorizes(m, n, r):
+                out[name] = min(int(r), m, n)
+    return out
+
+
 def structure_of(model: nn.Module) -> Structure:
-    """The heads and FFN neurons each encoder layer of ``model`` keeps now, and its word rows."""
+    """The heads and FFN neurons each encoder layer of ``model`` keeps now, and its word rows;
+    with a factorized layer weight (``low_rank``), the ranks of every layer's weights."""
     _check_encoder(model, "structure_of")
     adapter = get_adapter(model, "structure_of")
     heads = {b.layer: adapter.num_heads(b) for b in adapter.attention_blocks() if b.kind == "self"}
     ffn = {b.layer: int(model.get_submodule(b.down).in_features) for b in adapter.ffn_blocks()}
     layers = adapter.layers()
+    ranks = [[int(getattr(model.get_submodule(n), "rank", 0)) for n in row]
+             for row in role_names(model)]
     return Structure(tuple(heads[n] for n in layers), tuple(ffn[n] for n in layers),
-                     _word_rows(model))
+                     _word_rows(model),
+                     ranks=tuple(map(tuple, ranks)) if any(map(any, ranks)) else None)
 
 
 def _cfg(cfg, *names):
@@ -167,22 +202,43 @@ def base_shape_of(model: nn.Module) -> BaseShape:
                      embed_dim=int(word.shape[1]), other_params=int(other))
 
 
-def attention_parameters(heads: int, shape: BaseShape) -> int:
-    """Q/K/V/O weights and biases of ``heads`` heads, and the attention LayerNorm."""
+def factorizes(m: int, n: int, rank: int) -> bool:
+    """Whether an ``m x n`` weight at ``rank`` is stored as two factors: only when they hold
+    fewer weights than it (``low_rank``'s break-even rank)."""
+    return bool(rank) and (m + n) * min(rank, m, n) < m * n
+
+
+def weight_count(m: int, n: int, rank: int = 0) -> int:
+    """Weights of an ``m x n`` linear at ``rank`` (0: dense): ``(m + n) r`` factorized
+    (the rank at most ``min(m, n)``, what the weight's own shape allows after pruning), else
+    ``m n``."""
+    return (m + n) * min(rank, m, n) if factorizes(m, n, rank) else m * n
+
+
+def attention_parameters(heads: int, shape: BaseShape, ranks: Sequence[int] = ()) -> int:
+    """Q/K/V/O weights and biases of ``heads`` heads, and the attention LayerNorm; ``ranks``:
+    the q, k, v, o weights' ranks (0 or absent: dense)."""
     hd, h = heads * shape.head_dim, shape.hidden
-    return 3 * (h * hd + hd) + (hd * h + h) + 2 * h
+    r = tuple(ranks[:4]) + (0,) * (4 - len(ranks[:4]))
+    return (sum(weight_count(hd, h, r[j]) + hd for j in range(3))
+            + weight_count(h, hd, r[3]) + h + 2 * h)
 
 
-def ffn_parameters(neurons: int, shape: BaseShape) -> int:
-    """Up and down projections of ``neurons`` neurons, with biases, and the FFN LayerNorm."""
+def ffn_parameters(neurons: int, shape: BaseShape, ranks: Sequence[int] = ()) -> int:
+    """Up and down projections of ``neurons`` neurons, with biases, and the FFN LayerNorm;
+    ``ranks``: the up and down weights' ranks (0 or absent: dense)."""
     h = shape.hidden
-    return (h * neurons + neurons) + (neurons * h + h) + 2 * h
+    r = tuple(ranks[:2]) + (0,) * (2 - len(ranks[:2]))
+    return (weight_count(neurons, h, r[0]) + neurons) + (weight_count(h, neurons, r[1]) + h) \
+        + 2 * h
 
 
 def parameters(structure: Structure, shape: BaseShape) -> int:
-    """The exact parameter count of a model of ``shape`` pruned to ``structure``."""
-    layers = sum(attention_parameters(a, shape) + ffn_parameters(f, shape)
-                 for a, f in zip(structure.heads, structure.ffn))
+    """The exact parameter count of a model of ``shape`` pruned to ``structure`` (and, with
+    its ``ranks``, factorized)."""
+    ranks = structure.ranks or ((),) * structure.num_layers()
+    layers = sum(attention_parameters(a, shape, r[:4]) + ffn_parameters(f, shape, r[4:])
+                 for a, f, r in zip(structure.heads, structure.ffn, ranks))
     return layers + structure.vocab * shape.row_width() + shape.other()
 
 
