@@ -151,17 +151,13 @@ def fisher_rank_errors(model: nn.Module, names: list, ctx: CompressionContext, b
     at rank ``r``, to second order, with ``F`` the squared gradient averaged over ``batches``
     batches (the diagonal Fisher, as :func:`~distilkit.compress.quantize.fisher_errors`
     estimates the loss of fewer bits, so that the two are on one scale). One SVD per weight."""
-    from distilkit.compress.quantize import _gradient_sums
+    from distilkit.compress.quantize import fisher_diagonals
 
-    if ctx.dataloader is None or ctx.loss_fn is None:
-        raise ValueError("fisher_rank_errors needs a CompressionContext with a dataloader and "
-                         "a loss_fn")
-    weights = [[model.get_submodule(n).weight] for n in names]
-    acc, n = _gradient_sums(model, weights, ctx, batches, True, "fisher_rank_errors")
+    fisher = fisher_diagonals(model, names, ctx, batches, "fisher_rank_errors")
     out = []
     with torch.no_grad():
-        for (w,), (f,), rs in zip(weights, acc, ranks):
-            fw = (f / n).double()
+        for (w, f), rs in zip(fisher, ranks):
+            fw = f.double()
             p, s, qh = torch.linalg.svd(w.detach().double(), full_matrices=False)
             errs = {}
             for r in rs:

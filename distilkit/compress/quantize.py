@@ -398,6 +398,18 @@ def gradient_norms(model: nn.Module, targets, ctx: CompressionContext, batches: 
     return to_host(norms).tolist()  # one transfer for every layer
 
 
+def fisher_diagonals(model: nn.Module, names: list, ctx: CompressionContext, batches: int,
+                     what: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per module of ``names``, ``(its weight, F)``: ``F`` the squared gradient of
+    ``ctx.loss_fn`` averaged over ``batches`` batches, the diagonal of the empirical Fisher
+    (``what``: the caller, for the error message)."""
+    if ctx.dataloader is None or ctx.loss_fn is None:
+        raise ValueError(f"{what} needs a CompressionContext with a dataloader and a loss_fn")
+    weights = [[model.get_submodule(n).weight] for n in names]
+    acc, n = _gradient_sums(model, weights, ctx, batches, True, what)
+    return [(w, f / n) for (w,), (f,) in zip(weights, acc)]
+
+
 def fisher_errors(model: nn.Module, names: list, ctx: CompressionContext, batches: int,
                   bits: list, bucket_size: Optional[int]) -> list[dict]:
     """Per module of ``names`` (each with a ``weight``), ``{b: sum(F * (Q_b(w) - w)^2)}`` for
@@ -405,15 +417,11 @@ def fisher_errors(model: nn.Module, names: list, ctx: CompressionContext, batche
     scheme, ``bucket_size`` buckets), to second order, with ``F`` the squared gradient of
     the loss averaged over ``batches`` batches (the diagonal of the empirical Fisher, standing
     in for the Hessian, as Hessian-aware bit allocation does)."""
-    if ctx.dataloader is None or ctx.loss_fn is None:
-        raise ValueError("fisher_errors needs a CompressionContext with a dataloader and a "
-                         "loss_fn")
-    weights = [[model.get_submodule(n).weight] for n in names]
-    acc, n = _gradient_sums(model, weights, ctx, batches, True, "fisher_errors")
+    fisher = fisher_diagonals(model, names, ctx, batches, "fisher_errors")
     out = []
     with torch.no_grad():
-        for (w,), (f,) in zip(weights, acc):
-            fw = (f / n).float()
+        for w, f in fisher:
+            fw = f.float()
             out.append({int(b): float((fw * (qm.quantize_uniform(w.float(), int(b), bucket_size)
                                              - w.float()).square()).sum()) for b in bits})
     return out

@@ -269,6 +269,47 @@ def after_removal(structure, removal: Removal):
     return dataclasses.replace(out, vocab=out.vocab - removal.vocab) if removal.vocab else out
 
 
+def _plan_per_weight(structure, name: str, errors: list, lower: Callable, cost: Callable,
+                     cut: float, floor: Optional[float]) -> dict:
+    """The greedy plan of :func:`plan_bits` and :func:`plan_ranks`, over the per-weight
+    setting ``name`` of ``structure`` (its ``bits`` or ``ranks`` rows): each pick moves one
+    weight one notch down (``lower(value, errors of that weight)``: the next value, or None
+    when it is at its lowest), the least estimated loss (``errors[l][j][value]``, missing: 0)
+    per unit saved first, until ``cost`` falls by ``cut``; a pick below ``floor`` ranks after
+    every pick above it; ties to the earlier layer, then the earlier role. Returns
+    ``{layer position: {role: new value}}``."""
+    cur = [list(r) for r in getattr(structure, name)]
+    start = now = float(cost(structure))
+    out: dict = {}
+    while now > start - cut:
+        best = None
+        remaining = now - (start - cut)
+        for l, row in enumerate(cur):
+            for j, v in enumerate(row):
+                errs = errors[l][j]
+                nxt = lower(v, errs)
+                if nxt is None:
+                    continue
+                trial = [list(r) for r in cur]
+                trial[l][j] = nxt
+                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
+                                            **{name: trial})))
+                saving = now - after
+                if saving <= 0:
+                    continue
+                imp = max(float(errs[nxt]) - float(errs.get(v, 0.0)), 0.0)
+                over = floor is not None and after < floor
+                key = (over, imp / min(saving, remaining), l, j)
+                if best is None or key < best[0]:
+                    best = (key, l, j, nxt, after)
+        if best is None:
+            break
+        _, l, j, nxt, now = best
+        cur[l][j] = nxt
+        out.setdefault(l, {})[j] = nxt
+    return out
+
+
 def plan_bits(structure, scores: Scores, cost: Callable, cut: float, min_bits: int = 2,
               floor: Optional[float] = None) -> Removal:
     """The quantized weights to store at fewer bits so that ``cost`` falls by at least
@@ -277,35 +318,9 @@ def plan_bits(structure, scores: Scores, cost: Callable, cut: float, min_bits: i
     tie rules of :func:`plan_step` (earlier layer, earlier role first)."""
     if structure.bits is None or scores.bits is None:
         return Removal()
-    cur = [list(r) for r in structure.bits]
-    start = now = float(cost(structure))
-    out = Removal()
-    while now > start - cut:
-        best = None
-        remaining = now - (start - cut)
-        for l, row in enumerate(cur):
-            for j, b in enumerate(row):
-                if not b or b <= min_bits:
-                    continue
-                trial = [list(r) for r in cur]
-                trial[l][j] = b - 1
-                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
-                                            bits=trial)))
-                saving = now - after
-                if saving <= 0:
-                    continue
-                err = scores.bits[l][j]
-                imp = max(float(err[b - 1]) - float(err[b]), 0.0)
-                over = floor is not None and after < floor
-                key = (over, imp / min(saving, remaining), l, j)
-                if best is None or key < best[0]:
-                    best = (key, l, j, after)
-        if best is None:
-            break
-        _, l, j, now = best
-        cur[l][j] -= 1
-        out.bits.setdefault(l, {})[j] = cur[l][j]
-    return out
+    return Removal(bits=_plan_per_weight(
+        structure, "bits", scores.bits, lambda b, _: b - 1 if b and b > min_bits else None,
+        cost, cut, floor))
 
 
 def plan_vocab(structure, cost: Callable, cut: float, min_vocab: int = 1) -> Removal:
@@ -340,36 +355,8 @@ def plan_ranks(structure, scores: Scores, cost: Callable, cut: float,
     saved first; the floor and tie rules of :func:`plan_bits`."""
     if structure.ranks is None or scores.ranks is None:
         return Removal()
-    cur = [list(r) for r in structure.ranks]
-    start = now = float(cost(structure))
-    out = Removal()
-    while now > start - cut:
-        best = None
-        remaining = now - (start - cut)
-        for l, row in enumerate(cur):
-            for j, r in enumerate(row):
-                errs = scores.ranks[l][j]
-                nxt = _next_rank(r, errs)
-                if nxt is None:
-                    continue
-                trial = [list(x) for x in cur]
-                trial[l][j] = nxt
-                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
-                                            ranks=trial)))
-                saving = now - after
-                if saving <= 0:
-                    continue
-                imp = max(float(errs[nxt]) - float(errs.get(r, 0.0)), 0.0)
-                over = floor is not None and after < floor
-                key = (over, imp / min(saving, remaining), l, j)
-                if best is None or key < best[0]:
-                    best = (key, l, j, nxt, after)
-        if best is None:
-            break
-        _, l, j, nxt, now = best
-        cur[l][j] = nxt
-        out.ranks.setdefault(l, {})[j] = nxt
-    return out
+    return Removal(ranks=_plan_per_weight(structure, "ranks", scores.ranks, _next_rank, cost,
+                                          cut, floor))
 
 
 def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,

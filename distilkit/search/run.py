@@ -15,7 +15,8 @@ data, then the ordinary distillation run of the structure it found.
    copy, on the same batches, and the lowest validation loss kept).
 4. The structure found becomes ordinary compression entries (``prune_heads`` with explicit
    ``heads``, ``prune_ffn`` with explicit ``neurons``, ``prune_layers`` with explicit
-   ``layers``, in the original student's indices), followed by the recipe's entries after
+   ``layers``, in the original student's indices), with ``units: ranks`` a ``low_rank``
+   entry with the searched ``ranks`` by module name, followed by the recipe's entries after
    ``auto``; :func:`~distilkit.pipeline.run_recipe` runs that resolved recipe from the
    recipe's student as any recipe, so ``output_dir/recipe.yaml`` reproduces the structure
    without searching. ``output_dir/search.json`` keeps the search's history, and
