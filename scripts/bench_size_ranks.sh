@@ -6,7 +6,8 @@
 # The hand-designed 3-layer student factorized to half its linear parameters (low_rank
 # param_fraction 0.5) stands beside them, smaller. Every student is distilled STEPS steps; the
 # table compares test accuracy at the size. VARIANTS picks the searches (default: structure
-# ranks), SEED the seed. Last line: one JSON line.
+# ranks), SEED the seed, LOWRANK=0 leaves the factorized hand student out. Last line: one
+# JSON line.
 #   OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 bash scripts/bench_size_ranks.sh     # ~20 min, 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,10 @@ hand() {   # name, compression
   fi
 }
 hand hand_L3 "[{method: prune_vocab}]"
-hand hand_L3_lowrank "[{method: low_rank, param_fraction: 0.5}, {method: prune_vocab}]"
+# (LOWRANK=0: not the factorized hand-designed student, e.g. for another seed)
+if [ "${LOWRANK:-1}" != 0 ]; then
+  hand hand_L3_lowrank "[{method: low_rank, param_fraction: 0.5}, {method: prune_vocab}]"
+fi
 TARGET=${TARGET:-$("$PY" scripts/size_bits_table.py --tensor-mb "$OUT/hand_L3/student")}
 echo "== size target: $TARGET MB (fp32)" >&2
 AUTO="method: auto, target: {size_mb: $TARGET}, step_fraction: 0.15,
