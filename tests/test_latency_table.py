@@ -139,21 +139,25 @@ def timed(tmp_path_factory):
     return model, LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False), cache
 
 
-def _ratio_errors(table, full, models: dict, repeats: int = latency.MEASURE_REPEATS) -> dict:
+def _ratio_errors(table, full, models: dict, repeats: int = latency.MEASURE_REPEATS,
+                  pairings: int = 1) -> dict:
     """Each model's predicted speed-up over ``full`` against the one measured side by side with
     it (:func:`measure_pair_ms`): ``name -> (predicted ratio, measured ratio, relative error)``.
     A speed-up target uses the table this way, and a ratio timed in alternating turns is the
     figure the machine's drift leaves alone: the CPU ran 15% faster or slower from one second
     to the next on the AMD 2-core machines (2026-12-03, CPU clock too), so a table measured in
-    a slow moment read 30-57% above models timed later, one after the other (CI, 2026-12-03)."""
+    a slow moment read 30-57% above models timed later, one after the other (CI, 2026-12-03).
+    ``pairings``: the measured ratio is the median of that many pairings (as the search's
+    final check takes three)."""
     from distilkit.search.latency import measure_pair_ms
 
     predicted_full = table.predict_ms(structure_of(full))
     errors = {}
     for name, m in models.items():
-        model_ms, full_ms = measure_pair_ms(m, full, table.spec, repeats)
+        measured = statistics.median(
+            a / b for a, b in (measure_pair_ms(m, full, table.spec, repeats)
+                               for _ in range(pairings)))
         predicted = table.predict_ms(structure_of(m)) / predicted_full
-        measured = model_ms / full_ms
         errors[name] = (round(predicted, 3), round(measured, 3), predicted / measured - 1)
     return errors
 
@@ -195,8 +199,15 @@ def test_onnx_int8_table_predicts_a_pruned_model(tmp_path):
     spec = RuntimeSpec("onnx_int8", batch=32, seq_len=32, threads=1, clock="cpu")
     table = LatencyTable.for_model(model, spec, cache_dir=str(tmp_path), progress=False, grid=2)
     mixed = {"mixed": _pruned_models(model)["mixed"]}
-    # one export of each model, timed in alternating turns
-    errors = _ratio_errors(table, model, mixed)
+    # One export of each model, timed in alternating turns, the median of three pairings: at
+    # a few ms a run, one pairing's ratio moved 0.45-0.52 from one try to the next on an AMD
+    # 2-core machine (2026-12-07; predicted 0.57), and CI failed on one at 27%.
+    errors = _ratio_errors(table, model, mixed, pairings=3)
+    if abs(errors["mixed"][2]) > table.tolerance:
+        # as the search does when its table mispredicts its student: measure it again, once
+        table = LatencyTable.for_model(model, spec, cache_dir=str(tmp_path / "again"),
+                                       progress=False, grid=2)
+        errors = _ratio_errors(table, model, mixed, pairings=3)
     assert abs(errors["mixed"][2]) <= table.tolerance, errors
     assert _absolute_error(table, model) <= ABSOLUTE_FACTOR
 
