@@ -30,6 +30,7 @@ modules (``lora_A``, ``lora_B``, ...) are never targets.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -334,6 +335,26 @@ def compression_records(model: nn.Module) -> list:
 # ---------------------------------------------------------------------------------------
 # The one module walker
 # ---------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def weights_replaced(model: nn.Module, new: dict):
+    """Within the block, the ``weight`` of each module named in ``new`` ({name: f}) holds
+    ``f(weight)``: what a method would store it as (its quantization, its truncated SVD),
+    for an evaluation that judges the stored model; the original values are put back after
+    it, also on error."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, f in new.items():
+                w = model.get_submodule(name).weight
+                saved[name] = w.detach().clone()
+                w.copy_(f(w))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
 
 def is_plain_linear(module: nn.Module) -> bool:
     """True for a plain ``nn.Linear``: ``x @ weight.T + bias`` from its own Parameters.

@@ -29,7 +29,6 @@ rank of every factorized layer, which is all ``restore`` needs to rebuild the sh
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from distilkit.compress.base import (CompressionContext, Method, register, require_plain,
-                                     select_modules, set_module)
+                                     select_modules, set_module, weights_replaced)
 
 
 class LowRankLinear(nn.Module):
@@ -126,22 +125,12 @@ def project_(model: nn.Module, ranks: dict) -> None:
             w.copy_(truncated(w, int(r)))
 
 
-@contextlib.contextmanager
 def low_rank_weights(model: nn.Module, ranks: dict):
     """Within the block, the ``weight`` of each module named in ``ranks`` ({name: rank})
     holds its truncated SVD (what ``low_rank`` would factorize it into); the dense values
     are put back after it, also on error."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name in ranks:
-                saved[name] = model.get_submodule(name).weight.detach().clone()
-        project_(model, ranks)
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+    return weights_replaced(model, {name: (lambda w, r=int(r): truncated(w, r))
+                                    for name, r in ranks.items()})
 
 
 def fisher_rank_errors(model: nn.Module, names: list, ctx: CompressionContext, batches: int,
@@ -158,11 +147,12 @@ def fisher_rank_errors(model: nn.Module, names: list, ctx: CompressionContext, b
     with torch.no_grad():
         for (w, f), rs in zip(fisher, ranks):
             fw = f.double()
-            p, s, qh = torch.linalg.svd(w.detach().double(), full_matrices=False)
+            wd = w.detach().double()
+            p, s, qh = torch.linalg.svd(wd, full_matrices=False)
             errs = {}
             for r in rs:
                 approx = (p[:, :r] * s[:r]) @ qh[:r]
-                errs[int(r)] = float((fw * (approx - w.double()).square()).sum())
+                errs[int(r)] = float((fw * (approx - wd).square()).sum())
             out.append(errs)
     return out
 

@@ -60,7 +60,6 @@ against a teacher.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import math
 import types
@@ -74,7 +73,8 @@ from torch.nn.utils import parametrize
 from distilkit.compress import packing
 from distilkit.compress import quant_math as qm
 from distilkit.compress.base import (CompressionContext, Method, adapter_layer,
-                                     batches_on_device, get_target, register, select_modules)
+                                     batches_on_device, get_target, register, select_modules,
+                                     weights_replaced)
 from distilkit.device import to_host
 
 CITATION = ("Polino, Pascanu, Alistarh. Model compression via distillation and quantization. "
@@ -431,23 +431,12 @@ def fisher_errors(model: nn.Module, names: list, ctx: CompressionContext, batche
 # Prepare, convert, restore
 # ---------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
 def quantized_weights(model: nn.Module, bits: dict, bucket_size: Optional[int]):
     """Within the block, the ``weight`` of each module named in ``bits`` ({name: bits})
     holds its uniform bucketed quantization at those bits (what ``ptq`` would store); the
     full-precision values are put back after it, also on error."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for name, b in bits.items():
-                w = model.get_submodule(name).weight
-                saved[name] = w.detach().clone()
-                w.copy_(qm.quantize_uniform(w, int(b), bucket_size))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w in saved.items():
-                model.get_submodule(name).weight.copy_(w)
+    return weights_replaced(model, {name: (lambda w, b=int(b): qm.quantize_uniform(
+        w, b, bucket_size)) for name, b in bits.items()})
 
 
 def _layer_record(name: str, mod: nn.Module, bits: int, cfg: PTQConfig) -> dict:

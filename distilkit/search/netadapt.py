@@ -448,12 +448,10 @@ class Tracker:
         for pos, gone in removal.neurons.items():
             o = self.layers[pos]
             self.neurons[o] = [x for i, x in enumerate(self.neurons[o]) if i not in set(gone)]
-        for pos, new in removal.bits.items():
-            for j, b in new.items():
-                self.bits[self.layers[pos]][j] = int(b)
-        for pos, new in removal.ranks.items():
-            for j, r in new.items():
-                self.ranks[self.layers[pos]][j] = int(r)
+        for name in ("bits", "ranks"):   # per-weight settings, by original layer
+            for pos, new in getattr(removal, name).items():
+                for j, v in new.items():
+                    getattr(self, name)[self.layers[pos]][j] = int(v)
         if removal.vocab:
             self.vocab -= int(removal.vocab)
         dropped = set(removal.layers)
