@@ -118,7 +118,7 @@ def test_plan_step_near_the_target_does_not_overshoot_with_a_whole_layer():
     per ms when its saving is capped at what the step needs, was taken where heads would land
     within 5%. With the floor (limit / 1.05 in predicted terms), picks that stay above it
     come first; with no floor the plan is the old one."""
-    from distilkit.search.netadapt import Scores, plan_step, step_floor
+    from distilkit.search.netadapt import Scores, landing_band, plan_step, step_floor
     from distilkit.search.structure import parameters
 
     shape, st = _shape_and_structure(tiny_bert(layers=2, heads=4, inter=64))
@@ -129,7 +129,8 @@ def test_plan_step_near_the_target_does_not_overshoot_with_a_whole_layer():
     cut = 2000  # two heads' worth (1056 each)
     old = plan_step(st, scores, cost, cut=cut, ffn_block=16)
     assert old.layers == [1]  # the old plan: a layer, far past the goal
-    floor = step_floor(start, start, start - cut, 0.05, exact=True)
+    floor = step_floor(start, start, landing_band(start - cut, 0.05, exact=True)[2],
+                       exact=True)
     assert floor == pytest.approx((start - cut) / 1.05)
     new = plan_step(st, scores, cost, cut=cut, ffn_block=16, floor=floor)
     assert not new.layers and new.counts()["heads"] == 2
@@ -250,7 +251,8 @@ def _heads_and_ffn_student():
 def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
     """A latency read just inside its limit reads outside it as often as not a few minutes
     later (the 8x budget: 8.0x in the search, 7.88x in its own check): a measured goal stops
-    at limit / (1 + tolerance / 2), not at the limit; an exact (size) goal at the limit."""
+    in the middle half of the band, at most limit / (1 + tolerance / 4), not at the limit; an
+    exact (size) goal at the limit."""
     from distilkit.search.netadapt import Goal, search
     from distilkit.search.structure import parameters
 
@@ -261,7 +263,7 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
     Fake, prune, score = _heads_and_ffn_student()
 
     limit = cost(st) * 0.9
-    for exact, top in ((False, limit / 1.025), (True, limit)):
+    for exact, top in ((False, limit / 1.0125), (True, limit)):
         goal = Goal(limit, "ms", figure=lambda m: cost(m.structure), cost=cost, exact=exact)
         found = search(Fake(st), st, goal, score=score, prune=prune,
                        distil=lambda m, i, s: {"eval_loss": 1.0}, ffn_block=16,
@@ -275,7 +277,34 @@ def test_a_measured_target_is_aimed_at_the_middle_of_the_tolerance_band():
                                       cost=cost), score=score, prune=prune,
                    distil=lambda m, i, s: {"eval_loss": 1.0}, ffn_block=16, step_fraction=0.02,
                    progress=False, choose="importance", tolerance=0.0)
-    assert limit / 1.025 < found["history"][-1]["measured"] <= limit
+    assert limit / 1.0125 < found["history"][-1]["measured"] <= limit
+
+
+def test_a_measured_step_at_the_fast_edge_of_the_band_is_made_again_nearer_its_middle():
+    """The 2x and 8x searches of 2026-12-03 stopped at the fast edge of their band (2.09x, and
+    21.5 ms in 21.4-22.4), and their side-by-side readings minutes later fell past it (2.12x,
+    8.55x). Here the table over-predicts by 5% of the start, so the scaled cut lands at about
+    limit / 1.044: inside the band, where the old rule stopped; now it is below the band's
+    middle half, so the step is made again with the cut read off, and lands inside it."""
+    from distilkit.search.netadapt import Goal, landing_band, search
+    from distilkit.search.structure import parameters
+
+    shape, st = _shape_and_structure(tiny_bert(layers=2, heads=16, hidden=64, inter=512))
+    cost = lambda s: parameters(s, shape)  # noqa: E731
+    full = cost(st)
+    Fake, prune, score = _heads_and_ffn_student()
+    goal = Goal(0.72 * full, "ms", figure=lambda m: cost(m.structure) - 0.05 * full, cost=cost)
+    stop, aim, bottom = landing_band(goal.limit, 0.05, exact=False)
+    assert (stop, aim, bottom) == pytest.approx(
+        (goal.limit / 1.0125, goal.limit / 1.025, goal.limit / 1.0375))
+    found = search(Fake(st), st, goal, score=score, prune=prune,
+                   distil=lambda m, i, s: {"eval_loss": 1.0}, ffn_block=16,
+                   step_fraction=0.5, progress=False, choose="importance")
+    row = found["history"][1]
+    first = row["retried"]["measured"]
+    assert goal.limit / 1.05 <= first < bottom   # where the old rule stopped, within 5%
+    assert bottom <= row["measured"] <= stop     # made again: in the middle half
+    assert len(found["history"]) == 2 and found["met"] and found["within_tolerance"]
 
 
 def test_a_step_that_lands_past_the_band_is_undone_and_made_again_with_the_cut_read_off():
