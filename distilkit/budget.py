@@ -322,12 +322,9 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
 
 def _check_ranks_unit(budget: BudgetConfig, rest: list) -> None:
     """``units: [.., ranks]`` factorizes layer weights (the search writes a ``low_rank`` entry
-    after the pruning): counted for a size target on fp32 weights, with measured proposals."""
+    after the pruning): counted for a size target on fp32 weights, or timed for a latency one
+    (the latency table then times factorized layers too), with measured proposals."""
     where = _where(0)
-    if budget.target not in ("size_mb", "parameters"):
-        raise ValueError(f"{where}: units: ranks is counted for size_mb and parameters targets; "
-                         f"the latency table does not measure factorized layers, so not for "
-                         f"{budget.target}: use a size target, or drop ranks")
     q = [j for j, e in enumerate(rest, start=1)
          if isinstance(e, dict) and e.get("method") in QUANTIZERS]
     if q:

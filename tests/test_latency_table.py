@@ -1,6 +1,7 @@
 """distilkit.search: exact parameter counts of pruned structures (structure.py) and the measured
 latency table (latency.py): its predictions against measured pruned models, its cache, its
 refusals."""
+import dataclasses
 import statistics
 
 import pytest
@@ -423,3 +424,101 @@ def test_a_pair_is_timed_warm_each_model_after_its_own_run(monkeypatch):
     assert cold > 15
     with pytest.raises(ValueError, match="block=0"):
         latency.measure_pair_ms(model, ref, spec, block=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Factorized layers (a table with ranks)
+# ---------------------------------------------------------------------------------------
+
+PER_WEIGHT, PER_FACTORIZED = 2e-5, 0.05
+
+
+def _fake_ranked_ms(model, spec, repeats=latency.MEASURE_REPEATS):
+    """:func:`_fake_ms`, less ``PER_WEIGHT`` per multiply-add a factorized weight no longer
+    does and plus ``PER_FACTORIZED`` per factorized weight: the law the table fits."""
+    from distilkit.search.structure import role_shapes
+
+    s = structure_of(model)
+    shape = base_shape_of(model)
+    ms = _fake_ms(model, spec)
+    for h, f, row in zip(s.heads, s.ffn, s.ranks or ()):
+        for (m, n), r in zip(role_shapes(h, f, shape, len(row)), row):
+            if r:
+                ms -= PER_WEIGHT * (m * n - (m + n) * r) - PER_FACTORIZED
+    return ms
+
+
+def _factorized(model, ranks: dict):
+    from distilkit.compress.low_rank import LowRankConfig
+
+    m = copy.deepcopy(model)
+    compress_(m, LowRankConfig(ranks=ranks))
+    return m
+
+
+def _ranked_models(model) -> dict:
+    """The "mixed" pruned model with some of its weights factorized (at their pruned shapes),
+    and the full one with every FFN projection at rank 32."""
+    mixed = _pruned_models(model)["mixed"]   # heads (1, 4, 3), neurons (212, 512, 412)
+    layer = "bert.encoder.layer.{}."
+    return {
+        "mixed_ranked": _factorized(mixed, {layer.format(1) + "attention.self.query": 32,
+                                            layer.format(1) + "attention.self.key": 32,
+                                            layer.format(1) + "intermediate.dense": 64,
+                                            layer.format(2) + "output.dense": 48}),
+        "ffn_rank32": _factorized(model, {"bert.encoder.layer.*.intermediate.dense": 32,
+                                          "bert.encoder.layer.*.output.dense": 32}),
+    }
+
+
+def test_a_table_with_ranks_fits_the_factorized_law_and_keys_its_ranks(tmp_path, monkeypatch):
+    """On a latency that is the law (fake timings), a table with ranks predicts factorized
+    structures exactly; it is another cached table than the one without ranks, which refuses a
+    structure with ranks in one line instead of predicting it dense."""
+    from distilkit.search.latency import fit_rank_cost, rank_points
+
+    monkeypatch.setattr(latency, "_time_model", _fake_ranked_ms)
+    model = _timing_bert()
+    plain = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3)
+    ranked = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3,
+                                    ranks=True)
+    assert ranked.path != plain.path and plain.rank_fit is None
+    assert ranked.ranks == rank_points(base_shape_of(model)) == [21, 43, 64, 85]
+    assert ranked.rank_fit == pytest.approx((PER_WEIGHT, PER_FACTORIZED))
+    for name, m in _ranked_models(model).items():
+        s = structure_of(m)
+        assert s.ranks is not None and any(any(r) for r in s.ranks), name
+        assert ranked.predict_ms(s) == pytest.approx(_fake_ranked_ms(m, SPEC)), name
+        assert ranked.predict_ms(s) < ranked.predict_ms(dataclasses.replace(s, ranks=None))
+        with pytest.raises(ValueError, match="measured without factorized layers"):
+            plain.predict_ms(s)
+    # read back from the cache, with its factorized timings
+    monkeypatch.setattr(latency, "_time_model", lambda *a, **k: pytest.fail("measured again"))
+    again = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3,
+                                   ranks=True)
+    assert not again.measured and again.rank_fit == pytest.approx(ranked.rank_fit)
+    # the fit itself: exact on the law, never negative
+    shapes = [(256, 256)] * 3 + [(256, 256), (512, 256), (256, 512)]
+    ranks = [16, 32, 64, 96]
+    exact = [PER_WEIGHT * sum(m * n - (m + n) * r for m, n in shapes) - PER_FACTORIZED * 6
+             for r in ranks]
+    assert fit_rank_cost(shapes, ranks, exact) == pytest.approx((PER_WEIGHT, PER_FACTORIZED))
+    assert min(fit_rank_cost(shapes, ranks, [-1.0] * 4)) >= 0
+
+
+def test_a_table_with_ranks_predicts_measured_factorized_models(tmp_path):
+    """Measured, not faked: factorized pruned models' speed-ups over the unpruned one within
+    the table's tolerance of their prediction (timed as in
+    :func:`test_table_predicts_measured_latency_of_pruned_models`)."""
+    model = _timing_bert()
+    table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3,
+                                   ranks=True)
+    assert table.rank_fit[0] > 0   # factorizing saves time
+    models = _ranked_models(model)
+    errors = _ratio_errors(table, model, models, pairings=3)
+    if not all(abs(e) <= table.tolerance for _, _, e in errors.values()):
+        table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path / "again"),
+                                       progress=False, grid=3, ranks=True)
+        errors = _ratio_errors(table, model, models, pairings=3)
+    assert all(abs(e) <= table.tolerance for _, _, e in errors.values()), errors
+    assert errors["ffn_rank32"][1] < 1   # the factorized FFNs run faster, measured

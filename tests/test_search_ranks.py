@@ -1,7 +1,8 @@
 """Ranks as a unit of the budget search (#16): ``low_rank`` with a rank per linear, the exact
 count of a factorized structure, the rank plan (least Fisher-estimated loss per unit saved,
 from dense straight to the highest rank that saves), the evaluation view, the one-line
-refusals, and a size search end to end that writes its ranks as a ``low_rank`` entry."""
+refusals, and size and speed-up searches end to end that write their ranks as a ``low_rank``
+entry."""
 import dataclasses
 import json
 import os
@@ -133,6 +134,46 @@ def test_plan_ranks_takes_the_least_loss_per_parameter_and_jumps_from_dense_to_a
     assert plan_ranks(low, scores, cost, 10).empty()     # every weight at its lowest rank
 
 
+def _ms_cost(per_weight=1.0, per_factorized=1500.0):
+    """A latency-like cost of :func:`_setting`'s structures: parameters, plus
+    ``per_factorized`` for each factorized weight (one more product each), as a latency
+    table's fit prices them: a weight just below its break-even rank costs more than dense."""
+    from distilkit.search.structure import BaseShape, factorizes, role_shapes
+
+    st, count = _setting()
+    shape = BaseShape(family="bert", hidden=32, num_heads=4, head_dim=8, intermediate=64,
+                      vocab=50, num_labels=2, max_positions=16)
+
+    def cost(s):
+        extra = sum(per_factorized for h, f, row in zip(s.heads, s.ffn, s.ranks)
+                    for (m, n), r in zip(role_shapes(h, f, shape), row) if factorizes(m, n, r))
+        return per_weight * count(s) + extra
+    return st, cost
+
+
+def test_under_a_latency_cost_the_rank_plan_passes_over_notches_that_cost_time():
+    """In milliseconds the notches below dense (ranks 20 to 8 of 64 x 32: 128 to 1,280
+    weights saved) cost more than they save (one more product, 1,500 here), while rank 4
+    saves 164: the plan takes the notch that saves. Before, a pick had to save at its first notch, so no weight
+    was ever factorized and a ranks-only latency search stopped at once ("floor") with its
+    target measured reachable; and a ranks proposal short of the cut is made when it is the
+    only one left."""
+    from distilkit.search.netadapt import (Removal, Scores, after_removal, plan_proposals,
+                                           plan_ranks)
+
+    st, cost = _ms_cost()
+    scores = Scores(heads=[[0.0] * 4] * 2, neurons=[[0.0] * 64] * 2, layers=[0.0, 0.0],
+                    ranks=_allowed(cheap=[(1, 5)]))
+    assert cost(after_removal(st, Removal(ranks={1: {5: 20}}))) > cost(st)
+    r = plan_ranks(st, scores, cost, 1)
+    assert r.ranks == {1: {5: 4}}   # 2,048 - 96 x 4 = 1,664 saved, less 1,500
+    assert cost(after_removal(st, r)) < cost(st)
+    # a cut no rank plan reaches: the one that saves most is still proposed
+    only = plan_proposals(st, scores, cost, 0.5 * cost(st), ("ranks",))
+    assert [n for n, _ in only] == ["ranks"] and not only[0][1].empty()
+    assert cost(after_removal(st, only[0][1])) < cost(st)
+
+
 def test_ranks_proposal_stands_beside_the_structural_ones_and_follows_dropped_layers():
     from distilkit.search.netadapt import (Removal, Scores, Tracker, after_removal,
                                            plan_proposals, smallest_structure)
@@ -187,7 +228,6 @@ def test_fisher_rank_errors_grow_as_the_rank_falls_and_the_view_puts_the_weights
 
 
 @pytest.mark.parametrize("auto,after,expected", [
-    ({"target": {"speedup": 2}}, [], "units: ranks is counted for size_mb and parameters"),
     ({}, [{"method": "ptq", "bits": 4}], "the size of quantized factors is not counted yet"),
     ({"choose": "importance"}, [], "units: ranks needs choose: measured"),
     ({"rank_block": 0}, [], "rank_block: 0 must be a whole number >= 1"),
@@ -247,3 +287,40 @@ def test_a_size_target_with_ranks_factorizes_the_weights_it_chose(tiny_task, cac
         yaml.safe_dump(resolved, f)
     assert main(["distill", str(tiny_task["tmp"] / "again.yaml"), "--no-progress"]) == 0
     assert structure_of(from_pretrained(os.path.join(again, "student"))) == got
+
+
+def test_a_speedup_target_with_ranks_alone_factorizes_and_times_the_factorized_student(
+        tiny_task, cache, capsys):
+    """Ranks alone under a latency target: nothing but factorizing can make the student
+    faster, so the search must, timing each candidate as the factorized model it will be
+    served as (the student it trains stays dense); the final student, factorized by the
+    written low_rank entry, meets the speed-up measured beside the teacher."""
+    from distilkit.compress.base import from_pretrained
+    from distilkit.search.structure import structure_of
+    from conftest import tiny_bert as make, tiny_tokenizer
+    from test_search import _search_recipe as search_recipe
+
+    # A teacher whose layers, not Python, dominate the time (as the pytorch speed-up test's)
+    tdir = str(tiny_task["tmp"] / "wide")
+    tok = tiny_tokenizer(tdir)
+    make(vocab=tok.vocab_size, layers=4, hidden=128, heads=4, inter=256).save_pretrained(tdir)
+    path, out = search_recipe(tiny_task, {"speedup": 1.3}, teacher=tdir,
+                              auto={"batch": 32, "seq_len": 32, "threads": 1, "clock": "cpu",
+                                    "units": ["ranks"], "rank_block": 8})
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "target speedup 1.3: the final student is" in err and ": met" in err, err
+    res = json.load(open(os.path.join(out, "results.json")))
+    record = json.load(open(os.path.join(out, "search.json")))
+    assert res["search"]["met"] and res["search"]["speedup"] >= 1.3
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    assert [e["method"] for e in resolved["compression"]] == ["low_rank"]
+    student = from_pretrained(os.path.join(out, "student"))
+    got = structure_of(student)
+    assert got.heads == (4,) * 4 and got.ffn == (256,) * 4   # only ranks moved
+    assert sorted(r for row in got.ranks for r in row if r) == \
+        sorted(resolved["compression"][0]["ranks"].values())
+    # each step's reading was of the factorized candidate: it fell as ranks were cut
+    measured = [h["measured"] for h in record["history"]]
+    assert measured[-1] < measured[0] and record["met"]
+    assert all(r["predicted"] < record["history"][0]["predicted"] for r in record["history"][1:])

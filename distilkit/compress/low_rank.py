@@ -236,6 +236,24 @@ def choose_rank(cfg: LowRankConfig, weight: torch.Tensor, name: str) -> int:
     return rank_for_energy(s, cfg.energy)
 
 
+def factorized_shapes(model: nn.Module, ranks: dict) -> nn.Module:
+    """A copy of ``model`` whose linears named in ``ranks`` ({name: rank}) are freshly
+    initialised :class:`LowRankLinear` s of that rank: the shapes ``low_rank`` would serve,
+    not its factors (no SVD). For timing only: a forward pass costs the same whatever the
+    weights hold, and the budget search times its candidates this way while the student it
+    trains stays dense (:func:`project_`)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, r in ranks.items():
+        lin = out.get_submodule(name)
+        new = LowRankLinear(lin.in_features, lin.out_features, int(r), bias=lin.bias is not None,
+                            device=lin.weight.device, dtype=lin.weight.dtype)
+        new.train(lin.training)
+        set_module(out, name, new)
+    return out
+
+
 def _default_targets(model: nn.Module) -> list[str]:
     from distilkit.compress.families import get_adapter, supported_families
 

@@ -24,6 +24,14 @@ units go, and ``fit_error`` (the median relative residual on the grid) says how 
 holds. The word-table size does not enter (one row gather per
 token, whatever the table's size); it only enters the size (:mod:`~distilkit.search.structure`).
 
+Factorized layers (a table built with ``ranks=True``, for a search over ranks): the unpruned
+layer is timed dense and then with every weight factorized at each rank of
+:func:`rank_points` (as ``low_rank`` serves it, two thin products), and what factorizing saves
+is fitted as ``per_weight`` ms per multiply-add no longer done less ``per_factorized`` per
+weight split (:func:`fit_rank_cost`). A layer of a structure with ranks costs its dense cost
+less that saving for each of its weights (at its pruned shape), so rank cuts are priced in the
+same milliseconds as heads, FFN blocks and layers.
+
 Runtimes (:data:`RUNTIMES`): ``pytorch`` (eager fp32, ``torch.set_num_threads(threads)``),
 ``onnx`` (the graph ``distilkit export`` traces, in onnxruntime fp32) and ``onnx_int8`` (as
 ``distilkit export --int8`` makes it: onnxruntime's fused graph, checked against PyTorch, with
@@ -85,7 +93,8 @@ import torch
 from torch import nn
 
 from distilkit.compress.families import get_adapter, slice_cols, slice_rows
-from distilkit.search.structure import BaseShape, Structure, base_shape_of, structure_of
+from distilkit.search.structure import (BaseShape, Structure, base_shape_of, factorizes,
+                                        role_names, role_shapes, structure_of)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +107,9 @@ PAIR_BLOCK = 2         # runs of one model per turn when timed beside another, t
 MIN_TIMED_MS, MAX_REPEATS = 200.0, 50  # more runs of a fast model, at most this many
 DEFAULT_GRID = 7       # FFN widths on the grid (1 .. intermediate); heads: every count
 TOLERANCE = 0.25
+# Ranks (as fractions of the hidden width) a table with ranks times one factorized layer at:
+# below the break-even rank of every weight of a BERT-shaped layer (hidden / 2 for q, k, v, o)
+RANK_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3)
 TABLE_VERSION = 1
 ONNX_GRAPHS = 2   # the exported graphs' revision (2: int8 without SkipLayerNorm / BiasGelu)
 
@@ -301,33 +313,72 @@ def measure_model_ms(model: nn.Module, spec: RuntimeSpec) -> float:
 # The table
 # ---------------------------------------------------------------------------------------
 
+def _nonnegative_fit(cols, y) -> list[float]:
+    """The least-squares ``coef >= 0`` of ``cols @ coef ~= y``. Exact for a few unknowns: the
+    optimum is the unconstrained fit on some subset of the columns (the others 0), so every
+    subset is fitted and the best one with no negative figure kept."""
+    import itertools
+
+    import numpy as np
+
+    cols, y = np.asarray(cols, dtype=float), np.asarray(y, dtype=float)
+    k_all = cols.shape[1]
+    best_err, best = float((y ** 2).sum()), np.zeros(k_all)   # all figures 0
+    for k in range(1, k_all + 1):
+        for subset in itertools.combinations(range(k_all), k):
+            coef = np.linalg.lstsq(cols[:, subset], y, rcond=None)[0]
+            if (coef < 0).any():
+                continue
+            full = np.zeros(k_all)
+            full[list(subset)] = coef
+            err = float(((cols @ full - y) ** 2).sum())
+            if err < best_err - 1e-12 * max(1.0, best_err):
+                best_err, best = err, full
+    return [float(c) for c in best]
+
+
 def fit_layer_cost(heads: Sequence[int], ffn: Sequence[int], grid: Sequence[Sequence[float]]
                    ) -> tuple[float, float, float]:
     """``(fixed, per_head, per_neuron)`` in ms, each >= 0: the least-squares fit of
     ``fixed + per_head * h + per_neuron * f`` to ``grid[i][j]``, the cost measured at
-    ``heads[i]`` heads and ``ffn[j]`` neurons. Exact non-negative least squares for three
-    unknowns: the optimum is the unconstrained fit on some subset of the terms (the others
-    0), so every subset is fitted and the best one with no negative figure kept."""
-    import itertools
-
+    ``heads[i]`` heads and ``ffn[j]`` neurons (:func:`_nonnegative_fit`)."""
     import numpy as np
 
     hh, ff = np.meshgrid(np.asarray(heads, dtype=float), np.asarray(ffn, dtype=float),
                          indexing="ij")
     y = np.asarray(grid, dtype=float).ravel()
-    cols = np.stack([np.ones_like(y), hh.ravel(), ff.ravel()], axis=1)
-    best_err, best = float((y ** 2).sum()), np.zeros(3)   # all figures 0
-    for k in (1, 2, 3):
-        for subset in itertools.combinations(range(3), k):
-            coef = np.linalg.lstsq(cols[:, subset], y, rcond=None)[0]
-            if (coef < 0).any():
-                continue
-            full = np.zeros(3)
-            full[list(subset)] = coef
-            err = float(((cols @ full - y) ** 2).sum())
-            if err < best_err - 1e-12 * max(1.0, best_err):
-                best_err, best = err, full
-    return float(best[0]), float(best[1]), float(best[2])
+    fixed, per_head, per_neuron = _nonnegative_fit(
+        np.stack([np.ones_like(y), hh.ravel(), ff.ravel()], axis=1), y)
+    return fixed, per_head, per_neuron
+
+
+def _rank_terms(shapes: Sequence, ranks: Sequence[int]) -> tuple[int, int]:
+    """``(weights saved, weights factorized)`` of a layer whose weights of ``shapes`` take
+    ``ranks`` (0: dense; a rank that would not shrink a weight leaves it dense, as
+    :func:`~distilkit.search.structure.weight_count` counts it)."""
+    saved = count = 0
+    for (m, n), r in zip(shapes, ranks):
+        if factorizes(m, n, r):
+            saved += m * n - (m + n) * min(int(r), m, n)
+            count += 1
+    return saved, count
+
+
+def fit_rank_cost(shapes: Sequence, ranks: Sequence[int], saving_ms: Sequence[float]
+                  ) -> tuple[float, float]:
+    """``(per_weight, per_factorized)`` in ms, each >= 0: the time a factorized layer saves
+    is ``per_weight`` per multiply-add (a weight is one per token) it no longer does, less
+    ``per_factorized`` per weight split in two (one more matrix product and its output),
+    fitted to ``saving_ms[i]``, measured with every weight of ``shapes`` at ``ranks[i]``."""
+    terms = [_rank_terms(shapes, [r] * len(shapes)) for r in ranks]
+    per_weight, per_factorized = _nonnegative_fit(
+        [[saved, -count] for saved, count in terms], saving_ms)
+    return per_weight, per_factorized
+
+
+def rank_points(shape: BaseShape) -> list[int]:
+    """The ranks a table with ranks times (:data:`RANK_FRACTIONS` of the hidden width)."""
+    return sorted({max(1, round(shape.hidden * f)) for f in RANK_FRACTIONS})
 
 
 def grid_points(total: int, n: int) -> list[int]:
@@ -383,15 +434,19 @@ def _pruned_layer(layer: nn.Module, model: nn.Module, heads: int, ffn: int) -> N
 
 
 def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads: list[int],
-                   ffn: list[int], progress: bool) -> dict:
-    """Measure the base and every grid point (module docstring)."""
+                   ffn: list[int], progress: bool, ranks: Sequence[int] = ()) -> dict:
+    """Measure the base and every grid point (module docstring); with ``ranks``, what the
+    unpruned layer saves with all its weights factorized at each of them, each timed right
+    after the dense layer."""
     from tqdm.auto import tqdm
+
+    from distilkit.compress.low_rank import factorized_shapes
 
     base_model = _empty_stack_model(model, 0)
     one = _empty_stack_model(model, 1)
     full_layer = one.get_submodule(get_adapter(one).stacks()[0])[0]
-    bar = tqdm(total=1 + len(heads) * len(ffn), desc=f"latency table ({spec.runtime})",
-               unit="model", disable=not progress)
+    bar = tqdm(total=1 + len(heads) * len(ffn) + 2 * len(ranks),
+               desc=f"latency table ({spec.runtime})", unit="model", disable=not progress)
     t0 = time.perf_counter()
     try:
         base = _time_model(base_model, spec, REPEATS)
@@ -404,9 +459,24 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
                 row.append(_time_model(one, spec, REPEATS) - base)
                 bar.update()
             grid.append(row)
+        saving = []
+        if ranks:
+            _pruned_layer(full_layer, one, shape.num_heads, shape.intermediate)
+            names = role_names(one)[0]
+        for r in ranks:
+            dense = _time_model(one, spec, REPEATS)
+            bar.update()
+            shapes = [tuple(one.get_submodule(n).weight.shape) for n in names]
+            low = factorized_shapes(one, {n: r for n, (m, k) in zip(names, shapes)
+                                          if factorizes(m, k, r)})
+            saving.append(dense - _time_model(low, spec, REPEATS))
+            bar.update()
     finally:
         bar.close()
-    return {"base_ms": base, "layer_ms": grid, "seconds": round(time.perf_counter() - t0, 1)}
+    out = {"base_ms": base, "layer_ms": grid, "seconds": round(time.perf_counter() - t0, 1)}
+    if ranks:
+        out["rank_saving_ms"] = saving
+    return out
 
 
 class LatencyTable:
@@ -416,12 +486,17 @@ class LatencyTable:
 
     def __init__(self, shape: BaseShape, spec: RuntimeSpec, heads: Sequence[int],
                  ffn: Sequence[int], base_ms: float, layer_ms: Sequence[Sequence[float]],
-                 path: Optional[str] = None, measured: bool = False):
+                 path: Optional[str] = None, measured: bool = False,
+                 ranks: Sequence[int] = (), rank_saving_ms: Sequence[float] = ()):
         self.shape, self.spec = shape, spec
         self.heads, self.ffn = list(heads), list(ffn)
         self._base, self._layer = float(base_ms), [list(map(float, r)) for r in layer_ms]
         self.path, self.measured = path, measured
         self.fit = fit_layer_cost(self.heads, self.ffn, self._layer)
+        # (per_weight, per_factorized) of factorized layers; None: not measured (no ranks)
+        self.ranks, self.rank_saving = list(ranks), [float(v) for v in rank_saving_ms]
+        self.rank_fit = fit_rank_cost(role_shapes(shape.num_heads, shape.intermediate, shape),
+                                      self.ranks, self.rank_saving) if self.ranks else None
         residuals = [abs(g / max(self.layer_ms(h, f), 1e-9) - 1.0)
                      for h, row in zip(self.heads, self._layer) for f, g in zip(self.ffn, row)]
         self.fit_error = float(statistics.median(residuals))
@@ -430,13 +505,15 @@ class LatencyTable:
     @classmethod
     def for_model(cls, model: nn.Module, spec: RuntimeSpec, cache_dir: Optional[str] = None,
                   progress: bool = True, grid: Optional[int] = None,
-                  validate: bool = False) -> "LatencyTable":
+                  validate: bool = False, ranks: bool = False) -> "LatencyTable":
         """The table of ``model``'s base shape in ``spec``: read from the cache, else measured
         and cached. ``grid``: points per axis (default every head count and
         :data:`DEFAULT_GRID` FFN widths); at least 2. ``validate``: time ``model`` itself
         once and measure a cached table again when it mispredicts it by more than
         :attr:`tolerance`: the cache key names the machine, not how busy it was, and a table
-        measured under load predicted 946 ms for a student a quiet machine ran in 418."""
+        measured under load predicted 946 ms for a student a quiet machine ran in 418.
+        ``ranks``: also time the unpruned layer factorized at :func:`rank_points` (another
+        cached table: its key names the ranks), so that structures with ranks are predicted."""
         if not isinstance(spec, RuntimeSpec):
             raise ValueError(f"spec={spec!r}: give a RuntimeSpec(runtime, batch, seq_len, "
                              "threads)")
@@ -451,6 +528,8 @@ class LatencyTable:
                "machine": machine_key(spec.runtime), "heads": heads, "ffn": ffn,
                "protocol": {"warmup": WARMUP, "repeats": REPEATS,
                             "min_timed_ms": MIN_TIMED_MS, "max_repeats": MAX_REPEATS}}
+        if ranks:
+            key["ranks"] = rank_points(shape)
         if spec.runtime != "pytorch":
             # How the exported files are made and served changes what they cost: a table
             # measured on other graphs (the int8 ones with SkipLayerNormalization, before
@@ -473,13 +552,15 @@ class LatencyTable:
                 cached = None
         if cached is not None:
             return cached
-        figures = _measure_table(model, shape, spec, heads, ffn, progress)
+        figures = _measure_table(model, shape, spec, heads, ffn, progress,
+                                 key.get("ranks", ()))
         from distilkit.files import atomic_write_json
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_json(path, {"key": key, **figures})
         return cls(shape, spec, heads, ffn, figures["base_ms"], figures["layer_ms"], path,
-                   measured=True)
+                   measured=True, ranks=key.get("ranks", ()),
+                   rank_saving_ms=figures.get("rank_saving_ms", ()))
 
     @staticmethod
     def cache_path(key: dict, cache_dir: Optional[str] = None) -> str:
@@ -503,8 +584,11 @@ class LatencyTable:
             grid = data["layer_ms"]
             if len(grid) != len(key["heads"]) or any(len(r) != len(key["ffn"]) for r in grid):
                 raise ValueError("its grid does not match its key")
+            saving = data.get("rank_saving_ms", []) if "ranks" in key else []
+            if len(saving) != len(key.get("ranks", [])):
+                raise ValueError("its factorized timings do not match its key")
             return cls(shape, spec, key["heads"], key["ffn"], float(data["base_ms"]), grid,
-                       path)
+                       path, ranks=key.get("ranks", ()), rank_saving_ms=saving)
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("latency table %s cannot be read (%s): measuring it again", path, e)
             return None
@@ -523,10 +607,25 @@ class LatencyTable:
         fixed, per_head, per_neuron = self.fit
         return fixed + per_head * heads + per_neuron * ffn
 
+    def rank_saving_ms(self, heads: int, ffn: int, ranks: Sequence[int]) -> float:
+        """What a layer keeping ``heads`` heads and ``ffn`` neurons saves with its weights at
+        ``ranks`` (:attr:`Structure.ranks` order; the law of :func:`fit_rank_cost`)."""
+        if not any(ranks):
+            return 0.0
+        if self.rank_fit is None:
+            raise ValueError("this latency table was measured without factorized layers, so "
+                             "it cannot predict a structure with ranks: build it with "
+                             "LatencyTable.for_model(..., ranks=True)")
+        saved, count = _rank_terms(role_shapes(heads, ffn, self.shape, len(ranks)), ranks)
+        per_weight, per_factorized = self.rank_fit
+        return per_weight * saved - per_factorized * count
+
     def predict_ms(self, structure: Structure) -> float:
-        """The latency of a model of this shape pruned to ``structure``."""
-        return self._base + sum(self.layer_ms(h, f)
-                                for h, f in zip(structure.heads, structure.ffn))
+        """The latency of a model of this shape pruned to ``structure`` (and, with its
+        ``ranks``, factorized); a layer costs at least nothing."""
+        ranks = structure.ranks or ((),) * structure.num_layers()
+        return self._base + sum(max(0.0, self.layer_ms(h, f) - self.rank_saving_ms(h, f, r))
+                                for h, f, r in zip(structure.heads, structure.ffn, ranks))
 
     def measure_ms(self, model: nn.Module) -> float:
         """``model`` measured whole in this table's runtime spec (ground truth)."""

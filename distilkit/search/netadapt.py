@@ -287,15 +287,20 @@ def _plan_per_weight(structure, name: str, errors: list, lower: Callable, cost: 
         for l, row in enumerate(cur):
             for j, v in enumerate(row):
                 errs = errors[l][j]
-                nxt = lower(v, errs)
+                nxt, saving = lower(v, errs), 0.0
+                # A notch that saves nothing is passed over for the next one: in milliseconds
+                # a weight factorized just below its break-even rank costs more than dense
+                # (one more product), while lower ranks save (a latency table's fit).
+                while nxt is not None:
+                    trial = [list(r) for r in cur]
+                    trial[l][j] = nxt
+                    after = float(cost(_reshape(structure, structure.heads, structure.ffn,
+                                                **{name: trial})))
+                    saving = now - after
+                    if saving > 0:
+                        break
+                    nxt = lower(nxt, errs)
                 if nxt is None:
-                    continue
-                trial = [list(r) for r in cur]
-                trial[l][j] = nxt
-                after = float(cost(_reshape(structure, structure.heads, structure.ffn,
-                                            **{name: trial})))
-                saving = now - after
-                if saving <= 0:
                     continue
                 imp = max(float(errs[nxt]) - float(errs.get(v, 0.0)), 0.0)
                 over = floor is not None and after < floor
@@ -382,6 +387,7 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
     structural = [u for u in units if u in UNITS]
     out = [("mixed", plan_step(structure, scores, cost, cut, structural, ffn_block, floor))] \
         if structural else []
+    short = None   # the single-kind plan that falls short of the cut by least
     for kind in units:
         if kind in UNITS and len(structural) == 1:
             continue   # the mixed plan is this kind's plan
@@ -391,10 +397,16 @@ def plan_proposals(structure, scores: Scores, cost: Callable, cut: float,
             plan_step(structure, scores, cost, cut, (kind,), ffn_block, floor)
         if r.empty() or any(r == other for _, other in out):
             continue
-        if start - float(cost(after_removal(structure, r))) < cut * (1 - 1e-9):
-            continue   # falls short of the step's cut: not comparable
+        saved = start - float(cost(after_removal(structure, r)))
+        if saved < cut * (1 - 1e-9):
+            # falls short of the step's cut: not comparable (kept only when nothing else
+            # is left: a predicted shortfall, while the target was measured reachable)
+            if saved > 0 and (short is None or saved > short[0]):
+                short = (saved, (kind, r))
+            continue
         out.append((kind, r))
-    out = [p for p in out if not p[1].empty()] or out[:1] or [("mixed", Removal())]
+    out = [p for p in out if not p[1].empty()] or out[:1] or \
+        ([short[1]] if short else [("mixed", Removal())])
     if floor is not None:
         after = [float(cost(after_removal(structure, r))) for _, r in out]
         above = [p for p, a in zip(out, after) if a >= floor]
@@ -499,6 +511,9 @@ class Goal:
     figure: Callable
     cost: Callable
     exact: bool = False   # the prediction is the figure (size targets): no calibration
+    # view(model, structure) -> the model as it will be served, to be measured (a copy with
+    # the searched ranks as factorized layers: the student being searched stays dense)
+    view: Optional[Callable] = None
 
 
 def landing_band(limit: float, tolerance: float, exact: bool) -> tuple[float, float, float]:
@@ -551,6 +566,8 @@ def _measure(goal: Goal, model, aim: float, tolerance: float, structure=None) ->
     the target one reading is enough to choose the next cut."""
     if goal.exact:
         return float(goal.figure(model) if structure is None else goal.cost(structure))
+    if goal.view is not None and structure is not None:
+        model = goal.view(model, structure)
     first = float(goal.figure(model))
     if abs(first / aim - 1.0) > 2 * tolerance:
         return first

@@ -408,6 +408,18 @@ def project_ranks(model: nn.Module, changed: dict) -> None:
     project_(model, rank_patterns(model, rows))
 
 
+def served_view(model: nn.Module, structure) -> nn.Module:
+    """``model`` as it will be served when the search has given it ``structure.ranks``: a copy
+    with those weights as factorized layers of the ranks' shapes, for timing (the searched
+    student stays dense, its weights projected to the ranks); ``model`` itself when no weight
+    is factorized."""
+    from distilkit.compress.low_rank import factorized_shapes
+    from distilkit.search.structure import rank_patterns
+
+    per = rank_patterns(model, structure.ranks) if structure.ranks else {}
+    return factorized_shapes(model, per) if per else model
+
+
 def with_ranks(model: nn.Module, ranks: tuple) -> list:
     """The ``low_rank`` entry (a list of zero or one) that factorizes ``model``'s layer weights
     at the searched ``ranks`` (:attr:`Structure.ranks`), by the exact module names of the
@@ -501,7 +513,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
                                   min_vocab, budget.rank_block)
     table = None
     if budget.latency:
-        table = LatencyTable.for_model(student, spec, progress=progress, validate=True)
+        table = LatencyTable.for_model(student, spec, progress=progress, validate=True,
+                                       ranks="ranks" in budget.units)
     teacher = _teacher_module(parts.teachers)
     teacher_ms = _teacher_ms(teacher, spec)
     if budget.latency:
@@ -516,9 +529,12 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         def figure(m):
             ms, t = paired_ms(m, teacher, spec)
             return ms * teacher_ms / t
-        goal = Goal(limit, "ms", figure=figure, cost=table.predict_ms)
+        view = served_view if "ranks" in budget.units else None
+        goal = Goal(limit, "ms", figure=figure, cost=table.predict_ms, view=view)
         tiny = prune_removal(copy.deepcopy(student),
                              _remove_all_but_smallest(structure, budget.units, budget.ffn_block))
+        if view is not None:
+            tiny = view(tiny, smallest)
         ms, t = paired_ms(tiny, teacher, spec)
         floor = ms * teacher_ms / t
         del tiny

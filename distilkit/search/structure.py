@@ -215,6 +215,14 @@ def weight_count(m: int, n: int, rank: int = 0) -> int:
     return (m + n) * min(rank, m, n) if factorizes(m, n, rank) else m * n
 
 
+def role_shapes(heads: int, neurons: int, shape: BaseShape, roles: int = 6) -> list:
+    """``(out, in)`` of a layer's weights keeping ``heads`` heads and ``neurons`` FFN neurons,
+    in :attr:`Structure.ranks` order: q, k, v, o, the FFN's up projection(s) (``roles - 5``
+    of them), its down projection."""
+    hd, h = heads * shape.head_dim, shape.hidden
+    return [(hd, h)] * 3 + [(h, hd)] + [(neurons, h)] * (roles - 5) + [(h, neurons)]
+
+
 def attention_parameters(heads: int, shape: BaseShape, ranks: Sequence[int] = ()) -> int:
     """Q/K/V/O weights and biases of ``heads`` heads, and the attention LayerNorm; ``ranks``:
     the q, k, v, o weights' ranks (0 or absent: dense)."""
