@@ -322,16 +322,25 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
 
 def _check_ranks_unit(budget: BudgetConfig, rest: list) -> None:
     """``units: [.., ranks]`` factorizes layer weights (the search writes a ``low_rank`` entry
-    after the pruning): counted for a size target on fp32 weights, or timed for a latency one
-    (the latency table then times factorized layers too), with measured proposals."""
+    after the pruning): counted for a size target (a quantize / ptq entry after it quantizes
+    both factors of a factorized weight at that weight's bits), or timed for a latency one
+    (the latency table then times factorized layers too), with measured proposals. Module
+    patterns name the dense weights, not their factors (``...query`` is ``...query.up`` and
+    ``...query.down`` once factorized), so bits searched per weight and a quantization entry
+    choosing modules by name are refused."""
     where = _where(0)
-    q = [j for j, e in enumerate(rest, start=1)
-         if isinstance(e, dict) and e.get("method") in QUANTIZERS]
-    if q:
-        raise ValueError(f"compression[{q[-1]}]: {rest[q[-1] - 1]['method']} after auto with "
-                         "units: ranks: the size of quantized factors is not counted yet; "
-                         "drop ranks (bits is the unit for quantized weights), or the "
-                         "quantization")
+    if "bits" in budget.units:
+        raise ValueError(f"{where}: units: bits and ranks together: the bits searched per "
+                         "weight are written by module name, which a factorized weight no "
+                         "longer has; drop one of them")
+    for j, e in enumerate(rest, start=1):
+        if isinstance(e, dict) and e.get("method") in QUANTIZERS:
+            named = [k for k in ("include", "exclude", "bits_per_pattern") if e.get(k)]
+            if named:
+                raise ValueError(f"compression[{j}]: {e['method']} with {named[0]} after auto "
+                                 "with units: ranks: its module names would miss the factors "
+                                 "of the weights the search factorizes; drop "
+                                 f"{named[0]} (every linear is quantized), or drop ranks")
     if budget.choose != "measured":
         raise ValueError(f"{where}: units: ranks needs choose: measured (a rank's estimated "
                          "loss is not on the heads' scale: only the distilled proposals "

@@ -228,7 +228,11 @@ def test_fisher_rank_errors_grow_as_the_rank_falls_and_the_view_puts_the_weights
 
 
 @pytest.mark.parametrize("auto,after,expected", [
-    ({}, [{"method": "ptq", "bits": 4}], "the size of quantized factors is not counted yet"),
+    ({"target": {"size_mb": 0.1}, "units": ["heads", "bits", "ranks"]},
+     [{"method": "ptq", "bits": 4}],
+     "units: bits and ranks together"),
+    ({}, [{"method": "ptq", "bits": 4, "include": ["*query"]}],
+     "ptq with include after auto with units: ranks: its module names would miss the factors"),
     ({"choose": "importance"}, [], "units: ranks needs choose: measured"),
     ({"rank_block": 0}, [], "rank_block: 0 must be a whole number >= 1"),
 ])
@@ -324,3 +328,49 @@ def test_a_speedup_target_with_ranks_alone_factorizes_and_times_the_factorized_s
     measured = [h["measured"] for h in record["history"]]
     assert measured[-1] < measured[0] and record["met"]
     assert all(r["predicted"] < record["history"][0]["predicted"] for r in record["history"][1:])
+
+
+def test_a_size_target_with_ranks_and_ptq_counts_the_quantized_factors(tiny_task, cache, capsys):
+    """ptq after a factorization quantizes each factor: the count of a factorized, pruned
+    and 4-bit structure is the saved file's tensors byte for byte, and a size_mb search with
+    ranks and ptq after it lands on what it counted."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distilkit.compress.base import compress_, config_from_dict, finalize_, from_pretrained
+    from distilkit.compress.packing import size_report
+    from distilkit.search.storage import storage_of
+    from distilkit.search.structure import base_shape_of, size_mb, structure_of
+    from test_search import _search_recipe as search_recipe
+
+    ptq = {"method": "ptq", "bits": 4, "bucket_size": 64}
+    full = AutoModelForSequenceClassification.from_pretrained(tiny_task["teacher"])
+    shape, storage = base_shape_of(full), storage_of(full, config_from_dict(ptq))
+    compress_(full, config_from_dict({"method": "prune_heads", "heads": {1: [0, 2]}}))
+    compress_(full, config_from_dict({"method": "low_rank", "ranks": {Q0: 4, DOWN1: 8}}))
+    st = structure_of(full)
+    assert st.ranks[0][0] == 4 and st.ranks[1][5] == 8
+    counted = size_mb(st, shape, storage=storage)
+    compress_(full, config_from_dict(ptq))
+    finalize_(full)
+    assert counted == size_report(full)["total_bytes"] / 1e6   # the count is the file
+    # dense, the same weights count more: the factors, not the weight, are stored
+    assert size_mb(dataclasses.replace(st, ranks=None), shape, storage=storage) > counted
+
+    dense = AutoModelForSequenceClassification.from_pretrained(tiny_task["teacher"])
+    stored = size_mb(structure_of(dense), shape, storage=storage)
+    target = round(0.9 * stored, 6)
+    path, out = search_recipe(tiny_task, {"size_mb": target}, after=[ptq],
+                              auto={"units": ["heads", "ffn", "layers", "ranks"],
+                                    "rank_block": 4})
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "MB of weights as stored: met" in err, err
+    s = json.load(open(os.path.join(out, "results.json")))["search"]
+    student = from_pretrained(os.path.join(out, "student"))
+    assert s["met"] and s["size_mb"] <= target
+    assert s["size_mb"] == pytest.approx(size_report(student)["total_bytes"] / 1e6, abs=1e-4)
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    methods = [e["method"] for e in resolved["compression"]]
+    assert methods[-1] == "ptq"
+    if "low_rank" in methods:   # before the quantization, which then packs the factors
+        assert methods.index("low_rank") == len(methods) - 2

@@ -28,7 +28,7 @@ from torch import nn
 from distilkit.compress import quant_math as qm
 from distilkit.compress.families import get_adapter
 from distilkit.compress.packing import packed_nbytes
-from distilkit.search.structure import role_names
+from distilkit.search.structure import factorizes, role_names, role_shapes
 
 
 def stored_bytes(numel: int, bits: int, bucket_size: Optional[int], scheme: str) -> int:
@@ -61,16 +61,25 @@ class Storage:
         then the FFN's): where a search of the bits starts."""
         return tuple(tuple(a) + tuple(f) for a, f in zip(self.attention, self.ffn))
 
+    def _weight_saving(self, m: int, n: int, bits: int, rank: int) -> int:
+        """An ``m x n`` weight at ``bits``: dense, or (factorized at ``rank``) its two factors,
+        each quantized at the weight's bits, as the entry after ``low_rank`` finds them."""
+        if not factorizes(m, n, rank):
+            return self._saving(m * n, bits)
+        r = min(int(rank), m, n)
+        return self._saving(m * r, bits) + self._saving(r * n, bits)
+
     def saving(self, structure, shape) -> int:
         """Bytes saved against fp32 by a model of ``shape`` pruned to ``structure`` (at the
-        structure's own per-weight bits when it has them, else at this storage's)."""
-        h, out = shape.hidden, int(self.fixed_saving)
+        structure's own per-weight bits when it has them, else at this storage's; with its
+        ``ranks``, factorized weights saved as their two factors)."""
+        out = int(self.fixed_saving)
         for i, (a, f) in enumerate(zip(structure.heads, structure.ffn)):
-            width = a * shape.head_dim
-            attn, ffn = ((structure.bits[i][:4], structure.bits[i][4:])
-                         if structure.bits is not None else (self.attention[i], self.ffn[i]))
-            out += sum(self._saving(h * width, b) for b in attn)
-            out += sum(self._saving(h * f, b) for b in ffn)
+            bits = (tuple(structure.bits[i]) if structure.bits is not None
+                    else tuple(self.attention[i]) + tuple(self.ffn[i]))
+            ranks = structure.ranks[i] if structure.ranks is not None else (0,) * len(bits)
+            out += sum(self._weight_saving(m, n, b, r) for (m, n), b, r in
+                       zip(role_shapes(a, f, shape, len(bits)), bits, ranks))
         return out + self._saving(structure.vocab * shape.row_width(), self.word)
 
     def describe(self) -> str:
