@@ -621,6 +621,15 @@ def test_speedup_target_met_in_pytorch_and_the_pareto_report(tiny_task, cache, c
         assert os.path.getsize(os.path.join(out, f)) > 0
     md = open(os.path.join(out, "pareto.md")).read()
     assert "| hand | compared |" in md and "| teacher | teacher |" in md
+    # The table judges the speed-up by its own verdict, in the tolerance band as the run does,
+    # and lists the run's own verdict beside it.
+    rows = json.load(open(os.path.join(out, "pareto.json")))["rows"]
+    first = line[0]
+    assert first["within"] == (first["met"] and first["speedup"] <= 2 * 1.05 + 1e-3)
+    assert first["speedup_in_run"] == s["speedup"] and \
+        rows[0]["within_in_run"] == s["within_tolerance"]
+    assert f"speedup_2 {s['speedup']:.2f}x (met: " in md
+    assert line[1]["speedup_in_run"] is None and rows[1]["within"] is not None
     teacher = line[-1]
     assert teacher["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in line)
     assert line[1]["met"] and line[1]["parameters"] <= 200000

@@ -447,11 +447,6 @@ def _teacher_ms(teacher: nn.Module, spec, repeats: int = 3) -> float:
     return float(statistics.median(measure_model_ms(teacher, spec) for _ in range(repeats)))
 
 
-# Pairings of the final student with the teacher whose median is the run's verdict: single
-# pairings of one student read 1-3% apart on a 2-core machine (2026-12-03).
-FINAL_PAIRINGS = 5
-
-
 def paired_ms(model: nn.Module, teacher: nn.Module, spec) -> tuple[float, float]:
     """``(model ms, teacher ms)`` measured in turns in ``spec``
     (:func:`~distilkit.search.latency.measure_pair_ms`): on a machine that other work slows
@@ -629,12 +624,10 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     def final_figures(student_dir: str) -> dict:
         """The search's figures of the saved final student, measured in the same spec."""
         from distilkit.compress.base import load_compressed
+        from distilkit.search.latency import verdict_pair_ms
 
         model = load_compressed(student_dir)
-        # the median of FINAL_PAIRINGS pairings: the verdict rests on this one figure
-        pairs = sorted((paired_ms(model, teacher, spec) for _ in range(FINAL_PAIRINGS)),
-                       key=lambda p: p[0] / p[1])
-        ms, t_ms = pairs[len(pairs) // 2]
+        ms, t_ms = verdict_pair_ms(model, teacher, spec)  # the verdict rests on this figure
         try:
             st = dataclasses.replace(structure_of(model), bits=bits)   # bits: as searched
             params = parameters(st, shape)
