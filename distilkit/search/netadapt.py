@@ -534,6 +534,14 @@ def landing_band(limit: float, tolerance: float, exact: bool) -> tuple[float, fl
             limit / (1.0 + 3 * tolerance / 4))
 
 
+def judged(figure: float, limit: float, tolerance) -> tuple[bool, bool]:
+    """``(met, within)`` of a figure that must not exceed ``limit``: within the tolerance
+    when it is also no further below than ``limit / (1 + tolerance)``. The one rule of the
+    search's stop, the run's final verdict and the Pareto table."""
+    met = figure <= limit
+    return met, met and figure >= limit / (1.0 + float(tolerance or 0.0))
+
+
 def step_floor(predicted: float, measured: float, bottom: float, exact: bool) -> float:
     """The predicted figure below which a step should not go: the band's ``bottom``
     (:func:`landing_band`) in predicted terms (scaled like the goal of :func:`step_cut`)."""
@@ -712,7 +720,7 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
     else:
         if measured <= goal.limit:
             stopped = "met"
-    return {"met": measured <= goal.limit, "stopped": stopped, "history": history,
-            "within_tolerance": goal.limit / (1.0 + tolerance) <= measured <= goal.limit,
+    met, within = judged(measured, goal.limit, tolerance)
+    return {"met": met, "stopped": stopped, "history": history, "within_tolerance": within,
             "tracker": tracker, "model": model, "structure": structure,
             "seconds": round(time.time() - t0, 1)}

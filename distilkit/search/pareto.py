@@ -158,6 +158,7 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
     from distilkit.recipe import Recipe
     from distilkit.report import load_results
     from distilkit.search.latency import RuntimeSpec, measure_model_ms, verdict_pair_ms
+    from distilkit.search.netadapt import judged
     from distilkit.search.run import SEARCH_FILE, search_and_run
 
     base = Recipe.load(recipe_path, overrides)
@@ -239,22 +240,15 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
                 # (the run's own, minutes to an hour apart, is kept as met_in_run).
                 goal = r.get("goal") or {}
                 if "speedup" in goal:
-                    r["met"], r["within"] = _judged(ms / t, 1.0 / float(goal["speedup"]),
+                    r["met"], r["within"] = judged(ms / t, 1.0 / float(goal["speedup"]),
                                                     r["tolerance"])
                 elif "latency_ms" in goal:
-                    r["met"], r["within"] = _judged(r["latency_ms"],
+                    r["met"], r["within"] = judged(r["latency_ms"],
                                                     float(goal["latency_ms"]), r["tolerance"])
     spec_line = (f"{spec['runtime']}, batch {spec['batch']}, length {spec['seq_len']}, "
                  f"{spec['threads'] or 'default'} threads, {spec.get('clock', 'wall')} clock")
     report = write_pareto(rows, root, spec_line)
     return report
-
-
-def _judged(figure: float, limit: float, tolerance) -> tuple[bool, bool]:
-    """``(met, within)`` of a figure that must not exceed ``limit``: within the tolerance
-    when it is also no further below than ``limit / (1 + tolerance)`` (the run's rule)."""
-    met = figure <= limit
-    return met, met and figure >= limit / (1.0 + float(tolerance or 0.0))
 
 
 def add_search_arguments(p) -> None:

@@ -625,6 +625,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         """The search's figures of the saved final student, measured in the same spec."""
         from distilkit.compress.base import load_compressed
         from distilkit.search.latency import verdict_pair_ms
+        from distilkit.search.netadapt import judged
 
         model = load_compressed(student_dir)
         ms, t_ms = verdict_pair_ms(model, teacher, spec)  # the verdict rests on this figure
@@ -637,8 +638,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         in_ref = ms * teacher_ms / t_ms   # in the teacher's reference ms (see figure above)
         figure = {"latency_ms": in_ref, "speedup": in_ref, "parameters": params,
                   "size_mb": mb}[budget.target]
-        met = figure is not None and figure <= goal.limit
-        within = bool(met) and figure >= goal.limit / (1.0 + budget.tolerance)
+        met, within = (False, False) if figure is None else \
+            judged(figure, goal.limit, budget.tolerance)
         return {"search": {
             "target": {budget.target: budget.value}, "limit": goal.limit, "unit": goal.unit,
             "met": bool(met), "search_met": record["met"], "spec": record["spec"],
