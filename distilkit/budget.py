@@ -27,6 +27,9 @@ module is the entry's config and its checks, which need neither models nor data,
   would take the predicted figure below ``limit / (1 + tolerance)`` while a smaller unit is
   left, so a 4x target ends between 4x and 4.2x rather than a whole layer beyond it).
 
+A seq2seq student (task: seq2seq; T5, BART, Marian) is searched for a size target only, over
+heads, ffn and layers (:func:`_check_seq2seq` says why the rest is refused).
+
 ``auto`` must be the first compression entry, and only non-structural methods (quantize,
 ptq, prune_vocab, magnitude) may follow it: the search decides the structure, and a
 structural method after it would change what it measured.
@@ -288,10 +291,10 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
                          "it first")
     if len(autos) > 1:
         raise ValueError(f"compression[{autos[1]}]: method auto is given twice; keep one")
-    if task != "classification":
-        raise ValueError(f"{_where(0)}: the budget search handles task: classification "
-                         f"(encoder classifiers); task: {task} is not supported yet: give its "
-                         "structure with prune_heads / prune_layers / prune_ffn instead")
+    if task not in ("classification", "seq2seq"):
+        raise ValueError(f"{_where(0)}: the budget search handles task: classification and "
+                         f"seq2seq; task: {task} is not supported: give its structure with "
+                         "prune_heads / prune_layers / prune_ffn instead")
     student = student or {}
     if student.get("type") == "bilstm" or student.get("lora"):
         what = "a BiLSTM student" if student.get("type") == "bilstm" else "a LoRA student"
@@ -304,6 +307,8 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
                          "streaming: false")
     budget = budget_from_entry(compression[0], max_length, 0)
     rest = list(compression[1:])
+    if task == "seq2seq":
+        _check_seq2seq(budget, rest)
     for j, e in enumerate(rest, start=1):
         m = e.get("method") if isinstance(e, dict) else None
         if m in STRUCTURAL:
@@ -318,6 +323,29 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
     if "ranks" in budget.units:
         _check_ranks_unit(budget, rest)
     return budget, rest
+
+
+def _check_seq2seq(budget: BudgetConfig, rest: list) -> None:
+    """An encoder-decoder student is searched for a size (its layers' heads, FFN neurons and
+    layers, in both stacks, counted exactly): its latency is generation, token by token, which
+    the latency table (one forward pass of an encoder) does not model; the word table is
+    shared by the encoder, the decoder and the output layer, and the bits, vocab and ranks
+    units count an encoder classifier's weights."""
+    where = _where(0)
+    if budget.latency:
+        raise ValueError(f"{where}: target {budget.target} for a seq2seq student: its latency is "
+                         "generation, token by token, which the search does not model yet; "
+                         "give target parameters or size_mb")
+    extra = [u for u in budget.units if u not in UNITS]
+    if extra:
+        raise ValueError(f"{where}: units: {extra[0]} for a seq2seq student: the search "
+                         "removes its heads, ffn and layers; use units among heads, ffn, layers")
+    for j, e in enumerate(rest, start=1):
+        m = e.get("method") if isinstance(e, dict) else None
+        if m == "prune_vocab" or (m in QUANTIZERS and budget.target == "size_mb"):
+            raise ValueError(f"compression[{j}]: {m} after auto with a seq2seq student: the "
+                             "search counts fp32 weights and the whole word table; use target "
+                             f"parameters (which {m} leaves as they are), or drop {m}")
 
 
 def _check_ranks_unit(budget: BudgetConfig, rest: list) -> None:

@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"distilkit {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        from distilkit.device import end_process_group
+
+        end_process_group()   # a launch's processes end their group before they exit
 
 
 def _expected_errors() -> tuple:

@@ -92,6 +92,9 @@ def main(out_dir: str, mode: str = "plain", global_batch: int = 8) -> None:
     }
     with open(os.path.join(out_dir, f"rank{report['rank']}.json"), "w") as f:
         json.dump(report, f)
+    from distilkit.device import end_process_group
+
+    end_process_group()   # as distilkit's CLI does: left to the exit, ZeRO-2 could abort
 
 
 if __name__ == "__main__":

@@ -436,3 +436,19 @@ def test_data_with_fewer_classes_than_the_teacher(tiny_task, capsys):
     assert student.config.id2label == {0: "neg", 1: "pos"}
     # learning rate 0: the student's head is the teacher's rows for "neg" then "pos"
     torch.testing.assert_close(student.classifier.weight, t.classifier.weight[[2, 1]])
+
+
+def test_the_cli_ends_the_process_group_a_launch_made(tmp_path):
+    """A launched process leaves distilkit's CLI with its process group destroyed: left to
+    the interpreter's exit, a 2-process DeepSpeed ZeRO-2 run on gloo aborted after it had
+    succeeded ("terminate called without an active exception")."""
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from distilkit.cli import main\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+        f"rc = main(['cache', 'list', '--cache-dir', {str(tmp_path)!r}])\n"
+        "print('rc', rc, 'initialized', dist.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rc 0 initialized False" in out.stdout

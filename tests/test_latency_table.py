@@ -82,15 +82,20 @@ def test_structure_refuses_what_pruning_cannot_make():
         size_mb(Structure((1,), (4,), 10), base_shape_of(_tiny_bert()), 0)
 
 
-def test_seq2seq_is_out_of_scope():
+def test_an_encoder_decoder_is_counted_but_not_timed():
+    """A BART (here with a classification head) is a structure with two stacks, counted
+    exactly, but the latency table, which times one encoder's forward pass, refuses it."""
     from transformers import BartConfig, BartForSequenceClassification
 
     m = BartForSequenceClassification(BartConfig(vocab_size=50, d_model=16, encoder_layers=1,
                                                  decoder_layers=1, encoder_attention_heads=2,
                                                  decoder_attention_heads=2,
                                                  encoder_ffn_dim=16, decoder_ffn_dim=16))
-    with pytest.raises(ValueError, match="model_type 'bart'.*seq2seq"):
-        structure_of(m)
+    st = structure_of(m)
+    assert st.stacks == (1, 1)
+    assert parameters(st, base_shape_of(m)) == sum(p.numel() for p in m.parameters())
+    with pytest.raises(ValueError, match="encoder-decoder \\(seq2seq\\) model, whose latency"):
+        LatencyTable.for_model(m, RuntimeSpec("pytorch", 2, 8, 1, "cpu"))
 
 
 # ---------------------------------------------------------------------------------------

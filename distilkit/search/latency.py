@@ -94,7 +94,8 @@ from torch import nn
 
 from distilkit.compress.families import get_adapter, slice_cols, slice_rows
 from distilkit.search.structure import (BaseShape, Structure, base_shape_of, factorizes,
-                                        role_names, role_shapes, structure_of)
+                                        require_encoder, role_names, role_shapes,
+                                        structure_of)
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +311,8 @@ def verdict_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
 
 
 def _check_model(model: nn.Module, spec: RuntimeSpec) -> None:
-    structure_of(model)  # refuses a family or kind the table cannot model
+    require_encoder(model, "latency")   # refuses a family or kind the table cannot model
+    structure_of(model)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and spec.seq_len > limit:
         raise ValueError(f"seq_len={spec.seq_len} is longer than the model's "

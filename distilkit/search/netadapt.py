@@ -134,17 +134,30 @@ class Removal:
 
 
 def _reshape(structure, heads: Sequence[int], ffn: Sequence[int], keep=None, bits=None,
-             ranks=None):
+             ranks=None, stacks=None):
     """``structure`` with these per-layer counts; its bits (ranks) rows are ``bits``
-    (``ranks``) when given, else those of the kept positions ``keep`` (all when None)."""
+    (``ranks``) when given, else those of the kept positions ``keep`` (all when None); an
+    encoder-decoder's ``stacks`` (kept layers per stack) are ``stacks`` when given, else
+    counted over ``keep``."""
     def rows(given, own):
         if given is None and own is not None:
             given = own if keep is None else [own[i] for i in keep]
         return None if given is None else tuple(tuple(r) for r in given)
+    if stacks is None and structure.stacks is not None and keep is not None:
+        of = structure.stack_of()
+        stacks = tuple(sum(of[i] == s for i in keep) for s in range(len(structure.stacks)))
     return dataclasses.replace(structure, heads=tuple(int(h) for h in heads),
                                ffn=tuple(int(f) for f in ffn),
                                bits=rows(bits, structure.bits),
-                               ranks=rows(ranks, structure.ranks))
+                               ranks=rows(ranks, structure.ranks),
+                               stacks=structure.stacks if stacks is None else tuple(stacks))
+
+
+def _droppable(structure, alive: Sequence[int], layer: int) -> bool:
+    """Whether layer position ``layer`` may go: its stack keeps another alive layer (a model
+    keeps at least one layer, an encoder-decoder one per stack)."""
+    of = structure.stack_of()
+    return sum(of[i] == of[layer] for i in alive) > 1
 
 
 def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int = 64,
@@ -153,19 +166,21 @@ def smallest_structure(structure, units: Sequence[str] = UNITS, ffn_block: int =
     ``layers`` among the units), one head per layer, one FFN block per layer, (with
     ``bits``) every quantized weight at ``min_bits``, (with ``vocab``) ``min_vocab`` word
     rows (those prune_vocab keeps whatever the data holds), and (with ``ranks``) every layer
-    weight at rank ``min_rank`` (counted dense where that saves nothing)."""
-    n = 1 if "layers" in units else len(structure.heads)
-    heads = [1 if "heads" in units else h for h in structure.heads[:n]]
-    ffn = [min(f, ffn_block) if "ffn" in units else f for f in structure.ffn[:n]]
+    weight at rank ``min_rank`` (counted dense where that saves nothing). An
+    encoder-decoder keeps one layer per stack."""
+    of = structure.stack_of()
+    keep = [i for i in range(len(of)) if "layers" not in units or i == of.index(of[i])]
+    heads = [1 if "heads" in units else structure.heads[i] for i in keep]
+    ffn = [min(structure.ffn[i], ffn_block) if "ffn" in units else structure.ffn[i] for i in keep]
     bits = None
     if structure.bits is not None:
-        bits = [[min(b, min_bits) if b and BITS in units else b for b in row]
-                for row in structure.bits[:n]]
+        bits = [[min(b, min_bits) if b and BITS in units else b for b in structure.bits[i]]
+                for i in keep]
     ranks = None
     if structure.ranks is not None:
-        ranks = [[min(r, min_rank) if r else min_rank for r in row] if RANKS in units else row
-                 for row in structure.ranks[:n]]
-    out = _reshape(structure, heads, ffn, bits=bits, ranks=ranks)
+        ranks = [[min(r, min_rank) if r else min_rank for r in structure.ranks[i]]
+                 if RANKS in units else structure.ranks[i] for i in keep]
+    out = _reshape(structure, heads, ffn, keep=keep, bits=bits, ranks=ranks)
     return dataclasses.replace(out, vocab=min(out.vocab, min_vocab)) if VOCAB in units else out
 
 
@@ -215,7 +230,7 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
                 trial[l] -= k
                 options.append((1, sum(float(scores.neurons[l][i]) for i in idx),
                                 shape(heads, trial, alive), k))
-            if "layers" in units and len(alive) > 1:
+            if "layers" in units and _droppable(structure, alive, l):
                 options.append((2, float(scores.layers[l]),
                                 shape(heads, ffn, [x for x in alive if x != l]), 0))
             # A saving beyond what the step still needs is worth nothing: near the target a
@@ -264,7 +279,7 @@ def after_removal(structure, removal: Removal):
     out = _reshape(structure,
                    [structure.heads[l] - len(removal.heads.get(l, ())) for l in keep],
                    [structure.ffn[l] - len(removal.neurons.get(l, ())) for l in keep],
-                   bits=rows(structure.bits, removal.bits),
+                   keep=keep, bits=rows(structure.bits, removal.bits),
                    ranks=rows(structure.ranks, removal.ranks))
     return dataclasses.replace(out, vocab=out.vocab - removal.vocab) if removal.vocab else out
 
@@ -438,6 +453,7 @@ class Tracker:
     bits: Optional[dict] = None   # original layer -> its weights' bits (Structure.bits rows)
     vocab: Optional[int] = None   # word rows kept (None: as the structure it describes)
     ranks: Optional[dict] = None   # original layer -> its weights' ranks (Structure.ranks rows)
+    stack_of: Optional[list] = None   # an encoder-decoder: each original layer's stack
 
     @classmethod
     def of(cls, structure) -> "Tracker":
@@ -450,7 +466,8 @@ class Tracker:
                    bits=None if structure.bits is None else
                    {o: list(structure.bits[o]) for o in range(n)}, vocab=structure.vocab,
                    ranks=None if structure.ranks is None else
-                   {o: list(structure.ranks[o]) for o in range(n)})
+                   {o: list(structure.ranks[o]) for o in range(n)},
+                   stack_of=None if structure.stacks is None else structure.stack_of())
 
     def apply(self, removal: Removal) -> None:
         """Record ``removal`` (current positions), as the physical surgery applies it."""
@@ -475,7 +492,10 @@ class Tracker:
                        [len(self.neurons[o]) for o in self.layers],
                        bits=None if self.bits is None else [self.bits[o] for o in self.layers],
                        ranks=None if self.ranks is None else
-                       [self.ranks[o] for o in self.layers])
+                       [self.ranks[o] for o in self.layers],
+                       stacks=None if self.stack_of is None else
+                       [sum(self.stack_of[o] == s for o in self.layers)
+                        for s in range(max(self.stack_of) + 1)])
         return out if self.vocab is None else dataclasses.replace(out, vocab=self.vocab)
 
     def entries(self) -> list:
@@ -607,6 +627,8 @@ def _layout(structure) -> dict:
     """A history row's picture of ``structure``: heads and FFN neurons per layer, word rows
     (and the weights' bits, when searched)."""
     out = {"heads": list(structure.heads), "ffn": list(structure.ffn), "vocab": structure.vocab}
+    if structure.stacks is not None:
+        out["stacks"] = list(structure.stacks)
     if structure.bits is not None:
         out["bits"] = [list(r) for r in structure.bits]
     if structure.ranks is not None:

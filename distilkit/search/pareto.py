@@ -167,6 +167,12 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
         raise ValueError(f"{recipe_path}: distilkit search needs compression: [{{method: auto, "
                          "target: {speedup: 4}}, ...}] as the recipe's first entry (see "
                          "recipes/search_budget.yaml)")
+    if base.keys.task != "classification":
+        raise ValueError(f"{recipe_path}: distilkit search's report puts each student's "
+                         f"accuracy against its latency measured beside the teacher, which a "
+                         f"task: {base.keys.task} student does not have (generation is timed "
+                         "token by token): search its size with `distilkit distill RECIPE`, "
+                         "one target per run")
     raw = base.to_dict()
     chosen = [parse_target(t) for t in targets] or [comp[0]["target"]]
     root = base.distil_config().output_dir

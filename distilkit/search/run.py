@@ -48,6 +48,16 @@ class _AsTraining(nn.Module):
         super().__init__()
         self.inner = model
 
+    def __getattr__(self, name: str):
+        # the loss reads the model's own attributes (a seq2seq model's config and
+        # prepare_decoder_input_ids_from_labels)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
     def forward(self, **kwargs):
         return self.inner(**kwargs)
 
@@ -158,9 +168,14 @@ class _Searcher:
         args = _mini_args(self.recipe, self.budget, step, self.work_dir, self.progress)
         self.trainer = self.parts.trainer(model, args=args)
         # The search's own line per step is its progress; the Trainer's log dicts of every
-        # short run (several per step with measured proposals) would bury it.
+        # short run (several per step with measured proposals) would bury it. A seq2seq
+        # run's generation scoring would decode the validation split after every proposal:
+        # the search judges them by the validation loss alone.
         for cb in (PrinterCallback, ProgressCallback):
             self.trainer.remove_callback(cb)
+        for cb in list(self.trainer.callback_handler.callbacks):
+            if type(cb).__name__ == "GenerationEvalCallback":
+                self.trainer.remove_callback(cb)
         return self.trainer
 
     def score(self, model):
@@ -432,6 +447,25 @@ def with_ranks(model: nn.Module, ranks: tuple) -> list:
     return [{"method": "low_rank", "ranks": per}] if per else []
 
 
+def _rounded(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 3)
+
+
+def self_attention_holders(model: nn.Module) -> list:
+    """The module name of each layer's self-attention, by (original) layer position."""
+    from distilkit.compress.families import get_adapter
+
+    adapter = get_adapter(model, "method auto")
+    return [b.holder for b in adapter.attention_blocks() if b.kind == "self"]
+
+
+def by_self_attention(entries: list, holders: list) -> list:
+    """``entries`` with ``prune_heads``' layer positions named by their self-attention
+    (``holders``): its indices would count an encoder-decoder's cross attentions too."""
+    return [{**e, "heads": {holders[o]: v for o, v in e["heads"].items()}}
+            if e["method"] == "prune_heads" else e for e in entries]
+
+
 def _teacher_module(teachers):
     m = teachers.models()[0]
     return getattr(m, "inner", m)   # a label view computes what its teacher computes
@@ -510,8 +544,10 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True,
                                        ranks="ranks" in budget.units)
-    teacher = _teacher_module(parts.teachers)
-    teacher_ms = _teacher_ms(teacher, spec)
+    # (a seq2seq student is searched for a size only: no forward pass to time; see budget.py)
+    seq2seq = structure.stacks is not None
+    teacher = None if seq2seq else _teacher_module(parts.teachers)
+    teacher_ms = None if seq2seq else _teacher_ms(teacher, spec)
     if budget.latency:
         # Each figure is the student's latency over the teacher's, measured in turns, put in
         # the teacher's reference milliseconds (its median at the start): a speed-up target
@@ -552,6 +588,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               f"to <= {goal.limit:,.4g} {goal.unit}"
               + (f"; teacher {teacher_ms:.2f} ms" if budget.latency else ""), file=sys.stderr)
 
+    # prune_heads' explicit indices count every attention block (an encoder-decoder's cross
+    # attentions too): the search's heads are written by the self-attention's module name
+    self_holders = self_attention_holders(student)
     with tempfile.TemporaryDirectory(prefix="distilkit-search-") as work:
         searcher = _Searcher(recipe, parts, budget, work, progress, storage=storage)
 
@@ -586,6 +625,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
               f"measures {found['history'][-1]['measured']:,.4g} {goal.unit} against "
               f"<= {goal.limit:,.4g}; training it anyway", file=sys.stderr)
     entries = found["tracker"].entries()
+    if seq2seq:
+        entries = by_self_attention(entries, self_holders)
     ranks = found["structure"].ranks
     if ranks is not None:
         entries += with_ranks(found["model"], ranks)
@@ -628,14 +669,16 @@ def search_and_run(recipe, progress: bool = True) -> dict:
         from distilkit.search.netadapt import judged
 
         model = load_compressed(student_dir)
-        ms, t_ms = verdict_pair_ms(model, teacher, spec)  # the verdict rests on this figure
+        ms = t_ms = None
+        if not seq2seq:
+            ms, t_ms = verdict_pair_ms(model, teacher, spec)  # a latency verdict rests on it
         try:
             st = dataclasses.replace(structure_of(model), bits=bits)   # bits: as searched
             params = parameters(st, shape)
             mb = size_mb(st, shape, storage=storage) + id_map_mb
         except (ValueError, AttributeError):  # a packed (quantized) student: count it as saved
             st, params, mb = None, sum(p.numel() for p in model.parameters()), None
-        in_ref = ms * teacher_ms / t_ms   # in the teacher's reference ms (see figure above)
+        in_ref = None if ms is None else ms * teacher_ms / t_ms   # in the teacher's reference
         figure = {"latency_ms": in_ref, "speedup": in_ref, "parameters": params,
                   "size_mb": mb}[budget.target]
         met, within = (False, False) if figure is None else \
@@ -644,9 +687,10 @@ def search_and_run(recipe, progress: bool = True) -> dict:
             "target": {budget.target: budget.value}, "limit": goal.limit, "unit": goal.unit,
             "met": bool(met), "search_met": record["met"], "spec": record["spec"],
             "within_tolerance": within, "tolerance": budget.tolerance,
-            "measured_ms": round(ms, 3), "teacher_ms": round(t_ms, 3),
-            "reference_ms": round(in_ref, 3), "teacher_reference_ms": round(teacher_ms, 3),
-            "speedup": round(t_ms / max(ms, 1e-9), 3), "parameters": params,
+            "measured_ms": _rounded(ms), "teacher_ms": _rounded(t_ms),
+            "reference_ms": _rounded(in_ref), "teacher_reference_ms": _rounded(teacher_ms),
+            "speedup": None if ms is None else round(t_ms / max(ms, 1e-9), 3),
+            "parameters": params,
             "size_mb": round(mb, 4) if mb is not None else None,
             "storage": storage.describe() if storage else None,
             "structure": record["structure"], "steps": len(record["history"]) - 1,

@@ -20,10 +20,20 @@ table (``vocab x embed_dim``) plus ``other_params``: position and token-type tab
 embedding LayerNorm (and ELECTRA's projection), the pooler and the classifier head, read off
 the model once (:func:`base_shape_of`), so that each family's own head is counted exactly.
 :func:`parameters` therefore equals ``sum(p.numel() for p in model.parameters())`` of the
-pruned model (tested). Encoder-decoder models are out of scope here.
+pruned model (tested).
+
+Encoder-decoder models (T5, BART, Marian) are structures too, for size targets: a
+:class:`Structure` then lists the encoder's layers and then the decoder's, ``stacks`` saying how
+many of each are kept; heads are each layer's *self*-attention heads, and a decoder layer's
+cross-attention is kept whole (``BaseShape.cross_params`` per decoder layer). A family's own
+layer shapes enter as ``bias`` (T5's linears have none), ``norm`` (parameters per width of a
+layer norm: 2 for LayerNorm, 1 for T5's RMS norm) and ``ups`` (T5's gated FFN has two up
+projections). The count is exact for them too (tested); their latency is not modelled (the
+latency table times encoder classifiers).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -32,6 +42,7 @@ from torch import nn
 from distilkit.compress.families import get_adapter
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
+SEQ2SEQ_TYPES = ("t5", "bart", "marian")   # encoder-decoder families: size targets only
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,9 @@ class Structure:
     # the ``low_rank`` entry the search writes. None: no rank is searched. A rank at which
     # the two factors would not be smaller than the weight counts (and is written) as dense.
     ranks: Optional[tuple] = None
+    # An encoder-decoder model: how many of the layers above are the encoder's and how many
+    # the decoder's (in that order); None: one stack (an encoder classifier).
+    stacks: Optional[tuple] = None
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
@@ -74,9 +88,18 @@ class Structure:
                              "keeps at least 1 head and 1 neuron; drop the layer instead")
         if int(self.vocab) < 1:
             raise ValueError(f"Structure: vocab={self.vocab!r} must be a positive row count")
+        if self.stacks is not None:
+            object.__setattr__(self, "stacks", tuple(int(n) for n in self.stacks))
+            if sum(self.stacks) != len(self.heads) or min(self.stacks) < 1:
+                raise ValueError(f"Structure: stacks={self.stacks} must count the "
+                                 f"{len(self.heads)} layers, at least 1 per stack")
 
     def num_layers(self) -> int:
         return len(self.heads)
+
+    def stack_of(self) -> list:
+        """The stack (0: encoder, 1: decoder) of each layer position; all 0 with one stack."""
+        return [s for s, n in enumerate(self.stacks or (len(self.heads),)) for _ in range(n)]
 
 
 @dataclass(frozen=True)
@@ -95,11 +118,18 @@ class BaseShape:
     # Parameters outside the layers and the word table; None: BERT's (positions, two token
     # types, embedding LayerNorm, pooler, classifier).
     other_params: Optional[int] = None
+    bias: bool = True      # the layers' linears have biases (T5's have none)
+    norm: int = 2          # parameters per width of a layer norm (2: LayerNorm; 1: RMS norm)
+    ups: int = 1           # FFN up projections (2: a gated FFN, T5 v1.1)
+    cross_params: int = 0  # a decoder layer's cross-attention and its norm, kept whole
 
     def key(self) -> dict:
         d = asdict(self)
         d["embed_dim"] = self.row_width()
         d["other_params"] = self.other()
+        for name in ("bias", "norm", "ups", "cross_params"):  # an encoder's key as it was
+            if d[name] == BaseShape.__dataclass_fields__[name].default:
+                del d[name]
         return d
 
     def row_width(self) -> int:
@@ -118,14 +148,30 @@ class BaseShape:
                          self.vocab)
 
 
-def _check_encoder(model: nn.Module, what: str) -> None:
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _check_family(model: nn.Module, what: str) -> None:
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
-    if model_type not in ENCODER_TYPES or getattr(cfg, "is_encoder_decoder", False) \
-            or getattr(cfg, "add_cross_attention", False):
-        raise ValueError(f"{what}: model_type {model_type!r} ({type(model).__name__}) is not an "
-                         f"encoder classifier of a supported family; supported: "
-                         f"{', '.join(ENCODER_TYPES)} (seq2seq models are out of scope)")
+    seq2seq = is_seq2seq(model)
+    ok = model_type in SEQ2SEQ_TYPES if seq2seq else (
+        model_type in ENCODER_TYPES and not getattr(cfg, "add_cross_attention", False))
+    if not ok:
+        raise ValueError(f"{what}: model_type {model_type!r} ({type(model).__name__}) is not "
+                         f"a model of a supported family; supported: encoder classifiers "
+                         f"({', '.join(ENCODER_TYPES)}) and encoder-decoder models "
+                         f"({', '.join(SEQ2SEQ_TYPES)})")
+
+
+def require_encoder(model: nn.Module, what: str) -> None:
+    """Refuse an encoder-decoder model where only encoder classifiers are modelled (latency)."""
+    _check_family(model, what)
+    if is_seq2seq(model):
+        raise ValueError(f"{what}: {type(model).__name__} is an encoder-decoder (seq2seq) "
+                         "model, whose latency (generation, token by token) the latency table "
+                         "does not model; give a size target (parameters or size_mb) instead")
 
 
 def _word_rows(model: nn.Module) -> int:
@@ -161,16 +207,19 @@ def rank_patterns(model: nn.Module, ranks: tuple) -> dict:
 def structure_of(model: nn.Module) -> Structure:
     """The heads and FFN neurons each encoder layer of ``model`` keeps now, and its word rows;
     with a factorized layer weight (``low_rank``), the ranks of every layer's weights."""
-    _check_encoder(model, "structure_of")
+    _check_family(model, "structure_of")
     adapter = get_adapter(model, "structure_of")
     heads = {b.layer: adapter.num_heads(b) for b in adapter.attention_blocks() if b.kind == "self"}
     ffn = {b.layer: int(model.get_submodule(b.down).in_features) for b in adapter.ffn_blocks()}
     layers = adapter.layers()
     ranks = [[int(getattr(model.get_submodule(n), "rank", 0)) for n in row]
              for row in role_names(model)]
+    stacks = tuple(len(model.get_submodule(s)) for s in adapter.stacks()) \
+        if is_seq2seq(model) else None
     return Structure(tuple(heads[n] for n in layers), tuple(ffn[n] for n in layers),
                      _word_rows(model),
-                     ranks=tuple(map(tuple, ranks)) if any(map(any, ranks)) else None)
+                     ranks=tuple(map(tuple, ranks)) if any(map(any, ranks)) else None,
+                     stacks=stacks)
 
 
 def _cfg(cfg, *names):
@@ -182,24 +231,46 @@ def _cfg(cfg, *names):
 
 
 def base_shape_of(model: nn.Module) -> BaseShape:
-    """The config's (unpruned) shapes of ``model``, and its parameters outside the layers."""
-    _check_encoder(model, "base_shape_of")
+    """The config's (unpruned) shapes of ``model``, its layers' bias / norm / FFN form, and
+    its parameters outside the layers and the word table: the rest of the model's count
+    once the layers are counted by the formulas (T5's relative position tables, kept whole,
+    are among them; so are a decoder's cross-attentions, in ``cross_params`` per layer)."""
+    _check_family(model, "base_shape_of")
     adapter = get_adapter(model, "base_shape_of")
     cfg = model.config
-    hidden = _cfg(cfg, "hidden_size", "dim")
-    heads = _cfg(cfg, "num_attention_heads", "n_heads")
+    hidden = _cfg(cfg, "hidden_size", "dim", "d_model")
+    heads = _cfg(cfg, "num_attention_heads", "n_heads", "num_heads")
     blocks = [b for b in adapter.attention_blocks() if b.kind == "self"]
     head_dim = adapter.head_dim(blocks[0]) if blocks else hidden // heads
-    in_layers = {id(p) for s in adapter.stacks()
-                 for p in model.get_submodule(s).parameters()}
     word = model.get_input_embeddings().weight
-    other = sum(p.numel() for p in model.parameters()
-                if id(p) not in in_layers and p is not word)
-    return BaseShape(family=cfg.model_type, hidden=hidden, num_heads=heads, head_dim=head_dim,
-                     intermediate=_cfg(cfg, "intermediate_size", "hidden_dim"),
-                     vocab=int(cfg.vocab_size), num_labels=int(cfg.num_labels),
-                     max_positions=_cfg(cfg, "max_position_embeddings"),
-                     embed_dim=int(word.shape[1]), other_params=int(other))
+    seq2seq = is_seq2seq(model)
+    ffns = adapter.ffn_blocks()
+    shape = BaseShape(
+        family=cfg.model_type, hidden=hidden, num_heads=heads, head_dim=head_dim,
+        intermediate=_cfg(cfg, "intermediate_size", "hidden_dim", "d_ff", "encoder_ffn_dim"),
+        vocab=int(cfg.vocab_size), num_labels=int(getattr(cfg, "num_labels", 0) or 0),
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0) if seq2seq
+        else _cfg(cfg, "max_position_embeddings"),
+        embed_dim=int(word.shape[1]), other_params=0,
+        # T5's linears have no biases and its norms no shift; every other family's have both
+        bias=cfg.model_type != "t5", norm=1 if cfg.model_type == "t5" else 2,
+        ups=len(ffns[0].up) if ffns else 1)
+    st = structure_of(model)
+    if seq2seq:
+        # the last decoder layer less its self-attention and FFN (and a T5 position table,
+        # should it be the first layer too): its cross-attention and that block's norm
+        name = adapter.layers()[-1]
+        layer = model.get_submodule(name)
+        own = sum(p.numel() for p in layer.parameters()) - sum(
+            p.numel() for n, m in layer.named_modules() if n.endswith("relative_attention_bias")
+            for p in m.parameters())
+        ranks = st.ranks[-1] if st.ranks else ()
+        cross = own - attention_parameters(st.heads[-1], shape, ranks[:4]) \
+            - ffn_parameters(st.ffn[-1], shape, ranks[4:])
+        shape = dataclasses.replace(shape, cross_params=int(cross))
+    total = sum(p.numel() for p in model.parameters())
+    other = total - parameters(st, shape)   # what the formulas do not hold
+    return dataclasses.replace(shape, other_params=int(other))
 
 
 def factorizes(m: int, n: int, rank: int) -> bool:
@@ -224,21 +295,21 @@ def role_shapes(heads: int, neurons: int, shape: BaseShape, roles: int = 6) -> l
 
 
 def attention_parameters(heads: int, shape: BaseShape, ranks: Sequence[int] = ()) -> int:
-    """Q/K/V/O weights and biases of ``heads`` heads, and the attention LayerNorm; ``ranks``:
-    the q, k, v, o weights' ranks (0 or absent: dense)."""
-    hd, h = heads * shape.head_dim, shape.hidden
+    """Q/K/V/O weights (and biases) of ``heads`` heads, and the attention's layer norm;
+    ``ranks``: the q, k, v, o weights' ranks (0 or absent: dense)."""
+    hd, h, b = heads * shape.head_dim, shape.hidden, int(shape.bias)
     r = tuple(ranks[:4]) + (0,) * (4 - len(ranks[:4]))
-    return (sum(weight_count(hd, h, r[j]) + hd for j in range(3))
-            + weight_count(h, hd, r[3]) + h + 2 * h)
+    return (sum(weight_count(hd, h, r[j]) + b * hd for j in range(3))
+            + weight_count(h, hd, r[3]) + b * h + shape.norm * h)
 
 
 def ffn_parameters(neurons: int, shape: BaseShape, ranks: Sequence[int] = ()) -> int:
-    """Up and down projections of ``neurons`` neurons, with biases, and the FFN LayerNorm;
-    ``ranks``: the up and down weights' ranks (0 or absent: dense)."""
-    h = shape.hidden
-    r = tuple(ranks[:2]) + (0,) * (2 - len(ranks[:2]))
-    return (weight_count(neurons, h, r[0]) + neurons) + (weight_count(h, neurons, r[1]) + h) \
-        + 2 * h
+    """Up projection(s) and down projection of ``neurons`` neurons (and biases), and the
+    FFN's layer norm; ``ranks``: the up and down weights' ranks (0 or absent: dense)."""
+    h, b, u = shape.hidden, int(shape.bias), shape.ups
+    r = tuple(ranks[:u + 1]) + (0,) * (u + 1 - len(ranks[:u + 1]))
+    return sum(weight_count(neurons, h, r[j]) + b * neurons for j in range(u)) \
+        + (weight_count(h, neurons, r[u]) + b * h) + shape.norm * h
 
 
 def parameters(structure: Structure, shape: BaseShape) -> int:
@@ -247,7 +318,9 @@ def parameters(structure: Structure, shape: BaseShape) -> int:
     ranks = structure.ranks or ((),) * structure.num_layers()
     layers = sum(attention_parameters(a, shape, r[:4]) + ffn_parameters(f, shape, r[4:])
                  for a, f, r in zip(structure.heads, structure.ffn, ranks))
-    return layers + structure.vocab * shape.row_width() + shape.other()
+    decoder_layers = sum(structure.stack_of())   # stack 1: each keeps its cross-attention
+    return layers + decoder_layers * shape.cross_params + structure.vocab * shape.row_width() \
+        + shape.other()
 
 
 def size_mb(structure: Structure, shape: BaseShape, bytes_per_param: float = 4.0,

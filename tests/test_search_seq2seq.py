@@ -1,0 +1,216 @@
+"""The budget search on encoder-decoder students (T5, BART, Marian): size targets, counted
+exactly over both stacks, searched over each layer's self-attention heads, FFN neurons and
+layers (each stack keeping one), written as ordinary compression entries that reproduce the
+structure; latency targets and the encoder-only units refused in one line."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from transformers import T5Config, T5ForConditionalGeneration
+
+from conftest import tiny_bart, tiny_marian, tiny_t5
+from distilkit.compress.base import compress_
+from distilkit.compress.families import get_adapter
+from distilkit.compress.prune import PruneFFNConfig, PruneHeadsConfig, PruneLayersConfig
+from distilkit.search.netadapt import (Removal, Scores, Tracker, after_removal, plan_step,
+                                       smallest_structure)
+from distilkit.search.structure import Structure, base_shape_of, parameters, structure_of
+
+
+def _gated_t5():
+    """T5 v1.1's form: a gated FFN (two up projections), an untied output layer, 3 + 2 layers."""
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=120, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2,
+        num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        decoder_start_token_id=0)).eval()
+
+
+FAMILIES = {"t5": tiny_t5, "t5_gated": _gated_t5, "bart": tiny_bart, "marian": tiny_marian}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_count_of_a_pruned_encoder_decoder_is_its_parameters(family):
+    """Heads of the first encoder layer and the last decoder layer, FFN neurons of two layers
+    and the first encoder layer (T5: the one holding the position table) cut out: the
+    structure read off the model, counted with the unpruned model's shape, is exactly its
+    parameter count; so is the unpruned one."""
+    model = FAMILIES[family]()
+    shape, full = base_shape_of(model), structure_of(model)
+    assert full.stacks == (len(model.get_encoder().block if "t5" in family
+                               else model.get_encoder().layers), 2)
+    assert parameters(full, shape) == sum(p.numel() for p in model.parameters())
+    adapter = get_adapter(model)
+    holders = [b.holder for b in adapter.attention_blocks() if b.kind == "self"]
+    ffns = [b.name for b in adapter.ffn_blocks()]
+    compress_(model, PruneHeadsConfig(heads={holders[0]: [1, 2], holders[-1]: [0]}))
+    compress_(model, PruneFFNConfig(neurons={ffns[1]: list(range(10)), ffns[-1]: [3, 4]}))
+    compress_(model, PruneLayersConfig(layers=[0]))
+    st = structure_of(model)
+    assert st.stacks == (full.stacks[0] - 1, 2) and st.heads[-1] == 3
+    assert parameters(st, shape) == sum(p.numel() for p in model.parameters())
+    # a decoder layer costs its cross-attention too: with the same heads and neurons, one
+    # decoder layer fewer saves cross_params more than one encoder layer fewer
+    n = full.num_layers()
+    fewer_enc = Structure(full.heads[1:], full.ffn[1:], full.vocab,
+                          stacks=(full.stacks[0] - 1, 2))
+    fewer_dec = Structure(full.heads[1:], full.ffn[1:], full.vocab,
+                          stacks=(full.stacks[0], 1))
+    assert n == sum(full.stacks) and shape.cross_params > 0
+    assert parameters(fewer_enc, shape) - parameters(fewer_dec, shape) == shape.cross_params
+
+
+def test_an_encoder_keeps_its_shape_key():
+    """The new shape fields (bias, norm, FFN form, cross-attention) leave an encoder's key as
+    it was: latency tables cached before them are still found."""
+    from conftest import tiny_bert
+
+    key = base_shape_of(tiny_bert()).key()
+    assert not {"bias", "norm", "ups", "cross_params"} & set(key)
+    t5 = base_shape_of(tiny_t5()).key()
+    assert t5["bias"] is False and t5["norm"] == 1 and t5["cross_params"] > 0
+
+
+def _scores(st, layer_first=True):
+    """Scores under which whole layers are the cheapest units to lose."""
+    n = st.num_layers()
+    return Scores(heads=[[1.0] * h for h in st.heads], neurons=[[1.0] * f for f in st.ffn],
+                  layers=[0.0 if layer_first else 9.0] * n)
+
+
+def test_the_plan_keeps_a_layer_in_each_stack():
+    """With layers free to lose, a plan that must cut almost everything drops layers of both
+    stacks but never the last of either; the smallest structure is one layer per stack."""
+    model = tiny_bart()
+    shape, st = base_shape_of(model), structure_of(model)
+    cost = lambda s: parameters(s, shape)   # noqa: E731
+    r = plan_step(st, _scores(st), cost, cut=cost(st), units=("layers",))
+    after = after_removal(st, r)
+    assert len(r.layers) == 2 and after.stacks == (1, 1) and after.num_layers() == 2
+    small = smallest_structure(st, ("heads", "ffn", "layers"), ffn_block=16)
+    assert small.stacks == (1, 1) and small.heads == (1, 1) and small.ffn == (16, 16)
+
+
+def test_the_tracker_keeps_the_stacks_of_the_layers_it_keeps():
+    st = Structure((4, 4, 4, 4, 4), (64,) * 5, 120, stacks=(3, 2))
+    tracker = Tracker.of(st)
+    tracker.apply(Removal(layers=[1, 3], heads={0: [2]}))
+    now = tracker.structure(st)
+    assert now.stacks == (2, 1) and now.heads == (3, 4, 4)
+    assert now == after_removal(st, Removal(layers=[1, 3], heads={0: [2]}))
+    tracker.apply(Removal(layers=[0]))
+    assert tracker.structure(st).stacks == (1, 1)
+
+
+@pytest.mark.parametrize("auto, after, match", [
+    ({"target": {"speedup": 2}}, [], "target speedup for a seq2seq student: its latency is "
+                                     "generation"),
+    ({"target": {"latency_ms": 20}}, [], "give target parameters or size_mb"),
+    ({"target": {"parameters": 1000}, "units": ["heads", "ranks"]}, [],
+     "units: ranks for a seq2seq student"),
+    ({"target": {"size_mb": 1}}, [{"method": "ptq", "bits": 4}],
+     r"compression\[1\]: ptq after auto with a seq2seq student"),
+    ({"target": {"parameters": 1000}}, [{"method": "prune_vocab"}],
+     r"compression\[1\]: prune_vocab after auto"),
+])
+def test_what_the_seq2seq_search_does_not_model_is_refused_in_one_line(auto, after, match):
+    from distilkit.budget import split_auto
+
+    with pytest.raises(ValueError, match=match) as e:
+        split_auto([{"method": "auto", **auto}, *after], 32, task="seq2seq")
+    assert "\n" not in str(e.value)
+
+
+def test_a_parameters_target_with_ptq_after_auto_is_accepted():
+    from distilkit.budget import split_auto
+
+    budget, rest = split_auto([{"method": "auto", "target": {"parameters": 1000}},
+                               {"method": "ptq", "bits": 4}], 32, task="seq2seq")
+    assert budget.target == "parameters" and rest == [{"method": "ptq", "bits": 4}]
+
+
+def test_the_latency_table_refuses_an_encoder_decoder():
+    from distilkit.search.latency import LatencyTable, RuntimeSpec
+
+    with pytest.raises(ValueError, match="encoder-decoder \\(seq2seq\\) model, whose latency"):
+        LatencyTable.for_model(tiny_t5(), RuntimeSpec("pytorch", 2, 8, 1, "cpu"))
+
+
+def _tok():
+    from test_seq2seq import SENTENCES
+    from distilkit.seq2seq.data import strip_case_and_punct
+    from distilkit.seq2seq.tokenizer import TokenizerSettings, build_tokenizer
+
+    return build_tokenizer(SENTENCES + [strip_case_and_punct(s) for s in SENTENCES],
+                           TokenizerSettings(vocab_size=300, min_frequency=1))
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_a_seq2seq_parameters_target_is_met_and_the_recipe_reproduces_it(family, tmp_path,
+                                                                         capsys):
+    """A truecasing recipe on a tiny teacher with a parameters target 40% under the student:
+    the search meets it, the final student has exactly the parameters it counted, the
+    resolved recipe names the pruned heads by their self-attention (prune_heads' indices
+    would count the cross attentions too), and run again it gives the same structure."""
+    from distilkit.cli import main
+    from distilkit.compress.base import from_pretrained
+    from test_seq2seq import _truecase_files
+
+    tok = _tok()
+    teacher = (tiny_bart if family == "bart" else tiny_t5)(seed=5, vocab=len(tok))
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    target = int(0.6 * sum(p.numel() for p in teacher.parameters()))
+    out = str(tmp_path / "run")
+    raw = {"name": "s2s", "task": "seq2seq", "teacher": str(tmp_path / "teacher"),
+           "student": {"type": "from_teacher"}, "dataset": None,
+           "data_files": _truecase_files(tmp_path), "text_column": "src",
+           "label_column": "tgt", "max_length": 24, "generation": {"max_new_tokens": 5},
+           "cache_dir": str(tmp_path / "cache"), "output_dir": out, "alpha_kd": 0.5,
+           "alpha_ce": 0.5, "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
+           "compression": [{"method": "auto", "target": {"parameters": target},
+                            "steps_between": 2, "ffn_block": 16, "eval_examples": 3,
+                            "importance_batches": 1, "max_iterations": 12,
+                            "step_fraction": 0.3}]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["distill", str(path), "--no-progress"]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"[distilkit] search: target parameters {target}: the final student has " in err
+    res = json.load(open(os.path.join(out, "results.json")))
+    s = res["search"]
+    assert s["met"] and s["parameters"] <= target and s["measured_ms"] is None
+    student = from_pretrained(os.path.join(out, "student"))
+    assert sum(p.numel() for p in student.parameters()) == s["parameters"]
+    record = json.load(open(os.path.join(out, "search.json")))
+    assert record["history"][0]["measured"] > target >= record["history"][-1]["measured"]
+    assert "eval_loss" in record["history"][-1]
+    found = structure_of(student)
+    assert list(found.heads) == record["structure"]["heads"]
+    assert list(found.ffn) == record["structure"]["ffn"] and len(found.stacks) == 2
+    resolved = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    heads = [e for e in resolved["compression"] if e["method"] == "prune_heads"]
+    self_name = "SelfAttention" if family == "t5" else "self_attn"
+    assert all(k.endswith(self_name) for e in heads for k in e["heads"])
+    resolved["output_dir"] = str(tmp_path / "again")
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(resolved))
+    assert main(["distill", str(tmp_path / "again.yaml"), "--no-progress"]) == 0
+    again = structure_of(from_pretrained(str(tmp_path / "again" / "student")))
+    assert again == found
+
+
+def test_distilkit_search_refuses_a_seq2seq_recipe_before_searching(tmp_path, capsys):
+    from distilkit.cli import main
+
+    raw = {"name": "s2s", "task": "seq2seq", "teacher": "builtin:truecase-bart",
+           "dataset": "builtin:truecase", "text_column": "source", "label_column": "target",
+           "output_dir": str(tmp_path / "run"),
+           "compression": [{"method": "auto", "target": {"parameters": 10 ** 6}}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["search", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "task: seq2seq student does not have" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "run")
