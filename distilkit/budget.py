@@ -27,8 +27,9 @@ module is the entry's config and its checks, which need neither models nor data,
   would take the predicted figure below ``limit / (1 + tolerance)`` while a smaller unit is
   left, so a 4x target ends between 4x and 4.2x rather than a whole layer beyond it).
 
-A seq2seq student (task: seq2seq; T5, BART, Marian) is searched for a size target only, over
-heads, ffn and layers (:func:`_check_seq2seq` says why the rest is refused).
+A seq2seq student (task: seq2seq; T5, BART, Marian) is searched over heads, ffn and layers,
+for a size or for the latency of generating ``new_tokens`` tokens in PyTorch
+(:func:`_check_seq2seq` says why the rest is refused).
 
 ``auto`` must be the first compression entry, and only non-structural methods (quantize,
 ptq, prune_vocab, magnitude) may follow it: the search decides the structure, and a
@@ -75,6 +76,9 @@ class BudgetConfig:
         "help": "sequence length latency is measured at (default: the recipe's max_length)"})
     threads: int = field(default=0, metadata={
         "help": "intra-op threads latency is measured with (0: torch's current count)"})
+    new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "a seq2seq student's latency: the tokens it generates per sequence (exactly "
+                "that many, greedy; default 32)"})
     clock: str = field(default="wall", metadata={
         "help": "wall (the latency as served) or cpu (process CPU time: what other work on "
                 "a shared machine does not inflate)"})
@@ -126,7 +130,8 @@ class BudgetConfig:
                 "parameters": f"parameters <= {int(self.value):,}"}[self.target]
         if self.latency:
             what += (f" ({self.runtime}, batch {self.batch}, length {self.seq_len}, "
-                     f"{self.threads or 'torch default'} threads"
+                     + (f"{self.new_tokens} tokens generated, " if self.new_tokens else "")
+                     + f"{self.threads or 'torch default'} threads"
                      + (", CPU clock)" if self.clock == "cpu" else ")"))
         return what
 
@@ -147,6 +152,8 @@ class BudgetConfig:
     def to_entry(self) -> dict:
         """Back to the recipe entry this config was read from (every setting resolved)."""
         d = dataclasses.asdict(self)
+        if d["new_tokens"] is None:   # not a seq2seq latency: the key does not apply
+            del d["new_tokens"]
         target = {d.pop("target"): d.pop("value")}
         return {"method": AUTO, "target": target, **{k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in d.items()}}
@@ -154,7 +161,8 @@ class BudgetConfig:
 
 _SETTINGS = [f for f in dataclasses.fields(BudgetConfig) if f.name not in ("target", "value")]
 KEYS = ("method", "target", *(f.name for f in _SETTINGS))
-_TYPES = {"runtime": str, "clock": str, "choose": str, "batch": int, "seq_len": int, "threads": int, "step_fraction": float,
+_TYPES = {"runtime": str, "clock": str, "choose": str, "batch": int, "seq_len": int,
+          "threads": int, "step_fraction": float, "new_tokens": int,
           "steps_between": int, "ffn_block": int, "max_iterations": int, "eval_examples": int,
           "importance_batches": int, "tolerance": float, "min_bits": int,
           "rank_block": int}
@@ -228,6 +236,7 @@ def budget_from_entry(entry: dict, max_length: int, index: int = 0) -> BudgetCon
     if b.clock not in CLOCKS:
         raise ValueError(f"{where}: clock: {b.clock!r} must be one of {', '.join(CLOCKS)}")
     for name, low in (("batch", 1), ("seq_len", 2), ("ffn_block", 1), ("max_iterations", 1),
+                      ("new_tokens", 1),
                       ("min_bits", 1), ("rank_block", 1),
                       ("steps_between", 0), ("threads", 0), ("eval_examples", 0),
                       ("importance_batches", 1)):
@@ -308,7 +317,11 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
     budget = budget_from_entry(compression[0], max_length, 0)
     rest = list(compression[1:])
     if task == "seq2seq":
-        _check_seq2seq(budget, rest)
+        budget = _check_seq2seq(budget, rest)
+    elif budget.new_tokens is not None:
+        raise ValueError(f"{_where(0)}: new_tokens: {budget.new_tokens} is the tokens a "
+                         "seq2seq student generates when timed; an encoder classifier "
+                         "generates none: remove new_tokens")
     for j, e in enumerate(rest, start=1):
         m = e.get("method") if isinstance(e, dict) else None
         if m in STRUCTURAL:
@@ -325,17 +338,17 @@ def split_auto(compression: list, max_length: int, task: str = "classification",
     return budget, rest
 
 
-def _check_seq2seq(budget: BudgetConfig, rest: list) -> None:
-    """An encoder-decoder student is searched for a size (its layers' heads, FFN neurons and
-    layers, in both stacks, counted exactly): its latency is generation, token by token, which
-    the latency table (one forward pass of an encoder) does not model; the word table is
-    shared by the encoder, the decoder and the output layer, and the bits, vocab and ranks
-    units count an encoder classifier's weights."""
+def _check_seq2seq(budget: BudgetConfig, rest: list) -> BudgetConfig:
+    """An encoder-decoder student is searched over heads, ffn and layers in both stacks:
+    for a size (counted exactly) or a latency, timed as generation of ``new_tokens`` tokens
+    (exactly that many, greedy) in PyTorch (the ONNX runtimes here serve encoder
+    classifiers). The word table is shared by the encoder, the decoder and the output layer,
+    and the bits, vocab and ranks units count an encoder classifier's weights. Returns the
+    budget with ``new_tokens`` resolved (32 unless given) for a latency target."""
     where = _where(0)
-    if budget.latency:
-        raise ValueError(f"{where}: target {budget.target} for a seq2seq student: its latency is "
-                         "generation, token by token, which the search does not model yet; "
-                         "give target parameters or size_mb")
+    if budget.latency and budget.runtime != "pytorch":
+        raise ValueError(f"{where}: runtime: {budget.runtime} for a seq2seq student: its "
+                         "generation is timed in pytorch; use runtime: pytorch")
     extra = [u for u in budget.units if u not in UNITS]
     if extra:
         raise ValueError(f"{where}: units: {extra[0]} for a seq2seq student: the search "
@@ -346,6 +359,9 @@ def _check_seq2seq(budget: BudgetConfig, rest: list) -> None:
             raise ValueError(f"compression[{j}]: {m} after auto with a seq2seq student: the "
                              "search counts fp32 weights and the whole word table; use target "
                              f"parameters (which {m} leaves as they are), or drop {m}")
+    if budget.latency:
+        return dataclasses.replace(budget, new_tokens=budget.new_tokens or 32)
+    return budget
 
 
 def _check_ranks_unit(budget: BudgetConfig, rest: list) -> None:

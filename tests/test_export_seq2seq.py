@@ -19,7 +19,7 @@ from distilkit.compress import (CompressionContext, compress_, config_from_dict,
                                 load_compressed, save_compressed)
 from distilkit.export import export_onnx, format_export
 from distilkit.export import beam as bm
-from distilkit.seq2seq.generate_eval import _cache_kwargs
+from distilkit.seq2seq.generate_eval import cache_kwargs
 from distilkit.export.seq2seq import GRAPHS, OnnxSeq2SeqGenerator, export_seq2seq, graph_files
 from distilkit.students.init import student_from_teacher
 
@@ -68,7 +68,7 @@ def reference(model, batch, new=NEW, num_beams=1, **beam):
     with torch.no_grad():
         return model.generate(**{k: torch.from_numpy(v) for k, v in batch.items()},
                               max_new_tokens=new, num_beams=num_beams, do_sample=False,
-                              **beam, **_cache_kwargs(model.config)).numpy()
+                              **beam, **cache_kwargs(model.config)).numpy()
 
 
 def first_at(row, token):

@@ -94,7 +94,7 @@ def test_an_encoder_decoder_is_counted_but_not_timed():
     st = structure_of(m)
     assert st.stacks == (1, 1)
     assert parameters(st, base_shape_of(m)) == sum(p.numel() for p in m.parameters())
-    with pytest.raises(ValueError, match="encoder-decoder \\(seq2seq\\) model, whose latency"):
+    with pytest.raises(ValueError, match="encoder-decoder \\(seq2seq\\) model, timed generating new_tokens"):
         LatencyTable.for_model(m, RuntimeSpec("pytorch", 2, 8, 1, "cpu"))
 
 

@@ -511,13 +511,13 @@ class OnnxSeq2SeqGenerator:
 
 def _reference(model: nn.Module, batch: dict, max_new_tokens: int) -> np.ndarray:
     """``model.generate``'s greedy output on ``batch``."""
-    from distilkit.seq2seq.generate_eval import _cache_kwargs
+    from distilkit.seq2seq.generate_eval import cache_kwargs
 
     with torch.no_grad():
         out = model.generate(input_ids=torch.from_numpy(batch["input_ids"]),
                              attention_mask=torch.from_numpy(batch["attention_mask"]),
                              num_beams=1, do_sample=False, max_new_tokens=max_new_tokens,
-                             **_cache_kwargs(model.config))
+                             **cache_kwargs(model.config))
     return out.numpy().astype(np.int64)
 
 

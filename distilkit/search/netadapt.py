@@ -724,7 +724,9 @@ def search(model, structure, goal: Goal, *, score: Callable, prune: Callable,
         history.append(row)
         if progress:
             c = row["removed"]
-            acc = f", accuracy {row['accuracy']:.4f}" if row.get("accuracy") is not None else ""
+            acc = f", accuracy {row['accuracy']:.4f}" if row.get("accuracy") is not None else \
+                f", validation loss {row['eval_loss']:.4f}" if row.get("eval_loss") is not None \
+                else ""   # (a seq2seq student is scored by generation only in the final run)
             which = f" ({chosen}, best of {len(tried)})" if len(tried) > 1 else ""
             if retried:
                 which += f" (retried: {retried['measured']:,.4g} {goal.unit} was past the band)"

@@ -78,14 +78,15 @@ def _remove_all_but_smallest(structure, units, ffn_block):
     """The removal (current positions) that leaves :func:`smallest_structure`."""
     from distilkit.search.netadapt import Removal
 
-    n = len(structure.heads)
-    keep = 1 if "layers" in units else n
+    of = structure.stack_of()
+    # the first layer of each stack stays (an encoder-decoder keeps one per stack)
+    keep = [l for l in range(len(of)) if "layers" not in units or l == of.index(of[l])]
     return Removal(
-        heads={l: list(range(1, structure.heads[l])) for l in range(keep)
+        heads={l: list(range(1, structure.heads[l])) for l in keep
                if "heads" in units and structure.heads[l] > 1},
-        neurons={l: list(range(ffn_block, structure.ffn[l])) for l in range(keep)
+        neurons={l: list(range(ffn_block, structure.ffn[l])) for l in keep
                  if "ffn" in units and structure.ffn[l] > ffn_block},
-        layers=list(range(keep, n)))
+        layers=[l for l in range(len(of)) if l not in keep])
 
 
 def prune_removal(model: nn.Module, removal) -> nn.Module:
@@ -119,7 +120,15 @@ def _describe(structure) -> str:
     heads = f"{hs.pop()} head{'s' * (max(structure.heads) > 1)}" if len(hs) == 1 else \
         f"{min(structure.heads)}-{max(structure.heads)} heads"
     ffn = f"{fs.pop()}" if len(fs) == 1 else f"{min(structure.ffn)}-{max(structure.ffn)}"
-    return f"{n} layers, {heads} and {ffn} FFN neurons each"
+    stacks = f" ({structure.stacks[0]} encoder + {structure.stacks[1]} decoder)" \
+        if structure.stacks else ""
+    return f"{n} layers{stacks}, {heads} and {ffn} FFN neurons each"
+
+
+def _where_timed(budget) -> str:
+    """The runtime spec in words (a seq2seq student's: with the tokens it generates)."""
+    return (f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
+            + (f", {budget.new_tokens} tokens generated" if budget.new_tokens else ""))
 
 
 def unreachable_message(budget, smallest_desc: str, figure: float,
@@ -129,7 +138,7 @@ def unreachable_message(budget, smallest_desc: str, figure: float,
     measured ms, or its parameters / MB; ``vocab``: the word rows a later ``prune_vocab``
     keeps, which a size figure counts)."""
     where = f"compression[0] (auto): target.{budget.target}: {budget.value:g} cannot be reached"
-    spec = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
+    spec = _where_timed(budget)
     if budget.target == "speedup":
         best = teacher_ms / figure
         return (f"{where}: the smallest student ({smallest_desc}) is {best:.1f}x the teacher "
@@ -511,7 +520,9 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     student = parts.student
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
-                       threads=budget.threads, clock=budget.clock)
+                       threads=budget.threads, clock=budget.clock,
+                       new_tokens=budget.new_tokens if budget.latency and structure.stacks
+                       else 0)
     droppable = later_droppable(rest, student, parts) if "vocab" in budget.units else None
     vocab = None if budget.latency else \
         len(droppable[0]) if droppable else later_vocab(rest, student, parts)
@@ -544,10 +555,12 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     if budget.latency:
         table = LatencyTable.for_model(student, spec, progress=progress, validate=True,
                                        ranks="ranks" in budget.units)
-    # (a seq2seq student is searched for a size only: no forward pass to time; see budget.py)
+    # A seq2seq student is timed only for a latency target (generation): for a size, no
+    # spec says how many tokens it would generate.
     seq2seq = structure.stacks is not None
-    teacher = None if seq2seq else _teacher_module(parts.teachers)
-    teacher_ms = None if seq2seq else _teacher_ms(teacher, spec)
+    timed = budget.latency or not seq2seq
+    teacher = _teacher_module(parts.teachers) if timed else None
+    teacher_ms = _teacher_ms(teacher, spec) if timed else None
     if budget.latency:
         # Each figure is the student's latency over the teacher's, measured in turns, put in
         # the teacher's reference milliseconds (its median at the start): a speed-up target
@@ -640,7 +653,8 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     record = {
         "target": {budget.target: budget.value}, "budget": budget.to_entry(),
         "spec": {"runtime": spec.runtime, "batch": spec.batch, "seq_len": spec.seq_len,
-                 "threads": spec.threads, "clock": spec.clock},
+                 "threads": spec.threads, "clock": spec.clock,
+                 **({"new_tokens": spec.new_tokens} if spec.new_tokens else {})},
         "limit": goal.limit, "unit": goal.unit, "teacher_ms": teacher_ms,
         "teacher_dir": parts.teachers.first_dir, "smallest": {"structure": _describe(smallest),
                                                               "figure": floor},
@@ -670,7 +684,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
 
         model = load_compressed(student_dir)
         ms = t_ms = None
-        if not seq2seq:
+        if timed:
             ms, t_ms = verdict_pair_ms(model, teacher, spec)  # a latency verdict rests on it
         try:
             st = dataclasses.replace(structure_of(model), bits=bits)   # bits: as searched
@@ -714,7 +728,7 @@ def final_line(s: dict, budget) -> str:
     if not s["met"] and figure and s.get("limit"):
         # how far: a student 1% over a latency limit is another verdict than one 40% over
         verdict += f" ({figure / s['limit'] - 1:.1%} over the limit)"
-    where = f"{budget.runtime}, batch {budget.batch}, length {budget.seq_len}"
+    where = _where_timed(budget)
     if budget.target == "speedup":
         got = f"{s['speedup']:.2f}x the teacher ({s['measured_ms']:.1f} vs {s['teacher_ms']:.1f} ms)"
     elif budget.target == "latency_ms":

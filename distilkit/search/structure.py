@@ -22,14 +22,14 @@ the model once (:func:`base_shape_of`), so that each family's own head is counte
 :func:`parameters` therefore equals ``sum(p.numel() for p in model.parameters())`` of the
 pruned model (tested).
 
-Encoder-decoder models (T5, BART, Marian) are structures too, for size targets: a
+Encoder-decoder models (T5, BART, Marian) are structures too: a
 :class:`Structure` then lists the encoder's layers and then the decoder's, ``stacks`` saying how
 many of each are kept; heads are each layer's *self*-attention heads, and a decoder layer's
 cross-attention is kept whole (``BaseShape.cross_params`` per decoder layer). A family's own
 layer shapes enter as ``bias`` (T5's linears have none), ``norm`` (parameters per width of a
 layer norm: 2 for LayerNorm, 1 for T5's RMS norm) and ``ups`` (T5's gated FFN has two up
-projections). The count is exact for them too (tested); their latency is not modelled (the
-latency table times encoder classifiers).
+projections). The count is exact for them too (tested); their latency is generation
+(:mod:`~distilkit.search.latency`: a table per stack).
 """
 from __future__ import annotations
 
@@ -163,15 +163,6 @@ def _check_family(model: nn.Module, what: str) -> None:
                          f"a model of a supported family; supported: encoder classifiers "
                          f"({', '.join(ENCODER_TYPES)}) and encoder-decoder models "
                          f"({', '.join(SEQ2SEQ_TYPES)})")
-
-
-def require_encoder(model: nn.Module, what: str) -> None:
-    """Refuse an encoder-decoder model where only encoder classifiers are modelled (latency)."""
-    _check_family(model, what)
-    if is_seq2seq(model):
-        raise ValueError(f"{what}: {type(model).__name__} is an encoder-decoder (seq2seq) "
-                         "model, whose latency (generation, token by token) the latency table "
-                         "does not model; give a size target (parameters or size_mb) instead")
 
 
 def _word_rows(model: nn.Module) -> int:

@@ -77,7 +77,7 @@ def device_clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _cache_kwargs(config) -> dict:
+def cache_kwargs(config) -> dict:
     """A decoder cache that grows layer by layer, for encoder-decoder models whose decoder is
     deeper than their encoder (e.g. a T5 after prune_layers dropped encoder layers):
     transformers 5.23 sizes T5's default cache by ``num_layers``, the *encoder* depth, and
@@ -136,7 +136,7 @@ def generate_texts(model, tokenizer, sources: Sequence[str],
             enc = to_device({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")},
                             dev)
             t0 = device_clock(dev)
-            out = model.generate(**enc, **s.generate_kwargs(), **_cache_kwargs(cfg),
+            out = model.generate(**enc, **s.generate_kwargs(), **cache_kwargs(cfg),
                                  pad_token_id=pad_id, eos_token_id=eos_id)
             seconds += device_clock(dev) - t0
             rows = to_host(out).tolist()  # one transfer per batch, not one per sentence
