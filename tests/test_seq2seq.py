@@ -595,3 +595,25 @@ def test_seq2seq_recipe_with_a_teacher_fine_tuned_from_a_base(tok, tmp_path, mon
     res = run_recipe(Recipe.from_dict(raw), progress=False)
     assert res["teacher_finetune"]["steps"] == 4 and res["teacher_finetune"]["task"] == "seq2seq"
     assert res["student"]["n"] == 3 and 0 <= res["student"]["bleu"] <= 100
+
+
+def test_a_saved_seq2seq_student_generates_with_its_cache(tok, tmp_path):
+    """The Trainer leaves use_cache False on the model it trains (transformers 5's default
+    argument); saved so, a student generated without its key-value cache, recomputing every
+    earlier token. Saved, it is on (config and generation config); the model in memory is
+    left as it was; and distilkit's generation asks for the cache whatever the config says."""
+    import json as _json
+
+    from distilkit.compress.base import save_compressed
+
+    model = tiny_bart(seed=1)
+    trainer = DistilTrainer(model=model, args=_args(tmp_path), train_dataset=[])
+    assert model.config.use_cache is False   # what the Trainer did
+    model.generation_config.use_cache = False
+    save_compressed(model, str(tmp_path / "s"))
+    assert _json.loads((tmp_path / "s" / "config.json").read_text())["use_cache"] is True
+    gen = _json.loads((tmp_path / "s" / "generation_config.json").read_text())
+    assert gen["use_cache"] is True
+    assert model.config.use_cache is False and model.generation_config.use_cache is False
+    assert GenerationSettings().generate_kwargs()["use_cache"] is True
+    del trainer

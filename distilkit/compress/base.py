@@ -498,10 +498,34 @@ def save_compressed(model: nn.Module, out_dir: str, **save_kwargs) -> None:
             f"(model = model.merge_and_unload()) and save the merged model")
     # The records describe the model inside any wrapper; without records a peft model
     # saves its adapter, as peft does.
-    (unwrap(model) if records else model).save_pretrained(out_dir, **save_kwargs)
+    target = unwrap(model) if records else model
+    with _serving_cache(unwrap(model)):
+        target.save_pretrained(out_dir, **save_kwargs)
     if records:
         atomic_write_text(os.path.join(out_dir, COMPRESSION_FILE),
                           json.dumps({"records": records}, indent=2))
+
+
+@contextlib.contextmanager
+def _serving_cache(model: nn.Module):
+    """The model saved with its key-value cache on (``use_cache`` in its config and
+    generation config), as it is served, and left as it was. The Trainer sets
+    ``config.use_cache`` to its argument's (False by default in transformers 5) on the model
+    it trains, and a seq2seq student saved so generated without its cache, recomputing every
+    earlier token at each step: 2.3x slower than its own teacher on the truecasing BART
+    (batch 32, 32 tokens, 2026-12-07)."""
+    configs = [c for c in (getattr(model, "config", None),
+                           getattr(model, "generation_config", None))
+               if c is not None and getattr(c, "use_cache", None) is False]
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        configs = []   # an encoder classifier has no cache to serve with
+    for c in configs:
+        c.use_cache = True
+    try:
+        yield
+    finally:
+        for c in configs:
+            c.use_cache = False
 
 
 def read_records(path: str) -> list:

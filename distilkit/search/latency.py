@@ -265,7 +265,7 @@ def _runner(model: nn.Module, spec: RuntimeSpec):
 
             n = spec.new_tokens
             kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                      **cache_kwargs(model.config))
+                      use_cache=True, **cache_kwargs(model.config))   # as served
             with _torch_threads(threads):
                 yield lambda: model.generate(**batch, **kw)
             return

@@ -51,8 +51,10 @@ class GenerationSettings:
             raise ValueError(f"length_penalty: {self.length_penalty!r} must be a number (1.0 = none)")
 
     def generate_kwargs(self) -> dict:
+        # with the key-value cache whatever the model's config says (a model the Trainer
+        # trained has use_cache False: generating without it recomputes every earlier token)
         kw = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
-              "do_sample": False}
+              "do_sample": False, "use_cache": True}
         if self.num_beams > 1:
             kw.update(length_penalty=float(self.length_penalty), early_stopping=True)
         return kw
