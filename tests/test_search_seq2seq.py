@@ -217,7 +217,8 @@ def _tok():
 
 
 def _s2s_recipe(tmp_path, family, auto):
-    """A truecasing recipe on a tiny teacher of ``family`` with ``auto``'s settings."""
+    """A truecasing recipe on a tiny teacher of ``family`` with ``auto``'s settings (or
+    ``auto(teacher)``'s)."""
     from test_seq2seq import _truecase_files
 
     tok = _tok()
@@ -233,7 +234,8 @@ def _s2s_recipe(tmp_path, family, auto):
            "alpha_ce": 0.5, "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
            "compression": [{"method": "auto", "steps_between": 2, "ffn_block": 16,
                             "eval_examples": 3, "importance_batches": 1, "max_iterations": 12,
-                            "step_fraction": 0.3, **auto}]}
+                            "step_fraction": 0.3,
+                            **(auto(teacher) if callable(auto) else auto)}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path), out, teacher
@@ -283,27 +285,13 @@ def test_a_seq2seq_parameters_target_is_met_and_the_recipe_reproduces_it(family,
     would count the cross attentions too), and run again it gives the same structure."""
     from distilkit.cli import main
     from distilkit.compress.base import from_pretrained
-    from test_seq2seq import _truecase_files
 
-    tok = _tok()
-    teacher = (tiny_bart if family == "bart" else tiny_t5)(seed=5, vocab=len(tok))
-    teacher.save_pretrained(tmp_path / "teacher")
-    tok.save_pretrained(tmp_path / "teacher")
-    target = int(0.6 * sum(p.numel() for p in teacher.parameters()))
-    out = str(tmp_path / "run")
-    raw = {"name": "s2s", "task": "seq2seq", "teacher": str(tmp_path / "teacher"),
-           "student": {"type": "from_teacher"}, "dataset": None,
-           "data_files": _truecase_files(tmp_path), "text_column": "src",
-           "label_column": "tgt", "max_length": 24, "generation": {"max_new_tokens": 5},
-           "cache_dir": str(tmp_path / "cache"), "output_dir": out, "alpha_kd": 0.5,
-           "alpha_ce": 0.5, "max_steps": 2, "per_device_train_batch_size": 4, "use_cpu": True,
-           "compression": [{"method": "auto", "target": {"parameters": target},
-                            "steps_between": 2, "ffn_block": 16, "eval_examples": 3,
-                            "importance_batches": 1, "max_iterations": 12,
-                            "step_fraction": 0.3}]}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["distill", str(path), "--no-progress"]) == 0, capsys.readouterr().err
+    def auto(teacher):
+        return {"target": {"parameters": int(0.6 * sum(p.numel()
+                                                       for p in teacher.parameters()))}}
+    path, out, teacher = _s2s_recipe(tmp_path, family, auto)
+    target = auto(teacher)["target"]["parameters"]
+    assert main(["distill", path, "--no-progress"]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert f"[distilkit] search: target parameters {target}: the final student has " in err
     res = json.load(open(os.path.join(out, "results.json")))
