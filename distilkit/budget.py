@@ -61,6 +61,7 @@ CLOCKS = ("wall", "cpu")   # as distilkit.search.latency.CLOCKS (checked by the 
 # Methods that change the shapes the search chose and measured: not allowed after ``auto``.
 STRUCTURAL = ("prune_heads", "prune_ffn", "prune_layers", "low_rank", "lstm_projection")
 LATENCY_TARGETS = ("latency_ms", "speedup")
+DEFAULT_NEW_TOKENS = 32   # tokens a seq2seq student generates when timed, unless given
 
 
 @dataclass(frozen=True)
@@ -360,7 +361,7 @@ def _check_seq2seq(budget: BudgetConfig, rest: list) -> BudgetConfig:
                              "search counts fp32 weights and the whole word table; use target "
                              f"parameters (which {m} leaves as they are), or drop {m}")
     if budget.latency:
-        return dataclasses.replace(budget, new_tokens=budget.new_tokens or 32)
+        return dataclasses.replace(budget, new_tokens=budget.new_tokens or DEFAULT_NEW_TOKENS)
     return budget
 
 

@@ -316,16 +316,26 @@ def test_a_seq2seq_parameters_target_is_met_and_the_recipe_reproduces_it(family,
     assert again == found
 
 
-def test_distilkit_search_refuses_a_seq2seq_recipe_before_searching(tmp_path, capsys):
+def test_distilkit_search_reports_a_seq2seq_recipe_by_bleu_and_generation_latency(tmp_path,
+                                                                                  capsys):
+    """Two size targets on a tiny BART: `distilkit search` runs both and reports each
+    student's BLEU against its generation latency (new_tokens tokens, timed beside the
+    teacher) and size."""
     from distilkit.cli import main
 
-    raw = {"name": "s2s", "task": "seq2seq", "teacher": "builtin:truecase-bart",
-           "dataset": "builtin:truecase", "text_column": "source", "label_column": "target",
-           "output_dir": str(tmp_path / "run"),
-           "compression": [{"method": "auto", "target": {"parameters": 10 ** 6}}]}
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["search", str(path), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "task: seq2seq student does not have" in err and len(err.splitlines()) == 1
-    assert not os.path.exists(tmp_path / "run")
+    numel = sum(p.numel() for p in tiny_bart(seed=5, vocab=len(_tok())).parameters())
+    timing = {k: GEN_SPEC[k] for k in ("batch", "seq_len", "threads", "clock", "new_tokens")}
+    path, out, _ = _s2s_recipe(tmp_path, "bart", {"target": {"parameters": numel}, **timing})
+    targets = [int(0.8 * numel), int(0.6 * numel)]
+    assert main(["search", path, "--no-progress", *[a for t in targets for a in
+                                                    ("--target", f"parameters={t}")]]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    line = json.loads(printed[-1])["pareto"]
+    assert [r["kind"] for r in line] == ["searched", "searched", "teacher"]
+    assert all(r["bleu"] is not None and r["latency_ms"] > 0 for r in line)
+    assert [r["met"] for r in line[:2]] == [True, True]
+    assert line[1]["parameters"] <= targets[1] < line[0]["parameters"] <= targets[0]
+    report = json.load(open(os.path.join(out, "pareto.json")))
+    assert report["metric"] == "bleu" and "8 tokens generated" in report["spec"]
+    md = open(os.path.join(out, "pareto.md")).read()
+    assert "| bleu | latency ms |" in md and "BLEU on each run's test split" in md

@@ -18,6 +18,9 @@ runtime spec (runtime, batch, length, threads), and
 * ``output_dir/pareto.png``: accuracy against measured latency and against size, searched
   students, compared students and the teacher marked apart;
 * ``output_dir/pareto.json``, and one JSON line of the figures printed last.
+
+A seq2seq recipe's report scores BLEU where an encoder's scores accuracy, and times
+generation of the search's ``new_tokens`` tokens (32 after a size search, which timed none).
 """
 from __future__ import annotations
 
@@ -61,28 +64,31 @@ def on_front(rows: Sequence[dict], x: str = "latency_ms", y: str = "accuracy") -
     return out
 
 
-def write_pareto(rows: list[dict], out_dir: str, spec_line: str) -> dict:
+def write_pareto(rows: list[dict], out_dir: str, spec_line: str,
+                 metric: str = "accuracy") -> dict:
     """``pareto.md``, ``pareto.png`` and ``pareto.json`` of measured ``rows`` (each with
-    ``name``, ``kind`` (searched / compared / teacher), ``accuracy``, ``latency_ms``,
-    ``size_mb``, ``parameters``, and for searched rows ``target`` and ``met``)."""
+    ``name``, ``kind`` (searched / compared / teacher), ``metric`` (``accuracy``, or ``bleu``
+    for seq2seq students), ``latency_ms``, ``size_mb``, ``parameters``, and for searched rows
+    ``target`` and ``met``)."""
     from distilkit.files import atomic_write_json, atomic_write_text
 
     teacher = next((r for r in rows if r["kind"] == "teacher"), None)
-    for r, front in zip(rows, on_front(rows)):
+    for r, front in zip(rows, on_front(rows, y=metric)):
         r["pareto"] = front
         if teacher and teacher.get("latency_ms") and r.get("latency_ms"):
             r["speedup"] = round(teacher["latency_ms"] / r["latency_ms"], 3)
     os.makedirs(out_dir, exist_ok=True)
-    png = plot_pareto(rows, os.path.join(out_dir, f"{PARETO}.png"), spec_line)
+    png = plot_pareto(rows, os.path.join(out_dir, f"{PARETO}.png"), spec_line, metric)
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
 
-    lines = ["# Compression to a budget: accuracy against measured latency and size", "",
-             f"Latency measured side by side in one process: {spec_line}. Accuracy on each "
-             "run's test split. Size = the saved model files. Pareto = no other model is at "
-             "least as accurate and at least as fast (one strictly).", "",
-             "| model | kind | target | met | within tolerance | accuracy | latency ms | "
+    name = {"accuracy": "Accuracy", "bleu": "BLEU"}.get(metric, metric)
+    lines = [f"# Compression to a budget: {metric} against measured latency and size", "",
+             f"Latency measured side by side in one process: {spec_line}. {name} on each "
+             "run's test split. Size = the saved model files. Pareto = no other model scores "
+             "at least as high and is at least as fast (one strictly).", "",
+             f"| model | kind | target | met | within tolerance | {metric} | latency ms | "
              "speed-up | size MB | parameters | Pareto |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -92,7 +98,8 @@ def write_pareto(rows: list[dict], out_dir: str, spec_line: str) -> dict:
     for r in rows:
         lines.append(f"| {r['name']} | {r['kind']} | {r.get('target') or '-'} | "
                      f"{yes(r.get('met'))} | {yes(r.get('within'))} | "
-                     f"{f(r.get('accuracy'), '.4f')} | {f(r.get('latency_ms'), '.2f')} | "
+                     f"{f(r.get(metric), '.4f' if metric == 'accuracy' else '.2f')} | "
+                     f"{f(r.get('latency_ms'), '.2f')} | "
                      f"{f(r.get('speedup'), '.2f')}x | {f(r.get('size_mb'), '.2f')} | "
                      f"{f(r.get('parameters'), ',')} | {'yes' if r['pareto'] else ''} |")
     runs = [r for r in rows if r.get("speedup_in_run") is not None]
@@ -101,17 +108,18 @@ def write_pareto(rows: list[dict], out_dir: str, spec_line: str) -> dict:
                   "; ".join(f"{r['name']} {r['speedup_in_run']:.2f}x (met: "
                             f"{yes(r.get('met_in_run'))}, within tolerance: "
                             f"{yes(r.get('within_in_run'))})" for r in runs) + "."]
-    lines += ["", f"![accuracy against latency and size]({os.path.basename(png)})", ""]
+    lines += ["", f"![{metric} against latency and size]({os.path.basename(png)})", ""]
     md = os.path.join(out_dir, f"{PARETO}.md")
     atomic_write_text(md, "\n".join(lines))
     js = os.path.join(out_dir, f"{PARETO}.json")
     clean = [{k: v for k, v in r.items() if k != "model_dir"} for r in rows]
-    atomic_write_json(js, {"spec": spec_line, "rows": clean})
-    return {"markdown": md, "plot": png, "json": js, "rows": clean}
+    atomic_write_json(js, {"spec": spec_line, "metric": metric, "rows": clean})
+    return {"markdown": md, "plot": png, "json": js, "rows": clean, "metric": metric}
 
 
-def plot_pareto(rows: Sequence[dict], path: str, spec_line: str) -> str:
-    """Accuracy against measured latency (left) and size on disk (right)."""
+def plot_pareto(rows: Sequence[dict], path: str, spec_line: str, metric: str = "accuracy") -> str:
+    """``metric`` (accuracy, or BLEU) against measured latency (left) and size on disk
+    (right)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
@@ -127,21 +135,21 @@ def plot_pareto(rows: Sequence[dict], path: str, spec_line: str) -> str:
                                        ("size_mb", "size on disk (MB)"))):
         seen = set()
         for r in rows:
-            if r.get(key) is None or r.get("accuracy") is None:
+            if r.get(key) is None or r.get(metric) is None:
                 continue
             kind = r["kind"]
-            ax.scatter(r[key], r["accuracy"], zorder=3,
+            ax.scatter(r[key], r[metric], zorder=3,
                        label=kind if kind not in seen else None, **style[kind])
             seen.add(kind)
-            ax.annotate(r["name"], (r[key], r["accuracy"]), textcoords="offset points",
+            ax.annotate(r["name"], (r[key], r[metric]), textcoords="offset points",
                         xytext=(6, 5), fontsize=8)
         front = sorted((r for r in rows if r.get("pareto") and key == "latency_ms"),
                        key=lambda r: r[key])
         if len(front) > 1:
-            ax.plot([r[key] for r in front], [r["accuracy"] for r in front], "--",
+            ax.plot([r[key] for r in front], [r[metric] for r in front], "--",
                     color="grey", alpha=0.6, zorder=1)
         ax.set_xlabel(label, fontsize=8)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(metric if metric == "accuracy" else metric.upper())
         ax.margins(x=0.2, y=0.12)
         ax.grid(True, alpha=0.3)
         if seen:
@@ -167,12 +175,8 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
         raise ValueError(f"{recipe_path}: distilkit search needs compression: [{{method: auto, "
                          "target: {speedup: 4}}, ...}] as the recipe's first entry (see "
                          "recipes/search_budget.yaml)")
-    if base.keys.task != "classification":
-        raise ValueError(f"{recipe_path}: distilkit search's report puts each student's "
-                         f"accuracy against its latency measured beside the teacher, which a "
-                         f"task: {base.keys.task} student does not have (generation is timed "
-                         "token by token): search its size with `distilkit distill RECIPE`, "
-                         "one target per run")
+    # the task's own score: accuracy, or for a seq2seq student BLEU (timed as generation)
+    metric = "bleu" if base.keys.task == "seq2seq" else "accuracy"
     raw = base.to_dict()
     chosen = [parse_target(t) for t in targets] or [comp[0]["target"]]
     root = base.distil_config().output_dir
@@ -203,20 +207,25 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
                      "met_in_run": s.get("met"), "within_in_run": s.get("within_tolerance"),
                      "speedup_in_run": s.get("speedup") if budget_is_latency else None,
                      "goal": recipe.keys.compression[0]["target"],
-                     "accuracy": res["student"].get("accuracy"),
+                     metric: res["student"].get(metric),
                      "size_mb": round(res["student"]["size_on_disk_bytes"] / 1e6, 4),
                      "parameters": res["student"]["parameters"],
                      "model_dir": os.path.join(out, "student"), "run_dir": out})
     for r in compare:
         res = load_results(r)
         rows.append({"name": os.path.basename(os.path.abspath(r)), "kind": "compared",
-                     "accuracy": res["student"].get("accuracy"),
+                     metric: res["student"].get(metric),
                      "size_mb": round(res["student"]["size_on_disk_bytes"] / 1e6, 4),
                      "parameters": res["student"]["parameters"],
                      "model_dir": find_model_dir(r), "run_dir": r})
+    if metric == "bleu" and not spec.get("new_tokens"):
+        # a size search timed nothing: the report times generation as a latency search would
+        from distilkit.budget import DEFAULT_NEW_TOKENS
+
+        spec = {**spec, "new_tokens": DEFAULT_NEW_TOKENS}
     rspec = RuntimeSpec(**spec)
     t = teacher_res["teacher"]
-    teacher = {"name": "teacher", "kind": "teacher", "accuracy": t.get("accuracy"),
+    teacher = {"name": "teacher", "kind": "teacher", metric: t.get(metric),
                "size_mb": round(t["size_on_disk_bytes"] / 1e6, 4), "parameters": t["parameters"],
                "model_dir": teacher_dir}
     rows.append(teacher)
@@ -252,8 +261,9 @@ def search_targets(recipe_path: str, overrides: dict, targets: Sequence[str],
                     r["met"], r["within"] = judged(r["latency_ms"],
                                                     float(goal["latency_ms"]), r["tolerance"])
     spec_line = (f"{spec['runtime']}, batch {spec['batch']}, length {spec['seq_len']}, "
-                 f"{spec['threads'] or 'default'} threads, {spec.get('clock', 'wall')} clock")
-    report = write_pareto(rows, root, spec_line)
+                 + (f"{spec['new_tokens']} tokens generated, " if spec.get("new_tokens") else "")
+                 + f"{spec['threads'] or 'default'} threads, {spec.get('clock', 'wall')} clock")
+    report = write_pareto(rows, root, spec_line, metric)
     return report
 
 
@@ -276,9 +286,7 @@ def run_search_command(args, overrides: dict) -> int:
     with open(report["markdown"]) as f:
         print(f.read())
     print(f"(written: {report['markdown']}, {report['plot']})", file=sys.stderr)
-    print(json.dumps({"pareto": [{k: r.get(k) for k in ("name", "kind", "target", "met",
-                                                        "within", "speedup_in_run",
-                                                        "accuracy", "latency_ms", "speedup",
-                                                        "size_mb", "parameters", "pareto")}
-                                 for r in report["rows"]]}))
+    keys = ("name", "kind", "target", "met", "within", "speedup_in_run", report["metric"],
+            "latency_ms", "speedup", "size_mb", "parameters", "pareto")
+    print(json.dumps({"pareto": [{k: r.get(k) for k in keys} for r in report["rows"]]}))
     return 0

@@ -521,8 +521,7 @@ def search_and_run(recipe, progress: bool = True) -> dict:
     structure, shape = structure_of(student), base_shape_of(student)
     spec = RuntimeSpec(runtime=budget.runtime, batch=budget.batch, seq_len=budget.seq_len,
                        threads=budget.threads, clock=budget.clock,
-                       new_tokens=budget.new_tokens if budget.latency and structure.stacks
-                       else 0)
+                       new_tokens=(budget.new_tokens or 0) if structure.stacks else 0)
     droppable = later_droppable(rest, student, parts) if "vocab" in budget.units else None
     vocab = None if budget.latency else \
         len(droppable[0]) if droppable else later_vocab(rest, student, parts)
