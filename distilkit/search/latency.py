@@ -514,8 +514,9 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
         base = _time_model(base_model, spec, REPEATS)
         bar.update()
         grids = []
-        for one in ones:
-            full_layer = one.get_submodule(get_adapter(one).layers()[0])
+        # each small model's unpruned layer, kept aside: every grid point prunes a copy of it
+        full_layers = [one.get_submodule(get_adapter(one).layers()[0]) for one in ones]
+        for one, full_layer in zip(ones, full_layers):
             grid = []
             for h in heads:
                 row = []
@@ -525,8 +526,7 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
                     bar.update()
                 grid.append(row)
             grids.append(grid)
-        grid, one = grids[0], ones[0]
-        full_layer = one.get_submodule(get_adapter(one).layers()[0])
+        grid, one, full_layer = grids[0], ones[0], full_layers[0]
         saving = []
         if ranks:
             _pruned_layer(full_layer, one, shape.num_heads, shape.intermediate)

@@ -17,7 +17,8 @@ costs, and fine-tunes briefly before the next step. Here, per step:
    each recomputed on the structure left by the previous ones (the cost of a head depends on
    how many its layer keeps), until the step's cut (``step_fraction`` of the current
    predicted figure, or what is left to the target when that is less) is reached; a layer
-   keeps at least one head and one FFN block, the model at least one layer;
+   keeps at least one head and one FFN block, the model at least one layer (an
+   encoder-decoder one per stack; its heads are the self-attentions');
 4. the chosen units are removed physically (``prune_heads`` / ``prune_ffn`` /
    ``prune_layers`` with explicit units), the student is distilled ``steps_between`` steps,
    then measured and scored on the validation split.

@@ -42,7 +42,7 @@ from torch import nn
 from distilkit.compress.families import get_adapter
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert")
-SEQ2SEQ_TYPES = ("t5", "bart", "marian")   # encoder-decoder families: size targets only
+SEQ2SEQ_TYPES = ("t5", "bart", "marian")   # encoder-decoder families (PyTorch latency)
 
 
 @dataclass(frozen=True)
