@@ -174,17 +174,16 @@ class _Searcher:
     def _trainer(self, model, step: int):
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+        from distilkit.seq2seq.generate_eval import GenerationEvalCallback
+
         args = _mini_args(self.recipe, self.budget, step, self.work_dir, self.progress)
         self.trainer = self.parts.trainer(model, args=args)
         # The search's own line per step is its progress; the Trainer's log dicts of every
         # short run (several per step with measured proposals) would bury it. A seq2seq
         # run's generation scoring would decode the validation split after every proposal:
         # the search judges them by the validation loss alone.
-        for cb in (PrinterCallback, ProgressCallback):
+        for cb in (PrinterCallback, ProgressCallback, GenerationEvalCallback):
             self.trainer.remove_callback(cb)
-        for cb in list(self.trainer.callback_handler.callbacks):
-            if type(cb).__name__ == "GenerationEvalCallback":
-                self.trainer.remove_callback(cb)
         return self.trainer
 
     def score(self, model):
