@@ -1101,3 +1101,29 @@ def test_the_starting_students_reading_is_the_median_of_three():
                    step_fraction=0.5, progress=False, choose="importance")
     assert NEAR_REPEATS == 3 and found["history"][0]["measured"] == full
     assert found["met"] and found["within_tolerance"]
+
+
+def test_a_pick_a_later_larger_one_made_redundant_is_given_back():
+    """The 1.35x truecasing search of 2026-12-07 planned an encoder layer (cheap per ms),
+    then the decoder layer the cut needed anyway, and landed at 1.51x where the decoder
+    layer alone was enough. Here layer 0 is cheap to lose but saves too little alone; the
+    cut then needs layer 1, which saves it by itself: layer 0 is given back."""
+    import dataclasses
+
+    from distilkit.search.netadapt import Removal, Scores, after_removal, plan_step
+    from distilkit.search.structure import parameters
+
+    shape, st = _shape_and_structure(tiny_bert(layers=3, heads=4, inter=64))
+    st = dataclasses.replace(st, heads=(2, 4, 4), ffn=(32, 64, 64))   # layer 0 is smaller
+    cost = lambda s: parameters(s, shape)  # noqa: E731
+    start = cost(st)
+    saves = [start - cost(after_removal(st, Removal(layers=[i]))) for i in (0, 1)]
+    assert saves[0] < saves[1]
+    cut = saves[1] - 1   # more than layer 0 saves, less than layer 1 does
+    scores = Scores(heads=[[9.0] * 2, [9.0] * 4, [9.0] * 4],
+                    neurons=[[9.0] * 32] + [[9.0] * 64] * 2, layers=[0.01, 1.0, 50.0])
+    r = plan_step(st, scores, cost, cut=cut, units=("layers",), ffn_block=16)
+    assert r.layers == [1] and not r.heads and not r.neurons
+    assert start - cost(after_removal(st, r)) >= cut
+    # the mixed plan (heads and FFN blocks worth more than layer 1) ends the same way
+    assert plan_step(st, scores, cost, cut=cut, ffn_block=16).layers == [1]

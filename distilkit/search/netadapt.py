@@ -200,7 +200,9 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
     Each pick's saving is ``cost(now) - cost(now without it)``, recomputed after every pick,
     and counted only up to what the step still needs; a candidate that saves nothing is never
     picked. Ties go to the earlier kind (heads, ffn,
-    layers) and the earlier layer, so the plan is deterministic."""
+    layers) and the earlier layer, so the plan is deterministic. Once the cut is reached, a
+    pick the plan no longer needs (a later, larger pick saves its share) is given back, the
+    most important first."""
     n = len(structure.heads)
     heads, ffn = list(structure.heads), list(structure.ffn)
     alive = list(range(n))
@@ -210,6 +212,7 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
                     for s in scores.neurons]
     head_next, neuron_next = [0] * n, [0] * n
     out = Removal()
+    picks, made = [], 0   # (importance, order, kind, layer, units) of the picks in the plan
 
     def shape(hs, fs, keep):
         return _reshape(structure, [hs[i] for i in keep], [fs[i] for i in keep], keep=keep)
@@ -246,24 +249,55 @@ def plan_step(structure, scores: Scores, cost: Callable, cut: float,
                 over = floor is not None and after < floor
                 key = (over, max(imp, 0.0) / min(saving, remaining), kind, rank)
                 if best is None or key < best[0]:
-                    best = (key, kind, l, k)
+                    best = (key, kind, l, k, imp)
         if best is None:
             break
-        _, kind, l, k = best
+        _, kind, l, k, imp = best
         if kind == 0:
-            out.heads.setdefault(l, []).append(head_order[l][head_next[l]])
+            unit = [head_order[l][head_next[l]]]
+            out.heads.setdefault(l, []).extend(unit)
             head_next[l] += 1
             heads[l] -= 1
         elif kind == 1:
-            out.neurons.setdefault(l, []).extend(neuron_order[l][neuron_next[l]:neuron_next[l] + k])
+            unit = neuron_order[l][neuron_next[l]:neuron_next[l] + k]
+            out.neurons.setdefault(l, []).extend(unit)
             neuron_next[l] += k
             ffn[l] -= k
         else:
+            unit = []
             alive.remove(l)
             out.layers.append(l)
             out.heads.pop(l, None)   # the layer goes whole: its other cuts are moot
             out.neurons.pop(l, None)
+            picks = [p for p in picks if p[3] != l]
+        picks.append((max(imp, 0.0), made, kind, l, unit))
+        made += 1
         now = float(cost(shape(heads, ffn, alive)))
+    # Greedy picks can be made redundant by a later, larger one: an encoder layer taken
+    # first, then the decoder layer the cut needed anyway (the 1.35x truecasing search of
+    # 2026-12-07 dropped both and landed at 1.51x where the decoder layer alone was enough).
+    # Each pick whose unit the plan can give back and still reach the cut is given back, the
+    # most important first.
+    goal = start - cut
+    for imp, _, kind, l, unit in sorted(picks, key=lambda p: (-p[0], -p[1])):
+        trial_h, trial_f, trial_alive = list(heads), list(ffn), list(alive)
+        if kind == 0:
+            trial_h[l] += 1
+        elif kind == 1:
+            trial_f[l] += len(unit)
+        else:   # the layer comes back whole (its earlier cuts were dropped with it)
+            trial_h[l], trial_f[l] = structure.heads[l], structure.ffn[l]
+            trial_alive = sorted(alive + [l])
+        after = float(cost(shape(trial_h, trial_f, trial_alive)))
+        if after > goal:
+            continue
+        heads, ffn, alive, now = trial_h, trial_f, trial_alive, after
+        if kind == 0:
+            out.heads[l].remove(unit[0])
+        elif kind == 1:
+            out.neurons[l] = [i for i in out.neurons[l] if i not in set(unit)]
+        else:
+            out.layers.remove(l)
     out.heads = {l: sorted(v) for l, v in out.heads.items() if v}
     out.neurons = {l: sorted(v) for l, v in out.neurons.items() if v}
     out.layers = sorted(out.layers)
