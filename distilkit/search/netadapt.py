@@ -16,7 +16,8 @@ costs, and fine-tunes briefly before the next step. Here, per step:
 3. units are removed greedily, least importance per unit of saving first, the saving of
    each recomputed on the structure left by the previous ones (the cost of a head depends on
    how many its layer keeps), until the step's cut (``step_fraction`` of the current
-   predicted figure, or what is left to the target when that is less) is reached; a layer
+   predicted figure, or what is left to the target when that is less) is reached, and a
+   pick that a later, larger one made unnecessary is given back; a layer
    keeps at least one head and one FFN block, the model at least one layer (an
    encoder-decoder one per stack; its heads are the self-attentions');
 4. the chosen units are removed physically (``prune_heads`` / ``prune_ffn`` /
