@@ -224,8 +224,31 @@ def _fake_ms(model, spec, repeats=latency.MEASURE_REPEATS):
     return 1.0 + spec.batch + sum(0.5 * h + 0.01 * f for h, f in zip(s.heads, s.ffn))
 
 
+def _fake_timing(monkeypatch, cost=_fake_ms, load=lambda seconds: 1.0) -> list:
+    """Time every run on a fake clock: a run of a model takes ``cost(model, spec)`` ms times
+    the machine's ``load`` at that moment (seconds of the fake clock). Returns the list of
+    models whose runner was opened, in order."""
+    import contextlib
+
+    now, opened = [0.0], []
+
+    @contextlib.contextmanager
+    def runner(model, spec):
+        opened.append(model)
+        ms = cost(model, spec)
+
+        def run():
+            now[0] += ms * load(now[0]) / 1000
+
+        yield run
+
+    monkeypatch.setattr(latency, "_runner", runner)
+    monkeypatch.setitem(latency.CLOCKS, SPEC.clock, lambda: now[0])
+    return opened
+
+
 def test_table_adds_base_and_interpolated_layers(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency, "_time_model", _fake_ms)
+    _fake_timing(monkeypatch)
     model = _timing_bert()
     table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3)
     assert table.heads == [1, 3, 4] and table.ffn == [1, 257, 512]
@@ -235,6 +258,28 @@ def test_table_adds_base_and_interpolated_layers(tmp_path, monkeypatch):
         assert table.predict_ms(structure_of(m)) == pytest.approx(_fake_ms(m, SPEC))
     with pytest.raises(ValueError, match="heads=5, ffn=10 outside this table's shape"):
         table.layer_ms(5, 10)
+
+
+def test_a_machine_getting_busier_while_the_table_is_measured_moves_no_unit_s_price(
+        tmp_path, monkeypatch):
+    """The machine's load tripling while the table is measured (another job starting) slows
+    every model alike: its relative prices stay the law's. Timed one model after the other,
+    row by row, the later rows (more heads) read dearer and a head was priced 2-3x its cost
+    (a seq2seq search then took heads where a decoder layer was the saving: BLEU 2.77,
+    2026-12-07); timed in turns with one stopwatch model, each price is its ratio to it."""
+    _fake_timing(monkeypatch, load=lambda seconds: 1.0 + 2.0 * min(seconds / 8.0, 1.0))
+    model = _timing_bert()
+    table = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3)
+    fixed, per_head, per_neuron = table.fit
+    # the law (_fake_ms): a layer costs 0.5 ms a head and 0.01 a neuron, nothing fixed;
+    # the scale is the stopwatch's median load, the same for every price
+    scale = per_neuron / 0.01
+    assert per_head / scale == pytest.approx(0.5, rel=0.05)
+    assert fixed / scale == pytest.approx(0.0, abs=0.1)
+    full = table.predict_ms(structure_of(model))
+    for name, m in _pruned_models(model).items():
+        truth = _fake_ms(m, SPEC) / _fake_ms(model, SPEC)
+        assert table.predict_ms(structure_of(m)) / full == pytest.approx(truth, rel=0.03), name
 
 
 def test_a_noisy_grid_gives_a_cost_that_falls_with_every_unit_removed():
@@ -275,21 +320,15 @@ def test_a_noisy_grid_gives_a_cost_that_falls_with_every_unit_removed():
 
 
 def test_cache_serves_the_second_call_and_keys_shape_and_spec(tmp_path, monkeypatch):
-    calls = []
-
-    def counting(model, spec, repeats=latency.MEASURE_REPEATS):
-        calls.append(spec)
-        return _fake_ms(model, spec)
-
-    monkeypatch.setattr(latency, "_time_model", counting)
+    calls = _fake_timing(monkeypatch)
     model, cache = _timing_bert(), str(tmp_path)
     first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
-    assert first.measured and len(calls) == 5  # the base and 2 x 2 one-layer models
+    assert first.measured and len(calls) == 6  # the stopwatch, the base, 2 x 2 one-layer models
 
     def refuse(*a, **k):
         raise AssertionError("measured although the table is cached")
 
-    monkeypatch.setattr(latency, "_time_model", refuse)
+    monkeypatch.setattr(latency, "_runner", refuse)
     again = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
     assert not again.measured and again.path == first.path
     assert again.predict_ms(Structure((2, 3), (100, 400), 1000)) == \
@@ -299,12 +338,12 @@ def test_cache_serves_the_second_call_and_keys_shape_and_spec(tmp_path, monkeypa
     assert LatencyTable.for_model(pruned, SPEC, cache_dir=cache, progress=False,
                                   grid=2).path == first.path
 
-    monkeypatch.setattr(latency, "_time_model", counting)
+    calls = _fake_timing(monkeypatch)
     other_spec = LatencyTable.for_model(model, RuntimeSpec("pytorch", 4, 32, 1, "cpu"),
                                         cache_dir=cache, progress=False, grid=2)
     other_shape = LatencyTable.for_model(_timing_bert(intermediate=256), SPEC, cache_dir=cache,
                                          progress=False, grid=2)
-    assert other_spec.measured and other_shape.measured and len(calls) == 15
+    assert other_spec.measured and other_shape.measured and len(calls) == 12
     assert len({first.path, other_spec.path, other_shape.path}) == 3
     assert other_spec.base_ms() == pytest.approx(1.0 + 4)
 
@@ -312,7 +351,7 @@ def test_cache_serves_the_second_call_and_keys_shape_and_spec(tmp_path, monkeypa
 @pytest.mark.parametrize("damage", ["not json {", '{"key": {"other": 1}, "base_ms": 1}',
                                     "truncated"])
 def test_a_damaged_cache_file_is_measured_again(tmp_path, monkeypatch, damage, caplog):
-    monkeypatch.setattr(latency, "_time_model", _fake_ms)
+    _fake_timing(monkeypatch)
     model, cache = _timing_bert(), str(tmp_path)
     first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
     text = open(first.path).read()
@@ -327,7 +366,7 @@ def test_bad_input_is_refused_before_any_work(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("measured before refusing")
 
-    monkeypatch.setattr(latency, "_time_model", refuse)
+    monkeypatch.setattr(latency, "_runner", refuse)
     with pytest.raises(ValueError) as e:
         RuntimeSpec(runtime="tensorrt")
     msg = str(e.value)
@@ -377,16 +416,17 @@ def test_a_cached_table_that_mispredicts_the_model_now_is_measured_again(tmp_pat
     again instead of steering the search."""
     from distilkit.search import latency
 
+    _fake_timing(monkeypatch)
     model, cache = _timing_bert(), str(tmp_path)
     first = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2)
     now = first.predict_ms(structure_of(model))
+    assert now == pytest.approx(_fake_ms(model, SPEC))
     with open(first.path) as f:
         data = json.load(f)
     data["base_ms"] *= 3
     data["layer_ms"] = [[3 * v for v in row] for row in data["layer_ms"]]
     with open(first.path, "w") as f:
         json.dump(data, f)
-    monkeypatch.setattr(latency, "_time_model", lambda m, spec, repeats=None: now)
     assert not LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False,
                                       grid=2).measured  # without validate: the stale table
     again = LatencyTable.for_model(model, SPEC, cache_dir=cache, progress=False, grid=2,
@@ -482,7 +522,7 @@ def test_a_table_with_ranks_fits_the_factorized_law_and_keys_its_ranks(tmp_path,
     structure with ranks in one line instead of predicting it dense."""
     from distilkit.search.latency import fit_rank_cost, rank_points
 
-    monkeypatch.setattr(latency, "_time_model", _fake_ranked_ms)
+    _fake_timing(monkeypatch, _fake_ranked_ms)
     model = _timing_bert()
     plain = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3)
     ranked = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3,
@@ -498,7 +538,7 @@ def test_a_table_with_ranks_fits_the_factorized_law_and_keys_its_ranks(tmp_path,
         with pytest.raises(ValueError, match="measured without factorized layers"):
             plain.predict_ms(s)
     # read back from the cache, with its factorized timings
-    monkeypatch.setattr(latency, "_time_model", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(latency, "_runner", lambda *a, **k: pytest.fail("measured again"))
     again = LatencyTable.for_model(model, SPEC, cache_dir=str(tmp_path), progress=False, grid=3,
                                    ranks=True)
     assert not again.measured and again.rank_fit == pytest.approx(ranked.rank_fit)

@@ -93,8 +93,10 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -122,7 +124,7 @@ TOLERANCE = 0.25
 # Ranks (as fractions of the hidden width) a table with ranks times one factorized layer at:
 # below the break-even rank of every weight of a BERT-shaped layer (hidden / 2 for q, k, v, o)
 RANK_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3)
-TABLE_VERSION = 1
+TABLE_VERSION = 2   # 2: every model timed in turns with a stopwatch model, shuffled
 ONNX_GRAPHS = 2   # the exported graphs' revision (2: int8 without SkipLayerNorm / BiasGelu)
 
 
@@ -290,6 +292,27 @@ def _time_model(model: nn.Module, spec: RuntimeSpec, repeats: int = MEASURE_REPE
         return _median_ms(run, spec.clock, repeats)
 
 
+def _pair_ms(run_model, run_ref, clock: str, repeats: int, block: int) -> tuple[float, float]:
+    """:func:`measure_pair_ms` on two runners already open (a table keeps its stopwatch's
+    open: an ONNX runtime would export it again for every model timed beside it)."""
+    now = CLOCKS[clock]
+    ratios, refs = [], []
+    with torch.inference_mode():
+        for i in range(WARMUP + repeats):
+            order = (("ref", run_ref), ("model", run_model))
+            t = {}
+            for name, run in (order if i % 2 == 0 else order[::-1]):
+                for _ in range(block):
+                    t0 = now()
+                    run()
+                    t[name] = (now() - t0) * 1000
+            if i >= WARMUP:
+                ratios.append(t["model"] / max(t["ref"], 1e-9))
+                refs.append(t["ref"])
+    ref = float(statistics.median(refs))
+    return float(statistics.median(ratios)) * ref, ref
+
+
 def measure_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
                     repeats: int = MEASURE_REPEATS, block: int = PAIR_BLOCK
                     ) -> tuple[float, float]:
@@ -306,23 +329,8 @@ def measure_pair_ms(model: nn.Module, reference: nn.Module, spec: RuntimeSpec,
     _check_model(reference, spec)
     if not (isinstance(block, int) and block >= 1):
         raise ValueError(f"block={block!r}: use an integer >= 1")
-    now = CLOCKS[spec.clock]
-    ratios, refs = [], []
-    with _runner(model, spec) as run_model, _runner(reference, spec) as run_ref, \
-            torch.inference_mode():
-        for i in range(WARMUP + repeats):
-            order = (("ref", run_ref), ("model", run_model))
-            t = {}
-            for name, run in (order if i % 2 == 0 else order[::-1]):
-                for _ in range(block):
-                    t0 = now()
-                    run()
-                    t[name] = (now() - t0) * 1000
-            if i >= WARMUP:
-                ratios.append(t["model"] / max(t["ref"], 1e-9))
-                refs.append(t["ref"])
-    ref = float(statistics.median(refs))
-    return float(statistics.median(ratios)) * ref, ref
+    with _runner(model, spec) as run_model, _runner(reference, spec) as run_ref:
+        return _pair_ms(run_model, run_ref, spec.clock, repeats, block)
 
 
 # Pairings whose median is a verdict on a budget (the run's, and the Pareto table's): single
@@ -492,10 +500,16 @@ def _pruned_layer(layer: nn.Module, model: nn.Module, heads: int, ffn: int) -> N
 
 
 def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads: list[int],
-                   ffn: list[int], progress: bool, ranks: Sequence[int] = ()) -> dict:
+                   ffn: list[int], progress: bool, ranks: Sequence[int] = (),
+                   paired: bool = True) -> dict:
     """Measure the base and every grid point (module docstring); with ``ranks``, what the
-    unpruned layer saves with all its weights factorized at each of them, each timed right
-    after the dense layer."""
+    unpruned layer saves with all its weights factorized at each of them. Every model is
+    timed in turns with one stopwatch model (the unpruned one-layer model,
+    :func:`_pair_ms`), in a shuffled order, and costs its ratio to the stopwatch times the
+    stopwatch's median over the whole table: a busy minute slows a model and the stopwatch
+    beside it alike, and what it leaves lands on no axis of the grid. ``paired=False``: the
+    protocol before 2026-12-07 (each model timed alone, in grid order; its cost its median
+    ms), kept as the baseline of scripts/bench_latency_table.py."""
     from tqdm.auto import tqdm
 
     from distilkit.compress.low_rank import factorized_shapes
@@ -507,45 +521,66 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
     ones = [_empty_stack_model(model, (1, 0) if seq2seq else 1)]
     if seq2seq:
         ones.append(_empty_stack_model(model, (0, 1)))
-    bar = tqdm(total=1 + len(ones) * len(heads) * len(ffn) + 2 * len(ranks),
-               desc=f"latency table ({spec.runtime})", unit="model", disable=not progress)
+    watch = _empty_stack_model(model, (1, 0) if seq2seq else 1)
+    # each small model's unpruned layer, kept aside: every grid point prunes a copy of it
+    full_layers = [one.get_submodule(get_adapter(one).layers()[0]) for one in ones]
+    names = role_names(ones[0])[0] if ranks else []
+
+    def grid_model(stack: int, h: int, f: int) -> nn.Module:
+        _pruned_layer(full_layers[stack], ones[stack], h, f)
+        return ones[stack]
+
+    def rank_model(r: int, low: bool) -> nn.Module:
+        one = grid_model(0, shape.num_heads, shape.intermediate)
+        if not low:
+            return one
+        shapes = [tuple(one.get_submodule(n).weight.shape) for n in names]
+        return factorized_shapes(one, {n: r for n, (m, k) in zip(names, shapes)
+                                       if factorizes(m, k, r)})
+
+    jobs = [("base",)] + [("grid", stack, i, j) for stack in range(len(ones))
+                          for i in range(len(heads)) for j in range(len(ffn))] \
+        + [("rank", k, low) for k in range(len(ranks)) for low in (False, True)]
+    # Shuffled (the same order each time): timed row by row, the machine getting busier
+    # while the table was measured read as heads costing more.
+    order = [jobs[0]] + random.Random(0).sample(jobs[1:], len(jobs) - 1) if paired else jobs
+    bar = tqdm(total=len(jobs), desc=f"latency table ({spec.runtime})", unit="model",
+               disable=not progress)
     t0 = time.perf_counter()
+    ratio, watch_ms = {}, []
     try:
-        base = _time_model(base_model, spec, REPEATS)
-        bar.update()
-        grids = []
-        # each small model's unpruned layer, kept aside: every grid point prunes a copy of it
-        full_layers = [one.get_submodule(get_adapter(one).layers()[0]) for one in ones]
-        for one, full_layer in zip(ones, full_layers):
-            grid = []
-            for h in heads:
-                row = []
-                for f in ffn:
-                    _pruned_layer(full_layer, one, h, f)
-                    row.append(_time_model(one, spec, REPEATS) - base)
-                    bar.update()
-                grid.append(row)
-            grids.append(grid)
-        grid, one, full_layer = grids[0], ones[0], full_layers[0]
-        saving = []
-        if ranks:
-            _pruned_layer(full_layer, one, shape.num_heads, shape.intermediate)
-            names = role_names(one)[0]
-        for r in ranks:
-            dense = _time_model(one, spec, REPEATS)
-            bar.update()
-            shapes = [tuple(one.get_submodule(n).weight.shape) for n in names]
-            low = factorized_shapes(one, {n: r for n, (m, k) in zip(names, shapes)
-                                          if factorizes(m, k, r)})
-            saving.append(dense - _time_model(low, spec, REPEATS))
-            bar.update()
+        with _runner(watch, spec) as run_watch:
+            # A fast stopwatch gets more rounds, as _median_ms gives a fast model more runs.
+            first = _median_ms(run_watch, spec.clock, REPEATS)
+            repeats = max(REPEATS, min(MAX_REPEATS, math.ceil(MIN_TIMED_MS / max(first, 1e-6))))
+            for job in order:
+                if job[0] == "base":
+                    m = base_model
+                elif job[0] == "grid":
+                    m = grid_model(job[1], heads[job[2]], ffn[job[3]])
+                else:
+                    m = rank_model(ranks[job[1]], job[2])
+                if paired:
+                    with _runner(m, spec) as run:
+                        ms, ref = _pair_ms(run, run_watch, spec.clock, repeats, PAIR_BLOCK)
+                    ratio[job] = ms / max(ref, 1e-9)
+                    watch_ms.append(ref)
+                else:
+                    ratio[job] = _time_model(m, spec, REPEATS)
+                bar.update()
     finally:
         bar.close()
-    out = {"base_ms": base, "layer_ms": grid, "seconds": round(time.perf_counter() - t0, 1)}
+    unit = float(statistics.median(watch_ms)) if paired else 1.0
+    base = ratio[("base",)] * unit
+    grids = [[[(ratio[("grid", stack, i, j)] * unit - base) for j in range(len(ffn))]
+              for i in range(len(heads))] for stack in range(len(ones))]
+    out = {"base_ms": base, "layer_ms": grids[0], "stopwatch_ms": unit,
+           "seconds": round(time.perf_counter() - t0, 1)}
     if seq2seq:
         out["decoder_layer_ms"] = grids[1]
     if ranks:
-        out["rank_saving_ms"] = saving
+        out["rank_saving_ms"] = [(ratio[("rank", k, False)] - ratio[("rank", k, True)]) * unit
+                                 for k in range(len(ranks))]
     return out
 
 
