@@ -53,6 +53,21 @@ sessions take ``threads`` intra-op threads and spin at most
 :data:`~distilkit.export.runtime.TIMING_SPIN_US` waiting for work, so a run is as fast as
 served and nothing keeps competing for the cores after it.
 
+Table protocol (:func:`_measure_table`, table version 2): the base, every grid point and
+every factorized layer is timed in turns with one stopwatch model (the unpruned one-layer
+model, :func:`_pair_ms`: ``PAIR_BLOCK`` runs a turn, the median of the rounds' ratios), in a
+shuffled order (the same each time), and costs its ratio to the stopwatch times the
+stopwatch's median over the whole table. Version 1 timed each model alone, row by row: a
+machine getting busier while it was measured made the later rows (more heads) dearer, and a
+1.4x seq2seq search, its table re-measured in a busy minute, took heads where a decoder
+layer was the saving (BLEU 2.77 against 37, 2026-12-07). Measured by
+``scripts/bench_latency_table.py`` on the built-in BART (generation, wall clock, 2 threads,
+another process starting and stopping every 4 s): predicted students' speed-ups 4.6% off
+the measured ones (median; 6.5% at most) against 21% (31%) timed alone; on a quiet machine
+1.8% (5.3%) against 3.3% (10%); the table takes 4x as long (67 s against 16 s). On the
+built-in MiniLM (batch 32, length 64) under the same load, 6.3% at most against 13.3%, and a
+layer's heads priced at 35% of it as on the quiet machine (34%) against 22% timed alone.
+
 Measurement (:func:`measure_model_ms`): random token ids and an all-ones attention mask (and
 zero token types where the family has them) at ``(batch, seq_len)``, ``WARMUP`` untimed runs,
 then the median of ``REPEATS`` timed runs, more for a model faster than ``MIN_TIMED_MS /
@@ -83,7 +98,8 @@ other): time on an idle machine, or on the CPU clock.
 
 Build time: the built-in MiniLM shape (12 heads, 1536 neurons) at batch 32, length 64 in
 pytorch is 12 x 7 one-layer models plus the base: 43 s (CPU clock, 1 thread) and 128 s (wall
-clock, 2 threads, loaded machine) on 2 cores; the onnx runtimes export each model first (about
+clock, 2 threads, loaded machine) on 2 cores timed alone (version 1), about 4x that in turns
+with the stopwatch; the onnx runtimes export each model first (about
 2-4 s each for int8), so a coarser ``grid`` suits them (``grid=4``: 16 models).
 """
 from __future__ import annotations

@@ -1,0 +1,55 @@
+"""scripts/bench_latency_table.py's pieces on tiny models (no timing here): the students it
+predicts are the units the search removes, in both stacks of an encoder-decoder, and a head's
+share of a layer is read off the table's fitted law."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_bart
+from distilkit.search.structure import structure_of
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_latency_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_latency_table", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_students_halve_heads_and_neurons_and_drop_a_layer_of_each_stack():
+    bench = _script()
+    model = tiny_bart()
+    full = structure_of(model)
+    n = full.num_layers()
+    got = {k: structure_of(m) for k, m in bench.students(model).items()}
+    assert structure_of(model) == full   # pruned copies, the model left whole
+    assert got["half_heads"].heads == tuple(h - h // 2 for h in full.heads)
+    assert got["half_ffn"].ffn == tuple(f - f // 2 for f in full.ffn)
+    assert got["one_layer_each_stack"].stacks == tuple(s - 1 for s in full.stacks)
+    mixed = got["mixed"]
+    assert mixed.num_layers() == n - 1 and mixed.stacks[-1] == full.stacks[-1] - 1
+    assert mixed.heads[0] == full.heads[0] - full.heads[0] // 2
+    assert mixed.ffn[1] == full.ffn[1] - full.ffn[1] // 2
+
+
+def test_a_heads_share_is_its_price_over_the_whole_layers():
+    bench = _script()
+
+    class Table:
+        class shape:
+            num_heads, intermediate = 4, 100
+        fit = (2.0, 1.0, 0.02)   # fixed, per head, per neuron: a layer 2 + 4 + 2 ms
+        decoder_fit = (0.0, 0.0, 0.0)
+
+    assert bench.head_share(Table) == pytest.approx(0.5)
+    assert bench.head_share(Table, stack=1) == 0.0   # a layer priced at nothing
+
+
+def test_a_quiet_machine_starts_no_other_process(monkeypatch):
+    bench = _script()
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
+    with bench.load_coming_and_going(0.0):
+        pass
