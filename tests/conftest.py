@@ -140,3 +140,15 @@ class ForbiddenTeacher(torch.nn.Module):
 
     def forward(self, **kw):
         raise AssertionError(f"the teacher was run although {self.why}")
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the benchmark scripts are no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

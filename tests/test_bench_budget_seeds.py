@@ -1,18 +1,14 @@
 """scripts/bench_budget_seeds.py reads the side-by-side tables of runs that exist (no
 distillation here): the hand student at the nearest measured latency, and the margin over
 seeds."""
-import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_budget_seeds.py"
+from conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_budget_seeds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_budget_seeds")
 
 
 def _row(name, kind, acc, ms, **more):

@@ -1,22 +1,14 @@
 """scripts/bench_latency_table.py's pieces on tiny models (no timing here): the students it
 predicts are the units the search removes, in both stacks of an encoder-decoder, and a head's
 share of a layer is read off the table's fitted law."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-from conftest import tiny_bart
+from conftest import load_script, tiny_bart
 from distilkit.search.structure import structure_of
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_latency_table.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_latency_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_latency_table")
 
 
 def test_the_students_halve_heads_and_neurons_and_drop_a_layer_of_each_stack():
