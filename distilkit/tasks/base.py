@@ -52,6 +52,25 @@ class Teachers:
     def loaded(self) -> bool:
         return self._models is not None
 
+    def timing_model(self):
+        """The first teacher to time beside a student: the model when loaded; on a run that
+        never loads it (fully cached), a model of its architecture with random weights, as
+        the latency table times its small models (a forward pass at a fixed shape costs the
+        same whatever the weights), so the teacher's weights are still not read. A teacher
+        whose directory holds compression records (its shape is not its config's) is
+        loaded."""
+        if self.loaded or self.adapter or self.first_dir is None:
+            return self.models()[0]
+        from distilkit.compress.base import read_records
+
+        if read_records(self.first_dir):
+            return self.models()[0]
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(self.config).eval()
+
     @property
     def first_dir(self) -> Optional[str]:
         """The first teacher's directory when it is a local one."""
