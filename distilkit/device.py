@@ -50,6 +50,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def processes() -> int:
+    """How many processes the run's process group holds (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def end_process_group() -> None:
     """Destroy the default process group a multi-process launch made, once the work is done.
     Left to the interpreter's exit, its communication threads can be torn down still running,

@@ -53,23 +53,27 @@ class Teachers:
         return self._models is not None
 
     def timing_model(self):
-        """The first teacher to time beside a student: the model when loaded; on a run that
-        never loads it (fully cached), a model of its architecture with random weights, as
-        the latency table times its small models (a forward pass at a fixed shape costs the
-        same whatever the weights), so the teacher's weights are still not read. A teacher
-        whose directory holds compression records (its shape is not its config's) is
-        loaded."""
-        if self.loaded or self.adapter or self.first_dir is None:
-            return self.models()[0]
+        """The first teacher to time beside a student, or None when none can be timed alone.
+        The loaded model in a single process. A model of its architecture with random
+        weights on a run that never loads it (fully cached), or whose teacher is sharded
+        over several processes (its forward is a collective: timed by the main process alone
+        it waits for ever); the latency table times its small models so too (a forward pass
+        at a fixed shape costs the same whatever the weights), and the teacher's weights are
+        not read. A teacher with an adapter or compression records (its shape is not its
+        config's) is loaded, in a single process only."""
         from distilkit.compress.base import read_records
+        from distilkit.device import processes
 
-        if read_records(self.first_dir):
+        alone = processes() == 1
+        if self.loaded and alone:
             return self.models()[0]
-        import torch
-        from transformers import AutoModelForSequenceClassification
+        if self.first_dir is not None and not self.adapter and not read_records(self.first_dir):
+            import torch
+            from transformers import AutoModelForSequenceClassification
 
-        torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_config(self.config).eval()
+            torch.manual_seed(0)
+            return AutoModelForSequenceClassification.from_config(self.config).eval()
+        return self.models()[0] if alone else None
 
     @property
     def first_dir(self) -> Optional[str]:

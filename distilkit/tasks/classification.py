@@ -322,13 +322,14 @@ class ClassificationTask(Task):
         t_metrics = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
         student, tokenizer = load_compressed(student_dir), AutoTokenizer.from_pretrained(student_dir)
         s_metrics = self.measure(student, tokenizer, raw[split], student_dir, settings)
-        if t_metrics.get("latency_ms_batch32") is not None and \
-                s_metrics.get("latency_ms_batch32") is not None:
+        timed = teachers.timing_model() if t_metrics.get("latency_ms_batch32") is not None \
+            and s_metrics.get("latency_ms_batch32") is not None else None
+        if timed is not None:
             # The speed-up is read from the two timed in turns, now: the teacher's own
             # figures may be cached from another hour (another load of the machine).
             from distilkit.evaluate import side_by_side_latency
 
-            lat = side_by_side_latency({"teacher": (teachers.timing_model(), teachers.tokenizer),
+            lat = side_by_side_latency({"teacher": (timed, teachers.tokenizer),
                                         "student": (student, tokenizer)}, raw[split],
                                        **settings)
             method = "timed in turns with the student (evaluate.side_by_side_latency)"
