@@ -565,10 +565,12 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
     t0 = time.perf_counter()
     ratio, watch_ms = {}, []
     try:
-        with _runner(watch, spec) as run_watch:
-            # A fast stopwatch gets more rounds, as _median_ms gives a fast model more runs.
-            first = _median_ms(run_watch, spec.clock, REPEATS)
-            repeats = max(REPEATS, min(MAX_REPEATS, math.ceil(MIN_TIMED_MS / max(first, 1e-6))))
+        # (the baseline protocol times each model alone: no stopwatch)
+        with _runner(watch, spec) if paired else contextlib.nullcontext() as run_watch:
+            if paired:   # a fast stopwatch gets more rounds, as _median_ms a fast model runs
+                first = _median_ms(run_watch, spec.clock, REPEATS)
+                repeats = max(REPEATS, min(MAX_REPEATS,
+                                           math.ceil(MIN_TIMED_MS / max(first, 1e-6))))
             for job in order:
                 if job[0] == "base":
                     m = base_model

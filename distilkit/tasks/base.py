@@ -71,8 +71,9 @@ class Teachers:
             import torch
             from transformers import AutoModelForSequenceClassification
 
-            torch.manual_seed(0)
-            return AutoModelForSequenceClassification.from_config(self.config).eval()
+            with torch.random.fork_rng(devices=[]):   # the run's random state left as it was
+                torch.manual_seed(0)
+                return AutoModelForSequenceClassification.from_config(self.config).eval()
         return self.models()[0] if alone else None
 
     @property
