@@ -252,19 +252,22 @@ def trace(module: nn.Module, example: tuple, path: str, names: Sequence[str],
 
 def int8_file(model: nn.Module, names: Sequence[str], example: tuple, axes: dict,
               batches: list[dict], fp32: str, dst: str, tolerance: float = TOLERANCE,
-              encoder: bool = True) -> str:
+              encoder: bool = True, attention: bool = True) -> str:
     """The ``--int8`` file of ``model`` (traced already into ``fp32``) written to ``dst``; the
     graph it was made from is returned: for an encoder the fused graphs, best first ("fused",
     then "fused except attention"), the first that checks out against the model on
-    ``batches``, else the traced one ("traced"). Per-channel scales for encoders."""
+    ``batches``, else the traced one ("traced"). Per-channel scales for encoders.
+    ``attention=False``: not the first (the latency table prices a layer in the graph a
+    student with a head-pruned layer gets, whose attention never fuses)."""
     from distilkit.export.int8 import fused_graph, int8_from, remove
 
     src, graph, fused = fp32, "traced", None
     if encoder:
         tmp = os.path.dirname(os.path.abspath(dst))
-        for attention, label in ((True, "fused"), (False, "fused except attention")):
+        kinds = ((True, "fused"), (False, "fused except attention"))
+        for fuse, label in kinds[0 if attention else 1:]:
             fused = fused_graph(model, lambda m: _LogitsOnly(m, names), example, names,
-                                axes, os.path.join(tmp, ".fused.onnx"), attention)
+                                axes, os.path.join(tmp, ".fused.onnx"), fuse)
             if fused and _fused_ok(fused, model, names, batches, tolerance):
                 src, graph = fused, label
                 break

@@ -68,6 +68,21 @@ the measured ones (median; 6.5% at most) against 21% (31%) timed alone; on a qui
 built-in MiniLM (batch 32, length 64) under the same load, 6.3% at most against 13.3%, and a
 layer's heads priced at 35% of it as on the quiet machine (34%) against 22% timed alone.
 
+Fused attention in int8 (table version 3). onnxruntime's optimizer fuses a BERT-family
+attention with one head count for the whole graph, so the int8 file of a student with a head
+pruned anywhere is made without fused attention (the fused graph fails its check and
+``distilkit export --int8`` falls back), and a layer with a factorized q, k, v or o weight
+loses it alone (:meth:`LatencyTable.fused_layers`). An int8 table of a fusable family
+therefore times its grid and its factorized layers without fused attention, the graph of
+every structure that prunes a head, and also the base and the layer keeping every head at
+each FFN width with it (``fused_fit``), the graph of every other structure. Version 2 timed
+neither: its grid layers were copies holding their own config, which the export's switch to
+eager attention never reached, so they were traced with SDPA and fused nothing while the
+students were fused. On the 4-layer test BERT (batch 32, length 32, 1 thread, CPU clock,
+Intel 2-core, 2026-12-08) a fused layer runs ~10% slower than one without, and a head-pruned
+student's speed-up was predicted 7% high by version 2 against 1.5-2.4% by version 3 (27% high
+on an AMD CI machine, where the test failed).
+
 Measurement (:func:`measure_model_ms`): random token ids and an all-ones attention mask (and
 zero token types where the family has them) at ``(batch, seq_len)``, ``WARMUP`` untimed runs,
 then the median of ``REPEATS`` timed runs, more for a model faster than ``MIN_TIMED_MS /
@@ -140,7 +155,8 @@ TOLERANCE = 0.25
 # Ranks (as fractions of the hidden width) a table with ranks times one factorized layer at:
 # below the break-even rank of every weight of a BERT-shaped layer (hidden / 2 for q, k, v, o)
 RANK_FRACTIONS = (1 / 12, 1 / 6, 1 / 4, 1 / 3)
-TABLE_VERSION = 2   # 2: every model timed in turns with a stopwatch model, shuffled
+TABLE_VERSION = 3   # 2: every model timed in turns with a stopwatch model, shuffled;
+#                    3: an int8 table's grid without fused attention, and a fused-attention law
 ONNX_GRAPHS = 2   # the exported graphs' revision (2: int8 without SkipLayerNorm / BiasGelu)
 
 
@@ -224,10 +240,11 @@ def _torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _onnx_file(model: nn.Module, runtime: str, tmp: str) -> str:
+def _onnx_file(model: nn.Module, runtime: str, tmp: str, attention: bool = True) -> str:
     """``model`` exported as ``distilkit export`` serves it (``runtime``: onnx or onnx_int8),
     in ``tmp``: the same trace, and for int8 the same fused graphs and fallbacks, checked
-    against the model on small random batches."""
+    against the model on small random batches (``attention=False``: int8 without the fused
+    attention, as a student with a head-pruned layer gets it)."""
     from distilkit.export.classifier import _LogitsOnly, int8_file, trace
     from distilkit.export.runtime import FP32_FILE, INT8_FILE, require_onnx
 
@@ -243,7 +260,7 @@ def _onnx_file(model: nn.Module, runtime: str, tmp: str) -> str:
     checks = [{n: t.numpy() for n, t in _batch(model, b, s, seed=b).items() if n in names}
               for b, s in ((1, 5), (3, 11))]
     q = os.path.join(tmp, INT8_FILE)
-    int8_file(model, names, example, axes, checks, fp32, q)
+    int8_file(model, names, example, axes, checks, fp32, q, attention=attention)
     return q
 
 
@@ -266,11 +283,11 @@ def _median_ms(fn, clock: str, repeats: int) -> float:
 
 
 @contextlib.contextmanager
-def _runner(model: nn.Module, spec: RuntimeSpec):
+def _runner(model: nn.Module, spec: RuntimeSpec, attention: bool = True):
     """A callable that runs one forward pass of ``model`` as ``spec`` serves it (module
     docstring), to be timed. The runtimes are CPU ones: a model elsewhere or in another dtype
     (a student in training) is run as an fp32 copy on the CPU, and its own training mode is
-    left as it was."""
+    left as it was. ``attention``: see :func:`_onnx_file`."""
     if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).float().cpu()
     was_training = model.training
@@ -295,7 +312,7 @@ def _runner(model: nn.Module, spec: RuntimeSpec):
         from distilkit.export.runtime import TIMING_SPIN_US
 
         with tempfile.TemporaryDirectory(prefix="distilkit-latency-") as tmp:
-            path = _onnx_file(model, spec.runtime, tmp)
+            path = _onnx_file(model, spec.runtime, tmp, attention)
             served = OrtClassifier(path, model.config, threads, spin_us=TIMING_SPIN_US)
             yield lambda: served(**batch)
     finally:
@@ -378,6 +395,16 @@ def _check_model(model: nn.Module, spec: RuntimeSpec) -> None:
     if limit is not None and spec.seq_len > limit:
         raise ValueError(f"seq_len={spec.seq_len} is longer than the model's "
                          f"max_position_embeddings ({limit}); give seq_len <= {limit}")
+
+
+def fuses_attention(model: nn.Module, spec: RuntimeSpec) -> bool:
+    """Whether ``model``'s int8 graph in ``spec`` can hold onnxruntime's fused attention
+    (:mod:`distilkit.export.int8`): then its table has a second law, for the structures that
+    keep every head (module docstring)."""
+    from distilkit.export.int8 import FUSABLE
+
+    return spec.runtime == "onnx_int8" and not is_seq2seq(model) \
+        and model.config.model_type in FUSABLE
 
 
 def measure_model_ms(model: nn.Module, spec: RuntimeSpec) -> float:
@@ -505,7 +532,11 @@ def _pruned_layer(layer: nn.Module, model: nn.Module, heads: int, ffn: int) -> N
     adapter = get_adapter(model, "latency table")
     [name] = adapter.layers()
     stack, index = name.rsplit(".", 1)
-    model.get_submodule(stack)[int(index)] = copy.deepcopy(layer)
+    # The copy shares the model's config: a copy of its own (deepcopy's default) kept the
+    # attention implementation the export switches the model's config to for fusing, so no
+    # grid point's int8 graph was fused while every student's was (2026-12-08).
+    model.get_submodule(stack)[int(index)] = copy.deepcopy(layer,
+                                                           {id(model.config): model.config})
     block = next(b for b in adapter.attention_blocks() if b.kind == "self")
     adapter.prune_heads(block, list(range(heads)))
     f = adapter.ffn_blocks()[0]
@@ -554,9 +585,11 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
         return factorized_shapes(one, {n: r for n, (m, k) in zip(names, shapes)
                                        if factorizes(m, k, r)})
 
+    fused = fuses_attention(model, spec)
     jobs = [("base",)] + [("grid", stack, i, j) for stack in range(len(ones))
                           for i in range(len(heads)) for j in range(len(ffn))] \
-        + [("rank", k, low) for k in range(len(ranks)) for low in (False, True)]
+        + [("rank", k, low) for k in range(len(ranks)) for low in (False, True)] \
+        + ([("fused", None)] + [("fused", j) for j in range(len(ffn))] if fused else [])
     # Shuffled (the same order each time): timed row by row, the machine getting busier
     # while the table was measured read as heads costing more.
     order = [jobs[0]] + random.Random(0).sample(jobs[1:], len(jobs) - 1) if paired else jobs
@@ -572,19 +605,25 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
                 repeats = max(REPEATS, min(MAX_REPEATS,
                                            math.ceil(MIN_TIMED_MS / max(first, 1e-6))))
             for job in order:
-                if job[0] == "base":
+                if job[0] == "base" or job == ("fused", None):
                     m = base_model
                 elif job[0] == "grid":
                     m = grid_model(job[1], heads[job[2]], ffn[job[3]])
+                elif job[0] == "fused":
+                    m = grid_model(0, shape.num_heads, ffn[job[1]])
                 else:
                     m = rank_model(ranks[job[1]], job[2])
+                # the fused attention of an int8 graph only on the "fused" row (module
+                # docstring): every other point is priced as a head-pruned student runs
+                attention = job[0] == "fused" or not fused
                 if paired:
-                    with _runner(m, spec) as run:
+                    with _runner(m, spec, attention) as run:
                         ms, ref = _pair_ms(run, run_watch, spec.clock, repeats, PAIR_BLOCK)
                     ratio[job] = ms / max(ref, 1e-9)
                     watch_ms.append(ref)
                 else:
-                    ratio[job] = _time_model(m, spec, REPEATS)
+                    with _runner(m, spec, attention) as run:
+                        ratio[job] = _median_ms(run, spec.clock, REPEATS)
                 bar.update()
     finally:
         bar.close()
@@ -599,6 +638,10 @@ def _measure_table(model: nn.Module, shape: BaseShape, spec: RuntimeSpec, heads:
     if ranks:
         out["rank_saving_ms"] = [(ratio[("rank", k, False)] - ratio[("rank", k, True)]) * unit
                                  for k in range(len(ranks))]
+    if fused:
+        out["fused_base_ms"] = ratio[("fused", None)] * unit
+        out["fused_layer_ms"] = [(ratio[("fused", j)] - ratio[("fused", None)]) * unit
+                                 for j in range(len(ffn))]
     return out
 
 
@@ -611,7 +654,9 @@ class LatencyTable:
                  ffn: Sequence[int], base_ms: float, layer_ms: Sequence[Sequence[float]],
                  path: Optional[str] = None, measured: bool = False,
                  ranks: Sequence[int] = (), rank_saving_ms: Sequence[float] = (),
-                 decoder_layer_ms: Optional[Sequence[Sequence[float]]] = None):
+                 decoder_layer_ms: Optional[Sequence[Sequence[float]]] = None,
+                 fused_base_ms: Optional[float] = None,
+                 fused_layer_ms: Optional[Sequence[float]] = None):
         self.shape, self.spec = shape, spec
         self.heads, self.ffn = list(heads), list(ffn)
         self._base, self._layer = float(base_ms), [list(map(float, r)) for r in layer_ms]
@@ -626,9 +671,17 @@ class LatencyTable:
         self.ranks, self.rank_saving = list(ranks), [float(v) for v in rank_saving_ms]
         self.rank_fit = fit_rank_cost(role_shapes(shape.num_heads, shape.intermediate, shape),
                                       self.ranks, self.rank_saving) if self.ranks else None
+        # An int8 graph with onnxruntime's fused attention (every head kept): its base and
+        # its unpruned layers at each FFN width, fitted on their own (None: no such graph)
+        self._fused_base = None if fused_base_ms is None else float(fused_base_ms)
+        self._fused = None if fused_layer_ms is None else [float(v) for v in fused_layer_ms]
+        self.fused_fit = None if self._fused is None else \
+            fit_layer_cost([shape.num_heads], self.ffn, [self._fused])
         residuals = [abs(g / max(self.layer_ms(h, f, stack), 1e-9) - 1.0)
                      for stack, grid in enumerate(filter(None, (self._layer, self._decoder)))
                      for h, row in zip(self.heads, grid) for f, g in zip(self.ffn, row)]
+        residuals += [abs(g / max(self.layer_ms(shape.num_heads, f, fused=True), 1e-9) - 1.0)
+                      for f, g in zip(self.ffn, self._fused or ())]
         self.fit_error = float(statistics.median(residuals))
 
     # -- building -------------------------------------------------------------------------
@@ -665,6 +718,8 @@ class LatencyTable:
             key["ranks"] = rank_points(shape)
         if is_seq2seq(model):
             key["decoder"] = True   # a second grid: the decoder's layer
+        if fuses_attention(model, spec):
+            key["fused"] = True     # a second law: int8 with fused attention
         if spec.runtime != "pytorch":
             # How the exported files are made and served changes what they cost: a table
             # measured on other graphs (the int8 ones with SkipLayerNormalization, before
@@ -696,7 +751,9 @@ class LatencyTable:
         return cls(shape, spec, heads, ffn, figures["base_ms"], figures["layer_ms"], path,
                    measured=True, ranks=key.get("ranks", ()),
                    rank_saving_ms=figures.get("rank_saving_ms", ()),
-                   decoder_layer_ms=figures.get("decoder_layer_ms"))
+                   decoder_layer_ms=figures.get("decoder_layer_ms"),
+                   fused_base_ms=figures.get("fused_base_ms"),
+                   fused_layer_ms=figures.get("fused_layer_ms"))
 
     @staticmethod
     def cache_path(key: dict, cache_dir: Optional[str] = None) -> str:
@@ -725,9 +782,14 @@ class LatencyTable:
             saving = data.get("rank_saving_ms", []) if "ranks" in key else []
             if len(saving) != len(key.get("ranks", [])):
                 raise ValueError("its factorized timings do not match its key")
+            fused = (float(data["fused_base_ms"]), data["fused_layer_ms"]) \
+                if key.get("fused") else (None, None)
+            if fused[1] is not None and len(fused[1]) != len(key["ffn"]):
+                raise ValueError("its fused-attention timings do not match its key")
             return cls(shape, spec, key["heads"], key["ffn"], float(data["base_ms"]), grid,
                        path, ranks=key.get("ranks", ()), rank_saving_ms=saving,
-                       decoder_layer_ms=decoder)
+                       decoder_layer_ms=decoder, fused_base_ms=fused[0],
+                       fused_layer_ms=fused[1])
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("latency table %s cannot be read (%s): measuring it again", path, e)
             return None
@@ -737,16 +799,21 @@ class LatencyTable:
         """Embeddings, pooler and classifier head: the model with no encoder layer."""
         return self._base
 
-    def layer_ms(self, heads: int, ffn: int, stack: int = 0) -> float:
+    def layer_ms(self, heads: int, ffn: int, stack: int = 0, fused: bool = False) -> float:
         """One layer of ``stack`` (0: the encoder; 1: an encoder-decoder's decoder) keeping
         ``heads`` heads and ``ffn`` neurons (the law fitted to its grid,
-        :func:`fit_layer_cost`)."""
+        :func:`fit_layer_cost`); ``fused``: in an int8 graph with fused attention (every head
+        kept, a table with :attr:`fused_fit`)."""
         if not 1 <= heads <= self.shape.num_heads or not 1 <= ffn <= self.shape.intermediate:
             raise ValueError(f"layer_ms: heads={heads}, ffn={ffn} outside this table's shape "
                              f"(heads 1..{self.shape.num_heads}, ffn 1..{self.shape.intermediate})")
         if stack and self.decoder_fit is None:
             raise ValueError("layer_ms: this table has no decoder (an encoder's table)")
-        fixed, per_head, per_neuron = self.decoder_fit if stack else self.fit
+        if fused and (self.fused_fit is None or heads != self.shape.num_heads or stack):
+            raise ValueError(f"layer_ms: fused=True is for an int8 table's layers keeping all "
+                             f"{self.shape.num_heads} heads (got heads={heads})")
+        fixed, per_head, per_neuron = self.decoder_fit if stack else \
+            self.fused_fit if fused else self.fit
         return fixed + per_head * heads + per_neuron * ffn
 
     def rank_saving_ms(self, heads: int, ffn: int, ranks: Sequence[int]) -> float:
@@ -762,14 +829,29 @@ class LatencyTable:
         per_weight, per_factorized = self.rank_fit
         return per_weight * saved - per_factorized * count
 
+    def fused_layers(self, structure: Structure) -> list[bool]:
+        """Which layers of ``structure`` its int8 graph runs with onnxruntime's fused attention
+        (:func:`distilkit.export.classifier.int8_file`): none in a table without the fused
+        law, nor when a head is pruned anywhere (the graph is fused with one head count for
+        the whole model, its check fails and the export falls back to the graph without
+        it); otherwise every layer but those with a factorized q, k, v or o weight, which
+        breaks the pattern the optimizer fuses (measured on exports, 2026-12-08)."""
+        n = structure.num_layers()
+        if self.fused_fit is None or any(h != self.shape.num_heads for h in structure.heads):
+            return [False] * n
+        return [not any(r[:4]) for r in (structure.ranks or ((),) * n)]
+
     def predict_ms(self, structure: Structure) -> float:
         """The latency of a model of this shape pruned to ``structure`` (and, with its
         ``ranks``, factorized); a layer costs at least nothing."""
         ranks = structure.ranks or ((),) * structure.num_layers()
-        return self._base + sum(
-            max(0.0, self.layer_ms(h, f, stack) - self.rank_saving_ms(h, f, r))
-            for h, f, r, stack in zip(structure.heads, structure.ffn, ranks,
-                                      structure.stack_of()))
+        fused = self.fused_layers(structure)
+        # the embeddings fuse with their layer norm only before a fused first layer
+        base = self._fused_base if fused and fused[0] else self._base
+        return base + sum(
+            max(0.0, self.layer_ms(h, f, stack, fu) - self.rank_saving_ms(h, f, r))
+            for h, f, r, stack, fu in zip(structure.heads, structure.ffn, ranks,
+                                          structure.stack_of(), fused))
 
     def measure_ms(self, model: nn.Module) -> float:
         """``model`` measured whole in this table's runtime spec (ground truth)."""
