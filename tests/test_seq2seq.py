@@ -425,6 +425,77 @@ def _truecase_files(tmp_path) -> dict:
     return files
 
 
+def test_a_seq2seq_speedup_is_timed_beside_the_student_not_read_from_cached_figures(
+        tok, tmp_path):
+    """The teacher's figures are cached with its top-k outputs, and a fully cached rerun does
+    not load it. Its latency is timed again all the same, in turns with the student: read
+    from the cache, a busy hour's figure (here 50x the truth) made the speed-up 50x. Not
+    loaded, a stand-in of its architecture with random weights is timed writing the tokens
+    it wrote (cached with its figures)."""
+    import glob
+    import json as _json
+
+    from distilkit.pipeline import run_recipe
+    from distilkit.recipe import Recipe
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_t5(seed=5, vocab=len(tok)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    cache = tmp_path / "cache"
+    raw = {"name": "s2s-lat", "task": "seq2seq", "teacher": str(teacher_dir),
+           "student": {"type": "from_teacher", "num_decoder_layers": 1}, "dataset": None,
+           "data_files": _truecase_files(tmp_path), "text_column": "src",
+           "label_column": "tgt", "max_length": 24, "generation": {"max_new_tokens": 5},
+           "teacher_cache": {"top_k": 8}, "cache_dir": str(cache), "alpha_kd": 0.5,
+           "alpha_ce": 0.5, "max_steps": 1, "per_device_train_batch_size": 4, "use_cpu": True}
+    first = run_recipe(Recipe.from_dict({**raw, "output_dir": str(tmp_path / "run0")}),
+                       progress=False)
+    assert first["teacher_loaded"] and "in turns" in first["teacher"]["latency_method"]
+    assert "random" not in first["teacher"]["latency_method"]
+    [figs] = glob.glob(str(cache / "**" / "teacher_figures-*.json"), recursive=True)
+    stale = _json.load(open(figs))
+    assert len(stale["latency_tokens"]) == 3 and all(1 <= n <= 5 for n in stale["latency_tokens"])
+    stale["latency_ms"] = first["teacher"]["latency_ms"] * 50
+    _json.dump(stale, open(figs, "w"))
+    second = run_recipe(Recipe.from_dict({**raw, "output_dir": str(tmp_path / "run1")}),
+                        progress=False)
+    assert not second["teacher_loaded"]
+    assert "cached" in second["teacher"]["figures_source"]
+    assert second["teacher"]["bleu"] == first["teacher"]["bleu"]
+    assert second["teacher"]["latency_ms"] < stale["latency_ms"] / 5
+    assert "in turns" in second["teacher"]["latency_method"]
+    assert "random weights" in second["teacher"]["latency_method"]
+    assert "in turns" in second["student"]["latency_method"]
+    assert second["speedup_batch1"] == pytest.approx(
+        second["teacher"]["latency_ms"] / second["student"]["latency_ms"])
+    assert 0.2 < second["speedup_batch1"] < 10, second["speedup_batch1"]
+
+
+def test_a_stand_in_is_timed_writing_exactly_the_tokens_it_is_given(tok):
+    """side_by_side_latency_ms with ``lengths`` makes that model write exactly the given
+    number of tokens per source (no end of sequence before, none after): the stand-in's
+    generation costs what the teacher's did; a bad count is refused."""
+    from distilkit.seq2seq.generate_eval import GenerationSettings, side_by_side_latency_ms
+
+    model = tiny_t5(seed=1, vocab=len(tok))
+    written = []
+    orig = model.generate
+
+    def spy(**kw):   # the decoder steps run: the output less its start token
+        out = orig(**kw)
+        written.append((out.shape[1] - 1, kw.get("min_new_tokens")))
+        return out
+    model.generate = spy
+    out = side_by_side_latency_ms({"a": model, "b": tiny_t5(seed=2, vocab=len(tok))}, tok,
+                                  SENTENCES[:3], GenerationSettings(max_new_tokens=6),
+                                  lengths={"a": [2, 5, 3]})
+    assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
+    assert written and all(n == k for n, k in written), written
+    assert {k for _, k in written} == {2, 3, 5}
+    with pytest.raises(ValueError, match=r"lengths\['a'\]: give one token count >= 1 per source"):
+        side_by_side_latency_ms({"a": model}, tok, SENTENCES[:2], lengths={"a": [0, 2]})
+
+
 def test_seq2seq_recipe_end_to_end(tok, tmp_path):
     """A recipe with sequence-level + token-level KD and 4-bit quantized distillation runs
     end to end and reports generation scores for teacher and student."""

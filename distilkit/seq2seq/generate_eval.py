@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
@@ -112,8 +113,10 @@ def _strip(ids: Sequence[int], start_id: Optional[int], pad_id: Optional[int],
 @torch.inference_mode()
 def generate_texts(model, tokenizer, sources: Sequence[str],
                    settings: Optional[GenerationSettings] = None,
-                   max_source_length: int = 96) -> GenerationResult:
-    """Generate an output for every source string with ``model``; see :class:`GenerationSettings`."""
+                   max_source_length: int = 96, min_new_tokens: int = 0) -> GenerationResult:
+    """Generate an output for every source string with ``model``; see :class:`GenerationSettings`.
+    ``min_new_tokens``: no end of sequence before that many tokens (a stand-in timed for the
+    lengths another model writes)."""
     s = settings or GenerationSettings()
     sources = list(sources)
     was_training = model.training
@@ -138,7 +141,8 @@ def generate_texts(model, tokenizer, sources: Sequence[str],
             enc = to_device({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")},
                             dev)
             t0 = device_clock(dev)
-            out = model.generate(**enc, **s.generate_kwargs(), **cache_kwargs(cfg),
+            extra = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}
+            out = model.generate(**enc, **s.generate_kwargs(), **cache_kwargs(cfg), **extra,
                                  pad_token_id=pad_id, eos_token_id=eos_id)
             seconds += device_clock(dev) - t0
             rows = to_host(out).tolist()  # one transfer per batch, not one per sentence
@@ -183,6 +187,51 @@ def latency_ms(model, tokenizer, sources: Sequence[str],
     return float(statistics.median(times))
 
 
+def side_by_side_latency_ms(models: dict, tokenizer, sources: Sequence[str],
+                            settings: Optional[GenerationSettings] = None,
+                            warmup: int = 2, lengths: Optional[dict] = None) -> dict:
+    """``{name: ms}``: :func:`latency_ms` of each of ``models`` (``name -> model``, one
+    tokenizer), the models taking turns on the same sources
+    (:func:`distilkit.evaluate.interleaved_latency_ms`): a turn generates one source twice
+    and times the second, and every model's turn of a round has the same source. The figures
+    a speed-up is read from: a teacher timed in another hour (its cached figures) was timed
+    under another load of the machine than its student. ``lengths``: ``{name: tokens per
+    source}`` for a model made to write exactly that many (a stand-in with random weights for
+    a model not loaded: what generation costs is set by the architecture and the number of
+    tokens, not by the weights' values)."""
+    import itertools
+
+    from distilkit.evaluate import interleaved_latency_ms
+
+    s = settings or GenerationSettings()
+    sources = list(sources)
+    if not sources:
+        raise ValueError("side_by_side_latency_ms needs at least one source sentence")
+    one = GenerationSettings(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
+                             batch_size=1, length_penalty=s.length_penalty)
+
+    lengths = lengths or {}
+    for name, n in lengths.items():
+        if len(n) != len(sources) or not all(isinstance(t, int) and t >= 1 for t in n):
+            raise ValueError(f"lengths[{name!r}]: give one token count >= 1 per source "
+                             f"({len(sources)}), got {n!r}")
+
+    def turn(model, n):   # each source twice in a row: a turn's untimed run and its timed one
+        queue = itertools.cycle(i for i in range(len(sources)) for _ in range(2))
+
+        def run():
+            i = next(queue)
+            if n is None:
+                return generate_texts(model, tokenizer, [sources[i]], one)
+            exact = dataclasses.replace(one, max_new_tokens=n[i])
+            return generate_texts(model, tokenizer, [sources[i]], exact, min_new_tokens=n[i])
+        return run
+
+    return interleaved_latency_ms({name: turn(m, lengths.get(name))
+                                   for name, m in models.items()},
+                                  runs=len(sources), warmup=warmup, block=2)
+
+
 def evaluate_generation(model, tokenizer, dataset, source_column: str = "source",
                         target_column: str = "target",
                         settings: Optional[GenerationSettings] = None,
@@ -191,7 +240,8 @@ def evaluate_generation(model, tokenizer, dataset, source_column: str = "source"
     """Generate over a dataset of texts and score the outputs against its targets.
 
     Returns ``bleu``, ``chrf``, ``exact_match``, ``n``, ``gen_ms_per_sentence`` (batched
-    throughput) and, with ``latency_samples > 0``, ``latency_ms`` (median, batch size 1).
+    throughput) and, with ``latency_samples > 0``, ``latency_ms`` (median, batch size 1) and
+    ``latency_tokens`` (the tokens written for each of those sources).
     """
     from distilkit.seq2seq.data import check_seq2seq_columns
 
@@ -204,6 +254,9 @@ def evaluate_generation(model, tokenizer, dataset, source_column: str = "source"
     out["gen_ms_per_sentence"] = 1000 * res.seconds / max(len(srcs), 1)
     if latency_samples:
         out["latency_ms"] = latency_ms(model, tokenizer, srcs[:latency_samples], settings)
+        # how many tokens it wrote for each of them: what a stand-in of its architecture is
+        # timed writing when it is not loaded (side_by_side_latency_ms)
+        out["latency_tokens"] = [max(1, len(i)) for i in res.ids[:latency_samples]]
     if return_predictions:
         out["predictions"] = res.texts
     return out

@@ -55,26 +55,44 @@ class Teachers:
     def timing_model(self):
         """The first teacher to time beside a student, or None when none can be timed alone.
         The loaded model in a single process. A model of its architecture with random
-        weights on a run that never loads it (fully cached), or whose teacher is sharded
-        over several processes (its forward is a collective: timed by the main process alone
-        it waits for ever); the latency table times its small models so too (a forward pass
-        at a fixed shape costs the same whatever the weights), and the teacher's weights are
-        not read. A teacher with an adapter or compression records (its shape is not its
-        config's) is loaded, in a single process only."""
-        from distilkit.compress.base import read_records
+        weights (:meth:`stand_in`) on a run that never loads it (fully cached), or whose
+        teacher is sharded over several processes (its forward is a collective: timed by the
+        main process alone it waits for ever); the latency table times its small models so
+        too (a forward pass at a fixed shape costs the same whatever the weights), and the
+        teacher's weights are not read. A teacher with an adapter or compression records
+        (its shape is not its config's) is loaded, in a single process only."""
         from distilkit.device import processes
 
         alone = processes() == 1
         if self.loaded and alone:
             return self.models()[0]
-        if self.first_dir is not None and not self.adapter and not read_records(self.first_dir):
-            import torch
-            from transformers import AutoModelForSequenceClassification
-
-            with torch.random.fork_rng(devices=[]):   # the run's random state left as it was
-                torch.manual_seed(0)
-                return AutoModelForSequenceClassification.from_config(self.config).eval()
+        stand_in = self.stand_in()
+        if stand_in is not None:
+            return stand_in
         return self.models()[0] if alone else None
+
+    def stand_in(self, auto_class=None):
+        """A model of the first teacher's architecture (``auto_class``, default
+        ``AutoModelForSequenceClassification``) with random weights, seeded, the run's random
+        state left as it was; None when its config does not say its shape (not a local
+        directory, an adapter, compression records)."""
+        from distilkit.compress.base import read_records
+
+        if self.first_dir is None or self.adapter or read_records(self.first_dir):
+            return None
+        import torch
+
+        if auto_class is None:
+            from transformers import AutoModelForSequenceClassification as auto_class
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = auto_class.from_config(self.config).eval()
+        if os.path.isfile(os.path.join(self.first_dir, "generation_config.json")):
+            from transformers import GenerationConfig
+
+            # what the teacher's generate() does at each step (e.g. n-gram blocking)
+            model.generation_config = GenerationConfig.from_pretrained(self.first_dir)
+        return model
 
     @property
     def first_dir(self) -> Optional[str]:

@@ -29,7 +29,7 @@ from distilkit.tasks.base import (Prepared, Task, Teachers, build_student,
                                   check_max_length, ratios)
 
 BUILTIN_S2S_TEACHER = "builtin:truecase-bart"
-FIGURES_VERSION = 1
+FIGURES_VERSION = 2   # 2: latency_tokens (what a stand-in writes)
 
 
 def _builtin_settings(recipe):
@@ -77,10 +77,13 @@ def resolve_seq2seq_teacher(spec, adapter: Optional[str] = None, progress: bool 
     return model, tok, path
 
 
+LATENCY_SAMPLES = 16   # sources a model's latency (batch 1) is the median over
+
+
 def evaluate_seq2seq_model(model, tokenizer, dataset, model_dir: Optional[str] = None,
                            source_column: str = "source", target_column: str = "target",
                            generation: Optional[dict] = None, max_samples: Optional[int] = None,
-                           latency_samples: int = 16) -> dict:
+                           latency_samples: int = LATENCY_SAMPLES) -> dict:
     """Generation scores, parameters, size of the saved files and latency of one model."""
     from distilkit.evaluate import count_parameters, model_files
     from distilkit.seq2seq.generate_eval import GenerationSettings, evaluate_generation
@@ -257,10 +260,43 @@ class Seq2SeqTask(Task):
                  progress: bool, teacher_figures: Optional[dict] = None) -> tuple[dict, dict, str]:
         from distilkit.compress.base import load_compressed
 
+        from distilkit.device import processes
+
         split, settings = self.eval_settings(recipe)
         t_m = teacher_figures or self.evaluate_teacher(recipe, raw, teachers)
-        s_m = self.measure(load_compressed(student_dir), teachers.tokenizer, raw[split],
-                           student_dir, settings)
+        student = load_compressed(student_dir)
+        s_m = self.measure(student, teachers.tokenizer, raw[split], student_dir, settings)
+        timed, lengths = None, None
+        if "latency_ms" in t_m and "latency_ms" in s_m:
+            # The speed-up is read from the two timed in turns, now: the teacher's figures
+            # may be cached from another hour. The loaded teacher in a single process; else
+            # (fully cached, or sharded: its generation is a collective the main process
+            # cannot run alone) a stand-in of its architecture with random weights, made to
+            # write the tokens the teacher wrote for each source.
+            if teachers.loaded and processes() == 1:
+                timed = teachers.models()[0]
+            elif t_m.get("latency_tokens"):
+                from transformers import AutoModelForSeq2SeqLM
+
+                timed = teachers.stand_in(AutoModelForSeq2SeqLM)
+                lengths = {"teacher": t_m["latency_tokens"]}
+        if timed is not None:
+            from distilkit.seq2seq.generate_eval import (GenerationSettings,
+                                                         side_by_side_latency_ms)
+
+            n = len(lengths["teacher"]) if lengths else \
+                min(LATENCY_SAMPLES, settings["max_samples"] or LATENCY_SAMPLES)
+            lat = side_by_side_latency_ms(
+                {"teacher": timed, "student": student}, teachers.tokenizer,
+                raw[split][settings["source_column"]][:n],
+                GenerationSettings(**(settings["generation"] or {})), lengths=lengths)
+            method = "timed in turns with the student (generate_eval.side_by_side_latency_ms)"
+            if lengths:
+                method += "; the teacher's architecture with random weights, writing its tokens"
+            t_m = {**t_m, "latency_ms": round(lat["teacher"], 3), "latency_method": method}
+            s_m = {**s_m, "latency_ms": round(lat["student"], 3),
+                   "latency_method": "timed in turns with the teacher "
+                                     "(generate_eval.side_by_side_latency_ms)"}
         return t_m, s_m, split
 
     def compare(self, teacher: dict, student: dict) -> dict:
@@ -305,7 +341,7 @@ class Seq2SeqTask(Task):
                                      AutoTokenizer.from_pretrained(model_dir), raw[split],
                                      model_dir, spec.text_column, spec.label_column,
                                      recipe.keys.generation if recipe else None,
-                                     latency_samples=16 if latency else 0)
+                                     latency_samples=LATENCY_SAMPLES if latency else 0)
         res.update(split=split, task="seq2seq")
         return res
 
