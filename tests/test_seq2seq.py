@@ -473,22 +473,27 @@ def test_a_seq2seq_speedup_is_timed_beside_the_student_not_read_from_cached_figu
 
 def test_a_stand_in_is_timed_writing_exactly_the_tokens_it_is_given(tok):
     """side_by_side_latency_ms with ``lengths`` makes that model write exactly the given
-    number of tokens per source (no end of sequence before, none after): the stand-in's
-    generation costs what the teacher's did; a bad count is refused."""
+    number of tokens per source, even a model whose every step's likeliest token is the end of
+    sequence its generation config names (a BART's): the stand-in's generation costs what the
+    teacher's did; a bad count is refused."""
     from distilkit.seq2seq.generate_eval import GenerationSettings, side_by_side_latency_ms
 
-    model = tiny_t5(seed=1, vocab=len(tok))
+    model = tiny_bart(seed=1, vocab=len(tok))
+    model.generation_config.eos_token_id = model.config.eos_token_id = tok.eos_token_id
+    with torch.no_grad():
+        model.final_logits_bias[0, tok.eos_token_id] = 1e4   # it would stop at once
     written = []
     orig = model.generate
 
-    def spy(**kw):   # the decoder steps run: the output less its start token
+    def spy(**kw):   # the decoder steps run (the output less its start token), and asked
         out = orig(**kw)
-        written.append((out.shape[1] - 1, kw.get("min_new_tokens")))
+        written.append((out.shape[1] - 1, kw["max_new_tokens"]))
         return out
     model.generate = spy
     out = side_by_side_latency_ms({"a": model, "b": tiny_t5(seed=2, vocab=len(tok))}, tok,
                                   SENTENCES[:3], GenerationSettings(max_new_tokens=6),
                                   lengths={"a": [2, 5, 3]})
+    assert model.generation_config.eos_token_id == tok.eos_token_id   # left as it was
     assert set(out) == {"a", "b"} and all(v > 0 for v in out.values())
     assert written and all(n == k for n, k in written), written
     assert {k for _, k in written} == {2, 3, 5}
