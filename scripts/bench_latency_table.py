@@ -8,6 +8,7 @@ products) starts and stops every ``--period`` seconds.
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_latency_table.py \
         --model bart          # the built-in truecasing BART, timed generating (~6 min)
     ... --model minilm        # the built-in MiniLM classifier (~10 min)
+    ... --model minilm --runtime onnx_int8 --quiet-only   # its int8 files, stopwatch protocol
 
 The students (whole-model speed-ups measured on a quiet machine, the median of three
 pairings) are the units the search removes: half the heads of every layer, half the FFN
@@ -119,7 +120,8 @@ def table(model, spec, paired: bool):
     fig = latency._measure_table(model, shape, spec, heads, ffn, progress=False, paired=paired)
     t = latency.LatencyTable(shape, spec, heads, ffn, fig["base_ms"], fig["layer_ms"],
                              decoder_layer_ms=fig.get("decoder_layer_ms") if is_seq2seq(model)
-                             else None)
+                             else None, fused_base_ms=fig.get("fused_base_ms"),
+                             fused_layer_ms=fig.get("fused_layer_ms"))
     return t, round(time.perf_counter() - t0, 1)
 
 
@@ -137,7 +139,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", choices=("bart", "minilm"), default="bart")
     ap.add_argument("--period", type=float, default=4.0,
                     help="seconds the other process runs, then pauses (the noisy condition)")
+    ap.add_argument("--runtime", choices=("pytorch", "onnx_int8"), default="pytorch",
+                    help="onnx_int8: the classifier's int8 files (not for bart, timed generating)")
+    ap.add_argument("--quiet-only", action="store_true",
+                    help="only the quiet machine and the stopwatch protocol: one table")
     args = ap.parse_args(argv)
+    if args.model == "bart" and args.runtime != "pytorch":
+        ap.error("--runtime onnx_int8 is for --model minilm: bart is timed generating")
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -150,12 +158,14 @@ def main(argv=None) -> dict:
     model = _model(args.model).float().eval()
     # the specs of recipes/search_seq2seq_speed.yaml and recipes/search_budget.yaml
     spec = RuntimeSpec("pytorch", 32, 32, 2, "wall", new_tokens=32) if args.model == "bart" \
-        else RuntimeSpec("pytorch", 32, 64, 2, "wall")
+        else RuntimeSpec(args.runtime, 32, 64, 2, "wall")
     pruned = students(model)
     figures = {"model": args.model, "spec": spec.key(), "period_s": args.period}
     truth = None
-    for condition, period in (("quiet", 0.0), ("noisy", args.period)):
-        for protocol, paired in (("paired", True), ("sequential", False)):
+    conditions = (("quiet", 0.0),) + ((("noisy", args.period),) if not args.quiet_only else ())
+    protocols = (("paired", True),) + ((("sequential", False),) if not args.quiet_only else ())
+    for condition, period in conditions:
+        for protocol, paired in protocols:
             with load_coming_and_going(period):
                 t, seconds = table(model, spec, paired)
             if truth is None:   # measured on the quiet machine, once

@@ -45,3 +45,18 @@ def test_a_quiet_machine_starts_no_other_process(monkeypatch):
     monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: pytest.fail("started"))
     with bench.load_coming_and_going(0.0):
         pass
+
+
+def test_an_int8_table_of_the_bench_keeps_its_fused_attention_law(monkeypatch):
+    """--runtime onnx_int8: the bench's table is built from the measured figures with the law
+    of the students that keep every head (fake timing: no export, no clock)."""
+    from test_latency_table import INT8, _fake_int8_ms, _fake_timing, _timing_bert
+
+    bench = _script()
+    _fake_timing(monkeypatch, _fake_int8_ms)
+    model = _timing_bert()
+    t, _ = bench.table(model, INT8, paired=True)
+    assert t.fused_fit is not None
+    assert t.predict_ms(structure_of(model)) == pytest.approx(_fake_int8_ms(model, INT8))
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "bart", "--runtime", "onnx_int8"])
