@@ -81,7 +81,9 @@ eager attention never reached, so they were traced with SDPA and fused nothing w
 students were fused. On the 4-layer test BERT (batch 32, length 32, 1 thread, CPU clock,
 Intel 2-core, 2026-12-08) a fused layer runs ~10% slower than one without, and a head-pruned
 student's speed-up was predicted 7% high by version 2 against 1.5-2.4% by version 3 (27% high
-on an AMD CI machine, where the test failed).
+on an AMD CI machine, where the test failed). On the built-in MiniLM's int8 files (batch 32,
+length 64, 2 threads, wall clock) version 3 predicted four pruned students' speed-ups to 0.15%
+(median; 3.2% at most) (scripts/bench_latency_table.py --runtime onnx_int8).
 
 Measurement (:func:`measure_model_ms`): random token ids and an all-ones attention mask (and
 zero token types where the family has them) at ``(batch, seq_len)``, ``WARMUP`` untimed runs,
