@@ -174,16 +174,23 @@ def score_texts(predictions: Sequence[str], references: Sequence[str]) -> dict:
             "exact_match": float(exact), "n": len(references)}
 
 
+def _one_at_a_time(sources: Sequence[str], settings: Optional[GenerationSettings],
+                   caller: str) -> tuple[list, GenerationSettings]:
+    """The sources as a list (refused when empty) and ``settings`` at batch size 1: how a
+    latency is timed."""
+    s = settings or GenerationSettings()
+    sources = list(sources)
+    if not sources:
+        raise ValueError(f"{caller} needs at least one source sentence")
+    return sources, GenerationSettings(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
+                                       batch_size=1, length_penalty=s.length_penalty)
+
+
 @torch.inference_mode()
 def latency_ms(model, tokenizer, sources: Sequence[str],
                settings: Optional[GenerationSettings] = None, warmup: int = 2) -> float:
     """Median milliseconds to generate one output at batch size 1 over ``sources``."""
-    s = settings or GenerationSettings()
-    sources = list(sources)
-    if not sources:
-        raise ValueError("latency_ms needs at least one source sentence")
-    one = GenerationSettings(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
-                             batch_size=1, length_penalty=s.length_penalty)
+    sources, one = _one_at_a_time(sources, settings, "latency_ms")
     for src in sources[:warmup]:
         generate_texts(model, tokenizer, [src], one)
     times = [generate_texts(model, tokenizer, [src], one).seconds * 1000 for src in sources]
@@ -206,13 +213,7 @@ def side_by_side_latency_ms(models: dict, tokenizer, sources: Sequence[str],
 
     from distilkit.evaluate import interleaved_latency_ms
 
-    s = settings or GenerationSettings()
-    sources = list(sources)
-    if not sources:
-        raise ValueError("side_by_side_latency_ms needs at least one source sentence")
-    one = GenerationSettings(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens,
-                             batch_size=1, length_penalty=s.length_penalty)
-
+    sources, one = _one_at_a_time(sources, settings, "side_by_side_latency_ms")
     lengths = lengths or {}
     for name, n in lengths.items():
         if len(n) != len(sources) or not all(isinstance(t, int) and t >= 1 for t in n):
